@@ -1,0 +1,53 @@
+# tauon: the two front-door commands are `make demo` and `make test`.
+SHELL := /bin/bash
+PY ?= .venv/bin/python
+VENV_STAMP := .venv/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: install demo test lint unit cluster-tests e2e crds cluster-up cluster-down e2e-kind bench
+
+$(VENV_STAMP): pyproject.toml
+	@command -v uv >/dev/null || python3 -m pip install -q uv==0.13.8
+	@test -x .venv/bin/python || uv venv -q --python python3.11 .venv
+	VIRTUAL_ENV=.venv uv pip install -q -e '.[trainer,dev]'
+	@rm -f .venv/.installed-*; touch $@
+
+install: $(VENV_STAMP)
+
+crds: install
+	.venv/bin/tauon crds
+
+lint: install
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/mypy
+	.venv/bin/lint-imports
+	.venv/bin/tauon crds --check
+
+unit: install
+	.venv/bin/pytest -q tests/unit
+
+cluster-tests: install
+	.venv/bin/pytest -q tests/cluster
+
+e2e: install
+	.venv/bin/pytest -q tests/e2e
+
+test: install lint
+	.venv/bin/pytest -q tests
+
+cluster-up: install
+	$(PY) hack/cluster/cluster.py up
+
+cluster-down:
+	python3 hack/cluster/cluster.py down
+
+demo: install
+	$(PY) hack/demo.py
+
+bench: install
+	$(PY) bench/trainer.py
+	$(PY) bench/serving.py
+
+e2e-kind:
+	bash hack/e2e-kind.sh

@@ -1,0 +1,366 @@
+"""FineTuneJob (tauon.dev/v1alpha1): the user-facing training API of API.md."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import ConfigDict, Field
+
+from tauon.api.common import (
+    DATA_SOURCE_PATTERN,
+    MAX_LIST,
+    MAX_LONG_STR,
+    MAX_STR,
+    MODEL_SOURCE_PATTERN,
+    Condition,
+    EnvVar,
+    KubeModel,
+    ObjectMeta,
+    PodTemplateOverrides,
+    ResourceRequirements,
+    SecretKeyRef,
+    StatusModel,
+    Task,
+    reserved_env_rule,
+)
+
+RESERVED_ENV_PREFIXES = ["PET_", "MASTER_", "TAUON_"]
+RESERVED_ENV_NAMES = ["WORLD_SIZE", "RANK", "LOCAL_RANK", "NNODES", "NODE_RANK", "NPROC_PER_NODE"]
+
+
+def is_reserved_env(name: str) -> bool:
+    return name in RESERVED_ENV_NAMES or any(name.startswith(p) for p in RESERVED_ENV_PREFIXES)
+
+
+class ModelSpec(KubeModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.task != 'sequence-classification' || has(self.numLabels)",
+                    "message": "spec.model.numLabels is required when task is sequence-classification",
+                },
+                {
+                    "rule": "self.task != 'causal-lm' || !has(self.numLabels)",
+                    "message": "spec.model.numLabels must not be set when task is causal-lm",
+                },
+            ]
+        }
+    )
+
+    source: str = Field(
+        description=(
+            "Where the base model is: pvc://CLAIM/PATH (a Hugging Face model directory on a "
+            "PersistentVolumeClaim), hf://ORG/NAME (Hugging Face Hub id), or file:///ABS/PATH and "
+            "file://./REL (local runs and clusters whose operator allows host paths)."
+        ),
+        max_length=MAX_LONG_STR,
+        pattern=MODEL_SOURCE_PATTERN,
+    )
+    task: Task = Field(
+        description="sequence-classification (text -> label) or causal-lm (next-token fine-tuning on text)."
+    )
+    num_labels: int | None = Field(
+        default=None,
+        ge=2,
+        le=100000,
+        description="Number of classes. Required for sequence-classification, forbidden for causal-lm.",
+    )
+    token_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description="Secret key holding a Hugging Face token for hf:// sources. Never put a token in the spec.",
+    )
+
+
+class DatasetSpec(KubeModel):
+    source: str = Field(
+        description="Training data: pvc://CLAIM/PATH or file:// (no hf:// datasets in v1alpha1).",
+        max_length=MAX_LONG_STR,
+        pattern=DATA_SOURCE_PATTERN,
+    )
+    format: Literal["jsonl", "csv"] = Field(default="jsonl", description="File format: jsonl or csv.")
+    text_field: str = Field(
+        default="text", description="Column/key holding the input text.", min_length=1, max_length=MAX_STR
+    )
+    label_field: str | None = Field(
+        default=None,
+        description=(
+            "Column/key holding the integer label (0..numLabels-1). sequence-classification only; "
+            "defaults to `label` there; forbidden for causal-lm."
+        ),
+        min_length=1,
+        max_length=MAX_STR,
+    )
+    validation_split: float = Field(
+        default=0.1, ge=0, lt=1, description="Fraction held out for evaluation, 0 <= x < 1."
+    )
+
+
+class LoraSpec(KubeModel):
+    r: int = Field(default=8, ge=1, le=1024, description="LoRA rank.")
+    alpha: int = Field(default=16, ge=1, le=65536, description="LoRA scaling alpha.")
+    dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the LoRA layers.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["query", "value"],
+        description="Names of the modules that get LoRA adapters (e.g. query, value for BERT).",
+        min_length=1,
+        max_length=MAX_LIST,
+        json_schema_extra={"items": {"type": "string", "maxLength": MAX_STR}},
+    )
+
+
+class MethodSpec(KubeModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.lora) || (has(self.type) && self.type == 'lora')",
+                    "message": "spec.method.lora is only allowed when spec.method.type is lora",
+                }
+            ]
+        }
+    )
+
+    type: Literal["full", "lora"] = Field(
+        default="full",
+        description="full fine-tuning, or lora (low-rank adapters; the saved model is merged, see docs).",
+    )
+    lora: LoraSpec | None = Field(default=None, description="LoRA settings; only with type lora.")
+
+
+class Hyperparameters(KubeModel):
+    epochs: int = Field(default=3, ge=1, le=100000, description="Passes over the training data.")
+    max_steps: int | None = Field(
+        default=None, gt=0, description="Optimizer steps to run; overrides epochs when set."
+    )
+    batch_size_per_device: int = Field(default=16, ge=1, le=65536, description="Micro-batch per process.")
+    gradient_accumulation_steps: int = Field(
+        default=1, ge=1, le=65536, description="Micro-batches accumulated per optimizer step."
+    )
+    learning_rate: float = Field(default=5.0e-5, gt=0, lt=1, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(
+        default=0.0, ge=0, lt=1, description="Fraction of steps with linear warmup; then linear decay."
+    )
+    max_seq_length: int = Field(default=128, ge=8, le=32768, description="Tokens per example (truncated).")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto",
+        description="auto: bf16 on GPUs that support it, else fp32. fp32, bf16 or fp16 force a precision.",
+    )
+    seed: int = Field(default=42, ge=0, description="Seed for data order, splits and initialisation.")
+
+
+class OutputSpec(KubeModel):
+    storage: str = Field(
+        description=(
+            "Where results go: pvc://CLAIM/PATH or file://. Holds model/ (Hugging Face format), "
+            "checkpoints/, metrics.json and progress.json."
+        ),
+        max_length=MAX_LONG_STR,
+        pattern=DATA_SOURCE_PATTERN,
+    )
+    checkpoint_every_steps: int = Field(
+        default=200, ge=1, description="Checkpoint interval in optimizer steps (and always at the end)."
+    )
+
+
+class RunPolicy(KubeModel):
+    backoff_limit: int = Field(
+        default=3, ge=0, le=100, description="Gang restarts caused by failures before the job fails."
+    )
+    active_deadline_seconds: int | None = Field(
+        default=None, gt=0, description="Seconds the job may run, counted from the latest start or resume."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        default=None, ge=0, description="Delete the job this many seconds after it finished."
+    )
+    suspend: bool = Field(default=False, description="true deletes the pods (Suspended); false resumes.")
+    schedule_timeout_seconds: int = Field(
+        default=300,
+        ge=1,
+        description=(
+            "Gang not fully scheduled in time -> Warning event and reason Unschedulable; keeps waiting. "
+            "Also the rendezvous timeout (+60 s)."
+        ),
+    )
+    startup_timeout_seconds: int = Field(
+        default=600,
+        ge=1,
+        description="Scheduled pods not all running in time (image pull errors, bad config) -> Failed.",
+    )
+
+
+class TrainerEnvVar(EnvVar):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [reserved_env_rule(RESERVED_ENV_PREFIXES, RESERVED_ENV_NAMES)]
+        }
+    )
+
+
+IMMUTABLE_SPEC_FIELDS = [
+    "model",
+    "dataset",
+    "method",
+    "hyperparameters",
+    "output",
+    "numNodes",
+    "nprocPerNode",
+    "resources",
+    "image",
+    "env",
+    "podTemplate",
+]
+
+
+def immutable_rules(fields: list[str], where: str) -> list[dict[str, str]]:
+    """Transition rules on the parent so adding or removing a field is caught too."""
+    return [
+        {
+            "rule": f"has(self.{f}) == has(oldSelf.{f}) && (!has(self.{f}) || self.{f} == oldSelf.{f})",
+            "message": f"{where}.{f}: field is immutable",
+        }
+        for f in fields
+    ]
+
+
+class FineTuneJobSpec(KubeModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.model.task != 'causal-lm' || !has(self.dataset.labelField)",
+                    "message": "spec.dataset.labelField must not be set when spec.model.task is causal-lm",
+                },
+                *immutable_rules(IMMUTABLE_SPEC_FIELDS, "spec"),
+            ]
+        }
+    )
+
+    model: ModelSpec = Field(description="The base model to fine-tune.")
+    dataset: DatasetSpec = Field(description="Training (and held-out validation) data.")
+    method: MethodSpec = Field(default_factory=MethodSpec, description="full or LoRA fine-tuning.")
+    hyperparameters: Hyperparameters = Field(
+        default_factory=Hyperparameters, description="Optimisation settings."
+    )
+    output: OutputSpec = Field(description="Where the model, checkpoints and metrics are written.")
+    num_nodes: int = Field(default=1, ge=1, le=1024, description="Pods in the gang (one per node).")
+    nproc_per_node: int | Literal["auto"] = Field(
+        default="auto",
+        description=(
+            "Processes per pod: auto (the pod's nvidia.com/gpu request when > 0, else 1) or an integer >= 1."
+        ),
+        json_schema_extra={
+            "x-tauon-int-or-string": True,
+            "x-kubernetes-validations": [
+                {
+                    "rule": "type(self) == int ? self >= 1 : self == 'auto'",
+                    "message": "spec.nprocPerNode must be 'auto' or an integer >= 1",
+                }
+            ],
+        },
+    )
+    resources: ResourceRequirements = Field(
+        default_factory=ResourceRequirements,
+        description="Resources of each pod (Kubernetes ResourceRequirements shape).",
+    )
+    image: str | None = Field(
+        default=None,
+        description="Trainer image; defaults to the operator's configured image (frozen in status.resolved).",
+        max_length=MAX_LONG_STR,
+    )
+    env: list[TrainerEnvVar] = Field(
+        default_factory=list,
+        description="Extra environment for the trainer. PET_*, MASTER_*, TAUON_* and torchrun's names are reserved.",
+        max_length=MAX_LIST,
+    )
+    pod_template: PodTemplateOverrides = Field(
+        default_factory=PodTemplateOverrides, description="Bounded overrides applied to every pod."
+    )
+    run_policy: RunPolicy = Field(
+        default_factory=RunPolicy, description="Restart, deadline, TTL and suspend policy (mutable)."
+    )
+
+
+class PodCounts(StatusModel):
+    active: int = Field(default=0, description="Pods of the current attempt not finished.")
+    ready: int = Field(default=0, description="Pods of the current attempt running and ready.")
+    succeeded: int = Field(default=0, description="Pods of the current attempt that succeeded.")
+    failed: int = Field(default=0, description="Pods of the current attempt that failed.")
+
+
+class LastFailure(StatusModel):
+    pod: str | None = Field(default=None, description="Pod whose failure ended the attempt.")
+    exit_code: int | None = Field(default=None, description="Exit code of its trainer container.")
+    reason: str | None = Field(default=None, description="Kubernetes or trainer reason.")
+    message: str | None = Field(default=None, description="Termination message or pod message.")
+    time: datetime | None = Field(default=None, description="When the failure was observed.")
+
+
+class Resolved(StatusModel):
+    image: str | None = Field(default=None, description="Trainer image used for every attempt.")
+    nproc_per_node: int | None = Field(default=None, description="Processes per pod after resolving auto.")
+    backend: Literal["nccl", "gloo"] | None = Field(default=None, description="torch.distributed backend.")
+
+
+class Progress(StatusModel):
+    step: int = Field(default=0, description="Optimizer steps done.")
+    total_steps: int = Field(default=0, description="Optimizer steps planned.")
+    percent: int = Field(default=0, description="step / totalSteps in percent.")
+    epoch: float = Field(default=0, description="Current epoch (fractional).")
+    loss: float | None = Field(default=None, description="Latest training loss.")
+    samples_per_second: float | None = Field(default=None, description="Training throughput.")
+    eta_seconds: int | None = Field(default=None, description="Estimated seconds to finish.")
+    updated_at: datetime | None = Field(default=None, description="When the trainer reported this.")
+
+
+class Output(StatusModel):
+    model: str | None = Field(default=None, description="Location of the final model (storage URI).")
+    metrics: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Final metrics from metrics.json (evalAccuracy, evalLoss, trainLoss, ...).",
+        json_schema_extra={"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+    )
+
+
+class FineTuneJobStatus(StatusModel):
+    phase: Literal["Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed"] = Field(
+        default="Pending", description="Summary derived from conditions; for display only."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Created, Running, Restarting, Suspended, Succeeded, Failed.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    observed_generation: int | None = Field(default=None, description="Generation the status describes.")
+    pods: PodCounts = Field(default_factory=PodCounts, description="Pods of the current attempt.")
+    attempt: int = Field(default=0, description="Current gang attempt; pod names carry it.")
+    created_attempt: int | None = Field(
+        default=None,
+        description="Attempt whose whole gang was observed; a pod of it missing later is a disruption.",
+    )
+    restarts: int = Field(default=0, description="All gang restarts.")
+    restarts_count_towards_limit: int = Field(
+        default=0, description="Restarts caused by failures (not disruptions); compared to backoffLimit."
+    )
+    last_failure: LastFailure | None = Field(
+        default=None, description="First failure of the last failed attempt."
+    )
+    start_time: datetime | None = Field(default=None, description="Latest start or resume.")
+    completion_time: datetime | None = Field(default=None, description="When the job finished.")
+    resolved: Resolved = Field(default_factory=Resolved, description="Defaults frozen at creation.")
+    progress: Progress = Field(default_factory=Progress, description="Training progress from rank 0.")
+    output: Output = Field(default_factory=Output, description="Final model location and metrics.")
+
+
+class FineTuneJob(KubeModel):
+    model_config = ConfigDict(extra="ignore")
+
+    api_version: Literal["tauon.dev/v1alpha1"] = Field(
+        default="tauon.dev/v1alpha1", description="API version."
+    )
+    kind: Literal["FineTuneJob"] = Field(default="FineTuneJob", description="Kind.")
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta, description="Standard object metadata.")
+    spec: FineTuneJobSpec = Field(description="Desired training run.")
+    status: FineTuneJobStatus = Field(default_factory=FineTuneJobStatus, description="Observed state.")

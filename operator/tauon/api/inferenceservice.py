@@ -1,0 +1,170 @@
+"""InferenceService (tauon.dev/v1alpha1): the user-facing serving API of API.md."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import ConfigDict, Field
+
+from tauon.api.common import (
+    MAX_LIST,
+    MAX_LONG_STR,
+    MAX_STR,
+    MODEL_SOURCE_PATTERN,
+    Condition,
+    EnvVar,
+    KubeModel,
+    LocalObjectReference,
+    ObjectMeta,
+    PodTemplateOverrides,
+    ResourceRequirements,
+    SecretKeyRef,
+    StatusModel,
+    Task,
+    reserved_env_rule,
+)
+
+RESERVED_SERVER_ENV_PREFIXES = ["TAUON_"]
+
+
+class ServedModelSpec(KubeModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.fineTuneJobRef) != has(self.source)",
+                    "message": "exactly one of model.fineTuneJobRef and model.source must be set",
+                }
+            ]
+        }
+    )
+
+    fine_tune_job_ref: LocalObjectReference | None = Field(
+        default=None,
+        description="A FineTuneJob in the same namespace; served once it Succeeded (its output model).",
+    )
+    source: str | None = Field(
+        default=None,
+        description="A Hugging Face model directory: pvc://CLAIM/PATH, hf://ORG/NAME or file:// (dev only).",
+        max_length=MAX_LONG_STR,
+        pattern=MODEL_SOURCE_PATTERN,
+    )
+    task: Task | None = Field(
+        default=None, description="sequence-classification or causal-lm; read from the model when unset."
+    )
+    token_secret_ref: SecretKeyRef | None = Field(
+        default=None, description="Secret key with a Hugging Face token, for hf:// sources."
+    )
+
+
+class Autoscaling(KubeModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.minReplicas) || self.minReplicas <= self.maxReplicas",
+                    "message": "autoscaling.minReplicas must be <= autoscaling.maxReplicas",
+                }
+            ]
+        }
+    )
+
+    min_replicas: int = Field(default=1, ge=1, le=10000, description="Lower bound for the HPA.")
+    max_replicas: int = Field(ge=1, le=10000, description="Upper bound for the HPA.")
+    target_cpu_utilization_percentage: int = Field(
+        default=70, ge=1, le=100, description="Average CPU utilisation the HPA aims for, 1..100."
+    )
+
+
+class Batching(KubeModel):
+    max_batch_size: int = Field(
+        default=32, ge=1, le=4096, description="Most instances in one forward pass; 1 turns batching off."
+    )
+    max_latency_milliseconds: int = Field(
+        default=10, ge=0, le=60000, description="Longest wait for a batch to fill; 0 turns batching off."
+    )
+
+
+class Canary(KubeModel):
+    model: ServedModelSpec = Field(description="The canary's model (fineTuneJobRef or source).")
+    traffic_percent: int = Field(
+        ge=0, le=100, description="Share of traffic for the canary, split by replica ratio (see docs)."
+    )
+
+
+class ServerEnvVar(EnvVar):
+    model_config = ConfigDict(
+        json_schema_extra={"x-kubernetes-validations": [reserved_env_rule(RESERVED_SERVER_ENV_PREFIXES, [])]}
+    )
+
+
+class InferenceServiceSpec(KubeModel):
+    model: ServedModelSpec = Field(description="What to serve: exactly one of fineTuneJobRef or source.")
+    replicas: int = Field(
+        default=1, ge=0, le=10000, description="Predictor replicas; with autoscaling the HPA owns them."
+    )
+    autoscaling: Autoscaling | None = Field(
+        default=None, description="HorizontalPodAutoscaler v2 on CPU targeting <name>-predictor."
+    )
+    batching: Batching = Field(default_factory=Batching, description="Dynamic batching in the model server.")
+    canary: Canary | None = Field(default=None, description="A second version behind the same Service.")
+    resources: ResourceRequirements = Field(
+        default_factory=ResourceRequirements, description="Resources of each server pod."
+    )
+    image: str | None = Field(
+        default=None,
+        description="Server image; defaults to the operator's configured image.",
+        max_length=MAX_LONG_STR,
+    )
+    env: list[ServerEnvVar] = Field(
+        default_factory=list,
+        description="Extra environment for the server. TAUON_* is reserved.",
+        max_length=MAX_LIST,
+    )
+    pod_template: PodTemplateOverrides = Field(
+        default_factory=PodTemplateOverrides, description="Bounded overrides applied to every server pod."
+    )
+
+
+class ResolvedModel(StatusModel):
+    source: str | None = Field(default=None, description="Resolved model location (storage URI).")
+    fine_tune_job: str | None = Field(default=None, description="The FineTuneJob it came from, if any.")
+
+
+class CanaryStatus(StatusModel):
+    replicas: int = Field(default=0, description="Canary replicas.")
+    effective_traffic_percent: int = Field(
+        default=0, description="Canary share implied by the replica ratio (what traffic really sees)."
+    )
+
+
+class InferenceServiceStatus(StatusModel):
+    phase: Literal["Pending", "Ready", "NotReady", "Failed"] = Field(
+        default="Pending", description="Summary derived from conditions; for display only."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="ModelReady, PredictorReady, CanaryReady (with a canary) and Ready.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    observed_generation: int | None = Field(default=None, description="Generation the status describes.")
+    url: str | None = Field(default=None, description="In-cluster URL of the Service.", max_length=MAX_STR)
+    replicas: int = Field(default=0, description="Predictor replicas (scale subresource).")
+    ready_replicas: int = Field(default=0, description="Ready predictor replicas.")
+    selector: str = Field(default="", description="Label selector of the predictor pods (scale subresource).")
+    model: ResolvedModel = Field(default_factory=ResolvedModel, description="Resolved model location.")
+    canary: CanaryStatus = Field(default_factory=CanaryStatus, description="Canary replicas and share.")
+
+
+class InferenceService(KubeModel):
+    model_config = ConfigDict(extra="ignore")
+
+    api_version: Literal["tauon.dev/v1alpha1"] = Field(
+        default="tauon.dev/v1alpha1", description="API version."
+    )
+    kind: Literal["InferenceService"] = Field(default="InferenceService", description="Kind.")
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta, description="Standard object metadata.")
+    spec: InferenceServiceSpec = Field(description="Desired serving setup.")
+    status: InferenceServiceStatus = Field(
+        default_factory=InferenceServiceStatus, description="Observed state."
+    )

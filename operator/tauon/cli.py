@@ -1,0 +1,110 @@
+"""`tauon` command line: crds, render, operator, run, node."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO_CRDS = Path(__file__).resolve().parents[2] / "crds"
+
+
+def cmd_crds(args: argparse.Namespace) -> int:
+    from tauon.api.crds import all_crds, render_yaml
+
+    out = Path(args.output)
+    stale = []
+    for name, crd in all_crds().items():
+        text = render_yaml(crd)
+        path = out / name
+        if args.check:
+            if not path.exists() or path.read_text() != text:
+                stale.append(str(path))
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            print(f"wrote {path}")
+    if stale:
+        print("stale CRDs (run `tauon crds` or `make crds`): " + ", ".join(stale), file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_operator(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    import kopf
+
+    from tauon import metrics
+    from tauon.handlers.runtime import RT
+    from tauon.render.config import OperatorConfig
+
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("kopf.objects", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    RT.cfg = OperatorConfig(
+        default_image=args.default_image,
+        gang_scheduler=args.gang_scheduler,
+        gang_scheduler_name=args.gang_scheduler_name,
+        cluster_domain=args.cluster_domain,
+        allow_host_paths=args.allow_host_paths,
+    )
+    RT.period_seconds = args.period
+    import tauon.handlers  # noqa: F401 - registers the handlers
+
+    if args.metrics_port:
+        metrics.serve(args.metrics_port, args.metrics_address)
+    liveness = f"http://{args.health_address}:{args.health_port}/healthz" if args.health_port else None
+    asyncio.run(
+        kopf.operator(
+            clusterwide=not args.namespace,
+            namespaces=args.namespace or [],
+            standalone=True,
+            liveness_endpoint=liveness,
+        )
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tauon", description="Fine-tune and serve models on Kubernetes.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("crds", help="write (or --check) the CRDs generated from the API models")
+    c.add_argument("--output", default=str(REPO_CRDS), help="directory (default: the repo's crds/)")
+    c.add_argument("--check", action="store_true", help="exit 1 when the files differ from the models")
+    c.set_defaults(func=cmd_crds)
+
+    from tauon.render.config import DEFAULT_IMAGE
+
+    o = sub.add_parser("operator", help="run the operator (all namespaces unless --namespace)")
+    o.add_argument("--namespace", action="append", help="watch only this namespace (repeatable)")
+    o.add_argument("--metrics-port", type=int, default=8080, help="Prometheus metrics port (0: off)")
+    o.add_argument("--metrics-address", default="0.0.0.0")
+    o.add_argument("--health-port", type=int, default=8081, help="liveness endpoint port (0: off)")
+    o.add_argument("--health-address", default="0.0.0.0")
+    o.add_argument(
+        "--default-image", default=DEFAULT_IMAGE, help="trainer/server image when a spec names none"
+    )
+    o.add_argument("--gang-scheduler", choices=["volcano", "scheduler-plugins"], default=None)
+    o.add_argument("--gang-scheduler-name", default=None, help="schedulerName for gang-scheduled pods")
+    o.add_argument("--cluster-domain", default="cluster.local")
+    o.add_argument("--allow-host-paths", action="store_true", help="dev clusters: allow file:// as hostPath")
+    o.add_argument("--period", type=float, default=5.0, help="seconds between time-based passes")
+    o.add_argument("-v", "--verbose", action="store_true")
+    o.set_defaults(func=cmd_operator)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rc: int = args.func(args)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Kopf wiring only. Importing this package registers every handler in Kopf's default registry."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import aiohttp
+import kopf
+
+from tauon.handlers import finetunejob
+from tauon.handlers.runtime import RT
+from tauon.kube.client import Kube, load_config
+
+log = logging.getLogger("tauon.operator")
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # Our own prefixes from day one (Kopf's defaults are kopf.zalando.org/...). We use only
+    # on.event/index handlers, so Kopf stores no progress and adds no finalizers to user objects.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="tauon.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="tauon.dev", key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = "tauon.dev/finalizer"
+    settings.posting.level = logging.WARNING  # k8s Events are posted explicitly, once per transition
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.networking.request_timeout = 60
+    await load_config()
+    RT.kube = Kube()
+    RT.periodic = asyncio.get_running_loop().create_task(_periodic())
+
+
+@kopf.on.cleanup()
+async def cleanup(**_: Any) -> None:
+    await RT.stop()
+
+
+@kopf.on.probe(id="reconciler")
+def probe(**_: Any) -> str:
+    return "ok" if RT.periodic is not None and not RT.periodic.done() else "stopped"
+
+
+async def _periodic() -> None:
+    """Time-based rules (deadlines, timeouts, TTL) and progress refresh for every known object."""
+    last_progress = 0.0
+    loop = asyncio.get_running_loop()
+    async with aiohttp.ClientSession() as session:
+        while True:
+            await asyncio.sleep(RT.period_seconds)
+            try:
+                for ns, name in finetunejob.all_keys():
+                    RT.trigger(finetunejob.CONTROLLER, ns, name)
+                for extra in _extra_periodic:
+                    extra()
+                if loop.time() - last_progress >= RT.progress_period_seconds:
+                    last_progress = loop.time()
+                    await finetunejob.fetch_progress(session)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("periodic pass failed")
+
+
+_extra_periodic: list[Any] = []

@@ -1,0 +1,215 @@
+"""Kopf wiring for FineTuneJob: indexes of jobs and owned children, triggers, and the thin reconcile
+that feeds observed state to the pure planner and applies its plan."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from typing import Any
+
+import aiohttp
+import kopf
+from pydantic import ValidationError
+
+from tauon import metrics
+from tauon.api.finetunejob import FineTuneJob
+from tauon.handlers.runtime import RT
+from tauon.kube.apply import apply_plan
+from tauon.kube.client import owned_by
+from tauon.reconcile import pods as P
+from tauon.reconcile.finetunejob import Observed, reconcile
+from tauon.render.finetunejob import LABEL_ATTEMPT, LABEL_JOB, pod_name, shared_claims
+
+log = logging.getLogger("tauon.finetunejob")
+GROUP, VERSION, PLURAL = "tauon.dev", "v1alpha1", "finetunejobs"
+CONTROLLER = "finetunejob"
+# Dev hook: the process-backed node publishes where a pod's metrics port really listens.
+METRICS_ADDRESS_ANNOTATION = "tauon.dev/metrics-address"
+
+
+@kopf.index(GROUP, VERSION, PLURAL)
+def ftj_idx(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    return {(namespace, name): dict(body)}
+
+
+@kopf.index("pods", labels={LABEL_JOB: kopf.PRESENT})
+def ftj_pods_idx(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    return {(namespace, labels[LABEL_JOB]): dict(body)}
+
+
+@kopf.index("configmaps", labels={LABEL_JOB: kopf.PRESENT})
+def ftj_configmaps_idx(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    return {(namespace, labels[LABEL_JOB]): dict(body)}
+
+
+@kopf.index("services", labels={LABEL_JOB: kopf.PRESENT})
+def ftj_services_idx(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    return {(namespace, labels[LABEL_JOB]): dict(body)}
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def ftj_event(type: str, namespace: str, name: str, **kwargs: Any) -> None:
+    RT.remember(**kwargs)
+    if type == "DELETED":
+        RT.progress.pop((namespace, name), None)
+        return
+    RT.trigger(CONTROLLER, namespace, name)
+
+
+@kopf.on.event("pods", labels={LABEL_JOB: kopf.PRESENT})
+async def ftj_pod_event(namespace: str, labels: kopf.Labels, **kwargs: Any) -> None:
+    RT.remember(**kwargs)
+    RT.trigger(CONTROLLER, namespace, labels[LABEL_JOB])
+
+
+@kopf.on.event("configmaps", labels={LABEL_JOB: kopf.PRESENT})
+@kopf.on.event("services", labels={LABEL_JOB: kopf.PRESENT})
+async def ftj_child_event(type: str, namespace: str, labels: kopf.Labels, **kwargs: Any) -> None:
+    RT.remember(**kwargs)
+    if type == "DELETED":
+        RT.trigger(CONTROLLER, namespace, labels[LABEL_JOB])
+
+
+def _one(index_name: str, key: tuple[str, str]) -> list[dict[str, Any]]:
+    idx = RT.indexes.get(index_name)
+    if idx is None or key not in idx:
+        return []
+    return [dict(v) for v in idx[key]]
+
+
+def _post_event(body: dict[str, Any]) -> Any:
+    async def post(ev: Any) -> None:
+        kopf.event(body, type=ev.type, reason=ev.reason, message=ev.message)
+
+    return post
+
+
+async def reconcile_job(namespace: str, name: str) -> None:
+    assert RT.kube is not None
+    key = (namespace, name)
+    bodies = _one("ftj_idx", key)
+    if not bodies:
+        return
+    body = bodies[0]
+    if body["metadata"].get("deletionTimestamp"):
+        return
+    uid = body["metadata"]["uid"]
+    try:
+        job = FineTuneJob.model_validate(body)
+    except ValidationError as e:
+        # Admission should have caught this (e.g. CRDs older than the operator): fail clearly, once.
+        if (body.get("status") or {}).get("phase") != "Failed":
+            msg = "; ".join(
+                f"spec.{'.'.join(str(x) for x in err['loc'][1:])}: {err['msg']}" for err in e.errors()
+            )
+            now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            cond = {
+                "type": "Failed",
+                "status": "True",
+                "reason": "InvalidSpec",
+                "message": msg[:2000],
+                "lastTransitionTime": now,
+                "observedGeneration": body["metadata"].get("generation"),
+            }
+            await RT.kube.patch_status(
+                "FineTuneJob", namespace, name, {"phase": "Failed", "conditions": [cond]}
+            )
+        return
+    pods = [p for p in _one("ftj_pods_idx", key) if owned_by(p, uid)]
+    cms = [c for c in _one("ftj_configmaps_idx", key) if owned_by(c, uid)]
+    svcs = [s for s in _one("ftj_services_idx", key) if owned_by(s, uid)]
+    ctl_key = (CONTROLLER, namespace, name)
+    observed = Observed(
+        pods=pods,
+        config_map=cms[0] if cms else None,
+        service=svcs[0] if svcs else None,
+        progress=RT.progress.get(key),
+        conflicts=RT.conflicts.get(ctl_key, []),
+        refused=RT.refused.get(ctl_key, []),
+    )
+    if job.spec.num_nodes > 1 and job.status.created_attempt is None:
+        for claim in shared_claims(job):
+            modes = await RT.kube.pvc_access_modes(namespace, claim)
+            if modes is not None:
+                observed.pvcs[claim] = modes
+    now = dt.datetime.now(dt.UTC)
+    plan = reconcile(job, observed, now, RT.cfg)
+    if plan.is_empty():
+        return
+    _count_writes(plan)
+    result = await apply_plan(RT.kube, "FineTuneJob", body, plan, _post_event(body))
+    if result.conflicts:
+        RT.conflicts[ctl_key] = result.conflicts
+        RT.trigger(CONTROLLER, namespace, name)
+    if result.invalid:
+        RT.refused[ctl_key] = result.invalid
+        RT.trigger(CONTROLLER, namespace, name)
+    if "restart" in plan.observations:
+        metrics.GANG_RESTARTS.labels(namespace, plan.observations["restart"]).inc()
+    if "running_after_seconds" in plan.observations:
+        metrics.TIME_TO_RUNNING.observe(plan.observations["running_after_seconds"])
+
+
+def _count_writes(plan: Any) -> None:
+    for verb, n in (
+        ("create", len(plan.creates)),
+        ("delete", len(plan.deletes) + int(plan.delete_self)),
+        ("patch", len(plan.stops) + int(plan.status is not None)),
+    ):
+        if n:
+            metrics.API_WRITES.labels(CONTROLLER, verb).inc(n)
+
+
+async def fetch_progress(session: aiohttp.ClientSession) -> None:
+    """Read rank 0's /progress (the trainer serves it beside /metrics) for every running job."""
+    idx = RT.indexes.get("ftj_idx")
+    if idx is None:
+        return
+    counts: dict[tuple[str, str], int] = {}
+    jobs: list[tuple[str, str, dict[str, Any]]] = []
+    for key in list(idx):
+        for body in idx.get(key, []):
+            phase = (body.get("status") or {}).get("phase") or "Pending"
+            counts[(key[0], phase)] = counts.get((key[0], phase), 0) + 1
+            if phase in ("Running",):
+                jobs.append((key[0], key[1], body))
+    metrics.set_phase_counts(metrics.FINETUNEJOBS, counts)
+
+    async def one(ns: str, name: str, body: dict[str, Any]) -> None:
+        attempt = (body.get("status") or {}).get("attempt", 0)
+        rank0 = next(
+            (
+                p
+                for p in _one("ftj_pods_idx", (ns, name))
+                if P.name(p) == pod_name(name, attempt, 0) and P.label_int(p, LABEL_ATTEMPT) == attempt
+            ),
+            None,
+        )
+        if rank0 is None:
+            return
+        addr = (rank0["metadata"].get("annotations") or {}).get(METRICS_ADDRESS_ANNOTATION)
+        if not addr:
+            ip = (rank0.get("status") or {}).get("podIP")
+            if not ip:
+                return
+            addr = f"{ip}:{RT.cfg.metrics_port}"
+        try:
+            async with session.get(f"http://{addr}/progress", timeout=aiohttp.ClientTimeout(total=2)) as r:
+                if r.status == 200:
+                    data = await r.json()
+                    if isinstance(data, dict) and data != RT.progress.get((ns, name)):
+                        RT.progress[(ns, name)] = data
+                        RT.trigger(CONTROLLER, ns, name)
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return
+
+    await asyncio.gather(*(one(ns, n, b) for ns, n, b in jobs))
+
+
+def all_keys() -> list[tuple[str, str]]:
+    idx = RT.indexes.get("ftj_idx")
+    return list(idx) if idx is not None else []
+
+
+RT.reconcilers[CONTROLLER] = reconcile_job

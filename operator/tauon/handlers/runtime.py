@@ -1,0 +1,88 @@
+"""Operator runtime shared by the handlers: config, API client, per-object serialisation with coalescing,
+the indexes captured from Kopf, and the one operator-level periodic task (no per-object timers: they
+would add finalizers, and deletion must never hang when the operator is gone)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tauon import metrics
+from tauon.kube.client import Kube
+from tauon.render.config import OperatorConfig
+
+log = logging.getLogger("tauon.operator")
+Key = tuple[str, str, str]  # (controller, namespace, name)
+
+
+@dataclass
+class Runtime:
+    cfg: OperatorConfig = field(default_factory=OperatorConfig)
+    kube: Kube | None = None
+    period_seconds: float = 5.0
+    progress_period_seconds: float = 10.0
+    indexes: dict[str, Any] = field(default_factory=dict)  # Kopf indexes by name (live views)
+    conflicts: dict[Key, list[str]] = field(default_factory=dict)
+    refused: dict[Key, list[str]] = field(default_factory=dict)
+    progress: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    reconcilers: dict[str, Callable[[str, str], Awaitable[None]]] = field(default_factory=dict)
+    _running: set[Key] = field(default_factory=set)
+    _dirty: set[Key] = field(default_factory=set)
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    periodic: asyncio.Task[None] | None = None
+
+    def remember(self, **indexes: Any) -> None:
+        for name, idx in indexes.items():
+            if name.endswith("_idx"):
+                self.indexes[name] = idx
+
+    def trigger(self, controller: str, namespace: str, name: str) -> None:
+        """Reconcile soon; bursts of triggers for one object collapse into at most one extra pass."""
+        key = (controller, namespace, name)
+        if key in self._running:
+            self._dirty.add(key)
+            return
+        self._running.add(key)
+        task = asyncio.get_running_loop().create_task(self._run(key))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, key: Key) -> None:
+        controller, ns, name = key
+        try:
+            while True:
+                self._dirty.discard(key)
+                t0 = time.perf_counter()
+                try:
+                    await self.reconcilers[controller](ns, name)
+                    metrics.RECONCILE_TOTAL.labels(controller, "success").inc()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    metrics.RECONCILE_TOTAL.labels(controller, "error").inc()
+                    metrics.RECONCILE_ERRORS.labels(controller).inc()
+                    log.exception("reconcile %s %s/%s failed; will retry", controller, ns, name)
+                finally:
+                    metrics.RECONCILE_TIME.labels(controller).observe(time.perf_counter() - t0)
+                if key not in self._dirty:
+                    break
+        finally:
+            self._running.discard(key)
+
+    async def stop(self) -> None:
+        if self.periodic is not None:
+            self.periodic.cancel()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(
+            *self._tasks, *([self.periodic] if self.periodic else []), return_exceptions=True
+        )
+        if self.kube is not None:
+            await self.kube.close()
+
+
+RT = Runtime()

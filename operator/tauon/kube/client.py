@@ -1,0 +1,200 @@
+"""Thin async API layer (kubernetes_asyncio): generic REST by kind, idempotent by construction.
+
+- create: 409 means it already exists; then we read it and check it is ours (else a conflict).
+- delete: 404 means already gone.
+- apply: server-side apply with field manager `tauon` (force), for children whose content we own.
+Nothing here blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from kubernetes_asyncio import client, config
+from kubernetes_asyncio.client.exceptions import ApiException
+
+log = logging.getLogger("tauon.kube")
+Manifest = dict[str, Any]
+FIELD_MANAGER = "tauon"
+
+# kind -> (api prefix, plural)
+KINDS: dict[str, tuple[str, str]] = {
+    "Pod": ("/api/v1", "pods"),
+    "ConfigMap": ("/api/v1", "configmaps"),
+    "Service": ("/api/v1", "services"),
+    "Event": ("/api/v1", "events"),
+    "PersistentVolumeClaim": ("/api/v1", "persistentvolumeclaims"),
+    "Deployment": ("/apis/apps/v1", "deployments"),
+    "HorizontalPodAutoscaler": ("/apis/autoscaling/v2", "horizontalpodautoscalers"),
+    "FineTuneJob": ("/apis/tauon.dev/v1alpha1", "finetunejobs"),
+    "InferenceService": ("/apis/tauon.dev/v1alpha1", "inferenceservices"),
+}
+POD_GROUPS = {
+    "scheduling.volcano.sh/v1beta1": "/apis/scheduling.volcano.sh/v1beta1",
+    "scheduling.x-k8s.io/v1alpha1": "/apis/scheduling.x-k8s.io/v1alpha1",
+}
+
+
+class Conflict(Exception):
+    """A child with our name exists and is not controlled by our object."""
+
+    def __init__(self, kind: str, name: str):
+        super().__init__(f"{kind} {name} exists and is not owned by tauon")
+        self.kind = kind
+        self.name = name
+
+
+class Invalid(Exception):
+    """The API server refused a child (422): a spec problem the user must fix."""
+
+
+async def load_config() -> None:
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        await config.load_kube_config()
+
+
+def path(
+    kind: str, namespace: str, name: str | None = None, api_version: str | None = None, sub: str = ""
+) -> str:
+    if kind == "PodGroup":
+        prefix, plural = POD_GROUPS[api_version or "scheduling.volcano.sh/v1beta1"], "podgroups"
+    else:
+        prefix, plural = KINDS[kind]
+    p = f"{prefix}/namespaces/{namespace}/{plural}"
+    if name:
+        p += f"/{name}"
+    if sub:
+        p += f"/{sub}"
+    return p
+
+
+class Kube:
+    def __init__(self, api: client.ApiClient | None = None):
+        self.api = api or client.ApiClient()
+
+    async def close(self) -> None:
+        await self.api.close()
+
+    async def _call(
+        self,
+        method: str,
+        p: str,
+        body: Any = None,
+        content_type: str = "application/json",
+        query: list[tuple[str, str]] | None = None,
+    ) -> Any:
+        return await self.api.call_api(
+            p,
+            method,
+            header_params={"Content-Type": content_type, "Accept": "application/json"},
+            body=body,
+            query_params=query or [],
+            auth_settings=["BearerToken"],
+            response_types_map={200: "object", 201: "object", 202: "object"},
+            _return_http_data_only=True,
+        )
+
+    async def get(
+        self, kind: str, namespace: str, name: str, api_version: str | None = None
+    ) -> Manifest | None:
+        try:
+            return dict(await self._call("GET", path(kind, namespace, name, api_version)))
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    async def create(self, manifest: Manifest, owner_uid: str) -> None:
+        kind = manifest["kind"]
+        meta = manifest["metadata"]
+        try:
+            await self._call(
+                "POST", path(kind, meta["namespace"], api_version=manifest.get("apiVersion")), manifest
+            )
+        except ApiException as e:
+            if e.status == 409:
+                existing = await self.get(kind, meta["namespace"], meta["name"], manifest.get("apiVersion"))
+                if existing is not None and not owned_by(existing, owner_uid):
+                    raise Conflict(kind, meta["name"]) from e
+                return
+            if e.status == 422:
+                raise Invalid(f"{kind} {meta['name']}: {_reason(e)}") from e
+            raise
+
+    async def apply(self, manifest: Manifest, owner_uid: str) -> None:
+        """Server-side apply, refusing to take over an object that is not ours."""
+        kind, meta = manifest["kind"], manifest["metadata"]
+        existing = await self.get(kind, meta["namespace"], meta["name"], manifest.get("apiVersion"))
+        if existing is not None and not owned_by(existing, owner_uid):
+            raise Conflict(kind, meta["name"])
+        try:
+            await self._call(
+                "PATCH",
+                path(kind, meta["namespace"], meta["name"], manifest.get("apiVersion")),
+                manifest,
+                content_type="application/apply-patch+yaml",
+                query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
+            )
+        except ApiException as e:
+            if e.status == 422:
+                raise Invalid(f"{kind} {meta['name']}: {_reason(e)}") from e
+            raise
+
+    async def delete(self, kind: str, namespace: str, name: str, grace: int | None = None) -> None:
+        body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
+        if grace is not None:
+            body["gracePeriodSeconds"] = grace
+        try:
+            await self._call("DELETE", path(kind, namespace, name), body)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
+    async def patch(
+        self, kind: str, namespace: str, name: str, patch: Manifest, sub: str = ""
+    ) -> Manifest | None:
+        try:
+            return dict(
+                await self._call(
+                    "PATCH",
+                    path(kind, namespace, name, sub=sub),
+                    patch,
+                    content_type="application/merge-patch+json",
+                )
+            )
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    async def stop_pod(self, namespace: str, name: str) -> None:
+        """Stop a pod but keep it (and its logs): the kubelet kills it after activeDeadlineSeconds."""
+        await self.patch("Pod", namespace, name, {"spec": {"activeDeadlineSeconds": 1}})
+
+    async def patch_status(self, kind: str, namespace: str, name: str, status: Manifest) -> None:
+        await self.patch(kind, namespace, name, {"status": status}, sub="status")
+
+    async def pvc_access_modes(self, namespace: str, claim: str) -> list[str] | None:
+        pvc = await self.get("PersistentVolumeClaim", namespace, claim)
+        if pvc is None:
+            return None
+        return list(pvc.get("spec", {}).get("accessModes") or [])
+
+
+def owned_by(obj: Manifest, uid: str) -> bool:
+    return any(
+        ref.get("uid") == uid and ref.get("controller")
+        for ref in obj.get("metadata", {}).get("ownerReferences") or []
+    )
+
+
+def _reason(e: ApiException) -> str:
+    import json
+
+    try:
+        return str(json.loads(e.body).get("message", e.reason))
+    except (ValueError, TypeError, AttributeError):
+        return str(e.reason)

@@ -1,0 +1,172 @@
+"""Pieces shared by both renderers: owner references, storage URIs -> volumes, pod overrides, security."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from tauon.api.common import API_VERSION, EnvVar, KubeModel, ObjectMeta, PodTemplateOverrides
+from tauon.render.config import OperatorConfig
+
+Manifest = dict[str, Any]
+
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGER = "tauon"
+PVC_ROOT = "/mnt/tauon/pvc"
+
+
+class InvalidSpec(ValueError):
+    """The object passed admission but cannot be rendered; the message names the field."""
+
+
+def owner_reference(kind: str, meta: ObjectMeta) -> Manifest:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": kind,
+        "name": meta.name,
+        "uid": meta.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def child_meta(kind: str, meta: ObjectMeta, name: str, labels: dict[str, str]) -> Manifest:
+    return {
+        "name": name,
+        "namespace": meta.namespace,
+        "labels": {LABEL_MANAGED_BY: MANAGER, **labels},
+        "ownerReferences": [owner_reference(kind, meta)],
+    }
+
+
+def _volume_name(prefix: str, raw: str) -> str:
+    slug = re.sub(r"[^a-z0-9-]", "-", raw.lower()).strip("-")[:50].strip("-")
+    return f"{prefix}-{slug}" if slug else prefix
+
+
+@dataclass
+class Storage:
+    """Volumes and mounts for the storage URIs of one pod, and where each URI lands inside it."""
+
+    volumes: list[Manifest] = field(default_factory=list)
+    mounts: list[Manifest] = field(default_factory=list)
+    claims: dict[str, bool] = field(default_factory=dict)  # claim -> needs write
+
+    def add(self, uri: str, where: str, cfg: OperatorConfig, write: bool = False) -> str:
+        """Mount what `uri` needs and return the local path (hf:// stays an hf:// id)."""
+        if uri.startswith("hf://"):
+            return uri
+        if uri.startswith("pvc://"):
+            claim, _, sub = uri.removeprefix("pvc://").partition("/")
+            if claim not in self.claims:
+                self.volumes.append(
+                    {"name": _volume_name("pvc", claim), "persistentVolumeClaim": {"claimName": claim}}
+                )
+                self.mounts.append({"name": _volume_name("pvc", claim), "mountPath": f"{PVC_ROOT}/{claim}"})
+            self.claims[claim] = self.claims.get(claim, False) or write
+            return f"{PVC_ROOT}/{claim}/{sub}".rstrip("/")
+        if uri.startswith("file://"):
+            path = uri.removeprefix("file://")
+            if not path.startswith("/"):
+                raise InvalidSpec(
+                    f"{where}: relative file:// paths ({uri}) only work with `tauon run --local`; "
+                    "use pvc:// on a cluster"
+                )
+            if not cfg.allow_host_paths:
+                raise InvalidSpec(
+                    f"{where}: file:// sources need the operator's --allow-host-paths (dev clusters only); "
+                    "use pvc:// instead"
+                )
+            name = _volume_name("host", path)
+            if not any(v["name"] == name for v in self.volumes):
+                self.volumes.append(
+                    {"name": name, "hostPath": {"path": path, "type": "DirectoryOrCreate" if write else ""}}
+                )
+                self.mounts.append({"name": name, "mountPath": path})
+            return path
+        raise InvalidSpec(f"{where}: unsupported storage URI {uri!r}")
+
+    def finish(self) -> None:
+        """Mount claims read-only unless something writes to them."""
+        for m in self.mounts:
+            for claim, write in self.claims.items():
+                if m["name"] == _volume_name("pvc", claim):
+                    m["readOnly"] = not write
+        for v in self.volumes:
+            hp = v.get("hostPath")
+            if hp is not None and not hp["type"]:
+                del hp["type"]
+
+
+def env_list(items: list[EnvVar]) -> list[Manifest]:
+    return [e.dump() for e in items]
+
+
+def merge_env(
+    ours: list[Manifest], user: list[Manifest], overridable_prefix: str | None = None
+) -> list[Manifest]:
+    """Our variables then the user's; the user's win only for names under overridable_prefix."""
+    user_names = {e["name"] for e in user}
+    kept = [
+        e
+        for e in ours
+        if not (overridable_prefix and e["name"].startswith(overridable_prefix) and e["name"] in user_names)
+    ]
+    return kept + user
+
+
+def pod_security(cfg: OperatorConfig) -> Manifest:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": cfg.run_as_user,
+        "runAsGroup": cfg.run_as_user,
+        "fsGroup": cfg.fs_group,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security() -> Manifest:
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "runAsNonRoot": True,
+    }
+
+
+def apply_overrides(pod_spec: Manifest, tpl: PodTemplateOverrides, extra_tolerations: list[Manifest]) -> None:
+    """podTemplate's bounded overrides onto a pod spec (in place)."""
+    if tpl.node_selector:
+        pod_spec["nodeSelector"] = dict(tpl.node_selector)
+    tolerations = [t.dump() for t in tpl.tolerations]
+    for t in extra_tolerations:
+        if t not in tolerations:
+            tolerations.append(t)
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    if tpl.affinity:
+        pod_spec["affinity"] = tpl.affinity
+    if tpl.priority_class_name:
+        pod_spec["priorityClassName"] = tpl.priority_class_name
+    if tpl.scheduler_name:
+        pod_spec["schedulerName"] = tpl.scheduler_name
+    if tpl.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [s.dump() for s in tpl.image_pull_secrets]
+    if tpl.service_account_name:
+        pod_spec["serviceAccountName"] = tpl.service_account_name
+        pod_spec["automountServiceAccountToken"] = True
+    else:
+        pod_spec["automountServiceAccountToken"] = False
+
+
+def gpu_count(resources: Any) -> int:
+    """nvidia.com/gpu requested (requests, else limits: Kubernetes defaults requests to limits)."""
+    raw = resources.requests.get("nvidia.com/gpu", resources.limits.get("nvidia.com/gpu", 0))
+    try:
+        return int(str(raw))
+    except ValueError as e:
+        raise InvalidSpec(f"spec.resources: nvidia.com/gpu must be a whole number, got {raw!r}") from e
+
+
+def dump(model: KubeModel) -> Manifest:
+    return model.dump()

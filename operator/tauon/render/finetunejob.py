@@ -1,0 +1,326 @@
+"""FineTuneJob -> children, exactly per API.md's pod contract. Pure and deterministic."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+from tauon.api.finetunejob import FineTuneJob, LoraSpec
+from tauon.render.common import (
+    InvalidSpec,
+    Manifest,
+    Storage,
+    apply_overrides,
+    child_meta,
+    container_security,
+    env_list,
+    gpu_count,
+    merge_env,
+    pod_security,
+)
+from tauon.render.config import OperatorConfig
+
+KIND = "FineTuneJob"
+LABEL_JOB = "tauon.dev/job-name"
+LABEL_ATTEMPT = "tauon.dev/attempt"
+LABEL_RANK = "tauon.dev/node-rank"
+CONFIG_DIR = "/etc/tauon"
+CONFIG_PATH = f"{CONFIG_DIR}/job.json"
+CONTAINER = "trainer"
+KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+
+
+def config_map_name(job: str) -> str:
+    return f"{job}-config"
+
+
+def service_name(job: str) -> str:
+    return f"{job}-nodes"
+
+
+def pod_name(job: str, attempt: int, rank: int) -> str:
+    return f"{job}-r{attempt}-node-{rank}"
+
+
+def pod_group_name(job: str, attempt: int) -> str:
+    return f"{job}-r{attempt}"
+
+
+@dataclass(frozen=True)
+class Resolved:
+    image: str
+    nproc_per_node: int
+    backend: Literal["nccl", "gloo"]
+
+
+def resolve(job: FineTuneJob, cfg: OperatorConfig) -> Resolved:
+    """Defaults frozen at creation: status.resolved wins once written."""
+    st = job.status.resolved
+    gpus = gpu_count(job.spec.resources)
+    nproc = job.spec.nproc_per_node
+    computed_nproc = (gpus if gpus > 0 else 1) if nproc == "auto" else int(nproc)
+    return Resolved(
+        image=st.image or job.spec.image or cfg.default_image,
+        nproc_per_node=st.nproc_per_node or computed_nproc,
+        backend=st.backend or ("nccl" if gpus > 0 else "gloo"),
+    )
+
+
+def validate(job: FineTuneJob, cfg: OperatorConfig) -> None:
+    """Rules the schema cannot check; raises InvalidSpec naming the field."""
+    gpus = gpu_count(job.spec.resources)
+    nproc = job.spec.nproc_per_node
+    if nproc != "auto" and gpus > 0 and int(nproc) > gpus:
+        raise InvalidSpec(
+            f"spec.nprocPerNode ({nproc}) is larger than the GPUs requested per node "
+            f"(spec.resources nvidia.com/gpu: {gpus})"
+        )
+    limits = job.spec.resources.limits.get("nvidia.com/gpu")
+    requests = job.spec.resources.requests.get("nvidia.com/gpu")
+    if limits is not None and requests is not None and str(limits) != str(requests):
+        raise InvalidSpec("spec.resources: nvidia.com/gpu requests and limits must be equal")
+    _storage(job, cfg)  # raises on unusable URIs
+
+
+def _storage(job: FineTuneJob, cfg: OperatorConfig) -> tuple[Storage, dict[str, str]]:
+    s = Storage()
+    paths = {
+        "model": s.add(job.spec.model.source, "spec.model.source", cfg),
+        "dataset": s.add(job.spec.dataset.source, "spec.dataset.source", cfg),
+        "output": s.add(job.spec.output.storage, "spec.output.storage", cfg, write=True),
+    }
+    s.finish()
+    return s, paths
+
+
+def shared_claims(job: FineTuneJob) -> dict[str, str]:
+    """claim -> the access it needs when numNodes > 1 ('write' for output, else 'read')."""
+    out: dict[str, str] = {}
+    for uri, mode in (
+        (job.spec.model.source, "read"),
+        (job.spec.dataset.source, "read"),
+        (job.spec.output.storage, "write"),
+    ):
+        if uri.startswith("pvc://"):
+            claim = uri.removeprefix("pvc://").split("/", 1)[0]
+            out[claim] = "write" if mode == "write" or out.get(claim) == "write" else "read"
+    return out
+
+
+def job_config(job: FineTuneJob, cfg: OperatorConfig) -> dict[str, object]:
+    """The trainer's /etc/tauon/job.json (camelCase, defaults filled, local paths resolved)."""
+    _, paths = _storage(job, cfg)
+    spec = job.spec
+    model = spec.model.dump()
+    model.pop("tokenSecretRef", None)
+    model["path"] = paths["model"]
+    dataset = spec.dataset.dump()
+    if spec.model.task == "sequence-classification" and spec.dataset.label_field is None:
+        dataset["labelField"] = "label"
+    dataset["path"] = paths["dataset"]
+    method = spec.method.dump()
+    if spec.method.type == "lora" and spec.method.lora is None:
+        method["lora"] = LoraSpec().dump()
+    hp = spec.hyperparameters.model_dump(by_alias=True, mode="json")  # keep maxSteps: null
+    output = spec.output.dump()
+    output["path"] = paths["output"]
+    return {
+        "name": job.metadata.name,
+        "namespace": job.metadata.namespace,
+        "model": model,
+        "dataset": dataset,
+        "method": method,
+        "hyperparameters": hp,
+        "output": output,
+    }
+
+
+def render_config_map(job: FineTuneJob, cfg: OperatorConfig) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": child_meta(
+            KIND, job.metadata, config_map_name(job.metadata.name), {LABEL_JOB: job.metadata.name}
+        ),
+        "data": {"job.json": json.dumps(job_config(job, cfg), indent=2, sort_keys=True)},
+    }
+
+
+def render_service(job: FineTuneJob, cfg: OperatorConfig) -> Manifest:
+    name = job.metadata.name
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": child_meta(KIND, job.metadata, service_name(name), {LABEL_JOB: name}),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {LABEL_JOB: name},
+            "ports": [
+                {"name": "dist", "port": cfg.master_port, "targetPort": cfg.master_port, "protocol": "TCP"}
+            ],
+        },
+    }
+
+
+def pod_labels(job: FineTuneJob, attempt: int, rank: int) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "tauon-trainer",
+        LABEL_JOB: job.metadata.name,
+        LABEL_ATTEMPT: str(attempt),
+        LABEL_RANK: str(rank),
+    }
+
+
+def trainer_env(
+    job: FineTuneJob, cfg: OperatorConfig, attempt: int, rank: int, r: Resolved
+) -> list[Manifest]:
+    spec = job.spec
+    name = job.metadata.name
+    master = f"{pod_name(name, attempt, 0)}.{service_name(name)}"
+    values = {
+        "PET_NNODES": spec.num_nodes,
+        "PET_NPROC_PER_NODE": r.nproc_per_node,
+        "PET_NODE_RANK": rank,
+        "PET_MASTER_ADDR": master,
+        "PET_MASTER_PORT": cfg.master_port,
+        "PET_RDZV_CONF": f"timeout={spec.run_policy.schedule_timeout_seconds + 60}",
+        "MASTER_ADDR": master,
+        "MASTER_PORT": cfg.master_port,
+        "NODE_RANK": rank,
+        "NNODES": spec.num_nodes,
+        "NPROC_PER_NODE": r.nproc_per_node,
+        "WORLD_SIZE": spec.num_nodes * r.nproc_per_node,
+        "TAUON_DIST_BACKEND": r.backend,
+        "TAUON_JOB_NAME": name,
+        "TAUON_ATTEMPT": attempt,
+        "TAUON_CONFIG": CONFIG_PATH,
+        "TAUON_METRICS_PORT": cfg.metrics_port,
+        "HF_HOME": "/tmp/hf-home",
+    }
+    env: list[Manifest] = [{"name": k, "value": str(v)} for k, v in values.items()]
+    if r.backend == "nccl":
+        env += [
+            {"name": "TORCH_NCCL_ASYNC_ERROR_HANDLING", "value": "1"},
+            {"name": "NCCL_DEBUG", "value": "WARN"},
+        ]
+    ref = spec.model.token_secret_ref
+    if ref is not None:
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    return merge_env(env, env_list(list(spec.env)), overridable_prefix="NCCL_")
+
+
+def render_pod(job: FineTuneJob, cfg: OperatorConfig, attempt: int, rank: int) -> Manifest:
+    spec = job.spec
+    name = job.metadata.name
+    r = resolve(job, cfg)
+    storage, _ = _storage(job, cfg)
+    tpl = spec.pod_template
+    labels = {**tpl.labels, **pod_labels(job, attempt, rank)}
+    annotations = dict(tpl.annotations)
+    if KUEUE_QUEUE in tpl.labels:
+        labels["kueue.x-k8s.io/pod-group-name"] = pod_group_name(name, attempt)
+        annotations["kueue.x-k8s.io/pod-group-total-count"] = str(spec.num_nodes)
+    if cfg.gang_scheduler == "volcano":
+        annotations["scheduling.k8s.io/group-name"] = pod_group_name(name, attempt)
+    elif cfg.gang_scheduler == "scheduler-plugins":
+        labels["scheduling.x-k8s.io/pod-group"] = pod_group_name(name, attempt)
+
+    resources = {
+        k: {q: str(v) for q, v in getattr(spec.resources, k).items()} for k in ("requests", "limits")
+    }
+    container: Manifest = {
+        "name": CONTAINER,
+        "image": r.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["torchrun"],
+        "args": ["--max-restarts=0", "-m", "tauon_trainer.train", "--config", CONFIG_PATH],
+        "env": trainer_env(job, cfg, attempt, rank, r),
+        "ports": [
+            {"name": "dist", "containerPort": cfg.master_port, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": cfg.metrics_port, "protocol": "TCP"},
+        ],
+        "resources": {k: v for k, v in resources.items() if v},
+        "securityContext": container_security(),
+        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "volumeMounts": [
+            {"name": "job-config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+            *storage.mounts,
+        ],
+    }
+    pod_spec: Manifest = {
+        "restartPolicy": "Never",
+        "hostname": pod_name(name, attempt, rank),
+        "subdomain": service_name(name),
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": 30,
+        "securityContext": pod_security(cfg),
+        "containers": [container],
+        "volumes": [
+            {"name": "job-config", "configMap": {"name": config_map_name(name)}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+            *storage.volumes,
+        ],
+    }
+    apply_overrides(pod_spec, tpl, [GPU_TOLERATION] if r.backend == "nccl" else [])
+    gang_scheduler = cfg.scheduler_for_gang()
+    if gang_scheduler and "schedulerName" not in pod_spec:
+        pod_spec["schedulerName"] = gang_scheduler
+    meta = child_meta(KIND, job.metadata, pod_name(name, attempt, rank), labels)
+    if annotations:
+        meta["annotations"] = annotations
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
+
+
+def render_pod_group(job: FineTuneJob, cfg: OperatorConfig, attempt: int) -> Manifest | None:
+    name = job.metadata.name
+    labels = {LABEL_JOB: name, LABEL_ATTEMPT: str(attempt)}
+    meta = child_meta(KIND, job.metadata, pod_group_name(name, attempt), labels)
+    if cfg.gang_scheduler == "volcano":
+        return {
+            "apiVersion": "scheduling.volcano.sh/v1beta1",
+            "kind": "PodGroup",
+            "metadata": meta,
+            "spec": {"minMember": job.spec.num_nodes},
+        }
+    if cfg.gang_scheduler == "scheduler-plugins":
+        return {
+            "apiVersion": "scheduling.x-k8s.io/v1alpha1",
+            "kind": "PodGroup",
+            "metadata": meta,
+            "spec": {
+                "minMember": job.spec.num_nodes,
+                "scheduleTimeoutSeconds": job.spec.run_policy.schedule_timeout_seconds,
+            },
+        }
+    return None
+
+
+def render_attempt(job: FineTuneJob, cfg: OperatorConfig, attempt: int) -> list[Manifest]:
+    """Everything one attempt needs: ConfigMap, headless Service, PodGroup (if any), the gang's pods."""
+    validate(job, cfg)
+    out = [render_config_map(job, cfg), render_service(job, cfg)]
+    pg = render_pod_group(job, cfg, attempt)
+    if pg is not None:
+        out.append(pg)
+    out += [render_pod(job, cfg, attempt, i) for i in range(job.spec.num_nodes)]
+    return out
+
+
+__all__ = [
+    "InvalidSpec",
+    "Resolved",
+    "config_map_name",
+    "job_config",
+    "pod_name",
+    "render_attempt",
+    "render_pod",
+    "resolve",
+    "service_name",
+    "shared_claims",
+    "validate",
+]
