@@ -7,7 +7,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck disable=SC1091
 source "$here/versions.env"
-key=$(cat "$here/versions.env" "$here/build.sh" | sha256sum | cut -c1-12)
+key=$(sha256sum < "$here/versions.env" | cut -c1-12)
 cache=${TAUON_K8S_CACHE:-$HOME/.cache/tauon-k8s}
 bin=$cache/$key/bin
 want=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm)

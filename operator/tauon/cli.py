@@ -30,6 +30,80 @@ def cmd_crds(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_manifest(path: str) -> dict:
+    """Read one FineTuneJob/InferenceService manifest; a clear error names the file and the field."""
+    import yaml
+
+    try:
+        docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if d]
+    except (OSError, yaml.YAMLError) as e:
+        raise SystemExit(f"tauon: cannot read {path}: {e}") from e
+    if len(docs) != 1:
+        raise SystemExit(f"tauon: {path}: expected exactly one object, found {len(docs)}")
+    doc: dict = docs[0]
+    doc.setdefault("metadata", {}).setdefault("namespace", "default")
+    doc["metadata"].setdefault("uid", "00000000-0000-0000-0000-000000000000")
+    return doc
+
+
+def resolve_relative_sources(doc: dict, base: Path) -> dict:
+    """file://./REL -> file:///ABS relative to the manifest's directory (local runs and dev clusters)."""
+
+    def fix(holder: dict | None, key: str) -> None:
+        if holder and isinstance(holder.get(key), str) and holder[key].startswith("file://./"):
+            holder[key] = "file://" + str((base / holder[key].removeprefix("file://./")).resolve())
+
+    spec = doc.get("spec") or {}
+    fix(spec.get("model"), "source")
+    fix(spec.get("dataset"), "source")
+    fix(spec.get("output"), "storage")
+    fix((spec.get("canary") or {}).get("model"), "source")
+    return doc
+
+
+def parse_object(doc: dict, where: str):  # type: ignore[no-untyped-def]
+    from pydantic import ValidationError
+
+    from tauon.api import FineTuneJob, InferenceService
+
+    kinds = {"FineTuneJob": FineTuneJob, "InferenceService": InferenceService}
+    model = kinds.get(doc.get("kind", ""))
+    if model is None:
+        raise SystemExit(f"tauon: {where}: kind must be one of {', '.join(kinds)}, got {doc.get('kind')!r}")
+    try:
+        return model.model_validate(doc)
+    except ValidationError as e:
+        lines = [f"  {'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()]
+        raise SystemExit(f"tauon: {where}: invalid {doc['kind']}:\n" + "\n".join(lines)) from e
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    import yaml
+
+    from tauon.render.common import InvalidSpec
+    from tauon.render.config import OperatorConfig
+
+    doc = load_manifest(args.file)
+    if args.allow_host_paths:
+        resolve_relative_sources(doc, Path(args.file).resolve().parent)
+    obj = parse_object(doc, args.file)
+    cfg = OperatorConfig(allow_host_paths=args.allow_host_paths, gang_scheduler=args.gang_scheduler)
+    try:
+        if obj.kind == "FineTuneJob":
+            from tauon.render.finetunejob import render_attempt
+
+            children = render_attempt(obj, cfg, args.attempt)
+        else:
+            from tauon.render.inferenceservice import render_all
+
+            children = render_all(obj, cfg)
+    except InvalidSpec as e:
+        print(f"tauon: {args.file}: {e}", file=sys.stderr)
+        return 1
+    print(yaml.safe_dump_all(children, sort_keys=False), end="")
+    return 0
+
+
 def cmd_operator(args: argparse.Namespace) -> int:
     import asyncio
     import logging
@@ -80,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_crds)
 
     from tauon.render.config import DEFAULT_IMAGE
+
+    r = sub.add_parser("render", help="print the children the operator would create, as a YAML stream")
+    r.add_argument("file")
+    r.add_argument("--attempt", type=int, default=0, help="gang attempt number (FineTuneJob)")
+    r.add_argument("--allow-host-paths", action="store_true", help="render file:// sources as hostPath")
+    r.add_argument("--gang-scheduler", choices=["volcano", "scheduler-plugins"], default=None)
+    r.set_defaults(func=cmd_render)
 
     o = sub.add_parser("operator", help="run the operator (all namespaces unless --namespace)")
     o.add_argument("--namespace", action="append", help="watch only this namespace (repeatable)")

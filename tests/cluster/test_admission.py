@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from tests.kube import REPO, Cluster
 
@@ -329,13 +327,3 @@ def test_kwok_nodes_ready(cluster: Cluster):
     for n in gpu + cpu:
         ready = [c for c in n["status"]["conditions"] if c["type"] == "Ready"]
         assert ready and ready[0]["status"] == "True", n["metadata"]["name"]
-
-
-def test_crds_are_fresh():
-    import subprocess
-    import sys
-
-    r = subprocess.run([sys.executable, "-m", "tauon.cli", "crds", "--check"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    for f in Path(REPO / "crds").glob("*.yaml"):
-        yaml.safe_load(f.read_text())

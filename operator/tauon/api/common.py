@@ -183,7 +183,7 @@ class ObjectMeta(KubeModel):
     deletion_timestamp: datetime | None = Field(default=None, description="Deletion time.")
 
 
-def reserved_env_rule(prefixes: list[str], names: list[str]) -> dict[str, str]:
+def reserved_env_rule(prefixes: list[str], names: list[str]) -> Any:
     """CEL rule on an EnvVar item rejecting reserved names."""
     parts = [f"self.name.startsWith('{p}')" for p in prefixes]
     if names:

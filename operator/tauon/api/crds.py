@@ -234,7 +234,7 @@ def inferenceservice_crd() -> dict[str, Any]:
             "name": "Replicas",
             "type": "integer",
             "jsonPath": ".status.readyReplicas",
-            "description": "Ready predictor replicas.",
+            "description": "Ready server replicas (predictor + canary).",
         },
         {"name": "URL", "type": "string", "jsonPath": ".status.url", "description": "In-cluster URL."},
         _age(),

@@ -214,7 +214,7 @@ IMMUTABLE_SPEC_FIELDS = [
 ]
 
 
-def immutable_rules(fields: list[str], where: str) -> list[dict[str, str]]:
+def immutable_rules(fields: list[str], where: str) -> Any:
     """Transition rules on the parent so adding or removing a field is caught too."""
     return [
         {

@@ -72,7 +72,11 @@ class Autoscaling(KubeModel):
     min_replicas: int = Field(default=1, ge=1, le=10000, description="Lower bound for the HPA.")
     max_replicas: int = Field(ge=1, le=10000, description="Upper bound for the HPA.")
     target_cpu_utilization_percentage: int = Field(
-        default=70, ge=1, le=100, description="Average CPU utilisation the HPA aims for, 1..100."
+        default=70,
+        alias="targetCPUUtilizationPercentage",
+        ge=1,
+        le=100,
+        description="Average CPU utilisation the HPA aims for, 1..100.",
     )
 
 
@@ -149,9 +153,13 @@ class InferenceServiceStatus(StatusModel):
     )
     observed_generation: int | None = Field(default=None, description="Generation the status describes.")
     url: str | None = Field(default=None, description="In-cluster URL of the Service.", max_length=MAX_STR)
-    replicas: int = Field(default=0, description="Predictor replicas (scale subresource).")
-    ready_replicas: int = Field(default=0, description="Ready predictor replicas.")
-    selector: str = Field(default="", description="Label selector of the predictor pods (scale subresource).")
+    replicas: int = Field(
+        default=0, description="Server replicas, predictor plus canary (scale subresource)."
+    )
+    ready_replicas: int = Field(default=0, description="Ready server replicas, predictor plus canary.")
+    selector: str = Field(
+        default="", description="Label selector of the server pods, predictor and canary (scale subresource)."
+    )
     model: ResolvedModel = Field(default_factory=ResolvedModel, description="Resolved model location.")
     canary: CanaryStatus = Field(default_factory=CanaryStatus, description="Canary replicas and share.")
 

@@ -54,6 +54,7 @@ async def _periodic() -> None:
             try:
                 for ns, name in finetunejob.all_keys():
                     RT.trigger(finetunejob.CONTROLLER, ns, name)
+                finetunejob.update_phase_gauge()
                 for extra in _extra_periodic:
                     extra()
                 if loop.time() - last_progress >= RT.progress_period_seconds:

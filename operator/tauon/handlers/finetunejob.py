@@ -91,7 +91,8 @@ async def reconcile_job(namespace: str, name: str) -> None:
     bodies = _one("ftj_idx", key)
     if not bodies:
         return
-    body = bodies[0]
+    ctl_key = (CONTROLLER, namespace, name)
+    body = RT.freshest(ctl_key, bodies[0])
     if body["metadata"].get("deletionTimestamp"):
         return
     uid = body["metadata"]["uid"]
@@ -119,7 +120,6 @@ async def reconcile_job(namespace: str, name: str) -> None:
     pods = [p for p in _one("ftj_pods_idx", key) if owned_by(p, uid)]
     cms = [c for c in _one("ftj_configmaps_idx", key) if owned_by(c, uid)]
     svcs = [s for s in _one("ftj_services_idx", key) if owned_by(s, uid)]
-    ctl_key = (CONTROLLER, namespace, name)
     observed = Observed(
         pods=pods,
         config_map=cms[0] if cms else None,
@@ -139,6 +139,8 @@ async def reconcile_job(namespace: str, name: str) -> None:
         return
     _count_writes(plan)
     result = await apply_plan(RT.kube, "FineTuneJob", body, plan, _post_event(body))
+    if result.written is not None:
+        RT.written[ctl_key] = result.written
     if result.conflicts:
         RT.conflicts[ctl_key] = result.conflicts
         RT.trigger(CONTROLLER, namespace, name)
@@ -166,15 +168,12 @@ async def fetch_progress(session: aiohttp.ClientSession) -> None:
     idx = RT.indexes.get("ftj_idx")
     if idx is None:
         return
-    counts: dict[tuple[str, str], int] = {}
-    jobs: list[tuple[str, str, dict[str, Any]]] = []
-    for key in list(idx):
-        for body in idx.get(key, []):
-            phase = (body.get("status") or {}).get("phase") or "Pending"
-            counts[(key[0], phase)] = counts.get((key[0], phase), 0) + 1
-            if phase in ("Running",):
-                jobs.append((key[0], key[1], body))
-    metrics.set_phase_counts(metrics.FINETUNEJOBS, counts)
+    jobs = [
+        (key[0], key[1], body)
+        for key in list(idx)
+        for body in idx.get(key, [])
+        if (body.get("status") or {}).get("phase") == "Running"
+    ]
 
     async def one(ns: str, name: str, body: dict[str, Any]) -> None:
         attempt = (body.get("status") or {}).get("attempt", 0)
@@ -205,6 +204,16 @@ async def fetch_progress(session: aiohttp.ClientSession) -> None:
             return
 
     await asyncio.gather(*(one(ns, n, b) for ns, n, b in jobs))
+
+
+def update_phase_gauge() -> None:
+    idx = RT.indexes.get("ftj_idx")
+    counts: dict[tuple[str, str], int] = {}
+    for key in list(idx or []):
+        for body in idx.get(key, []) if idx is not None else []:
+            phase = (body.get("status") or {}).get("phase") or "Pending"
+            counts[(key[0], phase)] = counts.get((key[0], phase), 0) + 1
+    metrics.set_phase_counts(metrics.FINETUNEJOBS, counts)
 
 
 def all_keys() -> list[tuple[str, str]]:

@@ -29,6 +29,8 @@ class Runtime:
     conflicts: dict[Key, list[str]] = field(default_factory=dict)
     refused: dict[Key, list[str]] = field(default_factory=dict)
     progress: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    # objects as our own status writes returned them: fresher than the watch until it catches up
+    written: dict[Key, dict[str, Any]] = field(default_factory=dict)
     reconcilers: dict[str, Callable[[str, str], Awaitable[None]]] = field(default_factory=dict)
     _running: set[Key] = field(default_factory=set)
     _dirty: set[Key] = field(default_factory=set)
@@ -73,6 +75,16 @@ class Runtime:
         finally:
             self._running.discard(key)
 
+    def freshest(self, key: Key, body: dict[str, Any]) -> dict[str, Any]:
+        mine = self.written.get(key)
+        if mine is None or mine["metadata"].get("uid") != body["metadata"].get("uid"):
+            self.written.pop(key, None)
+            return body
+        if _rv(mine) > _rv(body):
+            return mine
+        self.written.pop(key, None)
+        return body
+
     async def stop(self) -> None:
         if self.periodic is not None:
             self.periodic.cancel()
@@ -83,6 +95,13 @@ class Runtime:
         )
         if self.kube is not None:
             await self.kube.close()
+
+
+def _rv(obj: dict[str, Any]) -> int:
+    try:
+        return int(obj["metadata"].get("resourceVersion") or 0)
+    except ValueError:  # resourceVersion is opaque; etcd's are integers, fall back to the watch
+        return 0
 
 
 RT = Runtime()

@@ -31,6 +31,7 @@ class ApplyResult:
     def __init__(self) -> None:
         self.conflicts: list[str] = []
         self.invalid: list[str] = []
+        self.written: Manifest | None = None  # the object after our status write
 
 
 async def apply_plan(
@@ -44,7 +45,7 @@ async def apply_plan(
         if plan.status is not None:
             patch = merge_patch(obj.get("status") or {}, plan.status)
             if patch:
-                await kube.patch_status(kind, ns, name, patch)
+                result.written = await kube.patch_status(kind, ns, name, patch)
 
     if plan.status_first:
         await write_status()

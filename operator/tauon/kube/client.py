@@ -174,8 +174,9 @@ class Kube:
         """Stop a pod but keep it (and its logs): the kubelet kills it after activeDeadlineSeconds."""
         await self.patch("Pod", namespace, name, {"spec": {"activeDeadlineSeconds": 1}})
 
-    async def patch_status(self, kind: str, namespace: str, name: str, status: Manifest) -> None:
-        await self.patch(kind, namespace, name, {"status": status}, sub="status")
+    async def patch_status(self, kind: str, namespace: str, name: str, status: Manifest) -> Manifest | None:
+        """Returns the object as the API server stored it (fresher than any watch-fed cache)."""
+        return await self.patch(kind, namespace, name, {"status": status}, sub="status")
 
     async def pvc_access_modes(self, namespace: str, claim: str) -> list[str] | None:
         pvc = await self.get("PersistentVolumeClaim", namespace, claim)

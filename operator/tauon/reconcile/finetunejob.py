@@ -157,7 +157,9 @@ def reconcile(job: FineTuneJob, observed: Observed, now: datetime, cfg: Operator
     name = job.metadata.name
     st.observed_generation = ctx.gen
 
-    attempt_of = lambda p: P.label_int(p, LABEL_ATTEMPT)  # noqa: E731
+    def attempt_of(p: Manifest) -> int | None:
+        return P.label_int(p, LABEL_ATTEMPT)
+
     cur = [p for p in observed.pods if attempt_of(p) == st.attempt]
     stale = [p for p in observed.pods if attempt_of(p) != st.attempt]
     terminal = is_true(st.conditions, "Succeeded") or is_true(st.conditions, "Failed")
@@ -356,7 +358,9 @@ def reconcile(job: FineTuneJob, observed: Observed, now: datetime, cfg: Operator
         ctx.cond("Restarting", False, "AllPodsRunning", "")
     elif n_sched == spec.num_nodes and all_present:
         startup = [p for p in cur if P.phase(p) == "Pending"]
-        first_sched = min(
+        # counted from when the gang became fully scheduled (its last pod), not its first: a gang that
+        # waited past scheduleTimeoutSeconds must not fail the moment its last pod is placed
+        gang_sched = max(
             (
                 P.parse_time((P.pod_condition(p, "PodScheduled") or {}).get("lastTransitionTime"))
                 or created_at
@@ -364,7 +368,7 @@ def reconcile(job: FineTuneJob, observed: Observed, now: datetime, cfg: Operator
             ),
             default=created_at,
         )
-        if startup and now - first_sched >= timedelta(seconds=policy.startup_timeout_seconds):
+        if startup and now - gang_sched >= timedelta(seconds=policy.startup_timeout_seconds):
             detail = ""
             for p in startup:
                 w = P.waiting_error(p, CONTAINER)
@@ -388,6 +392,9 @@ def _last_failure(f: P.Failure) -> LastFailure:
 
 def _finish(ctx: _Ctx, job: FineTuneJob, cur: list[Manifest]) -> Plan:
     st = ctx.st
+    # every condition was re-evaluated against this generation (KEP-1623 observedGeneration)
+    for c in st.conditions:
+        c.observed_generation = ctx.gen
     active, ready, succeeded, failed = _counts(cur)
     st.pods.active, st.pods.ready, st.pods.succeeded, st.pods.failed = active, ready, succeeded, failed
     st.phase = phase_of(st)  # type: ignore[assignment]

@@ -132,14 +132,18 @@ def classify(pod: Manifest, container: str, now: datetime) -> Failure | None:
     if phase(pod) == "Failed":
         cs = container_status(pod, container)
         term = (cs or {}).get("state", {}).get("terminated") or {}
-        when = (
-            parse_time(term.get("finishedAt")) or parse_time(pod["metadata"].get("deletionTimestamp")) or now
-        )
+        finished_at = parse_time(term.get("finishedAt"))
+        deleted_at = parse_time(pod["metadata"].get("deletionTimestamp"))
+        when = finished_at or deleted_at or now
         msg = termination_message(pod, container) or {}
         permanent = msg.get("retryable") is False
         reason = str(msg.get("reason") or term.get("reason") or st.get("reason") or "Error")
         message = str(msg.get("message") or term.get("message") or st.get("message") or "")
-        disruption = (not permanent) and (is_disruption_cond or st.get("reason") in DISRUPTION_REASONS)
+        # deleted by someone else, then killed by the kubelet (exit 143/137): still a disruption
+        killed_by_deletion = deleted_at is not None and (finished_at is None or finished_at >= deleted_at)
+        disruption = (not permanent) and (
+            is_disruption_cond or st.get("reason") in DISRUPTION_REASONS or killed_by_deletion
+        )
         exit_code = term.get("exitCode")
         return Failure(
             name(pod),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,8 +42,14 @@ def child_meta(kind: str, meta: ObjectMeta, name: str, labels: dict[str, str]) -
 
 
 def _volume_name(prefix: str, raw: str) -> str:
-    slug = re.sub(r"[^a-z0-9-]", "-", raw.lower()).strip("-")[:50].strip("-")
-    return f"{prefix}-{slug}" if slug else prefix
+    """A DNS-1123 label for `raw`; lossy slugs (dots, slashes, long names) get a hash so two claims or
+    paths never share a volume name (`my.models` vs `my-models`, `/data/a` vs `/data-a`)."""
+    slug = re.sub(r"[^a-z0-9-]", "-", raw.lower()).strip("-")
+    if slug == raw and len(slug) <= 50:
+        return f"{prefix}-{slug}"
+    digest = hashlib.sha256(raw.encode()).hexdigest()[:8]
+    slug = slug[:40].strip("-")
+    return f"{prefix}-{slug}-{digest}" if slug else f"{prefix}-{digest}"
 
 
 @dataclass
@@ -79,11 +86,14 @@ class Storage:
                     "use pvc:// instead"
                 )
             name = _volume_name("host", path)
-            if not any(v["name"] == name for v in self.volumes):
+            existing = next((v for v in self.volumes if v["name"] == name), None)
+            if existing is None:
                 self.volumes.append(
                     {"name": name, "hostPath": {"path": path, "type": "DirectoryOrCreate" if write else ""}}
                 )
                 self.mounts.append({"name": name, "mountPath": path})
+            elif write:
+                existing["hostPath"]["type"] = "DirectoryOrCreate"
             return path
         raise InvalidSpec(f"{where}: unsupported storage URI {uri!r}")
 
@@ -104,9 +114,10 @@ def env_list(items: list[EnvVar]) -> list[Manifest]:
 
 
 def merge_env(
-    ours: list[Manifest], user: list[Manifest], overridable_prefix: str | None = None
+    ours: list[Manifest], user: list[Manifest], overridable_prefix: str | tuple[str, ...] | None = None
 ) -> list[Manifest]:
-    """Our variables then the user's; the user's win only for names under overridable_prefix."""
+    """Our variables then the user's; the user's win only for names under overridable_prefix (one
+    prefix or a tuple of them)."""
     user_names = {e["name"] for e in user}
     kept = [
         e

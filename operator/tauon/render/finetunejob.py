@@ -209,7 +209,8 @@ def trainer_env(
     ref = spec.model.token_secret_ref
     if ref is not None:
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
-    return merge_env(env, env_list(list(spec.env)), overridable_prefix="NCCL_")
+    # user env may override NCCL_* and our other non-reserved defaults (one definition per name)
+    return merge_env(env, env_list(list(spec.env)), overridable_prefix=("NCCL_", "TORCH_NCCL_", "HF_"))
 
 
 def render_pod(job: FineTuneJob, cfg: OperatorConfig, attempt: int, rank: int) -> Manifest:
@@ -231,6 +232,10 @@ def render_pod(job: FineTuneJob, cfg: OperatorConfig, attempt: int, rank: int) -
     resources = {
         k: {q: str(v) for q, v in getattr(spec.resources, k).items()} for k in ("requests", "limits")
     }
+    # extended resources (nvidia.com/gpu) need a limit equal to the request, or the API server refuses
+    for q, v in resources["requests"].items():
+        if "/" in q and not q.split("/", 1)[0].endswith("kubernetes.io"):
+            resources["limits"].setdefault(q, v)
     container: Manifest = {
         "name": CONTAINER,
         "image": r.image,

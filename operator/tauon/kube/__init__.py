@@ -1,0 +1,1 @@
+"""Thin async Kubernetes API layer."""

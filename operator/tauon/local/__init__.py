@@ -1,0 +1,1 @@
+"""Run rendered pods as local processes (`tauon run --local`, `tauon node`)."""

@@ -1,0 +1,410 @@
+"""InferenceService planner: (service, observed children and FineTuneJobs, now) -> Plan. Pure; the same
+inputs give the same plan, and a converged object gives an empty plan.
+
+Conditions (API.md): ModelReady, PredictorReady, CanaryReady (only while spec.canary is set) and Ready.
+- ModelReady is about the MAIN model (spec.model): False/WaitingForFineTuneJob while the referenced job is
+  missing or not Succeeded, False/FineTuneJobFailed once it Failed, False/InvalidSpec when the location
+  cannot be mounted (file:// without --allow-host-paths), True/ModelResolved once resolved.
+  `status.model` records the resolved location and is kept when the job is later deleted.
+- The canary's model is reported on CanaryReady (same reasons), so a failing canary job never takes the
+  predictor down. The canary's resolved location is remembered on its Deployment (annotation
+  `tauon.dev/model-source`); until it is known there is no canary Deployment and the predictor takes all
+  replicas.
+- While a new model is not ready (spec changed to a job still training, or that failed), the previous
+  resolved model keeps being served (children are rendered with it); the conditions say not ready.
+- PredictorReady / CanaryReady come from the Deployment: readyReplicas >= spec.replicas, updatedReplicas ==
+  status.replicas and status.observedGeneration >= metadata.generation -> True/MinimumReplicasAvailable,
+  else False/Progressing (False/ProgressDeadlineExceeded when the Deployment says so).
+- Ready = ModelReady and PredictorReady (and CanaryReady). Conflicts -> Ready False/ResourceConflict and
+  no writes to children.
+Phase: Failed when ModelReady's reason is FineTuneJobFailed or InvalidSpec; Ready when Ready; Pending while
+ModelReady is False; else NotReady.
+
+status.replicas / readyReplicas are the sums over the observed predictor and canary Deployments
+(`status.replicas` / `status.readyReplicas`): spec.replicas is the total over both and status.selector
+(`tauon.dev/inference-service=<name>`) selects both, so the scale subresource stays consistent.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from tauon.api.common import Condition, ConditionStatus
+from tauon.api.inferenceservice import (
+    CanaryStatus,
+    InferenceService,
+    InferenceServiceStatus,
+    ResolvedModel,
+    ServedModelSpec,
+)
+from tauon.reconcile.conditions import get, set_condition
+from tauon.reconcile.plan import Event, Plan
+from tauon.render.common import InvalidSpec
+from tauon.render.config import OperatorConfig
+from tauon.render.inferenceservice import (
+    ANN_FINE_TUNE_JOB,
+    ANN_MODEL_SOURCE,
+    ANN_SPEC_HASH,
+    ModelLocation,
+    Models,
+    canary_name,
+    effective_percent,
+    model_path,
+    predictor_name,
+    render,
+    render_deployment,
+    replica_plan,
+    selector,
+    url,
+)
+
+Manifest = dict[str, Any]
+
+MODEL_READY = "ModelReady"
+PREDICTOR_READY = "PredictorReady"
+CANARY_READY = "CanaryReady"
+READY = "Ready"
+FAILED_REASONS = ("FineTuneJobFailed", "InvalidSpec")
+
+
+@dataclass
+class Observed:
+    """What the handler layer saw in the cluster for one InferenceService."""
+
+    # name -> FineTuneJob body (same namespace), only the ones spec.model / spec.canary.model reference
+    fine_tune_jobs: dict[str, Manifest] = field(default_factory=dict)
+    # name -> our Deployment (`<name>-predictor`, `<name>-canary`), with status
+    deployments: dict[str, Manifest] = field(default_factory=dict)
+    service: Manifest | None = None
+    hpa: Manifest | None = None
+    # children with our names that are not ours ("Kind/name" or "name")
+    conflicts: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Resolution:
+    state: Literal["ready", "waiting", "failed"]
+    reason: str
+    message: str
+    location: ModelLocation | None = None  # when ready
+
+
+def job_state(body: Manifest) -> tuple[str, str]:
+    """(Succeeded | Failed | <phase>, detail) of a FineTuneJob body, from its conditions then its phase."""
+    st = body.get("status") or {}
+    for c in st.get("conditions") or []:
+        if c.get("type") in ("Failed", "Succeeded") and c.get("status") == "True":
+            detail = ": ".join(x for x in (c.get("reason"), c.get("message")) if x)
+            return str(c["type"]), detail
+    phase = st.get("phase") or "Pending"
+    return str(phase), ""
+
+
+def resolve_model(
+    model: ServedModelSpec,
+    jobs: dict[str, Manifest],
+    remembered: ModelLocation | None,
+    what: str = "model",
+) -> Resolution:
+    """Where `model` lives now. `remembered` is the location resolved earlier (status.model for the
+    predictor, the canary Deployment's annotations for the canary): used when the job has been deleted."""
+    if model.source is not None:
+        return Resolution("ready", "ModelResolved", f"{what} {model.source}", ModelLocation(model.source))
+    if model.fine_tune_job_ref is None:  # admission forbids this
+        return Resolution("failed", "InvalidSpec", f"{what}: one of fineTuneJobRef and source must be set")
+    job = model.fine_tune_job_ref.name
+    body = jobs.get(job)
+    if body is None:
+        if remembered is not None and remembered.fine_tune_job == job:
+            return Resolution(
+                "ready",
+                "ModelResolved",
+                f"{what} {remembered.source} from FineTuneJob {job} (the job no longer exists)",
+                remembered,
+            )
+        return Resolution(
+            "waiting", "WaitingForFineTuneJob", f"FineTuneJob {job} does not exist yet; waiting for it"
+        )
+    state, detail = job_state(body)
+    if state == "Failed":
+        return Resolution(
+            "failed", "FineTuneJobFailed", f"FineTuneJob {job} failed" + (f" ({detail})" if detail else "")
+        )
+    if state != "Succeeded":
+        return Resolution(
+            "waiting", "WaitingForFineTuneJob", f"FineTuneJob {job} is {state}; waiting for it to succeed"
+        )
+    try:
+        source = model_path(body)
+    except InvalidSpec as e:
+        return Resolution("waiting", "ModelNotFound", str(e))
+    return Resolution(
+        "ready", "ModelResolved", f"{what} {source} from FineTuneJob {job}", ModelLocation(source, job)
+    )
+
+
+def _annotations(obj: Manifest | None) -> dict[str, str]:
+    if not obj:
+        return {}
+    return dict((obj.get("metadata") or {}).get("annotations") or {})
+
+
+def _remembered_on(dep: Manifest | None) -> ModelLocation | None:
+    anns = _annotations(dep)
+    src = anns.get(ANN_MODEL_SOURCE)
+    return ModelLocation(src, anns.get(ANN_FINE_TUNE_JOB)) if src else None
+
+
+def needs_apply(desired: Manifest, observed: Manifest | None) -> bool:
+    """Whether a rendered child differs from what is in the cluster: missing, a different spec hash, or
+    (Deployments) replicas changed behind our back (e.g. `kubectl scale deployment`)."""
+    if observed is None:
+        return True
+    if _annotations(observed).get(ANN_SPEC_HASH) != desired["metadata"]["annotations"][ANN_SPEC_HASH]:
+        return True
+    want = desired.get("spec", {}).get("replicas")
+    return want is not None and (observed.get("spec") or {}).get("replicas", 1) != want
+
+
+@dataclass(frozen=True)
+class Rollout:
+    ready: bool
+    reason: str
+    message: str
+
+
+def deployment_rollout(name: str, observed: Manifest | None, updating: bool) -> Rollout:
+    if observed is None:
+        return Rollout(False, "Progressing", f"Deployment {name} is being created")
+    if updating:
+        return Rollout(False, "Progressing", f"Deployment {name} is being updated")
+    meta = observed.get("metadata") or {}
+    st = observed.get("status") or {}
+    desired = int((observed.get("spec") or {}).get("replicas", 1))
+    replicas = int(st.get("replicas") or 0)
+    ready = int(st.get("readyReplicas") or 0)
+    updated = int(st.get("updatedReplicas") or 0)
+    current = int(st.get("observedGeneration") or 0) >= int(meta.get("generation") or 0)
+    if current and ready >= desired and updated == replicas:
+        return Rollout(True, "MinimumReplicasAvailable", f"{ready}/{desired} replicas of {name} ready")
+    for c in st.get("conditions") or []:
+        if c.get("type") == "Progressing" and c.get("reason") == "ProgressDeadlineExceeded":
+            return Rollout(
+                False,
+                "ProgressDeadlineExceeded",
+                f"Deployment {name}: {c.get('message') or 'progress deadline exceeded'} "
+                f"({ready}/{desired} ready)",
+            )
+    return Rollout(
+        False, "Progressing", f"{ready}/{desired} replicas of {name} ready, {updated}/{replicas} updated"
+    )
+
+
+class _Ctx:
+    def __init__(self, isvc: InferenceService, now: datetime):
+        self.isvc = isvc
+        self.now = now
+        self.gen = isvc.metadata.generation
+        self.st: InferenceServiceStatus = copy.deepcopy(isvc.status)
+        self.plan = Plan()
+
+    def cond(self, ctype: str, status: bool, reason: str, message: str) -> bool:
+        """Set a condition; True when its status or reason changed (a transition worth an event)."""
+        old = get(self.st.conditions, ctype)
+        old_reason = old.reason if old is not None else None
+        s: ConditionStatus = "True" if status else "False"
+        flipped = set_condition(self.st.conditions, ctype, s, reason, message, self.gen, self.now)
+        return flipped or old_reason != reason
+
+    def drop(self, ctype: str) -> None:
+        self.st.conditions = [c for c in self.st.conditions if c.type != ctype]
+
+    def event(self, type_: Literal["Normal", "Warning"], reason: str, message: str) -> None:
+        self.plan.events.append(Event(type_, reason, message))
+
+
+def _conflicting(conflicts: list[str], name: str) -> bool:
+    return any(c == name or c.endswith("/" + name) for c in conflicts)
+
+
+def reconcile(isvc: InferenceService, observed: Observed, now: datetime, cfg: OperatorConfig) -> Plan:
+    ctx = _Ctx(isvc, now)
+    st = ctx.st
+    spec = isvc.spec
+    name = isvc.metadata.name
+    pred_name, can_name = predictor_name(name), canary_name(name)
+    st.observed_generation = ctx.gen
+    st.url = url(isvc, cfg)
+    st.selector = selector(name)
+
+    # -- models ------------------------------------------------------------------------------------
+    stored = ModelLocation(st.model.source, st.model.fine_tune_job) if st.model.source is not None else None
+    main = resolve_model(spec.model, observed.fine_tune_jobs, stored)
+    if main.state == "ready" and main.location is not None:
+        err = _mount_error(isvc, "predictor", main.location, cfg)
+        if err is not None:
+            main = Resolution("failed", "InvalidSpec", err)
+    if main.state == "ready" and main.location is not None:
+        changed = stored != main.location
+        st.model = ResolvedModel(source=main.location.source, fine_tune_job=main.location.fine_tune_job)
+        if ctx.cond(MODEL_READY, True, main.reason, main.message) or changed:
+            ctx.event("Normal", "ModelResolved", f"serving {main.message}")
+    elif ctx.cond(MODEL_READY, False, main.reason, main.message) and main.state == "failed":
+        ctx.event("Warning", main.reason, main.message)
+    # what the predictor serves: the resolved model, else the one resolved before (still serving)
+    serving = main.location if main.location is not None else stored
+
+    observed_canary = observed.deployments.get(can_name)
+    canary_res: Resolution | None = None
+    canary_loc: ModelLocation | None = None
+    if spec.canary is not None:
+        canary_res = resolve_model(
+            spec.canary.model, observed.fine_tune_jobs, _remembered_on(observed_canary), "canary model"
+        )
+        if canary_res.state == "ready" and canary_res.location is not None:
+            err = _mount_error(isvc, "canary", canary_res.location, cfg)
+            if err is not None:
+                canary_res = Resolution("failed", "InvalidSpec", err)
+        canary_loc = canary_res.location or _remembered_on(observed_canary)
+
+    # -- children ----------------------------------------------------------------------------------
+    children: list[Manifest] = []
+    if serving is not None:
+        try:
+            children = render(isvc, Models(serving, canary_loc), cfg)
+        except InvalidSpec as e:  # e.g. a malformed GPU quantity; the model locations were checked above
+            if ctx.cond(MODEL_READY, False, "InvalidSpec", str(e)):
+                ctx.event("Warning", "InvalidSpec", str(e))
+            children = []
+    desired = {(c["kind"], c["metadata"]["name"]): c for c in children}
+    current: dict[tuple[str, str], Manifest | None] = {
+        ("Deployment", pred_name): observed.deployments.get(pred_name),
+        ("Deployment", can_name): observed_canary,
+        ("Service", name): observed.service,
+        ("HorizontalPodAutoscaler", name): observed.hpa,
+    }
+    updating: set[str] = set()
+    conflict = bool(observed.conflicts)
+    if not conflict:
+        for key, child in desired.items():
+            if needs_apply(child, current.get(key)):
+                ctx.plan.applies.append(child)
+                updating.add(key[1])
+        if children:
+            if spec.canary is None and observed_canary is not None:
+                ctx.plan.deletes.append(("Deployment", can_name))
+            if spec.autoscaling is None and observed.hpa is not None:
+                ctx.plan.deletes.append(("HorizontalPodAutoscaler", name))
+
+    # -- readiness ---------------------------------------------------------------------------------
+    pred_rollout = (
+        Rollout(False, "ResourceConflict", f"Deployment {pred_name} exists and is not owned by {name}")
+        if _conflicting(observed.conflicts, pred_name)
+        else deployment_rollout(pred_name, observed.deployments.get(pred_name), pred_name in updating)
+    )
+    if serving is None:
+        pred_rollout = Rollout(False, "WaitingForModel", "no model to serve yet")
+    ctx.cond(PREDICTOR_READY, pred_rollout.ready, pred_rollout.reason, pred_rollout.message)
+    parts = [(MODEL_READY, main.state == "ready"), (PREDICTOR_READY, pred_rollout.ready)]
+
+    if spec.canary is not None and canary_res is not None:
+        if _conflicting(observed.conflicts, can_name):
+            can = Rollout(
+                False, "ResourceConflict", f"Deployment {can_name} exists and is not owned by {name}"
+            )
+        elif canary_res.state != "ready":
+            can = Rollout(False, canary_res.reason, canary_res.message)
+        elif serving is None:
+            can = Rollout(False, "WaitingForModel", "no model to serve yet")
+        else:
+            can = deployment_rollout(can_name, observed_canary, can_name in updating)
+        if ctx.cond(CANARY_READY, can.ready, can.reason, can.message) and canary_res.state == "failed":
+            ctx.event("Warning", canary_res.reason, f"canary: {canary_res.message}")
+        parts.append((CANARY_READY, can.ready))
+    else:
+        ctx.drop(CANARY_READY)
+
+    if conflict:
+        msg = f"children exist that tauon does not own: {', '.join(sorted(observed.conflicts))}"
+        if ctx.cond(READY, False, "ResourceConflict", msg):
+            ctx.event("Warning", "ResourceConflict", msg)
+    else:
+        blocking = next((c for c, ok in parts if not ok), None)
+        if blocking is None:
+            if ctx.cond(READY, True, "Serving", f"serving at {st.url}"):
+                ctx.event("Normal", "Ready", f"serving at {st.url}")
+        else:
+            b = get(st.conditions, blocking)
+            ctx.cond(READY, False, b.reason if b else "Progressing", b.message if b else "")
+
+    # -- replicas ----------------------------------------------------------------------------------
+    deps = [d for d in (observed.deployments.get(pred_name), observed_canary) if d is not None]
+    st.replicas = sum(int((d.get("status") or {}).get("replicas") or 0) for d in deps)
+    st.ready_replicas = sum(int((d.get("status") or {}).get("readyReplicas") or 0) for d in deps)
+    st.canary = _canary_status(isvc, observed, canary_loc is not None and serving is not None)
+
+    model_cond = get(st.conditions, MODEL_READY)
+    if model_cond is not None and model_cond.status != "True" and model_cond.reason in FAILED_REASONS:
+        st.phase = "Failed"
+    elif _true(st.conditions, READY):
+        st.phase = "Ready"
+    elif not _true(st.conditions, MODEL_READY):
+        st.phase = "Pending"
+    else:
+        st.phase = "NotReady"
+
+    new = _status_dump(st)
+    if new != _status_dump(isvc.status):
+        ctx.plan.status = new
+    return ctx.plan
+
+
+def _true(conds: list[Condition], ctype: str) -> bool:
+    c = get(conds, ctype)
+    return c is not None and c.status == "True"
+
+
+def _mount_error(
+    isvc: InferenceService, component: Literal["predictor", "canary"], loc: ModelLocation, cfg: OperatorConfig
+) -> str | None:
+    """InvalidSpec message when the model location cannot be mounted (checked per component)."""
+    try:
+        render_deployment(isvc, component, loc, 1, cfg)
+    except InvalidSpec as e:
+        return str(e)
+    return None
+
+
+def _canary_status(isvc: InferenceService, observed: Observed, active: bool) -> CanaryStatus:
+    """Planned canary replicas and the share of replicas it gets. With autoscaling the predictor's count is
+    the HPA's (the observed Deployment's spec.replicas), falling back to the HPA's minimum."""
+    if isvc.spec.canary is None or not active:
+        return CanaryStatus()
+    plan = replica_plan(isvc, True)
+    if plan.predictor is not None:
+        return CanaryStatus(replicas=plan.canary, effective_traffic_percent=plan.effective_percent)
+    dep = observed.deployments.get(predictor_name(isvc.metadata.name))
+    predictor = (dep.get("spec") or {}).get("replicas") if dep is not None else None
+    if predictor is None:
+        predictor = plan.hpa_min or 0
+    return CanaryStatus(
+        replicas=plan.canary, effective_traffic_percent=effective_percent(int(predictor), plan.canary)
+    )
+
+
+def _status_dump(st: InferenceServiceStatus) -> Manifest:
+    return st.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+__all__ = [
+    "Observed",
+    "Resolution",
+    "deployment_rollout",
+    "job_state",
+    "needs_apply",
+    "reconcile",
+    "resolve_model",
+]

@@ -1,0 +1,445 @@
+"""InferenceService -> children (Deployments, Service, HPA), per API.md. Pure and deterministic.
+
+Children of an InferenceService `<name>`:
+- Deployment `<name>-predictor` serving the main model, and `<name>-canary` serving the canary's model when
+  `spec.canary` is set (and its model is known). Both run the trainer image's model server
+  (`python -m tauon_trainer.serve`) on port `cfg.server_port` (8080), named `http`.
+- Service `<name>` (ClusterIP, port 80 -> `http`) selecting `tauon.dev/inference-service: <name>`, that is
+  the pods of both Deployments: the canary's traffic share is its share of the ready replicas.
+- HorizontalPodAutoscaler `<name>` (autoscaling/v2, CPU utilisation) targeting `<name>-predictor`, only
+  with `spec.autoscaling`. The predictor Deployment then carries no `replicas` (the HPA owns them).
+
+Replica split (see `split_replicas`): `spec.replicas` is the TOTAL over predictor and canary (so the scale
+subresource, whose selector covers both, stays consistent). With autoscaling, the split is taken on
+`autoscaling.minReplicas`: the canary gets a fixed `ceil(min × percent / 100)` replicas and the predictor's
+HPA bounds are the user's bounds minus the canary's replicas (at least 1, since an HPA cannot go to 0).
+
+Every child carries a controller ownerReference (`child_meta`) and the annotation `tauon.dev/spec-hash`
+(sha256 of the child's canonical JSON without that annotation) so the planner can skip children that are
+already up to date. Deployments also record the model they serve in `tauon.dev/model-source` (and
+`tauon.dev/fine-tune-job` when it came from a FineTuneJob), so a canary keeps its model when its job is
+deleted.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from tauon.api.finetunejob import FineTuneJob
+from tauon.api.inferenceservice import InferenceService, ServedModelSpec
+from tauon.render.common import (
+    InvalidSpec,
+    Manifest,
+    Storage,
+    apply_overrides,
+    child_meta,
+    container_security,
+    env_list,
+    gpu_count,
+    merge_env,
+    pod_security,
+)
+from tauon.render.config import OperatorConfig
+
+KIND = "InferenceService"
+Component = Literal["predictor", "canary"]
+
+LABEL_ISVC = "tauon.dev/inference-service"
+LABEL_COMPONENT = "tauon.dev/component"
+ANN_SPEC_HASH = "tauon.dev/spec-hash"
+ANN_MODEL_SOURCE = "tauon.dev/model-source"
+ANN_FINE_TUNE_JOB = "tauon.dev/fine-tune-job"
+
+CONTAINER = "server"
+PORT_NAME = "http"
+SERVICE_PORT = 80
+TMP_DIR = "/tmp"
+HF_HOME = "/tmp/hf"
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+# the server drains in-flight requests for up to 25 s on SIGTERM (--graceful-timeout-seconds)
+TERMINATION_GRACE_SECONDS = 30
+
+
+def predictor_name(name: str) -> str:
+    return f"{name}-predictor"
+
+
+def canary_name(name: str) -> str:
+    return f"{name}-canary"
+
+
+def deployment_name(name: str, component: Component) -> str:
+    return predictor_name(name) if component == "predictor" else canary_name(name)
+
+
+def service_name(name: str) -> str:
+    return name
+
+
+def hpa_name(name: str) -> str:
+    return name
+
+
+def selector(name: str) -> str:
+    """Label selector string of all server pods (predictor and canary), for the scale subresource."""
+    return f"{LABEL_ISVC}={name}"
+
+
+def url(isvc: InferenceService, cfg: OperatorConfig) -> str:
+    meta = isvc.metadata
+    return f"http://{service_name(meta.name)}.{meta.namespace}.svc.{cfg.cluster_domain}"
+
+
+# -- replicas ------------------------------------------------------------------------------------------
+
+
+def effective_percent(predictor: int, canary: int) -> int:
+    total = predictor + canary
+    return round(100 * canary / total) if total > 0 else 0
+
+
+def split_replicas(total: int, percent: int) -> tuple[int, int, int]:
+    """(predictor, canary, effective percent) for `total` replicas and a canary share of `percent`.
+
+    canary = ceil(total × percent / 100) when percent > 0, predictor = total − canary; when total >= 2 and
+    percent < 100 the predictor keeps at least one replica. The effective percent is the canary's share of
+    the replicas (what traffic really sees through the Service); 0 when total is 0.
+    """
+    total = max(0, total)
+    percent = min(100, max(0, percent))
+    canary = math.ceil(total * percent / 100) if percent > 0 else 0
+    if total >= 2 and percent < 100 and canary >= total:
+        canary = total - 1
+    predictor = total - canary
+    return predictor, canary, effective_percent(predictor, canary)
+
+
+@dataclass(frozen=True)
+class ReplicaPlan:
+    predictor: int | None  # None: omitted from the Deployment (the HPA owns it)
+    canary: int  # 0 when there is no canary Deployment
+    effective_percent: int  # from the planned replicas; with autoscaling, from minReplicas
+    hpa_min: int | None = None
+    hpa_max: int | None = None
+
+
+def replica_plan(isvc: InferenceService, with_canary: bool) -> ReplicaPlan:
+    """Replicas of each Deployment. `with_canary` is False while the canary's model is not known yet
+    (the predictor then takes everything)."""
+    spec = isvc.spec
+    auto = spec.autoscaling
+    total = auto.min_replicas if auto is not None else spec.replicas
+    if with_canary and spec.canary is not None:
+        predictor, canary, eff = split_replicas(total, spec.canary.traffic_percent)
+    else:
+        predictor, canary, eff = total, 0, 0
+    if auto is None:
+        return ReplicaPlan(predictor=predictor, canary=canary, effective_percent=eff)
+    hpa_min = max(1, auto.min_replicas - canary)
+    hpa_max = max(hpa_min, auto.max_replicas - canary)
+    return ReplicaPlan(
+        predictor=None,
+        canary=canary,
+        effective_percent=effective_percent(hpa_min, canary) if canary else 0,
+        hpa_min=hpa_min,
+        hpa_max=hpa_max,
+    )
+
+
+# -- models --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelLocation:
+    """A resolved model: its storage URI (pvc://, hf:// or file://) and the FineTuneJob it came from."""
+
+    source: str
+    fine_tune_job: str | None = None
+
+
+@dataclass(frozen=True)
+class Models:
+    predictor: ModelLocation
+    canary: ModelLocation | None = None  # None: no canary Deployment (no canary, or its model is unknown)
+
+
+def model_path(job: FineTuneJob | Manifest) -> str:
+    """Where a (Succeeded) FineTuneJob's final model lives: `status.output.model` when the job recorded it,
+    else `spec.output.storage` + "/model" (the trainer's layout). Takes the typed job or its raw body."""
+    body: Manifest = job.dump() if isinstance(job, FineTuneJob) else job
+    recorded = ((body.get("status") or {}).get("output") or {}).get("model")
+    if isinstance(recorded, str) and recorded:
+        return recorded
+    storage = ((body.get("spec") or {}).get("output") or {}).get("storage")
+    if not isinstance(storage, str) or not storage:
+        name = (body.get("metadata") or {}).get("name", "?")
+        raise InvalidSpec(f"FineTuneJob {name} has no spec.output.storage")
+    return storage.rstrip("/") + "/model"
+
+
+# -- children ------------------------------------------------------------------------------------------
+
+
+def base_labels(name: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "tauon-model-server",
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/part-of": "tauon",
+        LABEL_ISVC: name,
+    }
+
+
+def component_labels(name: str, component: Component) -> dict[str, str]:
+    return {**base_labels(name), "app.kubernetes.io/component": component, LABEL_COMPONENT: component}
+
+
+def selector_labels(name: str, component: Component) -> dict[str, str]:
+    return {LABEL_ISVC: name, LABEL_COMPONENT: component}
+
+
+def spec_hash(manifest: Manifest) -> str:
+    """sha256 of the manifest's canonical JSON, ignoring its own spec-hash annotation."""
+    m = copy.deepcopy(manifest)
+    anns = m.get("metadata", {}).get("annotations")
+    if anns is not None:
+        anns.pop(ANN_SPEC_HASH, None)
+        if not anns:
+            del m["metadata"]["annotations"]
+    raw = json.dumps(m, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def with_hash(manifest: Manifest) -> Manifest:
+    manifest["metadata"].setdefault("annotations", {})[ANN_SPEC_HASH] = spec_hash(manifest)
+    return manifest
+
+
+def _model_storage(model: ModelLocation, where: str, cfg: OperatorConfig) -> tuple[Storage, str]:
+    s = Storage()
+    path = s.add(model.source, where, cfg)
+    s.finish()
+    for m in s.mounts:  # the server only reads its model
+        m["readOnly"] = True
+    return s, path
+
+
+def _dedupe_env(env: list[Manifest]) -> list[Manifest]:
+    """Last definition of a name wins (as in a pod); server-side apply rejects duplicate names."""
+    last = {e["name"]: i for i, e in enumerate(env)}
+    return [e for i, e in enumerate(env) if last[e["name"]] == i]
+
+
+def server_env(isvc: InferenceService, model_spec: ServedModelSpec) -> list[Manifest]:
+    ours: list[Manifest] = [
+        {"name": "HF_HOME", "value": HF_HOME},
+        {"name": "XDG_CACHE_HOME", "value": f"{TMP_DIR}/cache"},
+    ]
+    ref = model_spec.token_secret_ref
+    if ref is not None:
+        ours.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    return _dedupe_env(merge_env(ours, env_list(list(isvc.spec.env)), overridable_prefix="HF_"))
+
+
+def _probe(path: str, period: int, timeout: int, failures: int) -> Manifest:
+    return {
+        "httpGet": {"path": path, "port": PORT_NAME, "scheme": "HTTP"},
+        "periodSeconds": period,
+        "timeoutSeconds": timeout,
+        "successThreshold": 1,
+        "failureThreshold": failures,
+    }
+
+
+def render_deployment(
+    isvc: InferenceService,
+    component: Component,
+    model: ModelLocation,
+    replicas: int | None,
+    cfg: OperatorConfig,
+) -> Manifest:
+    """One server Deployment. `replicas` None leaves the field out (the HPA owns it)."""
+    spec = isvc.spec
+    name = isvc.metadata.name
+    if component == "canary":
+        if spec.canary is None:
+            raise ValueError("render_deployment(canary) without spec.canary")
+        model_spec, where = spec.canary.model, "spec.canary.model"
+    else:
+        model_spec, where = spec.model, "spec.model"
+    field = f"{where}.source" if model_spec.source is not None else f"{where}.fineTuneJobRef"
+    storage, path = _model_storage(model, field, cfg)
+    gpus = gpu_count(spec.resources)
+    tpl = spec.pod_template
+
+    args = [
+        "--model",
+        path,
+        "--name",
+        name,
+        "--port",
+        str(cfg.server_port),
+        "--max-batch-size",
+        str(spec.batching.max_batch_size),
+        "--max-latency-ms",
+        str(spec.batching.max_latency_milliseconds),
+    ]
+    if model_spec.task is not None:
+        args += ["--task", model_spec.task]
+    resources = {
+        k: {q: str(v) for q, v in getattr(spec.resources, k).items()} for k in ("requests", "limits")
+    }
+    container: Manifest = {
+        "name": CONTAINER,
+        "image": spec.image or cfg.default_image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["python", "-m", "tauon_trainer.serve"],
+        "args": args,
+        "env": server_env(isvc, model_spec),
+        "ports": [{"name": PORT_NAME, "containerPort": cfg.server_port, "protocol": "TCP"}],
+        # The socket listens at once and the model loads in the background: liveness answers early,
+        # readiness only once the model is loaded. The startup probe covers a slow first start.
+        "startupProbe": _probe("/v2/health/live", period=5, timeout=3, failures=60),
+        "readinessProbe": _probe("/v2/health/ready", period=5, timeout=3, failures=3),
+        "livenessProbe": _probe("/v2/health/live", period=10, timeout=5, failures=3),
+        "resources": {k: v for k, v in resources.items() if v},
+        "securityContext": {**container_security(), "readOnlyRootFilesystem": True},
+        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "volumeMounts": [{"name": "tmp", "mountPath": TMP_DIR}, *storage.mounts],
+    }
+    pod_spec: Manifest = {
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "securityContext": pod_security(cfg),
+        "containers": [container],
+        "volumes": [{"name": "tmp", "emptyDir": {}}, *storage.volumes],
+    }
+    apply_overrides(pod_spec, tpl, [GPU_TOLERATION] if gpus > 0 else [])
+
+    labels = component_labels(name, component)
+    pod_meta: Manifest = {"labels": {**tpl.labels, **labels}}
+    if tpl.annotations:
+        pod_meta["annotations"] = dict(tpl.annotations)
+    annotations = {ANN_MODEL_SOURCE: model.source}
+    if model.fine_tune_job is not None:
+        annotations[ANN_FINE_TUNE_JOB] = model.fine_tune_job
+    meta = child_meta(KIND, isvc.metadata, deployment_name(name, component), labels)
+    meta["annotations"] = annotations
+    dep_spec: Manifest = {}
+    if replicas is not None:
+        dep_spec["replicas"] = replicas
+    dep_spec.update(
+        {
+            "revisionHistoryLimit": 3,
+            "selector": {"matchLabels": selector_labels(name, component)},
+            # the old version keeps serving until the new one is ready
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "template": {"metadata": pod_meta, "spec": pod_spec},
+        }
+    )
+    return with_hash({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta, "spec": dep_spec})
+
+
+def render_service(isvc: InferenceService) -> Manifest:
+    name = isvc.metadata.name
+    return with_hash(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": child_meta(KIND, isvc.metadata, service_name(name), base_labels(name)),
+            "spec": {
+                "type": "ClusterIP",
+                "selector": {LABEL_ISVC: name},
+                "ports": [
+                    {"name": PORT_NAME, "port": SERVICE_PORT, "targetPort": PORT_NAME, "protocol": "TCP"}
+                ],
+            },
+        }
+    )
+
+
+def render_hpa(isvc: InferenceService, plan: ReplicaPlan) -> Manifest | None:
+    auto = isvc.spec.autoscaling
+    if auto is None or plan.hpa_min is None or plan.hpa_max is None:
+        return None
+    name = isvc.metadata.name
+    return with_hash(
+        {
+            "apiVersion": "autoscaling/v2",
+            "kind": "HorizontalPodAutoscaler",
+            "metadata": child_meta(KIND, isvc.metadata, hpa_name(name), component_labels(name, "predictor")),
+            "spec": {
+                "scaleTargetRef": {
+                    "apiVersion": "apps/v1",
+                    "kind": "Deployment",
+                    "name": predictor_name(name),
+                },
+                "minReplicas": plan.hpa_min,
+                "maxReplicas": plan.hpa_max,
+                "metrics": [
+                    {
+                        "type": "Resource",
+                        "resource": {
+                            "name": "cpu",
+                            "target": {
+                                "type": "Utilization",
+                                "averageUtilization": auto.target_cpu_utilization_percentage,
+                            },
+                        },
+                    }
+                ],
+            },
+        }
+    )
+
+
+def render(isvc: InferenceService, models: Models, cfg: OperatorConfig) -> list[Manifest]:
+    """All children, in a fixed order: Service, predictor Deployment, canary Deployment (when
+    `models.canary` is given and spec.canary is set), HPA (with autoscaling). Raises InvalidSpec (naming the
+    field) for a model location that cannot be mounted (file:// without --allow-host-paths, relative
+    file://, an unsupported scheme) or a malformed GPU quantity."""
+    with_canary = models.canary is not None and isvc.spec.canary is not None
+    plan = replica_plan(isvc, with_canary)
+    out = [
+        render_service(isvc),
+        render_deployment(isvc, "predictor", models.predictor, plan.predictor, cfg),
+    ]
+    if with_canary and models.canary is not None:
+        out.append(render_deployment(isvc, "canary", models.canary, plan.canary, cfg))
+    hpa = render_hpa(isvc, plan)
+    if hpa is not None:
+        out.append(hpa)
+    return out
+
+
+__all__ = [
+    "ANN_FINE_TUNE_JOB",
+    "ANN_MODEL_SOURCE",
+    "ANN_SPEC_HASH",
+    "LABEL_COMPONENT",
+    "LABEL_ISVC",
+    "InvalidSpec",
+    "ModelLocation",
+    "Models",
+    "ReplicaPlan",
+    "canary_name",
+    "effective_percent",
+    "hpa_name",
+    "model_path",
+    "predictor_name",
+    "render",
+    "render_deployment",
+    "render_hpa",
+    "render_service",
+    "replica_plan",
+    "selector",
+    "service_name",
+    "spec_hash",
+    "split_replicas",
+    "url",
+]

@@ -1,0 +1,82 @@
+"""The generated CRDs: fresh, structural, documented."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+import yaml
+
+from tauon.api.crds import all_crds
+from tests.kube import REPO
+
+
+def test_crds_check_passes_and_detects_staleness(tmp_path):
+    ok = subprocess.run(
+        [sys.executable, "-m", "tauon.cli", "crds", "--check"], capture_output=True, text=True
+    )
+    assert ok.returncode == 0, ok.stderr
+    stale_dir = tmp_path / "crds"
+    subprocess.run([sys.executable, "-m", "tauon.cli", "crds", "--output", str(stale_dir)], check=True)
+    f = next(stale_dir.glob("finetunejobs*.yaml"))
+    f.write_text(f.read_text().replace("Peak learning rate", "Learning rate"))
+    bad = subprocess.run(
+        [sys.executable, "-m", "tauon.cli", "crds", "--check", "--output", str(stale_dir)],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 1 and "stale" in bad.stderr
+
+
+def walk(node: Any, path: str = ""):
+    if isinstance(node, dict):
+        yield path, node
+        for k, v in node.get("properties", {}).items():
+            yield from walk(v, f"{path}.{k}")
+        if isinstance(node.get("items"), dict):
+            yield from walk(node["items"], f"{path}[]")
+        if isinstance(node.get("additionalProperties"), dict):
+            yield from walk(node["additionalProperties"], f"{path}{{}}")
+
+
+@pytest.mark.parametrize("name", sorted(all_crds()))
+def test_structural_and_documented(name: str):
+    crd = all_crds()[name]
+    on_disk = yaml.safe_load((REPO / "crds" / name).read_text())
+    assert on_disk == crd
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    for path, node in walk(schema["properties"]["spec"], ".spec"):
+        for banned in ("anyOf", "oneOf", "allOf", "$ref", "default", "title", "const"):
+            assert banned not in node, f"{path} has {banned}"
+        if path != ".spec" and not path.endswith("{}") and not path.endswith("[]"):
+            assert node.get("description"), f"{path} has no description (kubectl explain)"
+        assert (
+            "type" in node
+            or node.get("x-kubernetes-int-or-string")
+            or node.get("x-kubernetes-preserve-unknown-fields")
+        ), f"{path} has no type"
+
+
+def test_immutability_rules_cover_every_spec_field_but_run_policy():
+    spec = all_crds()["finetunejobs.tauon.dev.yaml"]["spec"]["versions"][0]["schema"]["openAPIV3Schema"][
+        "properties"
+    ]["spec"]
+    rules = " ".join(r["rule"] for r in spec["x-kubernetes-validations"])
+    for field in spec["properties"]:
+        if field == "runPolicy":
+            assert f"self.{field}" not in rules
+        else:
+            assert f"has(oldSelf.{field})" in rules, field
+
+
+def test_scale_subresource_and_printer_columns():
+    tis = all_crds()["inferenceservices.tauon.dev.yaml"]["spec"]["versions"][0]
+    assert tis["subresources"]["scale"] == {
+        "specReplicasPath": ".spec.replicas",
+        "statusReplicasPath": ".status.replicas",
+        "labelSelectorPath": ".status.selector",
+    }
+    ftj = all_crds()["finetunejobs.tauon.dev.yaml"]["spec"]
+    assert ftj["names"]["shortNames"] == ["ftj"] and ftj["names"]["categories"] == ["tauon", "ml"]

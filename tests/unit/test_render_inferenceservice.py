@@ -1,0 +1,517 @@
+"""InferenceService rendering: names, labels, replica split, security, probes, storage, HPA, determinism."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from typing import Any
+
+import pytest
+
+from tauon.api.finetunejob import FineTuneJob
+from tauon.api.inferenceservice import InferenceService
+from tauon.render.common import InvalidSpec
+from tauon.render.config import OperatorConfig
+from tauon.render.inferenceservice import (
+    ANN_FINE_TUNE_JOB,
+    ANN_MODEL_SOURCE,
+    ANN_SPEC_HASH,
+    ModelLocation,
+    Models,
+    model_path,
+    render,
+    render_deployment,
+    replica_plan,
+    selector,
+    spec_hash,
+    split_replicas,
+    url,
+)
+
+CFG = OperatorConfig()
+UID = "1234-uid"
+
+
+def isvc(**spec: Any) -> InferenceService:
+    body: dict[str, Any] = {
+        "apiVersion": "tauon.dev/v1alpha1",
+        "kind": "InferenceService",
+        "metadata": {"name": "sentiment", "namespace": "ml", "uid": UID, "generation": 1},
+        "spec": {"model": {"source": "pvc://models/minilm"}, **spec},
+    }
+    return InferenceService.model_validate(body)
+
+
+def children(svc: InferenceService, canary: str | None = None, cfg: OperatorConfig = CFG) -> dict[str, Any]:
+    src = svc.spec.model.source or "pvc://out/job/model"
+    out = render(svc, Models(ModelLocation(src), ModelLocation(canary) if canary else None), cfg)
+    return {f"{c['kind']}/{c['metadata']['name']}": c for c in out}
+
+
+def predictor(svc: InferenceService, cfg: OperatorConfig = CFG, source: str | None = None) -> Any:
+    return render_deployment(svc, "predictor", ModelLocation(source or "pvc://models/minilm"), 1, cfg)
+
+
+def container(dep: Any) -> Any:
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def env_of(dep: Any) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container(dep)["env"]}
+
+
+# -- split_replicas --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("total", "percent", "expected"),
+    [
+        (0, 0, (0, 0, 0)),
+        (0, 10, (0, 0, 0)),
+        (0, 100, (0, 0, 0)),
+        (1, 0, (1, 0, 0)),
+        (1, 10, (0, 1, 100)),
+        (1, 50, (0, 1, 100)),
+        (1, 100, (0, 1, 100)),
+        (2, 50, (1, 1, 50)),
+        (2, 90, (1, 1, 50)),
+        (2, 100, (0, 2, 100)),
+        (3, 0, (3, 0, 0)),
+        (3, 10, (2, 1, 33)),
+        (3, 50, (1, 2, 67)),
+        (3, 90, (1, 2, 67)),
+        (3, 99, (1, 2, 67)),
+        (3, 100, (0, 3, 100)),
+        (4, 25, (3, 1, 25)),
+        (10, 0, (10, 0, 0)),
+        (10, 1, (9, 1, 10)),
+        (10, 10, (9, 1, 10)),
+        (10, 15, (8, 2, 20)),
+        (10, 50, (5, 5, 50)),
+        (10, 95, (1, 9, 90)),
+        (10, 100, (0, 10, 100)),
+    ],
+)
+def test_split_replicas_table(total: int, percent: int, expected: tuple[int, int, int]) -> None:
+    assert split_replicas(total, percent) == expected
+
+
+def test_split_replicas_invariants() -> None:
+    for total, percent in itertools.product(range(0, 31), range(0, 101)):
+        p, c, eff = split_replicas(total, percent)
+        assert p + c == total and p >= 0 and c >= 0
+        if percent == 0:
+            assert c == 0 and eff == 0
+        if percent > 0 and total > 0:
+            assert c >= 1
+        if total >= 2 and percent < 100:
+            assert p >= 1
+        if percent == 100:
+            assert p == 0
+        assert eff == (round(100 * c / total) if total else 0)
+
+
+@pytest.mark.parametrize(
+    ("spec", "with_canary", "expected"),
+    [
+        ({"replicas": 3}, False, (3, 0, 0, None, None)),
+        (
+            {"replicas": 3, "canary": {"model": {"source": "hf://a/b"}, "trafficPercent": 10}},
+            True,
+            (2, 1, 33, None, None),
+        ),
+        # canary model not known yet: the predictor takes everything
+        (
+            {"replicas": 3, "canary": {"model": {"source": "hf://a/b"}, "trafficPercent": 10}},
+            False,
+            (3, 0, 0, None, None),
+        ),
+        ({"autoscaling": {"minReplicas": 2, "maxReplicas": 5}}, False, (None, 0, 0, 2, 5)),
+        (
+            {
+                "autoscaling": {"minReplicas": 2, "maxReplicas": 10},
+                "canary": {"model": {"source": "hf://a/b"}, "trafficPercent": 10},
+            },
+            True,
+            (None, 1, 50, 1, 9),
+        ),
+        (
+            {
+                "autoscaling": {"minReplicas": 1, "maxReplicas": 1},
+                "canary": {"model": {"source": "hf://a/b"}, "trafficPercent": 50},
+            },
+            True,
+            (None, 1, 50, 1, 1),
+        ),
+    ],
+)
+def test_replica_plan(spec: dict[str, Any], with_canary: bool, expected: tuple[Any, ...]) -> None:
+    plan = replica_plan(isvc(**spec), with_canary)
+    assert (plan.predictor, plan.canary, plan.effective_percent, plan.hpa_min, plan.hpa_max) == expected
+
+
+# -- model_path --------------------------------------------------------------------------------------
+
+
+FTJ_BODY: dict[str, Any] = {
+    "apiVersion": "tauon.dev/v1alpha1",
+    "kind": "FineTuneJob",
+    "metadata": {"name": "sentiment", "namespace": "ml"},
+    "spec": {
+        "model": {"source": "pvc://models/minilm", "task": "sequence-classification", "numLabels": 2},
+        "dataset": {"source": "pvc://data/s.jsonl", "format": "jsonl"},
+        "output": {"storage": "pvc://models/sentiment-ft/"},
+        "numNodes": 1,
+    },
+}
+
+
+def test_model_path_from_body_and_model() -> None:
+    assert model_path(FTJ_BODY) == "pvc://models/sentiment-ft/model"
+    assert model_path(FineTuneJob.model_validate(FTJ_BODY)) == "pvc://models/sentiment-ft/model"
+
+
+def test_model_path_prefers_recorded_output() -> None:
+    body = {**FTJ_BODY, "status": {"output": {"model": "pvc://elsewhere/m"}}}
+    assert model_path(body) == "pvc://elsewhere/m"
+
+
+def test_model_path_without_output_is_invalid() -> None:
+    with pytest.raises(InvalidSpec, match="spec.output.storage"):
+        model_path({"metadata": {"name": "x"}, "spec": {}})
+
+
+# -- children ------------------------------------------------------------------------------------------
+
+
+def test_children_names_and_order() -> None:
+    assert list(children(isvc())) == ["Service/sentiment", "Deployment/sentiment-predictor"]
+    svc = isvc(
+        autoscaling={"minReplicas": 1, "maxReplicas": 3},
+        canary={"model": {"source": "hf://org/v2"}, "trafficPercent": 10},
+    )
+    assert list(children(svc, canary="hf://org/v2")) == [
+        "Service/sentiment",
+        "Deployment/sentiment-predictor",
+        "Deployment/sentiment-canary",
+        "HorizontalPodAutoscaler/sentiment",
+    ]
+
+
+def test_every_child_is_owned_labelled_and_hashed() -> None:
+    svc = isvc(
+        autoscaling={"minReplicas": 1, "maxReplicas": 3},
+        canary={"model": {"source": "hf://org/v2"}, "trafficPercent": 10},
+    )
+    for child in children(svc, canary="hf://org/v2").values():
+        meta = child["metadata"]
+        assert meta["namespace"] == "ml"
+        assert meta["labels"]["app.kubernetes.io/managed-by"] == "tauon"
+        assert meta["labels"]["tauon.dev/inference-service"] == "sentiment"
+        (ref,) = meta["ownerReferences"]
+        assert ref == {
+            "apiVersion": "tauon.dev/v1alpha1",
+            "kind": "InferenceService",
+            "name": "sentiment",
+            "uid": UID,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+        assert meta["annotations"][ANN_SPEC_HASH] == spec_hash(child)
+
+
+def test_render_is_deterministic_and_hash_tracks_content() -> None:
+    a = children(isvc(replicas=2))
+    b = children(isvc(replicas=2))
+    assert a == b
+    c = children(isvc(replicas=3))
+    key = "Deployment/sentiment-predictor"
+    assert (
+        a[key]["metadata"]["annotations"][ANN_SPEC_HASH] != c[key]["metadata"]["annotations"][ANN_SPEC_HASH]
+    )
+    assert a["Service/sentiment"] == c["Service/sentiment"]
+
+
+def test_spec_hash_ignores_its_own_annotation() -> None:
+    dep = predictor(isvc())
+    bare = copy.deepcopy(dep)
+    del bare["metadata"]["annotations"][ANN_SPEC_HASH]
+    assert spec_hash(bare) == spec_hash(dep)
+
+
+def test_predictor_deployment_shape() -> None:
+    dep = children(isvc(replicas=2, batching={"maxBatchSize": 8, "maxLatencyMilliseconds": 5}))[
+        "Deployment/sentiment-predictor"
+    ]
+    assert dep["apiVersion"] == "apps/v1"
+    labels = {
+        "tauon.dev/inference-service": "sentiment",
+        "tauon.dev/component": "predictor",
+        "app.kubernetes.io/name": "tauon-model-server",
+        "app.kubernetes.io/instance": "sentiment",
+        "app.kubernetes.io/component": "predictor",
+    }
+    assert labels.items() <= dep["metadata"]["labels"].items()
+    spec = dep["spec"]
+    assert spec["replicas"] == 2
+    assert spec["selector"] == {
+        "matchLabels": {"tauon.dev/inference-service": "sentiment", "tauon.dev/component": "predictor"}
+    }
+    assert labels.items() <= spec["template"]["metadata"]["labels"].items()
+    assert spec["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+    }
+    c = container(dep)
+    assert c["name"] == "server"
+    assert c["image"] == CFG.default_image
+    assert c["command"] == ["python", "-m", "tauon_trainer.serve"]
+    assert c["args"] == [
+        "--model",
+        "/mnt/tauon/pvc/models/minilm",
+        "--name",
+        "sentiment",
+        "--port",
+        "8080",
+        "--max-batch-size",
+        "8",
+        "--max-latency-ms",
+        "5",
+    ]
+    assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+    assert dep["metadata"]["annotations"][ANN_MODEL_SOURCE] == "pvc://models/minilm"
+    assert ANN_FINE_TUNE_JOB not in dep["metadata"]["annotations"]
+
+
+def test_image_override_task_and_fine_tune_job_annotation() -> None:
+    svc = isvc(image="registry.local/server:1", model={"fineTuneJobRef": {"name": "ft"}, "task": "causal-lm"})
+    dep = render_deployment(svc, "predictor", ModelLocation("pvc://out/ft/model", "ft"), 1, CFG)
+    c = container(dep)
+    assert c["image"] == "registry.local/server:1"
+    assert c["args"][-2:] == ["--task", "causal-lm"]
+    assert c["args"][1] == "/mnt/tauon/pvc/out/ft/model"
+    assert dep["metadata"]["annotations"][ANN_FINE_TUNE_JOB] == "ft"
+
+
+def test_probes() -> None:
+    c = container(predictor(isvc()))
+    ready, live, startup = c["readinessProbe"], c["livenessProbe"], c["startupProbe"]
+    assert ready["httpGet"] == {"path": "/v2/health/ready", "port": "http", "scheme": "HTTP"}
+    assert live["httpGet"] == {"path": "/v2/health/live", "port": "http", "scheme": "HTTP"}
+    assert startup["httpGet"]["path"] == "/v2/health/live"
+    # model loading: startup budget of minutes, not seconds
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
+    assert ready["periodSeconds"] <= 10 and ready["failureThreshold"] >= 1
+    assert live["failureThreshold"] >= 3
+
+
+def test_security_contexts() -> None:
+    dep = predictor(isvc())
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == CFG.run_as_user
+    assert pod["securityContext"]["fsGroup"] == CFG.fs_group
+    sc = container(dep)["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["readOnlyRootFilesystem"] is True
+    assert pod["automountServiceAccountToken"] is False
+    assert {"name": "tmp", "emptyDir": {}} in pod["volumes"]
+    assert {"name": "tmp", "mountPath": "/tmp"} in container(dep)["volumeMounts"]
+    assert env_of(dep)["HF_HOME"] == "/tmp/hf"
+    assert pod["terminationGracePeriodSeconds"] >= 30
+
+
+def test_service_account_mounts_token() -> None:
+    pod = predictor(isvc(podTemplate={"serviceAccountName": "reader"}))["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "reader"
+    assert pod["automountServiceAccountToken"] is True
+
+
+def test_pod_template_overrides() -> None:
+    svc = isvc(
+        podTemplate={
+            "labels": {"team": "a", "tauon.dev/component": "hijack"},
+            "annotations": {"prometheus.io/scrape": "true"},
+            "nodeSelector": {"pool": "cpu"},
+            "tolerations": [{"key": "k", "operator": "Exists"}],
+            "priorityClassName": "high",
+            "imagePullSecrets": [{"name": "regcred"}],
+        }
+    )
+    dep = predictor(svc)
+    tmeta = dep["spec"]["template"]["metadata"]
+    assert tmeta["labels"]["team"] == "a"
+    assert tmeta["labels"]["tauon.dev/component"] == "predictor"  # ours win: the selector must match
+    assert tmeta["annotations"] == {"prometheus.io/scrape": "true"}
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"pool": "cpu"}
+    assert pod["tolerations"] == [{"key": "k", "operator": "Exists"}]
+    assert pod["priorityClassName"] == "high"
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+
+
+def test_env_user_appended_token_from_secret_and_deduplicated() -> None:
+    svc = isvc(
+        model={"source": "hf://org/model", "tokenSecretRef": {"name": "hf", "key": "token"}},
+        env=[
+            {"name": "FOO", "value": "1"},
+            {"name": "HF_HOME", "value": "/tmp/x"},
+            {"name": "FOO", "value": "2"},
+        ],
+    )
+    dep = predictor(svc, source="hf://org/model")
+    env = container(dep)["env"]
+    names = [e["name"] for e in env]
+    assert len(names) == len(set(names))
+    assert names[-2:] == ["HF_HOME", "FOO"]  # the user's, after ours
+    e = env_of(dep)
+    assert e["HF_TOKEN"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
+    assert e["HF_HOME"] == "/tmp/x" and e["FOO"] == "2"
+    assert not any(n.startswith("TAUON_") for n in names)
+
+
+def test_resources_and_gpu_toleration() -> None:
+    svc = isvc(resources={"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"nvidia.com/gpu": 1}})
+    dep = predictor(svc)
+    assert container(dep)["resources"] == {
+        "requests": {"cpu": "1", "memory": "2Gi"},
+        "limits": {"nvidia.com/gpu": "1"},
+    }
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in dep["spec"]["template"][
+        "spec"
+    ]["tolerations"]
+    plain = predictor(isvc())
+    assert "resources" not in container(plain) or container(plain)["resources"] == {}
+    assert "tolerations" not in plain["spec"]["template"]["spec"]
+
+
+# -- storage -----------------------------------------------------------------------------------------
+
+
+def test_pvc_model_is_mounted_read_only() -> None:
+    dep = predictor(isvc(), source="pvc://models/minilm/v1")
+    pod = dep["spec"]["template"]["spec"]
+    assert {"name": "pvc-models", "persistentVolumeClaim": {"claimName": "models"}} in pod["volumes"]
+    mounts = {m["name"]: m for m in container(dep)["volumeMounts"]}
+    assert mounts["pvc-models"] == {
+        "name": "pvc-models",
+        "mountPath": "/mnt/tauon/pvc/models",
+        "readOnly": True,
+    }
+    assert container(dep)["args"][1] == "/mnt/tauon/pvc/models/minilm/v1"
+
+
+def test_hf_model_is_passed_through() -> None:
+    svc = isvc(model={"source": "hf://sentence-transformers/all-MiniLM-L6-v2"})
+    dep = predictor(svc, source="hf://sentence-transformers/all-MiniLM-L6-v2")
+    assert container(dep)["args"][1] == "hf://sentence-transformers/all-MiniLM-L6-v2"
+    assert [v["name"] for v in dep["spec"]["template"]["spec"]["volumes"]] == ["tmp"]
+
+
+def test_file_model_needs_allow_host_paths() -> None:
+    svc = isvc(model={"source": "file:///data/model"})
+    with pytest.raises(InvalidSpec, match=r"spec\.model\.source.*--allow-host-paths"):
+        predictor(svc, source="file:///data/model")
+    dep = predictor(svc, OperatorConfig(allow_host_paths=True), source="file:///data/model")
+    pod = dep["spec"]["template"]["spec"]
+    assert any(v.get("hostPath") == {"path": "/data/model"} for v in pod["volumes"])
+    assert any(m["mountPath"] == "/data/model" and m["readOnly"] for m in container(dep)["volumeMounts"])
+    assert container(dep)["args"][1] == "/data/model"
+
+
+def test_relative_file_and_fine_tune_job_field_names() -> None:
+    svc = isvc(model={"source": "file://./model"})
+    with pytest.raises(InvalidSpec, match="relative"):
+        predictor(svc, OperatorConfig(allow_host_paths=True), source="file://./model")
+    ref = isvc(model={"fineTuneJobRef": {"name": "ft"}})
+    with pytest.raises(InvalidSpec, match=r"spec\.model\.fineTuneJobRef"):
+        render_deployment(ref, "predictor", ModelLocation("file:///out/model", "ft"), 1, CFG)
+
+
+def test_canary_field_name_in_errors() -> None:
+    svc = isvc(canary={"model": {"source": "file:///v2"}, "trafficPercent": 10})
+    with pytest.raises(InvalidSpec, match=r"spec\.canary\.model\.source"):
+        render_deployment(svc, "canary", ModelLocation("file:///v2"), 1, CFG)
+
+
+# -- service, HPA, canary --------------------------------------------------------------------------------
+
+
+def test_service() -> None:
+    s = children(isvc())["Service/sentiment"]
+    assert s["spec"] == {
+        "type": "ClusterIP",
+        "selector": {"tauon.dev/inference-service": "sentiment"},
+        "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
+    }
+
+
+def test_autoscaling_hpa_and_no_replicas() -> None:
+    # Python field name: the wire name should be API.md's targetCPUUtilizationPercentage (see the model)
+    out = children(
+        isvc(
+            replicas=5,
+            autoscaling={"minReplicas": 2, "maxReplicas": 6, "target_cpu_utilization_percentage": 60},
+        )
+    )
+    assert "replicas" not in out["Deployment/sentiment-predictor"]["spec"]
+    hpa = out["HorizontalPodAutoscaler/sentiment"]
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"] == {
+        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "sentiment-predictor"},
+        "minReplicas": 2,
+        "maxReplicas": 6,
+        "metrics": [
+            {
+                "type": "Resource",
+                "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 60}},
+            }
+        ],
+    }
+
+
+def test_canary_deployment_gets_its_share() -> None:
+    svc = isvc(
+        replicas=10,
+        canary={"model": {"source": "pvc://models/v2", "task": "causal-lm"}, "trafficPercent": 20},
+    )
+    out = children(svc, canary="pvc://models/v2")
+    pred, can = out["Deployment/sentiment-predictor"], out["Deployment/sentiment-canary"]
+    assert (pred["spec"]["replicas"], can["spec"]["replicas"]) == (8, 2)
+    assert can["spec"]["selector"]["matchLabels"]["tauon.dev/component"] == "canary"
+    assert can["spec"]["template"]["metadata"]["labels"]["tauon.dev/inference-service"] == "sentiment"
+    c = container(can)
+    assert c["args"][1] == "/mnt/tauon/pvc/models/v2"
+    assert c["args"][3] == "sentiment"  # same model name: one URL for both versions
+    assert c["args"][-2:] == ["--task", "causal-lm"]
+    assert "--task" not in container(pred)["args"]
+    assert can["metadata"]["annotations"][ANN_MODEL_SOURCE] == "pvc://models/v2"
+
+
+def test_canary_with_autoscaling_has_fixed_replicas_and_shrinks_hpa() -> None:
+    svc = isvc(
+        autoscaling={"minReplicas": 2, "maxReplicas": 10},
+        canary={"model": {"source": "hf://org/v2"}, "trafficPercent": 10},
+    )
+    out = children(svc, canary="hf://org/v2")
+    assert "replicas" not in out["Deployment/sentiment-predictor"]["spec"]
+    assert out["Deployment/sentiment-canary"]["spec"]["replicas"] == 1
+    hpa = out["HorizontalPodAutoscaler/sentiment"]["spec"]
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (1, 9)
+
+
+def test_canary_without_known_model_is_not_rendered() -> None:
+    svc = isvc(replicas=4, canary={"model": {"fineTuneJobRef": {"name": "v2"}}, "trafficPercent": 50})
+    out = children(svc)
+    assert "Deployment/sentiment-canary" not in out
+    assert out["Deployment/sentiment-predictor"]["spec"]["replicas"] == 4
+
+
+def test_url_and_selector() -> None:
+    assert url(isvc(), CFG) == "http://sentiment.ml.svc.cluster.local"
+    assert (
+        url(isvc(), OperatorConfig(cluster_domain="corp.internal")) == "http://sentiment.ml.svc.corp.internal"
+    )
+    assert selector("sentiment") == "tauon.dev/inference-service=sentiment"
