@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 REPO_CRDS = Path(__file__).resolve().parents[2] / "crds"
 
@@ -94,9 +95,19 @@ def cmd_render(args: argparse.Namespace) -> int:
 
             children = render_attempt(obj, cfg, args.attempt)
         else:
-            from tauon.render.inferenceservice import render_all
+            from tauon.render.inferenceservice import ModelLocation, Models, render
 
-            children = render_all(obj, cfg)
+            def loc(model: Any, label: str) -> ModelLocation:
+                if model.source:
+                    return ModelLocation(model.source)
+                # without a cluster the job's output is unknown: show where it would be
+                return ModelLocation(
+                    f"pvc://<output of FineTuneJob {model.fine_tune_job_ref.name}>/model", label
+                )
+
+            canary = obj.spec.canary
+            models = Models(loc(obj.spec.model, "predictor"), loc(canary.model, "canary") if canary else None)
+            children = render(obj, models, cfg)
     except InvalidSpec as e:
         print(f"tauon: {args.file}: {e}", file=sys.stderr)
         return 1

@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 import kopf
 
-from tauon.handlers import finetunejob
+from tauon.handlers import finetunejob, inferenceservice
 from tauon.handlers.runtime import RT
 from tauon.kube.client import Kube, load_config
 
@@ -55,8 +55,9 @@ async def _periodic() -> None:
                 for ns, name in finetunejob.all_keys():
                     RT.trigger(finetunejob.CONTROLLER, ns, name)
                 finetunejob.update_phase_gauge()
-                for extra in _extra_periodic:
-                    extra()
+                for ns, name in inferenceservice.all_keys():
+                    RT.trigger(inferenceservice.CONTROLLER, ns, name)
+                inferenceservice.update_phase_gauge()
                 if loop.time() - last_progress >= RT.progress_period_seconds:
                     last_progress = loop.time()
                     await finetunejob.fetch_progress(session)
@@ -64,6 +65,3 @@ async def _periodic() -> None:
                 raise
             except Exception:
                 log.exception("periodic pass failed")
-
-
-_extra_periodic: list[Any] = []

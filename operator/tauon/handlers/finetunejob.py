@@ -51,6 +51,9 @@ def ftj_services_idx(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: 
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def ftj_event(type: str, namespace: str, name: str, **kwargs: Any) -> None:
     RT.remember(**kwargs)
+    from tauon.handlers.inferenceservice import on_job_change
+
+    on_job_change(namespace, name)
     if type == "DELETED":
         RT.progress.pop((namespace, name), None)
         return
