@@ -115,6 +115,33 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    if not args.local:
+        print("tauon run: only --local is supported (on a cluster, kubectl apply the file)", file=sys.stderr)
+        return 2
+    from tauon.local.process import Unsupported
+    from tauon.local.run import run_finetunejob, serve_inferenceservice
+    from tauon.render.common import InvalidSpec
+
+    doc = load_manifest(args.file)
+    resolve_relative_sources(doc, Path(args.file).resolve().parent)
+    obj = parse_object(doc, args.file)
+    try:
+        if obj.kind == "FineTuneJob":
+            output = Path(args.output or Path("runs") / obj.metadata.name)
+            return run_finetunejob(obj, output, quiet=args.quiet)
+        return serve_inferenceservice(obj, Path(args.output or "runs"), args.port)
+    except (InvalidSpec, Unsupported) as e:
+        print(f"tauon: {args.file}: {e}", file=sys.stderr)
+        return 1
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from tauon.local.node import main as node_main
+
+    return node_main(args.name, args.root, args.cpus, args.memory_gi)
+
+
 def cmd_operator(args: argparse.Namespace) -> int:
     import asyncio
     import logging
@@ -172,6 +199,32 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--allow-host-paths", action="store_true", help="render file:// sources as hostPath")
     r.add_argument("--gang-scheduler", choices=["volcano", "scheduler-plugins"], default=None)
     r.set_defaults(func=cmd_render)
+
+    run = sub.add_parser("run", help="run a FineTuneJob (trains) or InferenceService (serves) locally")
+    run.add_argument("file")
+    run.add_argument("--local", action="store_true", help="run as local processes (required)")
+    run.add_argument(
+        "--output", help="FineTuneJob output dir (default ./runs/<name>); InferenceService runs dir"
+    )
+    run.add_argument(
+        "--port", type=int, default=None, help="InferenceService: local port (default: a free one)"
+    )
+    run.add_argument("--quiet", action="store_true", help="no progress bar or table")
+    run.set_defaults(func=cmd_run)
+
+    from tauon.local import node as node_mod
+
+    n = sub.add_parser(
+        "node",
+        help="process-backed node agent for a local control plane (dev/test only, not a kubelet)",
+        description=node_mod.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    n.add_argument("--name", default="tauon-node-0")
+    n.add_argument("--root", default="/tmp/tauon-node", help="where pod files and logs go")
+    n.add_argument("--cpus", type=int, default=None)
+    n.add_argument("--memory-gi", type=int, default=16)
+    n.set_defaults(func=cmd_node)
 
     o = sub.add_parser("operator", help="run the operator (all namespaces unless --namespace)")
     o.add_argument("--namespace", action="append", help="watch only this namespace (repeatable)")

@@ -1,0 +1,370 @@
+"""`tauon node`: a process-backed node agent for the local control plane (development and tests only).
+
+It registers a Node (label tauon.dev/node-agent=process), renews its Lease, and runs every pod bound to
+it as a local process (see tauon.local.process), reporting status as a kubelet would: Pending -> Running
+(Ready when the readiness probe passes) -> Succeeded/Failed with the exit code and termination message.
+Deleting a pod kills its processes, then the agent finishes the deletion. activeDeadlineSeconds is
+enforced. Where the pod's ports really listen is published in annotations tauon.dev/<port>-address.
+
+Limits (it is not a kubelet): no images, no isolation, no resource limits, no PVCs, no `kubectl logs`
+(logs are files under --root), no exec, pods of one gang must share this node (rendezvous ports are
+local), secrets in env are not injected. It polls the API server once a second.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from tauon.local import process as lp
+
+log = logging.getLogger("tauon.node")
+NODE_LABEL = "tauon.dev/node-agent"
+Manifest = dict[str, Any]
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class Run:
+    prep: lp.Prepared
+    proc: subprocess.Popen[bytes]
+    started: float
+    ready: bool = False
+    readiness: Manifest | None = None
+
+
+class NodeAgent:
+    def __init__(self, name: str, root: Path, cpus: int, memory_gi: int, heartbeat: float = 10.0):
+        self.name = name
+        self.root = root
+        self.cpus = cpus
+        self.memory_gi = memory_gi
+        self.heartbeat = heartbeat
+        self.core = client.CoreV1Api()
+        self.coord = client.CoordinationV1Api()
+        self.runs: dict[tuple[str, str], Run] = {}
+        self.ports = lp.PortMap()
+        self.stopping = threading.Event()
+
+    # -- node registration -------------------------------------------------------------------------
+    def _conditions(self) -> list[Manifest]:
+        t = now()
+        return [
+            {
+                "type": "Ready",
+                "status": "True",
+                "reason": "TauonNodeReady",
+                "message": "process-backed node agent",
+                "lastHeartbeatTime": t,
+                "lastTransitionTime": t,
+            },
+            *(
+                {
+                    "type": c,
+                    "status": "False",
+                    "reason": "AgentHasNo" + c,
+                    "lastHeartbeatTime": t,
+                    "lastTransitionTime": t,
+                }
+                for c in ("MemoryPressure", "DiskPressure", "PIDPressure")
+            ),
+        ]
+
+    def register(self) -> None:
+        capacity = {
+            "cpu": str(self.cpus),
+            "memory": f"{self.memory_gi}Gi",
+            "pods": "110",
+            "ephemeral-storage": "100Gi",
+        }
+        body = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": self.name,
+                "labels": {
+                    NODE_LABEL: "process",
+                    "kubernetes.io/hostname": self.name,
+                    "kubernetes.io/os": "linux",
+                },
+            },
+        }
+        try:
+            self.core.create_node(body)
+        except ApiException as e:
+            if e.status != 409:
+                raise
+        self._node_status(capacity)
+
+    def _node_status(self, capacity: Manifest | None = None) -> None:
+        status: Manifest = {
+            "conditions": self._conditions(),
+            "addresses": [
+                {"type": "InternalIP", "address": "127.0.0.1"},
+                {"type": "Hostname", "address": self.name},
+            ],
+            "nodeInfo": {
+                "kubeletVersion": "tauon-node",
+                "operatingSystem": "linux",
+                "architecture": "amd64",
+                "containerRuntimeVersion": "process://",
+                "kernelVersion": "",
+                "osImage": "",
+                "kubeProxyVersion": "",
+                "machineID": "",
+                "systemUUID": "",
+                "bootID": "",
+            },
+        }
+        if capacity:
+            status["capacity"] = capacity
+            status["allocatable"] = capacity
+        self.core.patch_node_status(self.name, {"status": status})
+        self._lease()
+
+    def _lease(self) -> None:
+        t = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        body = {
+            "metadata": {"name": self.name, "namespace": "kube-node-lease"},
+            "spec": {"holderIdentity": self.name, "leaseDurationSeconds": 40, "renewTime": t},
+        }
+        try:
+            self.coord.patch_namespaced_lease(self.name, "kube-node-lease", body)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+            self.coord.create_namespaced_lease("kube-node-lease", body)
+
+    # -- pods ---------------------------------------------------------------------------------------
+    def _pod_dir(self, ns: str, name: str, uid: str) -> Path:
+        return self.root / ns / f"{name}-{uid[:8]}"
+
+    def _patch_status(self, ns: str, name: str, status: Manifest) -> None:
+        try:
+            self.core.patch_namespaced_pod_status(name, ns, {"status": status})
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
+    def _running_status(self, pod: Manifest, run: Run) -> Manifest:
+        t = now()
+        c = pod["spec"]["containers"][0]
+        ready = "True" if run.ready else "False"
+        return {
+            "phase": "Running",
+            "podIP": "127.0.0.1",
+            "podIPs": [{"ip": "127.0.0.1"}],
+            "hostIP": "127.0.0.1",
+            "startTime": pod.get("status", {}).get("startTime") or t,
+            "conditions": [
+                {"type": "PodScheduled", "status": "True", "lastTransitionTime": t},
+                {"type": "Initialized", "status": "True", "lastTransitionTime": t},
+                {"type": "ContainersReady", "status": ready, "lastTransitionTime": t},
+                {"type": "Ready", "status": ready, "lastTransitionTime": t},
+            ],
+            "containerStatuses": [
+                {
+                    "name": c["name"],
+                    "image": c.get("image", ""),
+                    "imageID": "",
+                    "ready": run.ready,
+                    "started": True,
+                    "restartCount": 0,
+                    "state": {"running": {"startedAt": t}},
+                }
+            ],
+        }
+
+    def _finished_status(self, pod: Manifest, code: int, message: str, reason: str | None = None) -> Manifest:
+        t = now()
+        c = pod["spec"]["containers"][0]
+        term = {
+            "exitCode": code,
+            "reason": reason or ("Completed" if code == 0 else "Error"),
+            "message": message,
+            "startedAt": pod.get("status", {}).get("startTime") or t,
+            "finishedAt": t,
+        }
+        status: Manifest = {
+            "phase": "Succeeded" if code == 0 and reason is None else "Failed",
+            "conditions": [
+                {
+                    "type": "ContainersReady",
+                    "status": "False",
+                    "reason": "PodCompleted",
+                    "lastTransitionTime": t,
+                },
+                {"type": "Ready", "status": "False", "reason": "PodCompleted", "lastTransitionTime": t},
+            ],
+            "containerStatuses": [
+                {
+                    "name": c["name"],
+                    "image": c.get("image", ""),
+                    "imageID": "",
+                    "ready": False,
+                    "started": False,
+                    "restartCount": 0,
+                    "state": {"terminated": term},
+                }
+            ],
+        }
+        if reason == "DeadlineExceeded":
+            status["reason"] = "DeadlineExceeded"
+            status["message"] = "Pod was active on the node longer than the specified deadline"
+        return status
+
+    def _configmaps(self, pod: Manifest) -> dict[str, Manifest]:
+        out = {}
+        for vol in pod["spec"].get("volumes") or []:
+            if "configMap" in vol:
+                cm_name = vol["configMap"]["name"]
+                try:
+                    cm = self.core.read_namespaced_config_map(cm_name, pod["metadata"]["namespace"])
+                    out[cm_name] = {"data": cm.data or {}}
+                except ApiException as e:
+                    if e.status != 404:
+                        raise
+        return out
+
+    def _start(self, pod: Manifest) -> None:
+        meta = pod["metadata"]
+        ns, name = meta["namespace"], meta["name"]
+        root = self._pod_dir(ns, name, meta["uid"])
+        try:
+            prep = lp.prepare(pod, self._configmaps(pod), root, self.ports)
+            proc = lp.start(prep, root / "container.log")
+        except lp.Unsupported as e:
+            log.warning("pod %s/%s cannot run here: %s", ns, name, e)
+            self._patch_status(ns, name, self._finished_status(pod, 128, str(e), reason="Unsupported"))
+            return
+        c = pod["spec"]["containers"][0]
+        run = Run(prep, proc, time.monotonic(), readiness=c.get("readinessProbe"))
+        run.ready = run.readiness is None
+        self.runs[(ns, name)] = run
+        annotations = {f"tauon.dev/{p}-address": f"127.0.0.1:{port}" for p, port in prep.ports.items()}
+        if annotations:
+            try:
+                self.core.patch_namespaced_pod(name, ns, {"metadata": {"annotations": annotations}})
+            except ApiException as e:
+                if e.status != 404:
+                    raise
+        self._patch_status(ns, name, self._running_status(pod, run))
+        log.info("started %s/%s (pid %d): %s", ns, name, proc.pid, " ".join(prep.argv))
+
+    def _probe(self, run: Run) -> bool:
+        probe = run.readiness or {}
+        http = probe.get("httpGet")
+        if not http:
+            return True
+        port = http.get("port")
+        local = run.prep.ports.get(str(port)) if isinstance(port, str) else None
+        if local is None:
+            local = next(iter(run.prep.ports.values()), None)
+        if local is None:
+            return False
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{local}{http.get('path', '/')}", timeout=1) as r:
+                return 200 <= r.status < 400
+        except OSError:
+            return False
+
+    def sync(self) -> None:
+        pods = self.core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={self.name}").items
+        seen = set()
+        api = client.ApiClient()
+        for obj in pods:
+            pod: Manifest = api.sanitize_for_serialization(obj)
+            meta = pod["metadata"]
+            key = (meta["namespace"], meta["name"])
+            seen.add(key)
+            run = self.runs.get(key)
+            phase = (pod.get("status") or {}).get("phase")
+            if meta.get("deletionTimestamp"):
+                if run is not None:
+                    lp.stop(run.proc, grace=float(pod["spec"].get("terminationGracePeriodSeconds") or 10))
+                    self.runs.pop(key, None)
+                try:
+                    self.core.delete_namespaced_pod(meta["name"], meta["namespace"], grace_period_seconds=0)
+                except ApiException as e:
+                    if e.status != 404:
+                        raise
+                continue
+            if run is None:
+                if phase not in ("Succeeded", "Failed"):
+                    self._start(pod)
+                continue
+            rc = run.proc.poll()
+            if rc is not None:
+                code = lp.exit_code(rc)
+                self._patch_status(*key, self._finished_status(pod, code, lp.termination_message(run.prep)))
+                self.runs.pop(key, None)
+                log.info("pod %s/%s exited with %d", *key, code)
+                continue
+            deadline = pod["spec"].get("activeDeadlineSeconds")
+            if deadline and time.monotonic() - run.started >= deadline:
+                lp.stop(run.proc, grace=5)
+                self._patch_status(*key, self._finished_status(pod, 137, "", reason="DeadlineExceeded"))
+                self.runs.pop(key, None)
+                continue
+            ready = self._probe(run)
+            if ready != run.ready or phase != "Running":
+                run.ready = ready
+                self._patch_status(*key, self._running_status(pod, run))
+        for key in list(self.runs):
+            if key not in seen:  # deleted with grace 0 by someone else
+                lp.stop(self.runs.pop(key).proc, grace=5)
+
+    def run(self) -> None:
+        self.register()
+        last_beat = time.monotonic()
+        while not self.stopping.is_set():
+            try:
+                self.sync()
+                if time.monotonic() - last_beat >= self.heartbeat:
+                    self._node_status()
+                    last_beat = time.monotonic()
+            except Exception:
+                log.exception("node sync failed")
+            self.stopping.wait(1.0)
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        for key, run in list(self.runs.items()):
+            lp.stop(run.proc, grace=5)
+            self.runs.pop(key, None)
+        try:
+            self.core.delete_node(self.name)
+        except ApiException:
+            pass
+
+
+def main(name: str, root: str, cpus: int | None, memory_gi: int) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    agent = NodeAgent(name, Path(root), cpus or os.cpu_count() or 2, memory_gi)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        agent.stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    agent.run()
+    return 0
