@@ -44,7 +44,9 @@ def main() -> int:
     t0 = time.monotonic()
     shutil.rmtree(REPO / "runs" / "sentiment", ignore_errors=True)  # train from scratch, not resume
     console.rule("[bold]1. fine-tune: 2-node CPU FineTuneJob (gloo), tauon run --local")
-    rc = subprocess.call([TAUON, "run", "examples/finetune-sentiment.yaml", "--local", "--output", "runs/sentiment"])
+    rc = subprocess.call(
+        [TAUON, "run", "examples/finetune-sentiment.yaml", "--local", "--output", "runs/sentiment"]
+    )
     if rc != 0:
         console.print(f"[red]training failed ({rc})[/]")
         return rc
@@ -53,8 +55,18 @@ def main() -> int:
     console.rule("[bold]2. serve: InferenceService with fineTuneJobRef, tauon run --local")
     port = free_port()
     server = subprocess.Popen(
-        [TAUON, "run", "examples/inferenceservice-sentiment.yaml", "--local", "--output", "runs", "--port", str(port)],
-        stdout=subprocess.DEVNULL, start_new_session=True,
+        [
+            TAUON,
+            "run",
+            "examples/inferenceservice-sentiment.yaml",
+            "--local",
+            "--output",
+            "runs",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -74,10 +86,12 @@ def main() -> int:
             return 1
 
         console.rule("[bold]3. predict: Open Inference Protocol V2")
-        body = json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [len(SENTENCES)],
-                                       "data": SENTENCES}]}).encode()
-        req = urllib.request.Request(f"{url}/v2/models/sentiment/infer", data=body,
-                                     headers={"Content-Type": "application/json"})
+        body = json.dumps(
+            {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [len(SENTENCES)], "data": SENTENCES}]}
+        ).encode()
+        req = urllib.request.Request(
+            f"{url}/v2/models/sentiment/infer", data=body, headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(req, timeout=30) as r:
             out = json.loads(r.read())
         outputs = {o["name"]: o for o in out["outputs"]}

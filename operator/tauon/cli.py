@@ -8,23 +8,27 @@ from pathlib import Path
 from typing import Any
 
 REPO_CRDS = Path(__file__).resolve().parents[2] / "crds"
+REPO_CHART_CRDS = Path(__file__).resolve().parents[2] / "helm" / "tauon" / "files" / "crds"
 
 
 def cmd_crds(args: argparse.Namespace) -> int:
     from tauon.api.crds import all_crds, render_yaml
 
-    out = Path(args.output)
+    outs = [Path(args.output)]
+    if Path(args.output).resolve() == REPO_CRDS and REPO_CHART_CRDS.parent.is_dir():
+        outs.append(REPO_CHART_CRDS)  # the Helm chart ships the same files
     stale = []
-    for name, crd in all_crds().items():
-        text = render_yaml(crd)
-        path = out / name
-        if args.check:
-            if not path.exists() or path.read_text() != text:
-                stale.append(str(path))
-        else:
-            out.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-            print(f"wrote {path}")
+    for out in outs:
+        for name, crd in all_crds().items():
+            text = render_yaml(crd)
+            path = out / name
+            if args.check:
+                if not path.exists() or path.read_text() != text:
+                    stale.append(str(path))
+            else:
+                out.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
+                print(f"wrote {path}")
     if stale:
         print("stale CRDs (run `tauon crds` or `make crds`): " + ", ".join(stale), file=sys.stderr)
         return 1

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -33,10 +32,22 @@ def operator(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def node(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("node")
-    log = open(root / "node.log", "ab")  # noqa: SIM115 - closed below
+    log = open(root / "node.log", "ab")
     proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "tauon"), "node", "--name", NODE, "--root", str(root / "pods"), "--cpus", "8"],
-        env=cluster.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            str(Path(sys.executable).parent / "tauon"),
+            "node",
+            "--name",
+            NODE,
+            "--root",
+            str(root / "pods"),
+            "--cpus",
+            "8",
+        ],
+        env=cluster.env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         wait_until(lambda: condition(cluster.get("node", NODE), "Ready"), 60, "process node Ready")
@@ -57,11 +68,19 @@ def ftj(name: str, out: Path, backoff: int = 2, steps_every: int = 4) -> dict:
         "kind": "FineTuneJob",
         "metadata": {"name": name},
         "spec": {
-            "model": {"source": "hf://sentence-transformers/all-MiniLM-L6-v2", "task": "sequence-classification",
-                      "numLabels": 2},
+            "model": {
+                "source": "hf://sentence-transformers/all-MiniLM-L6-v2",
+                "task": "sequence-classification",
+                "numLabels": 2,
+            },
             "dataset": {"source": f"file://{DATA}", "labelField": "label", "validationSplit": 0.15},
-            "hyperparameters": {"epochs": 2, "batchSizePerDevice": 16, "learningRate": 1.0e-4, "maxSeqLength": 48,
-                                "warmupRatio": 0.1},
+            "hyperparameters": {
+                "epochs": 2,
+                "batchSizePerDevice": 16,
+                "learningRate": 1.0e-4,
+                "maxSeqLength": 48,
+                "warmupRatio": 0.1,
+            },
             "output": {"storage": f"file://{out}", "checkpointEverySteps": steps_every},
             "numNodes": 2,
             "nprocPerNode": 1,
@@ -77,8 +96,12 @@ def st(cluster: Cluster, ns: str, name: str) -> dict:
 
 
 def wait_phase(cluster: Cluster, ns: str, name: str, phase: str, timeout: float) -> dict:
-    return wait_until(lambda: st(cluster, ns, name) if st(cluster, ns, name).get("phase") == phase else None,
-                      timeout, f"{name} {phase} (now {st(cluster, ns, name).get('phase')})", interval=1)
+    return wait_until(
+        lambda: st(cluster, ns, name) if st(cluster, ns, name).get("phase") == phase else None,
+        timeout,
+        f"{name} {phase} (now {st(cluster, ns, name).get('phase')})",
+        interval=1,
+    )
 
 
 def test_train_then_serve(cluster: Cluster, operator: Operator, node: Path, namespace: str, tmp_path: Path):
@@ -86,8 +109,14 @@ def test_train_then_serve(cluster: Cluster, operator: Operator, node: Path, name
     cluster.apply(ftj("sentiment", out), "-n", namespace)
     wait_phase(cluster, namespace, "sentiment", "Running", 120)
     # progress is refreshed from rank 0 while the job trains and shows in kubectl get
-    prog = wait_until(lambda: st(cluster, namespace, "sentiment").get("progress", {}).get("step")
-                      and st(cluster, namespace, "sentiment")["progress"], 120, "status.progress")
+    prog = wait_until(
+        lambda: (
+            st(cluster, namespace, "sentiment").get("progress", {}).get("step")
+            and st(cluster, namespace, "sentiment")["progress"]
+        ),
+        120,
+        "status.progress",
+    )
     assert prog["totalSteps"] >= prog["step"] > 0 and prog["updatedAt"] and prog["samplesPerSecond"] > 0
     final = wait_phase(cluster, namespace, "sentiment", "Succeeded", 400)
     assert final["restarts"] == 0
@@ -100,31 +129,65 @@ def test_train_then_serve(cluster: Cluster, operator: Operator, node: Path, name
     row = cluster.kubectl("get", "ftj", "sentiment", "-n", namespace).stdout.splitlines()[1].split()
     assert row[1] == "Succeeded" and row[4] == "100"
 
-    cluster.apply({
-        "apiVersion": "tauon.dev/v1alpha1", "kind": "InferenceService", "metadata": {"name": "sentiment"},
-        "spec": {"model": {"fineTuneJobRef": {"name": "sentiment"}},
-                 "podTemplate": {"nodeSelector": {"tauon.dev/node-agent": "process"}}},
-    }, "-n", namespace)
-    wait_until(lambda: (condition(cluster.get("tis", "sentiment", namespace), "Ready") or {}).get("status") == "True",
-               240, "InferenceService Ready", interval=1)
+    cluster.apply(
+        {
+            "apiVersion": "tauon.dev/v1alpha1",
+            "kind": "InferenceService",
+            "metadata": {"name": "sentiment"},
+            "spec": {
+                "model": {"fineTuneJobRef": {"name": "sentiment"}},
+                "podTemplate": {"nodeSelector": {"tauon.dev/node-agent": "process"}},
+            },
+        },
+        "-n",
+        namespace,
+    )
+    wait_until(
+        lambda: (
+            (condition(cluster.get("tis", "sentiment", namespace), "Ready") or {}).get("status") == "True"
+        ),
+        240,
+        "InferenceService Ready",
+        interval=1,
+    )
     pod = cluster.list("pods", namespace, "tauon.dev/inference-service=sentiment")[0]
     addr = pod["metadata"]["annotations"]["tauon.dev/http-address"]
-    body = json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2],
-                                   "data": ["I loved every minute of it", "terrible, broke after a day"]}]})
-    req = urllib.request.Request(f"http://{addr}/v2/models/sentiment/infer", data=body.encode(),
-                                 headers={"Content-Type": "application/json"})
+    body = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "text",
+                    "datatype": "BYTES",
+                    "shape": [2],
+                    "data": ["I loved every minute of it", "terrible, broke after a day"],
+                }
+            ]
+        }
+    )
+    req = urllib.request.Request(
+        f"http://{addr}/v2/models/sentiment/infer",
+        data=body.encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(req, timeout=30) as r:
         outputs = {o["name"]: o for o in json.loads(r.read())["outputs"]}
     assert outputs["label"]["data"] == [1, 0]
     assert len(outputs["probabilities"]["data"]) == 4
 
 
-def test_deleted_pod_restarts_gang_and_resumes(cluster: Cluster, operator: Operator, node: Path, namespace: str,
-                                               tmp_path: Path):
+def test_deleted_pod_restarts_gang_and_resumes(
+    cluster: Cluster, operator: Operator, node: Path, namespace: str, tmp_path: Path
+):
     out = tmp_path / "resume"
     cluster.apply(ftj("resume", out, steps_every=3), "-n", namespace)
-    wait_until(lambda: any((out / "checkpoints").glob("step-*/complete")) if (out / "checkpoints").exists() else False,
-               300, "a complete checkpoint", interval=0.5)
+    wait_until(
+        lambda: (
+            any((out / "checkpoints").glob("step-*/complete")) if (out / "checkpoints").exists() else False
+        ),
+        300,
+        "a complete checkpoint",
+        interval=0.5,
+    )
     cluster.kubectl("delete", "pod", "resume-r0-node-1", "-n", namespace, "--wait=false")
     final = wait_phase(cluster, namespace, "resume", "Succeeded", 400)
     assert final["restarts"] == 1 and final["restartsCountTowardsLimit"] == 0
@@ -148,12 +211,17 @@ def _trainer_pids(job: str, node_rank: int) -> list[int]:
     return pids
 
 
-def test_sigkill_of_a_rank_restarts_once_and_counts(cluster: Cluster, operator: Operator, node: Path,
-                                                    namespace: str, tmp_path: Path):
+def test_sigkill_of_a_rank_restarts_once_and_counts(
+    cluster: Cluster, operator: Operator, node: Path, namespace: str, tmp_path: Path
+):
     out = tmp_path / "killed"
     cluster.apply(ftj("killed", out, steps_every=3), "-n", namespace)
-    pids = wait_until(lambda: _trainer_pids("killed", 1) if (out / "progress.json").exists() else None, 300,
-                      "rank 1's trainer process while training", interval=0.5)
+    pids = wait_until(
+        lambda: _trainer_pids("killed", 1) if (out / "progress.json").exists() else None,
+        300,
+        "rank 1's trainer process while training",
+        interval=0.5,
+    )
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
     final = wait_phase(cluster, namespace, "killed", "Succeeded", 400)

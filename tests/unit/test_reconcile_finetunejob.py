@@ -1098,9 +1098,12 @@ def test_progress_updates_and_ignores_older_reports() -> None:
     sim.progress = {"step": 10, "totalSteps": 200, "updatedAt": iso(sim.now - timedelta(seconds=60))}
     assert sim.step(1).is_empty()
     assert sim.st.progress.step == 25
-    sim.progress = {"step": 50, "totalSteps": 200, "percent": 26, "updatedAt": iso(sim.now)}
+    sim.progress = {"step": 50, "totalSteps": 200, "percent": 26.4, "updatedAt": iso(sim.now)}
     sim.step(1)
-    assert (sim.st.progress.step, sim.st.progress.percent) == (50, 26)
+    assert (sim.st.progress.step, sim.st.progress.percent) == (
+        50,
+        25,
+    )  # percent is computed from step/totalSteps, never copied
     # garbage is ignored, not a crash
     sim.progress = {"step": "many", "updatedAt": "yesterday"}
     assert sim.step(1).is_empty()
@@ -1326,3 +1329,37 @@ def test_status_shape_is_camel_case() -> None:
     )
     assert "nprocPerNode" in plan.status["resolved"]
     assert plan.status["startTime"] == "2025-01-01T12:00:00Z"
+
+
+def test_progress_with_fractional_percent_from_trainer_is_accepted():
+    """The trainer reports percent as a float (57.14); status.progress.percent is an integer we compute."""
+    import datetime as dt
+
+    from tauon.api.finetunejob import FineTuneJob
+    from tauon.reconcile.finetunejob import Observed, reconcile
+    from tauon.render.config import OperatorConfig
+
+    job = FineTuneJob.model_validate(
+        {
+            "metadata": {"name": "p", "namespace": "ns", "uid": "u", "generation": 1},
+            "spec": {
+                "model": {"source": "hf://o/m", "task": "causal-lm"},
+                "dataset": {"source": "file:///d.jsonl"},
+                "output": {"storage": "file:///out"},
+            },
+        }
+    )
+    report = {
+        "step": 4,
+        "totalSteps": 7,
+        "percent": 57.14,
+        "epoch": 1,
+        "loss": 0.5,
+        "samplesPerSecond": 12.5,
+        "etaSeconds": 3,
+        "updatedAt": "2026-01-01T00:00:05Z",
+    }
+    now = dt.datetime(2026, 1, 1, 0, 0, 6, tzinfo=dt.UTC)
+    plan = reconcile(job, Observed(progress=report), now, OperatorConfig(allow_host_paths=True))
+    assert plan.status is not None
+    assert plan.status["progress"]["step"] == 4 and plan.status["progress"]["percent"] == 57

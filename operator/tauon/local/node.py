@@ -46,6 +46,8 @@ class Run:
     started: float
     ready: bool = False
     readiness: Manifest | None = None
+    restarts: int = 0
+    exited_at: float = 0.0
 
 
 class NodeAgent:
@@ -266,6 +268,31 @@ class NodeAgent:
         self._patch_status(ns, name, self._running_status(pod, run))
         log.info("started %s/%s (pid %d): %s", ns, name, proc.pid, " ".join(prep.argv))
 
+    def _restart(self, pod: Manifest, run: Run, code: int) -> None:
+        """restartPolicy Always/OnFailure: restart the container in place with a growing back-off."""
+        backoff = min(2.0 * (2**run.restarts), 60.0)
+        if time.monotonic() - run.exited_at < backoff if run.exited_at else False:
+            return
+        if not run.exited_at:
+            run.exited_at = time.monotonic()
+            log.info(
+                "pod %s/%s container exited with %d; restarting in %.0fs",
+                pod["metadata"]["namespace"],
+                pod["metadata"]["name"],
+                code,
+                backoff,
+            )
+            return
+        run.restarts += 1
+        run.exited_at = 0.0
+        run.proc = lp.start(run.prep, run.prep.workdir / "container.log")
+        run.started = time.monotonic()
+        run.ready = run.readiness is None
+        status = self._running_status(pod, run)
+        status["containerStatuses"][0]["restartCount"] = run.restarts
+        status["containerStatuses"][0]["lastState"] = {"terminated": {"exitCode": code, "reason": "Error"}}
+        self._patch_status(pod["metadata"]["namespace"], pod["metadata"]["name"], status)
+
     def _probe(self, run: Run) -> bool:
         probe = run.readiness or {}
         http = probe.get("httpGet")
@@ -309,6 +336,13 @@ class NodeAgent:
                     self._start(pod)
                 continue
             rc = run.proc.poll()
+            if (
+                rc is not None
+                and pod["spec"].get("restartPolicy", "Always") != "Never"
+                and not (pod["spec"].get("restartPolicy") == "OnFailure" and rc == 0)
+            ):
+                self._restart(pod, run, lp.exit_code(rc))
+                continue
             if rc is not None:
                 code = lp.exit_code(rc)
                 self._patch_status(*key, self._finished_status(pod, code, lp.termination_message(run.prep)))
@@ -324,7 +358,9 @@ class NodeAgent:
             ready = self._probe(run)
             if ready != run.ready or phase != "Running":
                 run.ready = ready
-                self._patch_status(*key, self._running_status(pod, run))
+                status = self._running_status(pod, run)
+                status["containerStatuses"][0]["restartCount"] = run.restarts
+                self._patch_status(*key, status)
         for key in list(self.runs):
             if key not in seen:  # deleted with grace 0 by someone else
                 lp.stop(self.runs.pop(key).proc, grace=5)

@@ -119,8 +119,9 @@ def prepare(pod: Manifest, configmaps: dict[str, Manifest], root: Path, ports: P
         local = volumes.get(m["name"])
         if local is None or m["mountPath"] == "/dev/shm":
             continue
-        if local != m["mountPath"]:
-            rewrites.append((m["mountPath"].rstrip("/"), local.rstrip("/")))
+        # identity mounts (hostPath at its own path) are kept as rules too, so a more specific mount
+        # wins over an enclosing one (a model under /tmp/... beside an emptyDir at /tmp)
+        rewrites.append((m["mountPath"].rstrip("/") or "/", local.rstrip("/") or "/"))
     rewrites.sort(key=lambda r: -len(r[0]))
 
     def rewrite(value: str) -> str:

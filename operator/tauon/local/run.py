@@ -190,7 +190,9 @@ def serve_inferenceservice(
         str(spec.batching.max_latency_milliseconds),
     ]
     log = runs / f"{isvc.metadata.name}-server.log"
-    prep = lp.Prepared(argv, {}, Path.cwd(), runs / f"{isvc.metadata.name}-server.termination-log", {"http": port})
+    prep = lp.Prepared(
+        argv, {}, Path.cwd(), runs / f"{isvc.metadata.name}-server.termination-log", {"http": port}
+    )
     proc = lp.start(prep, log)
     url = f"http://127.0.0.1:{port}"
     console.print(f"serving [cyan]{isvc.metadata.name}[/] from {path}; logs in {log}")

