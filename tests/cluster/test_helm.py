@@ -532,6 +532,9 @@ class ChartOperator:
             line
             for line in log.splitlines()
             if re.search(r"\b403\b|Forbidden|forbidden|Not enough permissions", line)
+            # other tests' namespaces being deleted refuse new objects with a 403 too: not RBAC
+            and "NamespaceTerminating" not in line
+            and "because it is being terminated" not in line
         ]
         assert not bad, "operator hit RBAC denials:\n" + "\n".join(bad[:20])
 

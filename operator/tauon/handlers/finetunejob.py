@@ -74,13 +74,6 @@ async def ftj_child_event(type: str, namespace: str, labels: kopf.Labels, **kwar
         RT.trigger(CONTROLLER, namespace, labels[LABEL_JOB])
 
 
-def _one(index_name: str, key: tuple[str, str]) -> list[dict[str, Any]]:
-    idx = RT.indexes.get(index_name)
-    if idx is None or key not in idx:
-        return []
-    return [dict(v) for v in idx[key]]
-
-
 def _post_event(body: dict[str, Any]) -> Any:
     async def post(ev: Any) -> None:
         kopf.event(body, type=ev.type, reason=ev.reason, message=ev.message)
@@ -91,7 +84,7 @@ def _post_event(body: dict[str, Any]) -> Any:
 async def reconcile_job(namespace: str, name: str) -> None:
     assert RT.kube is not None
     key = (namespace, name)
-    bodies = _one("ftj_idx", key)
+    bodies = RT.bodies("ftj_idx", key)
     if not bodies:
         return
     ctl_key = (CONTROLLER, namespace, name)
@@ -120,9 +113,9 @@ async def reconcile_job(namespace: str, name: str) -> None:
                 "FineTuneJob", namespace, name, {"phase": "Failed", "conditions": [cond]}
             )
         return
-    pods = [p for p in _one("ftj_pods_idx", key) if owned_by(p, uid)]
-    cms = [c for c in _one("ftj_configmaps_idx", key) if owned_by(c, uid)]
-    svcs = [s for s in _one("ftj_services_idx", key) if owned_by(s, uid)]
+    pods = [p for p in RT.bodies("ftj_pods_idx", key) if owned_by(p, uid)]
+    cms = [c for c in RT.bodies("ftj_configmaps_idx", key) if owned_by(c, uid)]
+    svcs = [s for s in RT.bodies("ftj_services_idx", key) if owned_by(s, uid)]
     observed = Observed(
         pods=pods,
         config_map=cms[0] if cms else None,
@@ -168,13 +161,10 @@ def _count_writes(plan: Any) -> None:
 
 async def fetch_progress(session: aiohttp.ClientSession) -> None:
     """Read rank 0's /progress (the trainer serves it beside /metrics) for every running job."""
-    idx = RT.indexes.get("ftj_idx")
-    if idx is None:
-        return
     jobs = [
         (key[0], key[1], body)
-        for key in list(idx)
-        for body in idx.get(key, [])
+        for key in RT.keys("ftj_idx")
+        for body in RT.bodies("ftj_idx", key)
         if (body.get("status") or {}).get("phase") == "Running"
     ]
 
@@ -183,7 +173,7 @@ async def fetch_progress(session: aiohttp.ClientSession) -> None:
         rank0 = next(
             (
                 p
-                for p in _one("ftj_pods_idx", (ns, name))
+                for p in RT.bodies("ftj_pods_idx", (ns, name))
                 if P.name(p) == pod_name(name, attempt, 0) and P.label_int(p, LABEL_ATTEMPT) == attempt
             ),
             None,
@@ -210,18 +200,11 @@ async def fetch_progress(session: aiohttp.ClientSession) -> None:
 
 
 def update_phase_gauge() -> None:
-    idx = RT.indexes.get("ftj_idx")
-    counts: dict[tuple[str, str], int] = {}
-    for key in list(idx or []):
-        for body in idx.get(key, []) if idx is not None else []:
-            phase = (body.get("status") or {}).get("phase") or "Pending"
-            counts[(key[0], phase)] = counts.get((key[0], phase), 0) + 1
-    metrics.set_phase_counts(metrics.FINETUNEJOBS, counts)
+    metrics.set_phase_counts(metrics.FINETUNEJOBS, RT.phase_counts("ftj_idx"))
 
 
 def all_keys() -> list[tuple[str, str]]:
-    idx = RT.indexes.get("ftj_idx")
-    return list(idx) if idx is not None else []
+    return RT.keys("ftj_idx")
 
 
 RT.reconcilers[CONTROLLER] = reconcile_job

@@ -70,26 +70,15 @@ def references(body: dict[str, Any]) -> set[str]:
 
 def on_job_change(namespace: str, job: str) -> None:
     """A FineTuneJob changed: re-evaluate the InferenceServices in its namespace that reference it."""
-    idx = RT.indexes.get("isvc_idx")
-    for key in list(idx or []):
-        if key[0] != namespace:
-            continue
-        for body in idx.get(key, []) if idx is not None else []:
-            if job in references(body):
-                RT.trigger(CONTROLLER, key[0], key[1])
-
-
-def _many(index_name: str, key: tuple[str, str]) -> list[dict[str, Any]]:
-    idx = RT.indexes.get(index_name)
-    if idx is None or key not in idx:
-        return []
-    return [dict(v) for v in idx[key]]
+    for key in RT.keys("isvc_idx"):
+        if key[0] == namespace and any(job in references(b) for b in RT.bodies("isvc_idx", key)):
+            RT.trigger(CONTROLLER, key[0], key[1])
 
 
 async def reconcile_service(namespace: str, name: str) -> None:
     assert RT.kube is not None
     key = (namespace, name)
-    bodies = _many("isvc_idx", key)
+    bodies = RT.bodies("isvc_idx", key)
     if not bodies:
         return
     ctl_key = (CONTROLLER, namespace, name)
@@ -104,12 +93,14 @@ async def reconcile_service(namespace: str, name: str) -> None:
         return
     jobs: dict[str, dict[str, Any]] = {}
     for ref in references(body):
-        found = _many("ftj_idx", (namespace, ref))
+        found = RT.bodies("ftj_idx", (namespace, ref))
         if found:
             jobs[ref] = found[0]
-    deployments = {d["metadata"]["name"]: d for d in _many("isvc_deployments_idx", key) if owned_by(d, uid)}
-    services = [s for s in _many("isvc_services_idx", key) if owned_by(s, uid)]
-    hpas = [h for h in _many("isvc_hpas_idx", key) if owned_by(h, uid)]
+    deployments = {
+        d["metadata"]["name"]: d for d in RT.bodies("isvc_deployments_idx", key) if owned_by(d, uid)
+    }
+    services = [s for s in RT.bodies("isvc_services_idx", key) if owned_by(s, uid)]
+    hpas = [h for h in RT.bodies("isvc_hpas_idx", key) if owned_by(h, uid)]
     observed = Observed(
         fine_tune_jobs=jobs,
         deployments=deployments,
@@ -140,18 +131,11 @@ async def reconcile_service(namespace: str, name: str) -> None:
 
 
 def update_phase_gauge() -> None:
-    idx = RT.indexes.get("isvc_idx")
-    counts: dict[tuple[str, str], int] = {}
-    for key in list(idx or []):
-        for body in idx.get(key, []) if idx is not None else []:
-            phase = (body.get("status") or {}).get("phase") or "Pending"
-            counts[(key[0], phase)] = counts.get((key[0], phase), 0) + 1
-    metrics.set_phase_counts(metrics.INFERENCESERVICES, counts)
+    metrics.set_phase_counts(metrics.INFERENCESERVICES, RT.phase_counts("isvc_idx"))
 
 
 def all_keys() -> list[tuple[str, str]]:
-    idx = RT.indexes.get("isvc_idx")
-    return list(idx) if idx is not None else []
+    return RT.keys("isvc_idx")
 
 
 RT.reconcilers[CONTROLLER] = reconcile_service

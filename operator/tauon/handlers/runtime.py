@@ -75,6 +75,26 @@ class Runtime:
         finally:
             self._running.discard(key)
 
+    def bodies(self, index_name: str, key: tuple[str, str]) -> list[dict[str, Any]]:
+        """Copies of what a Kopf index holds for (namespace, name)."""
+        idx = self.indexes.get(index_name)
+        if idx is None or key not in idx:
+            return []
+        return [dict(v) for v in idx[key]]
+
+    def keys(self, index_name: str) -> list[tuple[str, str]]:
+        idx = self.indexes.get(index_name)
+        return list(idx) if idx is not None else []
+
+    def phase_counts(self, index_name: str) -> dict[tuple[str, str], int]:
+        """(namespace, phase) -> number of objects, for the phase gauges."""
+        counts: dict[tuple[str, str], int] = {}
+        for key in self.keys(index_name):
+            for body in self.bodies(index_name, key):
+                phase = (body.get("status") or {}).get("phase") or "Pending"
+                counts[(key[0], phase)] = counts.get((key[0], phase), 0) + 1
+        return counts
+
     def freshest(self, key: Key, body: dict[str, Any]) -> dict[str, Any]:
         mine = self.written.get(key)
         if mine is None or mine["metadata"].get("uid") != body["metadata"].get("uid"):
