@@ -122,6 +122,11 @@ class Kube:
                 return
             if e.status == 422:
                 raise Invalid(f"{kind} {meta['name']}: {_reason(e)}") from e
+            if namespace_terminating(e):
+                log.debug(
+                    "not creating %s %s: namespace %s is being deleted", kind, meta["name"], meta["namespace"]
+                )
+                return
             raise
 
     async def apply(self, manifest: Manifest, owner_uid: str) -> None:
@@ -141,6 +146,8 @@ class Kube:
         except ApiException as e:
             if e.status == 422:
                 raise Invalid(f"{kind} {meta['name']}: {_reason(e)}") from e
+            if namespace_terminating(e):
+                return
             raise
 
     async def delete(self, kind: str, namespace: str, name: str, grace: int | None = None) -> None:
@@ -190,6 +197,11 @@ def owned_by(obj: Manifest, uid: str) -> bool:
         ref.get("uid") == uid and ref.get("controller")
         for ref in obj.get("metadata", {}).get("ownerReferences") or []
     )
+
+
+def namespace_terminating(e: ApiException) -> bool:
+    """A 403 because the namespace is being deleted: nothing to create there, and not an RBAC problem."""
+    return e.status == 403 and "NamespaceTerminating" in str(e.body or "")
 
 
 def _reason(e: ApiException) -> str:
