@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The NCCL path on a real GPU, as a FineTuneJob pod runs it: torchrun -> tauon_trainer.train with
 # TAUON_DIST_BACKEND=nccl (a process group and DDP even on one GPU), precision auto (bf16 on Hopper),
-# then the same run in fp32 for a same-machine ratio. Writes $OUT/gpu_nccl.json.
+# then the same run in fp32 for a same-machine ratio (after a short warm-up run, fp32 first).
+# Writes $OUT/gpu_nccl.json.
 #   MODEL_DIR=<HF model dir> OUT=<dir> bash bench/gpu_nccl.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +10,7 @@ PY=${PY:-python3}
 OUT=${OUT:-$(mktemp -d)}
 MODEL_DIR=${MODEL_DIR:?a Hugging Face model directory (e.g. the MiniLM)}
 STEPS=${STEPS:-300}
+BATCH=${BATCH:-64}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/trainer_image${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TAUON_METRICS_PORT=0 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 NCCL_DEBUG=INFO
@@ -21,7 +23,7 @@ run() {  # NAME PRECISION
  "dataset": {"source": "file://$PWD/examples/data/sentiment.jsonl", "path": "$PWD/examples/data/sentiment.jsonl",
              "format": "jsonl", "textField": "text", "labelField": "label", "validationSplit": 0.15},
  "method": {"type": "full"},
- "hyperparameters": {"epochs": 1, "maxSteps": $STEPS, "batchSizePerDevice": 64, "gradientAccumulationSteps": 1,
+ "hyperparameters": {"epochs": 1, "maxSteps": $STEPS, "batchSizePerDevice": ${BATCH:-64}, "gradientAccumulationSteps": 1,
                      "learningRate": 5e-5, "weightDecay": 0.01, "warmupRatio": 0.1, "maxSeqLength": 128,
                      "precision": "$2", "seed": 42},
  "output": {"storage": "file:///tmp/gpu-$1", "path": "/tmp/gpu-$1", "checkpointEverySteps": 100}}
@@ -32,8 +34,9 @@ JSON
     -m tauon_trainer.train --config "$OUT/$1.json" > "$OUT/$1.log" 2>&1 || { echo "$1 failed"; tail -40 "$OUT/$1.log"; }
   cp "/tmp/gpu-$1/metrics.json" "$OUT/$1.metrics.json" 2>/dev/null || true
 }
-run auto auto
+STEPS_SAVED=$STEPS; STEPS=20 run warmup auto; STEPS=$STEPS_SAVED   # CUDA/cuBLAS/NCCL init, not measured
 run fp32 fp32
+run auto auto
 grep -h "NCCL INFO.*version\|NCCL INFO Init COMPLETE\|comm 0x" "$OUT/auto.log" | head -3 || true
 "$PY" - "$OUT" <<'PYEOF'
 import json, os, sys
