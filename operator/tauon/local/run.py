@@ -25,7 +25,7 @@ from tauon.local import process as lp
 from tauon.render.config import OperatorConfig
 from tauon.render.finetunejob import config_map_name, render_config_map, render_pod
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # long paths stay on one line in logs
 
 
 @dataclass
@@ -73,13 +73,14 @@ def run_finetunejob(job: FineTuneJob, output: Path, quiet: bool = False) -> int:
             f"{ranks[0].prep.env.get('TAUON_DIST_BACKEND')}; logs in {output / 'logs'}"
         )
     interrupted = False
-    original = signal.getsignal(signal.SIGINT)
+    originals = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def on_int(_sig: int, _frame: Any) -> None:
         nonlocal interrupted
         interrupted = True
 
-    signal.signal(signal.SIGINT, on_int)
+    for sig in originals:  # Ctrl-C or a SIGTERM: stop every rank cleanly, never leave one behind
+        signal.signal(sig, on_int)
     failed: RankRun | None = None
     progress = Progress(
         TextColumn("[bold blue]{task.description}"),
@@ -112,7 +113,8 @@ def run_finetunejob(job: FineTuneJob, output: Path, quiet: bool = False) -> int:
                     break
                 time.sleep(0.5)
     finally:
-        signal.signal(signal.SIGINT, original)
+        for sig, handler in originals.items():
+            signal.signal(sig, handler)
         for r in ranks:
             lp.stop(r.proc, grace=10)
     if interrupted:
@@ -172,6 +174,11 @@ def serve_inferenceservice(
         console.print("[red]pvc:// sources cannot be served locally; use file:// or hf://[/]")
         return 1
     port = port or lp.free_port()
+
+    def on_term(_sig: int, _frame: Any) -> None:
+        raise KeyboardInterrupt  # run the finally below: the server must not outlive us
+
+    signal.signal(signal.SIGTERM, on_term)
     argv = [
         "python",
         "-m",

@@ -1,0 +1,97 @@
+"""`tauon run --local`: failures are reported with rank, exit code and reason; nothing outlives it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.kube import wait_until
+
+pytestmark = [pytest.mark.e2e]
+TAUON = str(Path(sys.executable).parent / "tauon")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_failed_rank_is_reported_with_reason(tmp_path: Path):
+    job = {
+        "apiVersion": "tauon.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "broken"},
+        "spec": {
+            "model": {
+                "source": "hf://sentence-transformers/all-MiniLM-L6-v2",
+                "task": "sequence-classification",
+                "numLabels": 2,
+            },
+            "dataset": {"source": "file://./missing.jsonl"},
+            "output": {"storage": "file://./out"},
+            "numNodes": 2,
+            "nprocPerNode": 1,
+        },
+    }
+    manifest = tmp_path / "job.yaml"
+    manifest.write_text(yaml.safe_dump(job))
+    r = subprocess.run(
+        [TAUON, "run", str(manifest), "--local", "--quiet", "--output", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    # torchrun wraps the trainer: the pod's exit code is torchrun's (1); the reason is the termination message
+    assert r.returncode == 1, r.stderr
+    assert "failed with exit code 1" in r.stderr and '"retryable": false' in r.stderr
+    assert "DatasetNotFound" in r.stderr and "missing.jsonl" in r.stderr
+
+
+def test_sigterm_stops_the_local_server(tmp_path: Path):
+    isvc = {
+        "apiVersion": "tauon.dev/v1alpha1",
+        "kind": "InferenceService",
+        "metadata": {"name": "base"},
+        "spec": {"model": {"source": "hf://sentence-transformers/all-MiniLM-L6-v2"}},
+    }
+    manifest = tmp_path / "isvc.yaml"
+    manifest.write_text(yaml.safe_dump(isvc))
+    port = free_port()
+    proc = subprocess.Popen(
+        [TAUON, "run", str(manifest), "--local", "--output", str(tmp_path), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_until(ready, 180, "local server ready", interval=0.5)
+        proc.send_signal(signal.SIGTERM)  # only tauon itself, not its process group
+        proc.wait(timeout=60)
+
+        def closed() -> bool:
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", port)) != 0
+
+        wait_until(closed, 30, "the model server stopped with tauon run")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        time.sleep(0.1)
