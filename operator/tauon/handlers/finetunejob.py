@@ -15,7 +15,6 @@ from pydantic import ValidationError
 from tauon import metrics
 from tauon.api.finetunejob import FineTuneJob
 from tauon.handlers.runtime import RT
-from tauon.kube.apply import apply_plan
 from tauon.kube.client import owned_by
 from tauon.reconcile import pods as P
 from tauon.reconcile.finetunejob import Observed, reconcile
@@ -74,13 +73,6 @@ async def ftj_child_event(type: str, namespace: str, labels: kopf.Labels, **kwar
         RT.trigger(CONTROLLER, namespace, labels[LABEL_JOB])
 
 
-def _post_event(body: dict[str, Any]) -> Any:
-    async def post(ev: Any) -> None:
-        kopf.event(body, type=ev.type, reason=ev.reason, message=ev.message)
-
-    return post
-
-
 async def reconcile_job(namespace: str, name: str) -> None:
     assert RT.kube is not None
     key = (namespace, name)
@@ -133,30 +125,11 @@ async def reconcile_job(namespace: str, name: str) -> None:
     plan = reconcile(job, observed, now, RT.cfg)
     if plan.is_empty():
         return
-    _count_writes(plan)
-    result = await apply_plan(RT.kube, "FineTuneJob", body, plan, _post_event(body))
-    if result.written is not None:
-        RT.written[ctl_key] = result.written
-    if result.conflicts:
-        RT.conflicts[ctl_key] = result.conflicts
-        RT.trigger(CONTROLLER, namespace, name)
-    if result.invalid:
-        RT.refused[ctl_key] = result.invalid
-        RT.trigger(CONTROLLER, namespace, name)
+    await RT.apply(CONTROLLER, "FineTuneJob", body, plan)
     if "restart" in plan.observations:
         metrics.GANG_RESTARTS.labels(namespace, plan.observations["restart"]).inc()
     if "running_after_seconds" in plan.observations:
         metrics.TIME_TO_RUNNING.observe(plan.observations["running_after_seconds"])
-
-
-def _count_writes(plan: Any) -> None:
-    for verb, n in (
-        ("create", len(plan.creates)),
-        ("delete", len(plan.deletes) + int(plan.delete_self)),
-        ("patch", len(plan.stops) + int(plan.status is not None)),
-    ):
-        if n:
-            metrics.API_WRITES.labels(CONTROLLER, verb).inc(n)
 
 
 async def fetch_progress(session: aiohttp.ClientSession) -> None:

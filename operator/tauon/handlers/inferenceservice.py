@@ -13,7 +13,6 @@ from pydantic import ValidationError
 from tauon import metrics
 from tauon.api.inferenceservice import InferenceService
 from tauon.handlers.runtime import RT
-from tauon.kube.apply import apply_plan
 from tauon.kube.client import owned_by
 from tauon.reconcile.inferenceservice import Observed, reconcile
 from tauon.render.inferenceservice import LABEL_ISVC
@@ -111,23 +110,7 @@ async def reconcile_service(namespace: str, name: str) -> None:
     plan = reconcile(isvc, observed, dt.datetime.now(dt.UTC), RT.cfg)
     if plan.is_empty():
         return
-    for verb, n in (
-        ("apply", len(plan.applies) + len(plan.creates)),
-        ("delete", len(plan.deletes)),
-        ("patch", int(plan.status is not None)),
-    ):
-        if n:
-            metrics.API_WRITES.labels(CONTROLLER, verb).inc(n)
-
-    async def post(ev: Any) -> None:
-        kopf.event(body, type=ev.type, reason=ev.reason, message=ev.message)
-
-    result = await apply_plan(RT.kube, "InferenceService", body, plan, post)
-    if result.written is not None:
-        RT.written[ctl_key] = result.written
-    if result.conflicts and result.conflicts != RT.conflicts.get(ctl_key):
-        RT.conflicts[ctl_key] = result.conflicts
-        RT.trigger(CONTROLLER, namespace, name)
+    await RT.apply(CONTROLLER, "InferenceService", body, plan)
 
 
 def update_phase_gauge() -> None:

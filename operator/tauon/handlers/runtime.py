@@ -11,8 +11,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import kopf
+
 from tauon import metrics
+from tauon.kube.apply import apply_plan
 from tauon.kube.client import Kube
+from tauon.reconcile.plan import Event, Plan
 from tauon.render.config import OperatorConfig
 
 log = logging.getLogger("tauon.operator")
@@ -74,6 +78,36 @@ class Runtime:
                     break
         finally:
             self._running.discard(key)
+
+    async def apply(self, controller: str, kind: str, body: dict[str, Any], plan: Plan) -> None:
+        """Apply a non-empty plan for one object; remember what the API server said for the next pass."""
+        assert self.kube is not None
+        meta = body["metadata"]
+        key = (controller, meta["namespace"], meta["name"])
+        for verb, n in (
+            ("create", len(plan.creates)),
+            ("apply", len(plan.applies)),
+            ("delete", len(plan.deletes) + int(plan.delete_self)),
+            ("patch", len(plan.stops) + int(plan.status is not None)),
+        ):
+            if n:
+                metrics.API_WRITES.labels(controller, verb).inc(n)
+
+        async def post(ev: Event) -> None:
+            kopf.event(body, type=ev.type, reason=ev.reason, message=ev.message)
+
+        result = await apply_plan(self.kube, kind, body, plan, post)
+        if result.written is not None:
+            self.written[key] = result.written
+        again = False
+        if result.conflicts and result.conflicts != self.conflicts.get(key):
+            self.conflicts[key] = result.conflicts
+            again = True
+        if result.invalid and result.invalid != self.refused.get(key):
+            self.refused[key] = result.invalid
+            again = True
+        if again:
+            self.trigger(*key)
 
     def bodies(self, index_name: str, key: tuple[str, str]) -> list[dict[str, Any]]:
         """Copies of what a Kopf index holds for (namespace, name)."""
