@@ -165,3 +165,10 @@ def test_conflicting_child_is_reported_not_adopted(cluster: Cluster, operator, n
     )
     svc = cluster.get("service", "taken", namespace)
     assert svc["spec"]["selector"] == {"app": "other"} and not svc["metadata"].get("ownerReferences")
+    # once the user removes the foreign Service, tauon creates its own and the service becomes Ready
+    cluster.kubectl("delete", "service", "taken", "-n", namespace)
+    wait_until(
+        lambda: cond_status(cluster, namespace, "taken", "Ready")[0] == "True", T, "Ready after conflict"
+    )
+    svc = cluster.get("service", "taken", namespace)
+    assert svc["spec"]["selector"] == {"tauon.dev/inference-service": "taken"}

@@ -113,7 +113,7 @@ async def reconcile_job(namespace: str, name: str) -> None:
         config_map=cms[0] if cms else None,
         service=svcs[0] if svcs else None,
         progress=RT.progress.get(key),
-        conflicts=RT.conflicts.get(ctl_key, []),
+        conflicts=await RT.current_conflicts(ctl_key, uid),
         refused=RT.refused.get(ctl_key, []),
     )
     if job.spec.num_nodes > 1 and job.status.created_attempt is None:

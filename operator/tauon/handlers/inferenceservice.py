@@ -105,7 +105,7 @@ async def reconcile_service(namespace: str, name: str) -> None:
         deployments=deployments,
         service=services[0] if services else None,
         hpa=hpas[0] if hpas else None,
-        conflicts=RT.conflicts.get(ctl_key, []),
+        conflicts=await RT.current_conflicts(ctl_key, uid),
     )
     plan = reconcile(isvc, observed, dt.datetime.now(dt.UTC), RT.cfg)
     if plan.is_empty():

@@ -15,7 +15,7 @@ import kopf
 
 from tauon import metrics
 from tauon.kube.apply import apply_plan
-from tauon.kube.client import Kube
+from tauon.kube.client import Kube, owned_by
 from tauon.reconcile.plan import Event, Plan
 from tauon.render.config import OperatorConfig
 
@@ -108,6 +108,25 @@ class Runtime:
             again = True
         if again:
             self.trigger(*key)
+
+    async def current_conflicts(self, key: Key, uid: str) -> list[str]:
+        """Remembered conflicts that still hold (re-read only while there are any): once the user removes
+        or hands over the foreign object, the next pass creates ours."""
+        known = self.conflicts.get(key)
+        if not known:
+            return []
+        assert self.kube is not None
+        still = []
+        for ref in known:
+            kind, _, name = ref.partition("/")
+            obj = await self.kube.get(kind, key[1], name) if name else None
+            if obj is not None and not owned_by(obj, uid):
+                still.append(ref)
+        if still:
+            self.conflicts[key] = still
+        else:
+            self.conflicts.pop(key, None)
+        return still
 
     def bodies(self, index_name: str, key: tuple[str, str]) -> list[dict[str, Any]]:
         """Copies of what a Kopf index holds for (namespace, name)."""
