@@ -4,12 +4,12 @@ PY ?= .venv/bin/python
 VENV_STAMP := .venv/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install demo test lint unit cluster-tests e2e crds cluster-up cluster-down e2e-kind bench
+.PHONY: install demo test lint unit workload cluster-tests e2e crds cluster-up cluster-down e2e-kind bench
 
 $(VENV_STAMP): pyproject.toml
 	@command -v uv >/dev/null || python3 -m pip install -q uv==0.13.8
 	@test -x .venv/bin/python || uv venv -q --python python3.11 .venv
-	VIRTUAL_ENV=.venv uv pip install -q -e '.[trainer,dev]'
+	VIRTUAL_ENV=.venv uv pip install -q -e '.[trainer,local,dev]'
 	@rm -f .venv/.installed-*; touch $@
 
 install: $(VENV_STAMP)
@@ -26,6 +26,9 @@ lint: install
 
 unit: install
 	.venv/bin/pytest -q tests/unit
+
+workload: install
+	.venv/bin/pytest -q tests/workload
 
 cluster-tests: install
 	.venv/bin/pytest -q tests/cluster

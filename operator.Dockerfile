@@ -17,7 +17,7 @@ RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 # Only what the operator package needs: setuptools finds tauon* under operator/ (trainer_image/ is not
-# copied, so tauon_trainer is not installed).
+# copied, so no workload package (tauon_core, tauon_train, tauon_serve) is installed).
 COPY pyproject.toml README.md ./
 COPY operator ./operator
 # Byte-compiled at install time (the root filesystem is read-only at run time). Smoke checks: the
@@ -25,7 +25,8 @@ COPY operator ./operator
 RUN pip install . \
  && python3 -c "import tauon.handlers" \
  && tauon operator --help >/dev/null \
- && ! python3 -c "import tauon_trainer" 2>/dev/null \
+ && ! python3 -c "import tauon_train" 2>/dev/null \
+ && ! python3 -c "import tauon_serve" 2>/dev/null \
  && ! python3 -c "import torch" 2>/dev/null
 
 FROM ${BASE}

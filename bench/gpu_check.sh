@@ -49,14 +49,14 @@ EOF
 rc=0
 job single 300 32
 echo "== run 1: one process, cuda:0, precision auto"
-TAUON_DIST_BACKEND=nccl timeout 240 "$PY" -m tauon_trainer.train --config "$OUT/single.json" >"$OUT/single.log" 2>&1 \
+TAUON_DIST_BACKEND=nccl timeout 240 "$PY" -m tauon_train.train --config "$OUT/single.json" >"$OUT/single.log" 2>&1 \
   || { rc=$?; echo "run 1 failed ($rc)"; tail -30 "$OUT/single.log"; }
 
 job ddp 150 32
 if [ "$NGPU" -ge 2 ]; then BACKEND=nccl; else BACKEND=gloo; fi
 echo "== run 2: two ranks, DDP over $BACKEND ($NGPU GPU(s) visible)"
 TAUON_DIST_BACKEND=$BACKEND timeout 300 "$TORCHRUN" --nnodes 1 --nproc-per-node 2 --master-addr 127.0.0.1 \
-  --master-port 29631 -m tauon_trainer.train --config "$OUT/ddp.json" >"$OUT/ddp.log" 2>&1 \
+  --master-port 29631 -m tauon_train.train --config "$OUT/ddp.json" >"$OUT/ddp.log" 2>&1 \
   || { rc=$?; echo "run 2 failed ($rc)"; tail -30 "$OUT/ddp.log"; }
 
 "$PY" - "$OUT" <<'EOF'

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The NCCL path on a real GPU, as a FineTuneJob pod runs it: torchrun -> tauon_trainer.train with
+# The NCCL path on a real GPU, as a FineTuneJob pod runs it: torchrun -> tauon_train.train with
 # TAUON_DIST_BACKEND=nccl (a process group and DDP even on one GPU), precision auto (bf16 on Hopper),
 # then the same run in fp32 for a same-machine ratio (after a short warm-up run, fp32 first).
 # Writes $OUT/gpu_nccl.json.
@@ -31,7 +31,7 @@ JSON
   rm -rf "/tmp/gpu-$1"
   TAUON_DIST_BACKEND=${BACKEND:-nccl} TAUON_TERMINATION_LOG="$OUT/$1.termination-log" timeout 200 \
     "$PY" -m torch.distributed.run --nnodes 1 --nproc-per-node 1 --master-addr 127.0.0.1 --master-port 29631 \
-    -m tauon_trainer.train --config "$OUT/$1.json" > "$OUT/$1.log" 2>&1 || { echo "$1 failed"; tail -40 "$OUT/$1.log"; }
+    -m tauon_train.train --config "$OUT/$1.json" > "$OUT/$1.log" 2>&1 || { echo "$1 failed"; tail -40 "$OUT/$1.log"; }
   cp "/tmp/gpu-$1/metrics.json" "$OUT/$1.metrics.json" 2>/dev/null || true
 }
 STEPS_SAVED=$STEPS; STEPS=20 run warmup auto; STEPS=$STEPS_SAVED   # CUDA/cuBLAS/NCCL init, not measured

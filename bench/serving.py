@@ -93,7 +93,7 @@ def start_server(
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": "1",
     }
-    cmd = [sys.executable, "-m", "tauon_trainer.serve", "--model", str(model), "--name", NAME]
+    cmd = [sys.executable, "-m", "tauon_serve.serve", "--model", str(model), "--name", NAME]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--threads", str(threads), *mode_args]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)

@@ -132,7 +132,7 @@ def run_tauon(steps: int, batch: int, max_len: int, nproc: int) -> dict[str, flo
         Path(tmp, "job.json").write_text(json.dumps(cfg))
         e = env()
         e["TAUON_TERMINATION_LOG"] = f"{tmp}/termination-log"
-        cmd = torchrun(nproc) + ["-m", "tauon_trainer.train", "--config", f"{tmp}/job.json"]
+        cmd = torchrun(nproc) + ["-m", "tauon_train.train", "--config", f"{tmp}/job.json"]
         res = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=600, check=False)
         if res.returncode != 0:
             raise SystemExit(f"tauon run failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
@@ -224,7 +224,7 @@ def main() -> None:
     ap.add_argument("--nproc", type=int, default=2)
     a = ap.parse_args()
     sys.path.insert(0, str(REPO / "trainer_image"))
-    from tauon_trainer.modeling import bundled_minilm_dir
+    from tauon_core.sources import bundled_minilm_dir
 
     model_dir = bundled_minilm_dir()
     if not model_dir:

@@ -205,7 +205,7 @@ def _trainer_pids(job: str, node_rank: int) -> list[int]:
             env = (proc / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if "tauon_trainer.train" in cmd and "torchrun" not in cmd and "torch.distributed.run" not in cmd:
+        if "tauon_train.train" in cmd and "torchrun" not in cmd and "torch.distributed.run" not in cmd:
             if f"TAUON_JOB_NAME={job}".encode() in env and f"PET_NODE_RANK={node_rank}".encode() in env:
                 pids.append(int(proc.name))
     return pids

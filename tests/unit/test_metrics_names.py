@@ -141,13 +141,13 @@ def test_controller_label_values_are_the_controllers():
 
 
 def trainer_registry() -> CollectorRegistry:
-    mod = pytest.importorskip("tauon_trainer.metrics")
+    mod = pytest.importorskip("tauon_train.metrics")
     return mod.TrainerMetrics(node_rank=0, with_gpu=True).registry
 
 
 def server_registry() -> CollectorRegistry:
     pytest.importorskip("fastapi")
-    mod = pytest.importorskip("tauon_trainer.serve")
+    mod = pytest.importorskip("tauon_serve.serve")
     return mod.ServerMetrics().registry
 
 

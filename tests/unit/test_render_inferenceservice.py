@@ -266,7 +266,7 @@ def test_predictor_deployment_shape() -> None:
     c = container(dep)
     assert c["name"] == "server"
     assert c["image"] == CFG.default_image
-    assert c["command"] == ["python", "-m", "tauon_trainer.serve"]
+    assert c["command"] == ["python", "-m", "tauon_serve.serve"]
     assert c["args"] == [
         "--model",
         "/mnt/tauon/pvc/models/minilm",

@@ -14,20 +14,20 @@ from typing import Any
 import pytest
 import torch
 
-from tauon_trainer import checkpoint as ckpt
-from tauon_trainer import schedule
-from tauon_trainer.config import parse_config
-from tauon_trainer.data import Collator, Record, load_records, parse_label, split_indices, split_sizes
-from tauon_trainer.dist import DistEnv, choose_backend
-from tauon_trainer.errors import PermanentError, report_permanent, write_termination_log
-from tauon_trainer.metrics import (
+from tauon_core.errors import PermanentError, report_permanent, write_termination_log
+from tauon_train import checkpoint as ckpt
+from tauon_train import schedule
+from tauon_train.config import parse_config
+from tauon_train.data import Collator, Record, load_records, parse_label, split_indices, split_sizes
+from tauon_train.dist import DistEnv, choose_backend
+from tauon_train.metrics import (
     LOG_PREFIX,
     ProgressReporter,
     TrainerMetrics,
     progress_record,
     start_metrics_server,
 )
-from tests.trainer.helpers import SENTIMENT, env, job
+from tests.workload.helpers import SENTIMENT, env, job
 
 # --- config ------------------------------------------------------------------------------------
 
@@ -487,7 +487,7 @@ def _bad_cases(tmp: Path) -> list[tuple[str, dict[str, Any] | str | None, str, s
 def test_bad_input_exits_2_with_one_line_and_termination_message(
     case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from tauon_trainer.train import main
+    from tauon_train.train import main
 
     for k, v in env(tmp_path).items():
         monkeypatch.setenv(k, v)

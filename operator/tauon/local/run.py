@@ -182,7 +182,7 @@ def serve_inferenceservice(
     argv = [
         "python",
         "-m",
-        "tauon_trainer.serve",
+        "tauon_serve.serve",
         "--model",
         path,
         "--name",

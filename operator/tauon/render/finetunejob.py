@@ -241,7 +241,7 @@ def render_pod(job: FineTuneJob, cfg: OperatorConfig, attempt: int, rank: int) -
         "image": r.image,
         "imagePullPolicy": "IfNotPresent",
         "command": ["torchrun"],
-        "args": ["--max-restarts=0", "-m", "tauon_trainer.train", "--config", CONFIG_PATH],
+        "args": ["--max-restarts=0", "-m", "tauon_train.train", "--config", CONFIG_PATH],
         "env": trainer_env(job, cfg, attempt, rank, r),
         "ports": [
             {"name": "dist", "containerPort": cfg.master_port, "protocol": "TCP"},

@@ -3,7 +3,7 @@
 Children of an InferenceService `<name>`:
 - Deployment `<name>-predictor` serving the main model, and `<name>-canary` serving the canary's model when
   `spec.canary` is set (and its model is known). Both run the trainer image's model server
-  (`python -m tauon_trainer.serve`) on port `cfg.server_port` (8080), named `http`.
+  (`python -m tauon_serve.serve`) on port `cfg.server_port` (8080), named `http`.
 - Service `<name>` (ClusterIP, port 80 -> `http`) selecting `tauon.dev/inference-service: <name>`, that is
   the pods of both Deployments: the canary's traffic share is its share of the ready replicas.
 - HorizontalPodAutoscaler `<name>` (autoscaling/v2, CPU utilisation) targeting `<name>-predictor`, only
@@ -297,7 +297,7 @@ def render_deployment(
         "name": CONTAINER,
         "image": spec.image or cfg.default_image,
         "imagePullPolicy": "IfNotPresent",
-        "command": ["python", "-m", "tauon_trainer.serve"],
+        "command": ["python", "-m", "tauon_serve.serve"],
         "args": args,
         "env": server_env(isvc, model_spec),
         "ports": [{"name": PORT_NAME, "containerPort": cfg.server_port, "protocol": "TCP"}],

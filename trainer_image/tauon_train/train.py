@@ -1,7 +1,7 @@
 """tauon's fine-tuning trainer.
 
-    torchrun --nnodes N --nproc-per-node P ... -m tauon_trainer.train --config /etc/tauon/job.json
-    python -m tauon_trainer.train --config job.json          # single process (no torchrun env)
+    torchrun --nnodes N --nproc-per-node P ... -m tauon_train.train --config /etc/tauon/job.json
+    python -m tauon_train.train --config job.json          # single process (no torchrun env)
 
 Order of work: parse the config, load and validate the dataset, resolve and load the model (all before
 ``init_process_group``, so a permanent error costs no rendezvous and every rank fails the same way),
@@ -29,11 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import checkpoint as ckpt
-from . import dist, schedule
-from .config import JobConfig, load_config
-from .data import Collator, TokenizedDataset, drop_short, load_records, split_indices, tokenize
-from .errors import (
+from tauon_core.errors import (
     EMPTY_DATASET,
     EXIT_OK,
     EXIT_RETRYABLE,
@@ -43,6 +39,11 @@ from .errors import (
     report_retryable,
     write_termination_log,
 )
+
+from . import checkpoint as ckpt
+from . import dist, schedule
+from .config import JobConfig, load_config
+from .data import Collator, TokenizedDataset, drop_short, load_records, split_indices, tokenize
 from .metrics import (
     ProgressReporter,
     TrainerMetrics,
@@ -668,7 +669,7 @@ def _quiet_libraries(d: dist.DistEnv) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tauon_trainer.train", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="tauon_train.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=os.environ.get("TAUON_CONFIG", "/etc/tauon/job.json"))
     args = parser.parse_args(argv)
     t0 = time.monotonic()

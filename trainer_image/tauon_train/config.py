@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import INVALID_CONFIG, PermanentError
+from tauon_core.errors import INVALID_CONFIG, PermanentError
 
 TASKS = ("sequence-classification", "causal-lm")
 METHODS = ("full", "lora")

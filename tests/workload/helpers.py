@@ -111,7 +111,7 @@ def torchrun_cmd(config: Path, nproc: int = 2) -> list[str]:
         "--master-port",
         str(free_port()),
         "-m",
-        "tauon_trainer.train",
+        "tauon_train.train",
         "--config",
         str(config),
     ]

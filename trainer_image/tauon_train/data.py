@@ -20,8 +20,7 @@ from typing import Any
 
 import torch
 
-from .config import DatasetConfig
-from .errors import (
+from tauon_core.errors import (
     DATASET_NOT_FOUND,
     EMPTY_DATASET,
     INVALID_DATASET,
@@ -29,6 +28,8 @@ from .errors import (
     MISSING_COLUMN,
     PermanentError,
 )
+
+from .config import DatasetConfig
 
 
 @dataclass(frozen=True)

