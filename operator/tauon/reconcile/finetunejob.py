@@ -1,21 +1,28 @@
 """FineTuneJob planner: (job, observed children, now) -> Plan. Pure; same inputs give the same plan.
 
-Follows API.md's failure semantics: whole-gang restarts for retryable failures (disruptions do not count
-toward backoffLimit), immediate failure on `retryable: false`, startup and schedule timeouts, deadline,
-suspend/resume, TTL, and stopping (not deleting) survivors of a failed job so their logs stay readable.
+Follows the API contract's failure semantics: whole-gang restarts for retryable failures (disruptions do
+not count toward backoffLimit), immediate failure on `retryable: false`, startup and schedule timeouts,
+deadline, suspend/resume, TTL, and stopping (not deleting) survivors of a failed job so their logs stay
+readable.
+
+The planner is a list of named policy steps (`STEPS`), run in order on one shared `Context`; the first
+step that decides the pass (returns DONE) ends it, and `_finish` turns the context into the Plan. Events
+follow the rule in tauon.reconcile.context.
 """
 
 from __future__ import annotations
 
-import copy
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from tauon.api.finetunejob import FineTuneJob, FineTuneJobStatus, LastFailure, Output, Progress
 from tauon.reconcile import pods as P
-from tauon.reconcile.conditions import is_true, set_condition
-from tauon.reconcile.plan import Event, Plan
+from tauon.reconcile.conditions import is_true
+from tauon.reconcile.context import Context, summarise
+from tauon.reconcile.plan import Plan
 from tauon.render.common import InvalidSpec
 from tauon.render.config import OperatorConfig
 from tauon.render.finetunejob import (
@@ -31,6 +38,9 @@ from tauon.render.finetunejob import (
 Manifest = dict[str, Any]
 RWX = "ReadWriteMany"
 ROX = "ReadOnlyMany"
+# Progress values are bounded so a rank 0 reporting nonsense cannot make every status patch invalid.
+MAX_PROGRESS_INT = 2**53 - 1  # exact in JSON numbers everywhere
+MAX_PROGRESS_FLOAT = 1e15
 
 
 @dataclass
@@ -46,6 +56,25 @@ class Observed:
     refused: list[str] = field(default_factory=list)  # children the API server rejected (422)
 
 
+Ctx = Context[FineTuneJob, FineTuneJobStatus]
+
+
+@dataclass
+class Pass:
+    """Facts one planning pass derives from Observed (shared by the steps)."""
+
+    observed: Observed
+    cfg: OperatorConfig
+    cur: list[Manifest]  # pods of the current attempt
+    stale: list[Manifest]  # pods of older attempts
+    counted: list[Manifest]  # pods status.pods describes (none while suspended or restarting)
+
+
+DONE = True  # a step decided this pass
+NEXT = False  # go on with the next step
+Step = Callable[[Ctx, Pass], bool]
+
+
 def _status_dump(st: FineTuneJobStatus) -> Manifest:
     return st.model_dump(by_alias=True, exclude_none=True, mode="json")
 
@@ -57,38 +86,31 @@ def phase_of(st: FineTuneJobStatus) -> str:
     return "Pending"
 
 
-class _Ctx:
-    def __init__(self, job: FineTuneJob, now: datetime):
-        self.job = job
-        self.now = now
-        self.gen = job.metadata.generation
-        self.st = copy.deepcopy(job.status)
-        self.plan = Plan()
+def _stop(ctx: Ctx, active: list[Manifest]) -> None:
+    for pod in active:
+        if (
+            not P.finished(pod)
+            and not P.deleting(pod)
+            and not pod.get("spec", {}).get("activeDeadlineSeconds")
+        ):
+            ctx.plan.stops.append(P.name(pod))
 
-    def cond(self, ctype: str, status: bool, reason: str, message: str = "") -> bool:
-        return set_condition(
-            self.st.conditions, ctype, "True" if status else "False", reason, message, self.gen, self.now
-        )
 
-    def event(self, type_: str, reason: str, message: str) -> None:
-        self.plan.events.append(Event(type_, reason, message))  # type: ignore[arg-type]
+def _fail(ctx: Ctx, reason: str, message: str, active: list[Manifest]) -> bool:
+    """Terminal failure: Failed condition (one event), survivors stopped, status written first."""
+    ctx.transition("Failed", True, reason, message, ("Warning", reason, message))
+    for ctype in ("Running", "Restarting", "Suspended"):
+        ctx.cond(ctype, False, reason, "")
+    ctx.st.completion_time = ctx.st.completion_time or ctx.now
+    _stop(ctx, active)
+    ctx.plan.status_first = True
+    return DONE
 
-    def fail(self, reason: str, message: str, active: list[Manifest]) -> None:
-        if self.cond("Failed", True, reason, message):
-            self.event("Warning", reason, message)
-        for ctype in ("Running", "Restarting", "Suspended"):
-            self.cond(ctype, False, reason, "")
-        self.st.completion_time = self.st.completion_time or self.now
-        self.stop(active)
 
-    def stop(self, active: list[Manifest]) -> None:
-        for pod in active:
-            if (
-                not P.finished(pod)
-                and not P.deleting(pod)
-                and not pod.get("spec", {}).get("activeDeadlineSeconds")
-            ):
-                self.plan.stops.append(P.name(pod))
+def _delete_pods(ctx: Ctx, pods: list[Manifest]) -> None:
+    for p in pods:
+        if not P.deleting(p):
+            ctx.plan.deletes.append(("Pod", P.name(p)))
 
 
 def _counts(cur: list[Manifest]) -> tuple[int, int, int, int]:
@@ -119,27 +141,354 @@ def _pvc_problem(job: FineTuneJob, pvcs: dict[str, list[str]]) -> str | None:
     return None
 
 
-def _progress(ctx: _Ctx, report: dict[str, Any] | None) -> None:
-    if not report:
-        return
+def bounded_progress(report: dict[str, Any]) -> Progress | None:
+    """A Progress from rank 0's report, or None when any field is unusable (NaN, infinite, huge)."""
     # percent is ours to compute (an integer for the printer column); the trainer may send a float
     fields = {k: v for k, v in report.items() if k != "percent"}
+    for v in fields.values():
+        if isinstance(v, bool):
+            continue
+        if isinstance(v, int) and abs(v) > MAX_PROGRESS_INT:
+            return None
+        if isinstance(v, float) and (not math.isfinite(v) or abs(v) > MAX_PROGRESS_FLOAT):
+            return None
     try:
-        new = Progress.model_validate(fields)
-    except ValueError:
-        return
+        return Progress.model_validate(fields)
+    except (ValueError, OverflowError):
+        return None
+
+
+# -- policy steps, in order ----------------------------------------------------------------------------
+
+
+def step_finished(ctx: Ctx, p: Pass) -> bool:
+    """A Succeeded or Failed job only stops survivors, removes old attempts and honours its TTL."""
+    st = ctx.st
+    if not (is_true(st.conditions, "Succeeded") or is_true(st.conditions, "Failed")):
+        return NEXT
+    _stop(ctx, p.cur)
+    _delete_pods(ctx, [s for s in p.stale if not P.finished(s)])
+    ttl = ctx.obj.spec.run_policy.ttl_seconds_after_finished
+    if ttl is not None and st.completion_time is not None:
+        if ctx.now >= st.completion_time + timedelta(seconds=ttl):
+            ctx.plan.delete_self = True
+    return DONE
+
+
+def step_cleanup_and_progress(ctx: Ctx, p: Pass) -> bool:
+    """Old attempts' pods go; rank 0's latest progress report is taken into status."""
+    _delete_pods(ctx, p.stale)
+    report = p.observed.progress
+    if not report:
+        return NEXT
+    new = bounded_progress(report)
+    if new is None:
+        return NEXT
     old = ctx.st.progress
     if old.updated_at is not None and new.updated_at is not None and new.updated_at <= old.updated_at:
-        return
+        return NEXT
     if new.total_steps:
         new.percent = max(0, min(100, int(100 * new.step / new.total_steps)))
     ctx.st.progress = new
+    return NEXT
 
 
-def _success_output(ctx: _Ctx, cur: list[Manifest]) -> None:
-    storage = ctx.job.spec.output.storage.rstrip("/")
+def step_admission(ctx: Ctx, p: Pass) -> bool:
+    """Rules the schema could not check: operator config, PVC access modes, the API server's refusals."""
+    try:
+        validate(ctx.obj, p.cfg)
+        problem = _pvc_problem(ctx.obj, p.observed.pvcs)
+        if problem:
+            raise InvalidSpec(problem)
+        if p.observed.refused:
+            raise InvalidSpec(
+                "the API server refused a child: " + summarise(p.observed.refused, "more refused")
+            )
+    except InvalidSpec as e:
+        return _fail(ctx, "InvalidSpec", str(e), p.cur)
+    return NEXT
+
+
+def step_conflicts(ctx: Ctx, p: Pass) -> bool:
+    """Children with our names that are not ours: say so and touch nothing until they are gone."""
+    if not p.observed.conflicts:
+        return NEXT
+    names = sorted(p.observed.conflicts)
+    msg = f"children exist that tauon does not own: {', '.join(names)}"
+    ctx.transition("Created", False, "ResourceConflict", msg, ("Warning", "ResourceConflict", msg))
+    return DONE
+
+
+def step_defaults(ctx: Ctx, p: Pass) -> bool:
+    """Resolve image, processes per node and backend once; start the clock."""
+    st = ctx.st
+    if st.resolved.image is None:
+        r = resolve(ctx.obj, p.cfg)
+        st.resolved.image, st.resolved.nproc_per_node, st.resolved.backend = (
+            r.image,
+            r.nproc_per_node,
+            r.backend,
+        )
+    if st.start_time is None:
+        st.start_time = ctx.obj.metadata.creation_timestamp or ctx.now
+    return NEXT
+
+
+def step_suspend(ctx: Ctx, p: Pass) -> bool:
+    """runPolicy.suspend deletes the gang; clearing it starts a new attempt."""
+    st = ctx.st
+    if ctx.obj.spec.run_policy.suspend:
+        _delete_pods(ctx, p.cur)
+        ctx.transition(
+            "Suspended",
+            True,
+            "Suspended",
+            "runPolicy.suspend is true: pods deleted",
+            ("Normal", "Suspended", "job suspended; pods deleted"),
+        )
+        ctx.cond("Running", False, "Suspended")
+        ctx.cond("Restarting", False, "Suspended")
+        p.counted = []
+        return DONE
+    if is_true(st.conditions, "Suspended"):
+        ctx.cond("Suspended", False, "Resumed", "runPolicy.suspend is false")
+        ctx.event("Normal", "Resumed", "job resumed; starting a new gang")  # a new attempt
+        st.attempt += 1
+        st.start_time = ctx.now
+        ctx.plan.status_first = True
+        p.counted = []
+        return DONE
+    return NEXT
+
+
+def step_deadline(ctx: Ctx, p: Pass) -> bool:
+    """activeDeadlineSeconds, counted from the latest start or resume."""
+    limit = ctx.obj.spec.run_policy.active_deadline_seconds
+    start = ctx.st.start_time
+    if limit and start is not None and ctx.now >= start + timedelta(seconds=limit):
+        return _fail(ctx, "DeadlineExceeded", f"job ran longer than activeDeadlineSeconds ({limit}s)", p.cur)
+    return NEXT
+
+
+def _failures(ctx: Ctx, p: Pass) -> list[P.Failure]:
+    st, name = ctx.st, ctx.obj.metadata.name
+    failures = [f for pod in p.cur if (f := P.classify(pod, CONTAINER, ctx.now)) is not None]
+    present = {P.name(pod) for pod in p.cur}
+    if st.created_attempt == st.attempt:
+        failures += [
+            P.missing_failure(pod_name(name, st.attempt, i), ctx.now)
+            for i in range(ctx.obj.spec.num_nodes)
+            if pod_name(name, st.attempt, i) not in present
+        ]
+    return sorted(failures, key=lambda f: (f.time, f.pod))
+
+
+def step_gang_failure(ctx: Ctx, p: Pass) -> bool:
+    """The gang is judged by its earliest failure: permanent -> Failed, limit used up -> Failed."""
+    failures = _failures(ctx, p)
+    if not failures:
+        return NEXT
+    st, first = ctx.st, failures[0]
+    permanent = next((f for f in failures if f.permanent), None)
+    if permanent is not None:
+        st.last_failure = _last_failure(permanent)
+        return _fail(
+            ctx,
+            "PermanentError",
+            f"pod {permanent.pod} failed with a non-retryable error: {permanent.reason}: {permanent.message}",
+            p.cur,
+        )
+    limit = ctx.obj.spec.run_policy.backoff_limit
+    if not first.disruption and st.restarts_count_towards_limit >= limit:
+        st.last_failure = _last_failure(first)
+        return _fail(
+            ctx,
+            "BackoffLimitExceeded",
+            f"pod {first.pod} failed ({first.reason}, exit code {first.exit_code}) and backoffLimit "
+            f"({limit}) restarts are used up",
+            p.cur,
+        )
+    return _restart(ctx, p, first)
+
+
+def _restart(ctx: Ctx, p: Pass, first: P.Failure) -> bool:
+    """Whole-gang restart: delete this attempt's pods; the next attempt starts right away."""
+    st = ctx.st
+    counts = not first.disruption
+    st.last_failure = _last_failure(first)
+    st.attempt += 1
+    st.restarts += 1
+    if counts:
+        st.restarts_count_towards_limit += 1
+    msg = (
+        f"restarting the whole gang as attempt {st.attempt}: pod {first.pod} "
+        f"{'was disrupted' if first.disruption else 'failed'} ({first.reason}"
+        + (f", exit code {first.exit_code}" if first.exit_code is not None else "")
+        + ")"
+    )
+    ctx.cond("Restarting", True, "PodDisrupted" if first.disruption else "PodFailed", msg)
+    ctx.cond("Running", False, "Restarting", "")
+    ctx.event("Warning", "Restarting", msg)  # a new attempt
+    _delete_pods(ctx, p.cur)
+    ctx.plan.status_first = True
+    ctx.plan.observations["restart"] = "failure" if counts else "disruption"
+    p.counted = []
+    return DONE
+
+
+def step_success(ctx: Ctx, p: Pass) -> bool:
+    """Every rank of the current attempt succeeded."""
+    n = ctx.obj.spec.num_nodes
+    if not (len(p.cur) == n and all(P.phase(pod) == "Succeeded" for pod in p.cur)):
+        return NEXT
+    st = ctx.st
+    ctx.transition(
+        "Succeeded",
+        True,
+        "Succeeded",
+        f"all {n} nodes finished",
+        ("Normal", "Succeeded", f"training finished after {st.restarts} restart(s)"),
+    )
+    ctx.cond("Running", False, "Succeeded")
+    ctx.cond("Restarting", False, "Succeeded")
+    st.completion_time = st.completion_time or ctx.now
+    _success_output(ctx, p.cur)
+    return DONE
+
+
+def step_create(ctx: Ctx, p: Pass) -> bool:
+    """Create what is missing of the current attempt (idempotent: 409 means already there)."""
+    st = ctx.st
+    present = {P.name(pod) for pod in p.cur}
+    for child in render_attempt(ctx.obj, p.cfg, st.attempt):
+        kind, cname = child["kind"], child["metadata"]["name"]
+        if kind == "ConfigMap" and p.observed.config_map is not None:
+            continue
+        if kind == "Service" and p.observed.service is not None:
+            continue
+        if kind == "Pod" and cname in present:
+            continue
+        if kind == "PodGroup" and st.created_attempt == st.attempt:
+            continue
+        ctx.plan.creates.append(child)
+    if len(p.cur) == ctx.obj.spec.num_nodes and st.created_attempt != st.attempt:
+        st.created_attempt = st.attempt
+    return NEXT
+
+
+def _created_at(ctx: Ctx, p: Pass) -> datetime:
+    times = (P.parse_time(pod["metadata"].get("creationTimestamp")) or ctx.now for pod in p.cur)
+    return min(times, default=ctx.now)
+
+
+def step_scheduling(ctx: Ctx, p: Pass) -> bool:
+    """Created condition: all scheduled, or waiting past scheduleTimeoutSeconds (one event)."""
+    st, n = ctx.st, ctx.obj.spec.num_nodes
+    timeout = ctx.obj.spec.run_policy.schedule_timeout_seconds
+    all_present = len(p.cur) == n
+    n_sched = sum(1 for pod in p.cur if P.scheduled(pod))
+    if all_present and n_sched == n:
+        reason = "GangScheduled" if st.attempt == 0 else "GangRecreated"
+        ctx.cond("Created", True, reason, f"attempt {st.attempt}: all {n} pods scheduled")
+    elif all_present and ctx.now - _created_at(ctx, p) >= timedelta(seconds=timeout):
+        msg = f"gang not fully scheduled after {timeout}s: {n_sched}/{n} pods scheduled; waiting"
+        # Created stays True while waiting: the transition is into the Unschedulable reason
+        ctx.transition("Created", True, "Unschedulable", msg, ("Warning", "Unschedulable", msg))
+
+    else:
+        ctx.cond(
+            "Created", all_present, "PodsCreated" if all_present else "Creating", f"attempt {st.attempt}"
+        )
+    return NEXT
+
+
+def step_running(ctx: Ctx, p: Pass) -> bool:
+    """Running once every pod of the attempt runs (one event, and time-to-running for attempt 0)."""
+    st, n, job = ctx.st, ctx.obj.spec.num_nodes, ctx.obj
+    if not (len(p.cur) == n and all(P.phase(pod) == "Running" for pod in p.cur)):
+        return NEXT
+    if ctx.transition(
+        "Running",
+        True,
+        "AllPodsRunning",
+        f"all {n} pods of attempt {st.attempt} running",
+        ("Normal", "Running", f"attempt {st.attempt}: all {n} pods running"),
+    ):
+        if st.attempt == 0 and job.metadata.creation_timestamp is not None:
+            ctx.plan.observations["running_after_seconds"] = (
+                ctx.now - job.metadata.creation_timestamp
+            ).total_seconds()
+    ctx.cond("Restarting", False, "AllPodsRunning", "")
+    return DONE
+
+
+def step_startup(ctx: Ctx, p: Pass) -> bool:
+    """Pods scheduled but not running startupTimeoutSeconds after the gang was fully scheduled."""
+    n = ctx.obj.spec.num_nodes
+    timeout = ctx.obj.spec.run_policy.startup_timeout_seconds
+    if not (len(p.cur) == n and sum(1 for pod in p.cur if P.scheduled(pod)) == n):
+        return NEXT
+    startup = [pod for pod in p.cur if P.phase(pod) == "Pending"]
+    created_at = _created_at(ctx, p)
+    # counted from when the gang became fully scheduled (its last pod), not its first: a gang that
+    # waited past scheduleTimeoutSeconds must not fail the moment its last pod is placed
+    gang_sched = max(
+        (
+            P.parse_time((P.pod_condition(pod, "PodScheduled") or {}).get("lastTransitionTime")) or created_at
+            for pod in p.cur
+        ),
+        default=created_at,
+    )
+    if not startup or ctx.now - gang_sched < timedelta(seconds=timeout):
+        return NEXT
+    detail = ""
+    for pod in startup:
+        w = P.waiting_error(pod, CONTAINER)
+        if w:
+            detail = f": pod {P.name(pod)} is waiting with {w[0]} ({w[1]})"
+            break
+    return _fail(
+        ctx,
+        "StartupTimeout",
+        f"{len(startup)} pod(s) not running {timeout}s after scheduling{detail}",
+        p.cur,
+    )
+
+
+STEPS: tuple[Step, ...] = (
+    step_finished,
+    step_cleanup_and_progress,
+    step_admission,
+    step_conflicts,
+    step_defaults,
+    step_suspend,
+    step_deadline,
+    step_gang_failure,
+    step_success,
+    step_create,
+    step_scheduling,
+    step_running,
+    step_startup,
+)
+
+
+def reconcile(job: FineTuneJob, observed: Observed, now: datetime, cfg: OperatorConfig) -> Plan:
+    ctx: Ctx = Context.start(job, job.status, now)
+    ctx.st.observed_generation = ctx.gen
+    attempt = ctx.st.attempt
+    cur = [pod for pod in observed.pods if P.label_int(pod, LABEL_ATTEMPT) == attempt]
+    stale = [pod for pod in observed.pods if P.label_int(pod, LABEL_ATTEMPT) != attempt]
+    p = Pass(observed, cfg, cur, stale, counted=cur)
+    for step in STEPS:
+        if step(ctx, p):
+            break
+    return _finish(ctx, p.counted)
+
+
+def _success_output(ctx: Ctx, cur: list[Manifest]) -> None:
+    storage = ctx.obj.spec.output.storage.rstrip("/")
     metrics: dict[str, Any] = {}
-    rank0 = next((p for p in cur if P.name(p) == pod_name(ctx.job.metadata.name, ctx.st.attempt, 0)), None)
+    rank0 = next((p for p in cur if P.name(p) == pod_name(ctx.obj.metadata.name, ctx.st.attempt, 0)), None)
     if rank0 is not None:
         msg = P.termination_message(rank0, CONTAINER) or {}
         if isinstance(msg.get("metrics"), dict):
@@ -151,256 +500,21 @@ def _success_output(ctx: _Ctx, cur: list[Manifest]) -> None:
         ctx.st.progress.eta_seconds = 0
 
 
-def reconcile(job: FineTuneJob, observed: Observed, now: datetime, cfg: OperatorConfig) -> Plan:
-    ctx = _Ctx(job, now)
-    st = ctx.st
-    spec = job.spec
-    policy = spec.run_policy
-    name = job.metadata.name
-    st.observed_generation = ctx.gen
-
-    def attempt_of(p: Manifest) -> int | None:
-        return P.label_int(p, LABEL_ATTEMPT)
-
-    cur = [p for p in observed.pods if attempt_of(p) == st.attempt]
-    stale = [p for p in observed.pods if attempt_of(p) != st.attempt]
-    terminal = is_true(st.conditions, "Succeeded") or is_true(st.conditions, "Failed")
-
-    if not terminal:
-        for p in stale:
-            if not P.deleting(p):
-                ctx.plan.deletes.append(("Pod", P.name(p)))
-        _progress(ctx, observed.progress)
-
-    if terminal:
-        ctx.stop(cur)
-        for p in stale:
-            if not P.deleting(p) and not P.finished(p):
-                ctx.plan.deletes.append(("Pod", P.name(p)))
-        ttl = policy.ttl_seconds_after_finished
-        if (
-            ttl is not None
-            and st.completion_time is not None
-            and now >= st.completion_time + timedelta(seconds=ttl)
-        ):
-            ctx.plan.delete_self = True
-        return _finish(ctx, job, cur)
-
-    # Rules the schema could not check.
-    try:
-        validate(job, cfg)
-        problem = _pvc_problem(job, observed.pvcs)
-        if problem:
-            raise InvalidSpec(problem)
-        if observed.refused:
-            raise InvalidSpec("the API server refused a child: " + "; ".join(observed.refused))
-    except InvalidSpec as e:
-        ctx.fail("InvalidSpec", str(e), cur)
-        return _finish(ctx, job, cur)
-
-    if observed.conflicts:
-        msg = f"children exist that tauon does not own: {', '.join(sorted(observed.conflicts))}"
-        if ctx.cond("Created", False, "ResourceConflict", msg):
-            ctx.event("Warning", "ResourceConflict", msg)
-        return _finish(ctx, job, cur)
-
-    if st.resolved.image is None:
-        r = resolve(job, cfg)
-        st.resolved.image, st.resolved.nproc_per_node, st.resolved.backend = (
-            r.image,
-            r.nproc_per_node,
-            r.backend,
-        )
-    if st.start_time is None:
-        st.start_time = job.metadata.creation_timestamp or now
-
-    # Suspend / resume.
-    if policy.suspend:
-        for p in cur:
-            if not P.deleting(p):
-                ctx.plan.deletes.append(("Pod", P.name(p)))
-        if ctx.cond("Suspended", True, "Suspended", "runPolicy.suspend is true: pods deleted"):
-            ctx.event("Normal", "Suspended", "job suspended; pods deleted")
-        ctx.cond("Running", False, "Suspended")
-        ctx.cond("Restarting", False, "Suspended")
-        return _finish(ctx, job, [])
-    if is_true(st.conditions, "Suspended"):
-        ctx.cond("Suspended", False, "Resumed", "runPolicy.suspend is false")
-        ctx.event("Normal", "Resumed", "job resumed; starting a new gang")
-        st.attempt += 1
-        st.start_time = now
-        ctx.plan.status_first = True
-        return _finish(ctx, job, [])
-
-    # Deadline, counted from the latest start or resume.
-    if policy.active_deadline_seconds and st.start_time is not None:
-        if now >= st.start_time + timedelta(seconds=policy.active_deadline_seconds):
-            ctx.fail(
-                "DeadlineExceeded",
-                f"job ran longer than activeDeadlineSeconds ({policy.active_deadline_seconds}s)",
-                cur,
-            )
-            return _finish(ctx, job, cur)
-
-    # Failures of the current attempt (the gang is classified by its earliest failure).
-    failures = [f for p in cur if (f := P.classify(p, CONTAINER, now)) is not None]
-    present = {P.name(p) for p in cur}
-    if st.created_attempt == st.attempt:
-        failures += [
-            P.missing_failure(pod_name(name, st.attempt, i), now)
-            for i in range(spec.num_nodes)
-            if pod_name(name, st.attempt, i) not in present
-        ]
-    if failures:
-        first = min(failures, key=lambda f: (f.time, f.pod))
-        permanent = next((f for f in sorted(failures, key=lambda f: (f.time, f.pod)) if f.permanent), None)
-        if permanent is not None:
-            st.last_failure = _last_failure(permanent)
-            ctx.fail(
-                "PermanentError",
-                f"pod {permanent.pod} failed with a non-retryable error: {permanent.reason}: {permanent.message}",
-                cur,
-            )
-            return _finish(ctx, job, cur)
-        counts = not first.disruption
-        if counts and st.restarts_count_towards_limit >= policy.backoff_limit:
-            st.last_failure = _last_failure(first)
-            ctx.fail(
-                "BackoffLimitExceeded",
-                f"pod {first.pod} failed ({first.reason}, exit code {first.exit_code}) and backoffLimit "
-                f"({policy.backoff_limit}) restarts are used up",
-                cur,
-            )
-            return _finish(ctx, job, cur)
-        # Whole-gang restart: delete this attempt's pods; the next attempt starts right away.
-        st.last_failure = _last_failure(first)
-        st.attempt += 1
-        st.restarts += 1
-        if counts:
-            st.restarts_count_towards_limit += 1
-        kind = "failure" if counts else "disruption"
-        msg = (
-            f"restarting the whole gang as attempt {st.attempt}: pod {first.pod} "
-            f"{'was disrupted' if first.disruption else 'failed'} ({first.reason}"
-            + (f", exit code {first.exit_code}" if first.exit_code is not None else "")
-            + ")"
-        )
-        ctx.cond("Restarting", True, "PodDisrupted" if first.disruption else "PodFailed", msg)
-        ctx.cond("Running", False, "Restarting", "")
-        ctx.event("Warning", "Restarting", msg)
-        for p in cur:
-            if not P.deleting(p):
-                ctx.plan.deletes.append(("Pod", P.name(p)))
-        ctx.plan.status_first = True
-        ctx.plan.observations["restart"] = kind
-        return _finish(ctx, job, [])
-
-    # Success: every rank of the current attempt succeeded.
-    if len(cur) == spec.num_nodes and all(P.phase(p) == "Succeeded" for p in cur):
-        if ctx.cond("Succeeded", True, "Succeeded", f"all {spec.num_nodes} nodes finished"):
-            ctx.event("Normal", "Succeeded", f"training finished after {st.restarts} restart(s)")
-        ctx.cond("Running", False, "Succeeded")
-        ctx.cond("Restarting", False, "Succeeded")
-        st.completion_time = st.completion_time or now
-        _success_output(ctx, cur)
-        return _finish(ctx, job, cur)
-
-    # Create what is missing of the current attempt (idempotent: 409 means already there).
-    children = render_attempt(job, cfg, st.attempt)
-    for child in children:
-        kind, cname = child["kind"], child["metadata"]["name"]
-        if kind == "ConfigMap" and observed.config_map is not None:
-            continue
-        if kind == "Service" and observed.service is not None:
-            continue
-        if kind == "Pod" and cname in present:
-            continue
-        if kind == "PodGroup" and st.created_attempt == st.attempt:
-            continue
-        ctx.plan.creates.append(child)
-
-    all_present = len(cur) == spec.num_nodes
-    if all_present and st.created_attempt != st.attempt:
-        st.created_attempt = st.attempt
-    created_at = min((P.parse_time(p["metadata"].get("creationTimestamp")) or now for p in cur), default=now)
-
-    # Scheduling and startup timeouts.
-    n_sched = sum(1 for p in cur if P.scheduled(p))
-    if all_present and n_sched == spec.num_nodes:
-        ctx.cond(
-            "Created",
-            True,
-            "GangScheduled" if st.attempt == 0 else "GangRecreated",
-            f"attempt {st.attempt}: all {spec.num_nodes} pods scheduled",
-        )
-    elif all_present and now - created_at >= timedelta(seconds=policy.schedule_timeout_seconds):
-        msg = (
-            f"gang not fully scheduled after {policy.schedule_timeout_seconds}s: {n_sched}/{spec.num_nodes} "
-            "pods scheduled; waiting"
-        )
-        prev = next((c for c in st.conditions if c.type == "Created"), None)
-        if prev is None or prev.reason != "Unschedulable":
-            ctx.event("Warning", "Unschedulable", msg)
-        ctx.cond("Created", True, "Unschedulable", msg)
-    else:
-        ctx.cond(
-            "Created", all_present, "PodsCreated" if all_present else "Creating", f"attempt {st.attempt}"
-        )
-
-    running = all_present and all(P.phase(p) == "Running" for p in cur)
-    if running:
-        if ctx.cond(
-            "Running", True, "AllPodsRunning", f"all {spec.num_nodes} pods of attempt {st.attempt} running"
-        ):
-            ctx.event("Normal", "Running", f"attempt {st.attempt}: all {spec.num_nodes} pods running")
-            if st.attempt == 0 and job.metadata.creation_timestamp is not None:
-                ctx.plan.observations["running_after_seconds"] = (
-                    now - job.metadata.creation_timestamp
-                ).total_seconds()
-        ctx.cond("Restarting", False, "AllPodsRunning", "")
-    elif n_sched == spec.num_nodes and all_present:
-        startup = [p for p in cur if P.phase(p) == "Pending"]
-        # counted from when the gang became fully scheduled (its last pod), not its first: a gang that
-        # waited past scheduleTimeoutSeconds must not fail the moment its last pod is placed
-        gang_sched = max(
-            (
-                P.parse_time((P.pod_condition(p, "PodScheduled") or {}).get("lastTransitionTime"))
-                or created_at
-                for p in cur
-            ),
-            default=created_at,
-        )
-        if startup and now - gang_sched >= timedelta(seconds=policy.startup_timeout_seconds):
-            detail = ""
-            for p in startup:
-                w = P.waiting_error(p, CONTAINER)
-                if w:
-                    detail = f": pod {P.name(p)} is waiting with {w[0]} ({w[1]})"
-                    break
-            ctx.fail(
-                "StartupTimeout",
-                f"{len(startup)} pod(s) not running {policy.startup_timeout_seconds}s after scheduling{detail}",
-                cur,
-            )
-            return _finish(ctx, job, cur)
-    return _finish(ctx, job, cur)
-
-
 def _last_failure(f: P.Failure) -> LastFailure:
     return LastFailure(
         pod=f.pod, exit_code=f.exit_code, reason=f.reason, message=f.message[:1024], time=f.time
     )
 
 
-def _finish(ctx: _Ctx, job: FineTuneJob, cur: list[Manifest]) -> Plan:
+def _finish(ctx: Ctx, counted: list[Manifest]) -> Plan:
     st = ctx.st
     # every condition was re-evaluated against this generation (KEP-1623 observedGeneration)
     for c in st.conditions:
         c.observed_generation = ctx.gen
-    active, ready, succeeded, failed = _counts(cur)
+    active, ready, succeeded, failed = _counts(counted)
     st.pods.active, st.pods.ready, st.pods.succeeded, st.pods.failed = active, ready, succeeded, failed
     st.phase = phase_of(st)  # type: ignore[assignment]
     new = _status_dump(st)
-    if new != _status_dump(job.status):
+    if new != _status_dump(ctx.obj.status):
         ctx.plan.status = new
     return ctx.plan

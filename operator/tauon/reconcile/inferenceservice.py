@@ -27,12 +27,11 @@ status.replicas / readyReplicas are the sums over the observed predictor and can
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-from tauon.api.common import Condition, ConditionStatus
+from tauon.api.common import Condition
 from tauon.api.inferenceservice import (
     CanaryStatus,
     InferenceService,
@@ -40,8 +39,9 @@ from tauon.api.inferenceservice import (
     ResolvedModel,
     ServedModelSpec,
 )
-from tauon.reconcile.conditions import get, set_condition
-from tauon.reconcile.plan import Event, Plan
+from tauon.reconcile.conditions import get
+from tauon.reconcile.context import Context, EventSpec
+from tauon.reconcile.plan import Plan
 from tauon.render.common import InvalidSpec
 from tauon.render.config import OperatorConfig
 from tauon.render.inferenceservice import (
@@ -203,48 +203,33 @@ def deployment_rollout(name: str, observed: Manifest | None, updating: bool) -> 
     )
 
 
-class _Ctx:
-    def __init__(self, isvc: InferenceService, now: datetime):
-        self.isvc = isvc
-        self.now = now
-        self.gen = isvc.metadata.generation
-        self.st: InferenceServiceStatus = copy.deepcopy(isvc.status)
-        self.plan = Plan()
-
-    def cond(self, ctype: str, status: bool, reason: str, message: str) -> bool:
-        """Set a condition; True when its status or reason changed (a transition worth an event)."""
-        old = get(self.st.conditions, ctype)
-        old_reason = old.reason if old is not None else None
-        s: ConditionStatus = "True" if status else "False"
-        flipped = set_condition(self.st.conditions, ctype, s, reason, message, self.gen, self.now)
-        return flipped or old_reason != reason
-
-    def drop(self, ctype: str) -> None:
-        self.st.conditions = [c for c in self.st.conditions if c.type != ctype]
-
-    def event(self, type_: Literal["Normal", "Warning"], reason: str, message: str) -> None:
-        self.plan.events.append(Event(type_, reason, message))
+Ctx = Context[InferenceService, InferenceServiceStatus]
 
 
 def _conflicting(conflicts: list[str], name: str) -> bool:
     return any(c == name or c.endswith("/" + name) for c in conflicts)
 
 
-def reconcile(isvc: InferenceService, observed: Observed, now: datetime, cfg: OperatorConfig) -> Plan:
-    ctx = _Ctx(isvc, now)
-    st = ctx.st
-    spec = isvc.spec
-    name = isvc.metadata.name
-    pred_name, can_name = predictor_name(name), canary_name(name)
-    st.observed_generation = ctx.gen
-    st.url = url(isvc, cfg)
-    st.selector = selector(name)
+@dataclass
+class Pass:
+    """Facts one planning pass derives (shared by the steps)."""
 
-    # -- models ------------------------------------------------------------------------------------
+    observed: Observed
+    cfg: OperatorConfig
+    main: Resolution | None = None
+    serving: ModelLocation | None = None  # what the predictor serves (resolved now, or before)
+    canary: Resolution | None = None
+    canary_loc: ModelLocation | None = None
+    updating: set[str] = field(default_factory=set)  # Deployments being applied this pass
+
+
+def step_main_model(ctx: Ctx, p: Pass) -> None:
+    """ModelReady for spec.model; status.model remembers the resolved location."""
+    st = ctx.st
     stored = ModelLocation(st.model.source, st.model.fine_tune_job) if st.model.source is not None else None
-    main = resolve_model(spec.model, observed.fine_tune_jobs, stored)
+    main = resolve_model(ctx.obj.spec.model, p.observed.fine_tune_jobs, stored)
     if main.state == "ready" and main.location is not None:
-        err = _mount_error(isvc, "predictor", main.location, cfg)
+        err = _mount_error(ctx.obj, "predictor", main.location, p.cfg)
         if err is not None:
             main = Resolution("failed", "InvalidSpec", err)
     if main.state == "ready" and main.location is not None:
@@ -252,100 +237,123 @@ def reconcile(isvc: InferenceService, observed: Observed, now: datetime, cfg: Op
         st.model = ResolvedModel(source=main.location.source, fine_tune_job=main.location.fine_tune_job)
         if ctx.cond(MODEL_READY, True, main.reason, main.message) or changed:
             ctx.event("Normal", "ModelResolved", f"serving {main.message}")
-    elif ctx.cond(MODEL_READY, False, main.reason, main.message) and main.state == "failed":
-        ctx.event("Warning", main.reason, main.message)
+    else:
+        event: EventSpec | None = ("Warning", main.reason, main.message) if main.state == "failed" else None
+        ctx.transition(MODEL_READY, False, main.reason, main.message, event)
+    p.main = main
     # what the predictor serves: the resolved model, else the one resolved before (still serving)
-    serving = main.location if main.location is not None else stored
+    p.serving = main.location if main.location is not None else stored
 
-    observed_canary = observed.deployments.get(can_name)
-    canary_res: Resolution | None = None
-    canary_loc: ModelLocation | None = None
-    if spec.canary is not None:
-        canary_res = resolve_model(
-            spec.canary.model, observed.fine_tune_jobs, _remembered_on(observed_canary), "canary model"
-        )
-        if canary_res.state == "ready" and canary_res.location is not None:
-            err = _mount_error(isvc, "canary", canary_res.location, cfg)
-            if err is not None:
-                canary_res = Resolution("failed", "InvalidSpec", err)
-        canary_loc = canary_res.location or _remembered_on(observed_canary)
 
-    # -- children ----------------------------------------------------------------------------------
+def step_canary_model(ctx: Ctx, p: Pass) -> None:
+    """The canary's model (its last location is remembered on its Deployment)."""
+    spec = ctx.obj.spec
+    if spec.canary is None:
+        return
+    observed_canary = p.observed.deployments.get(canary_name(ctx.obj.metadata.name))
+    res = resolve_model(
+        spec.canary.model, p.observed.fine_tune_jobs, _remembered_on(observed_canary), "canary model"
+    )
+    if res.state == "ready" and res.location is not None:
+        err = _mount_error(ctx.obj, "canary", res.location, p.cfg)
+        if err is not None:
+            res = Resolution("failed", "InvalidSpec", err)
+    p.canary = res
+    p.canary_loc = res.location or _remembered_on(observed_canary)
+
+
+def step_children(ctx: Ctx, p: Pass) -> None:
+    """Apply children that differ from the rendered ones; delete the canary and HPA when unset."""
+    isvc, observed = ctx.obj, p.observed
+    name = isvc.metadata.name
+    pred_name, can_name = predictor_name(name), canary_name(name)
     children: list[Manifest] = []
-    if serving is not None:
+    if p.serving is not None:
         try:
-            children = render(isvc, Models(serving, canary_loc), cfg)
+            children = render(isvc, Models(p.serving, p.canary_loc), p.cfg)
         except InvalidSpec as e:  # e.g. a malformed GPU quantity; the model locations were checked above
-            if ctx.cond(MODEL_READY, False, "InvalidSpec", str(e)):
-                ctx.event("Warning", "InvalidSpec", str(e))
+            ctx.transition(MODEL_READY, False, "InvalidSpec", str(e), ("Warning", "InvalidSpec", str(e)))
             children = []
-    desired = {(c["kind"], c["metadata"]["name"]): c for c in children}
+    if observed.conflicts:
+        return
     current: dict[tuple[str, str], Manifest | None] = {
         ("Deployment", pred_name): observed.deployments.get(pred_name),
-        ("Deployment", can_name): observed_canary,
+        ("Deployment", can_name): observed.deployments.get(can_name),
         ("Service", name): observed.service,
         ("HorizontalPodAutoscaler", name): observed.hpa,
     }
-    updating: set[str] = set()
-    conflict = bool(observed.conflicts)
-    if not conflict:
-        for key, child in desired.items():
-            if needs_apply(child, current.get(key)):
-                ctx.plan.applies.append(child)
-                updating.add(key[1])
-        if children:
-            if spec.canary is None and observed_canary is not None:
-                ctx.plan.deletes.append(("Deployment", can_name))
-            if spec.autoscaling is None and observed.hpa is not None:
-                ctx.plan.deletes.append(("HorizontalPodAutoscaler", name))
+    for child in children:
+        key = (child["kind"], child["metadata"]["name"])
+        if needs_apply(child, current.get(key)):
+            ctx.plan.applies.append(child)
+            p.updating.add(key[1])
+    if children:
+        if isvc.spec.canary is None and observed.deployments.get(can_name) is not None:
+            ctx.plan.deletes.append(("Deployment", can_name))
+        if isvc.spec.autoscaling is None and observed.hpa is not None:
+            ctx.plan.deletes.append(("HorizontalPodAutoscaler", name))
 
-    # -- readiness ---------------------------------------------------------------------------------
-    pred_rollout = (
-        Rollout(False, "ResourceConflict", f"Deployment {pred_name} exists and is not owned by {name}")
-        if _conflicting(observed.conflicts, pred_name)
-        else deployment_rollout(pred_name, observed.deployments.get(pred_name), pred_name in updating)
-    )
-    if serving is None:
-        pred_rollout = Rollout(False, "WaitingForModel", "no model to serve yet")
-    ctx.cond(PREDICTOR_READY, pred_rollout.ready, pred_rollout.reason, pred_rollout.message)
-    parts = [(MODEL_READY, main.state == "ready"), (PREDICTOR_READY, pred_rollout.ready)]
 
-    if spec.canary is not None and canary_res is not None:
+def step_readiness(ctx: Ctx, p: Pass) -> None:
+    """PredictorReady, CanaryReady and Ready (conflicts block Ready)."""
+    isvc, observed, st = ctx.obj, p.observed, ctx.st
+    name = isvc.metadata.name
+    pred_name, can_name = predictor_name(name), canary_name(name)
+    assert p.main is not None
+    if p.serving is None:
+        pred = Rollout(False, "WaitingForModel", "no model to serve yet")
+    elif _conflicting(observed.conflicts, pred_name):
+        pred = Rollout(False, "ResourceConflict", f"Deployment {pred_name} exists and is not owned by {name}")
+    else:
+        pred = deployment_rollout(pred_name, observed.deployments.get(pred_name), pred_name in p.updating)
+    ctx.cond(PREDICTOR_READY, pred.ready, pred.reason, pred.message)
+    parts = [(MODEL_READY, p.main.state == "ready"), (PREDICTOR_READY, pred.ready)]
+
+    if isvc.spec.canary is not None and p.canary is not None:
+        res = p.canary
         if _conflicting(observed.conflicts, can_name):
             can = Rollout(
                 False, "ResourceConflict", f"Deployment {can_name} exists and is not owned by {name}"
             )
-        elif canary_res.state != "ready":
-            can = Rollout(False, canary_res.reason, canary_res.message)
-        elif serving is None:
+        elif res.state != "ready":
+            can = Rollout(False, res.reason, res.message)
+        elif p.serving is None:
             can = Rollout(False, "WaitingForModel", "no model to serve yet")
         else:
-            can = deployment_rollout(can_name, observed_canary, can_name in updating)
-        if ctx.cond(CANARY_READY, can.ready, can.reason, can.message) and canary_res.state == "failed":
-            ctx.event("Warning", canary_res.reason, f"canary: {canary_res.message}")
+            can = deployment_rollout(can_name, observed.deployments.get(can_name), can_name in p.updating)
+        event: EventSpec | None = (
+            ("Warning", res.reason, f"canary: {res.message}") if res.state == "failed" else None
+        )
+        ctx.transition(CANARY_READY, can.ready, can.reason, can.message, event)
         parts.append((CANARY_READY, can.ready))
     else:
         ctx.drop(CANARY_READY)
 
-    if conflict:
+    if observed.conflicts:
         msg = f"children exist that tauon does not own: {', '.join(sorted(observed.conflicts))}"
-        if ctx.cond(READY, False, "ResourceConflict", msg):
-            ctx.event("Warning", "ResourceConflict", msg)
+        ctx.transition(READY, False, "ResourceConflict", msg, ("Warning", "ResourceConflict", msg))
+        return
+    blocking = next((c for c, ok in parts if not ok), None)
+    if blocking is None:
+        serving_at = f"serving at {st.url}"
+        ctx.transition(READY, True, "Serving", serving_at, ("Normal", "Ready", serving_at))
     else:
-        blocking = next((c for c, ok in parts if not ok), None)
-        if blocking is None:
-            if ctx.cond(READY, True, "Serving", f"serving at {st.url}"):
-                ctx.event("Normal", "Ready", f"serving at {st.url}")
-        else:
-            b = get(st.conditions, blocking)
-            ctx.cond(READY, False, b.reason if b else "Progressing", b.message if b else "")
+        b = get(st.conditions, blocking)
+        ctx.cond(READY, False, b.reason if b else "Progressing", b.message if b else "")
 
-    # -- replicas ----------------------------------------------------------------------------------
-    deps = [d for d in (observed.deployments.get(pred_name), observed_canary) if d is not None]
+
+def step_replicas_and_phase(ctx: Ctx, p: Pass) -> None:
+    """status.replicas/readyReplicas over both Deployments, the canary's share, and the phase."""
+    st, observed = ctx.st, p.observed
+    name = ctx.obj.metadata.name
+    deps = [
+        d
+        for d in (observed.deployments.get(predictor_name(name)), observed.deployments.get(canary_name(name)))
+        if d is not None
+    ]
     st.replicas = sum(int((d.get("status") or {}).get("replicas") or 0) for d in deps)
     st.ready_replicas = sum(int((d.get("status") or {}).get("readyReplicas") or 0) for d in deps)
-    st.canary = _canary_status(isvc, observed, canary_loc is not None and serving is not None)
-
+    st.canary = _canary_status(ctx.obj, observed, p.canary_loc is not None and p.serving is not None)
     model_cond = get(st.conditions, MODEL_READY)
     if model_cond is not None and model_cond.status != "True" and model_cond.reason in FAILED_REASONS:
         st.phase = "Failed"
@@ -356,7 +364,19 @@ def reconcile(isvc: InferenceService, observed: Observed, now: datetime, cfg: Op
     else:
         st.phase = "NotReady"
 
-    new = _status_dump(st)
+
+STEPS = (step_main_model, step_canary_model, step_children, step_readiness, step_replicas_and_phase)
+
+
+def reconcile(isvc: InferenceService, observed: Observed, now: datetime, cfg: OperatorConfig) -> Plan:
+    ctx: Ctx = Context.start(isvc, isvc.status, now)
+    ctx.st.observed_generation = ctx.gen
+    ctx.st.url = url(isvc, cfg)
+    ctx.st.selector = selector(isvc.metadata.name)
+    p = Pass(observed, cfg)
+    for step in STEPS:
+        step(ctx, p)
+    new = _status_dump(ctx.st)
     if new != _status_dump(isvc.status):
         ctx.plan.status = new
     return ctx.plan
