@@ -106,6 +106,13 @@ def volumes_of(pod: Manifest) -> dict[str, Manifest]:
     return {v["name"]: v for v in pod["spec"]["volumes"]}
 
 
+def mount_of(pod: Manifest, path: str) -> Manifest:
+    """The (innermost) mount that holds `path`."""
+    hits = [(mp, m) for mp, m in mounts_of(pod).items() if path == mp or path.startswith(mp + "/")]
+    assert hits, f"{path} is under no mount"
+    return max(hits, key=lambda h: len(h[0]))[1]
+
+
 def config_of(children: list[Manifest]) -> dict[str, Any]:
     cm = one(children, "ConfigMap")
     assert list(cm["data"]) == ["job.json"]
@@ -217,8 +224,11 @@ def test_config_map_paths_map_pvc_uris_to_mount_points() -> None:
     vols = volumes_of(pod)
     for key, claim in (("model", "models"), ("dataset", "data"), ("output", "results")):
         path = conf[key]["path"]
-        mount = next(m for mp, m in mounts_of(pod).items() if path.startswith(mp + "/"))
+        mount = mount_of(pod, path)
         assert vols[mount["name"]]["persistentVolumeClaim"]["claimName"] == claim
+        # the claim is mounted with subPath: only PATH is visible, never the whole claim
+        assert mount["subPath"] == path.removeprefix(f"{PVC_ROOT}/{claim}/")
+        assert mount["mountPath"] == path
 
 
 def test_config_map_mounted_read_only_and_referenced() -> None:
@@ -480,10 +490,19 @@ def test_service_account_enables_token() -> None:
     assert spec["automountServiceAccountToken"] is True
 
 
-def test_dev_shm_is_memory_backed() -> None:
+def test_dev_shm_is_memory_backed_and_bounded() -> None:
     pod = render_pod(make_job(), CFG, 0, 0)
     mount = mounts_of(pod)["/dev/shm"]
-    assert volumes_of(pod)[mount["name"]] == {"name": mount["name"], "emptyDir": {"medium": "Memory"}}
+    assert volumes_of(pod)[mount["name"]] == {
+        "name": mount["name"],
+        "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"},  # the pod's memory request
+    }
+    limited = render_pod(make_job({"resources": {"limits": {"memory": "16Gi"}}}), CFG, 0, 0)
+    assert volumes_of(limited)["dshm"]["emptyDir"]["sizeLimit"] == "16Gi"
+    bare_job = make_job()
+    bare_job.spec.resources.requests.pop("memory")
+    bare = render_pod(bare_job, CFG, 0, 0)
+    assert volumes_of(bare)["dshm"]["emptyDir"]["sizeLimit"] == "2Gi"
 
 
 def test_restart_policy_never_and_termination_message() -> None:
@@ -554,7 +573,7 @@ def test_pod_template_overrides() -> None:
     job = make_job(
         {
             "podTemplate": {
-                "labels": {"team": "nlp", "tauon.dev/job-name": "spoofed"},
+                "labels": {"team": "nlp"},
                 "annotations": {"example.com/note": "x"},
                 "nodeSelector": {"pool": "train"},
                 "tolerations": [tol],
@@ -569,7 +588,7 @@ def test_pod_template_overrides() -> None:
     for pod in pods_of(render_attempt(job, CFG, 1)):
         meta, spec = pod["metadata"], pod["spec"]
         assert meta["labels"]["team"] == "nlp"
-        assert meta["labels"]["tauon.dev/job-name"] == "ft"  # ours win: the Service selects on it
+        assert meta["labels"]["tauon.dev/job-name"] == "ft"
         assert meta["annotations"] == {"example.com/note": "x"}
         assert spec["nodeSelector"] == {"pool": "train"}
         assert spec["tolerations"] == [tol]
@@ -691,24 +710,48 @@ def test_source_claims_read_only_output_claim_writable() -> None:
     assert by_claim["models"]["readOnly"] is True
     assert by_claim["data"]["readOnly"] is True
     assert by_claim["results"]["readOnly"] is False
-    assert by_claim["models"]["mountPath"] == f"{PVC_ROOT}/models"
+    assert by_claim["models"]["mountPath"] == f"{PVC_ROOT}/models/minilm"
+    assert by_claim["models"]["subPath"] == "minilm"
+    assert by_claim["data"]["subPath"] == "sentiment.jsonl"
+    assert by_claim["results"]["subPath"] == "sentiment-ft"
 
 
-def test_claim_shared_by_source_and_output_mounted_once_writable() -> None:
+def test_claim_shared_by_source_and_output_one_volume_one_subpath_mount_each() -> None:
     job = make_job({"output": {"storage": "pvc://models/out"}, "dataset": {"source": "pvc://models/d.csv"}})
     pod = render_pod(job, CFG, 0, 0)
     pvc_vols = [v for v in pod["spec"]["volumes"] if "persistentVolumeClaim" in v]
     assert [v["persistentVolumeClaim"]["claimName"] for v in pvc_vols] == ["models"]
-    mounts = [m for m in trainer(pod)["volumeMounts"] if m["name"] == pvc_vols[0]["name"]]
-    assert len(mounts) == 1 and mounts[0]["readOnly"] is False
+    mounts = {m["subPath"]: m for m in trainer(pod)["volumeMounts"] if m["name"] == pvc_vols[0]["name"]}
+    assert set(mounts) == {"minilm", "d.csv", "out"}
+    assert [mounts[k]["readOnly"] for k in ("minilm", "d.csv", "out")] == [True, True, False]
     conf = job_config(job, CFG)
     assert conf["dataset"]["path"] == f"{PVC_ROOT}/models/d.csv"
     assert conf["output"]["path"] == f"{PVC_ROOT}/models/out"
 
 
+def test_nested_paths_on_one_claim_share_the_outer_mount() -> None:
+    job = make_job(
+        {
+            "model": {"source": "pvc://store/exp"},
+            "dataset": {"source": "pvc://store/exp/data/train.jsonl"},
+            "output": {"storage": "pvc://store/exp/out"},
+        }
+    )
+    pod = render_pod(job, CFG, 0, 0)
+    mounts = [m for m in trainer(pod)["volumeMounts"] if m["mountPath"].startswith(PVC_ROOT)]
+    assert mounts == [
+        {"name": mounts[0]["name"], "mountPath": f"{PVC_ROOT}/store/exp", "subPath": "exp", "readOnly": False}
+    ]
+    conf = job_config(job, CFG)
+    for key in ("model", "dataset", "output"):
+        assert mount_of(pod, conf[key]["path"]) is mounts[0]
+
+
 def test_claim_root_uri() -> None:
     job = make_job({"output": {"storage": "pvc://results"}})
     assert job_config(job, CFG)["output"]["path"] == f"{PVC_ROOT}/results"
+    mount = mount_of(render_pod(job, CFG, 0, 0), f"{PVC_ROOT}/results")
+    assert "subPath" not in mount and mount["readOnly"] is False
 
 
 def test_claims_with_similar_names_get_distinct_volumes() -> None:
@@ -722,13 +765,13 @@ def test_claims_with_similar_names_get_distinct_volumes() -> None:
     pod = render_pod(job, CFG, 0, 0)
     names = [v["name"] for v in pod["spec"]["volumes"]]
     assert len(names) == len(set(names)), names
-    mount_names = [m["name"] for m in trainer(pod)["volumeMounts"]]
-    assert len(mount_names) == len(set(mount_names))
+    mount_paths = [m["mountPath"] for m in trainer(pod)["volumeMounts"]]
+    assert len(mount_paths) == len(set(mount_paths))
     vols = volumes_of(pod)
     conf = job_config(job, CFG)
     for key, claim in (("model", "my.models"), ("dataset", "my-models")):
         path = conf[key]["path"]
-        mount = next(m for mp, m in mounts_of(pod).items() if path.startswith(mp + "/"))
+        mount = mount_of(pod, path)
         assert vols[mount["name"]]["persistentVolumeClaim"]["claimName"] == claim
         assert mount["readOnly"] is True
 
@@ -899,3 +942,143 @@ def test_attempts_differ_only_where_they_should() -> None:
     assert a["metadata"]["name"] != b["metadata"]["name"]
     assert a["spec"]["volumes"] == b["spec"]["volumes"]
     assert trainer(a)["volumeMounts"] == trainer(b)["volumeMounts"]
+
+
+# -- large models (LARGE-MODELS.md) and issue 13 ---------------------------------------------------------
+
+SCRATCH_MODEL = {
+    "init": "scratch",
+    "task": "causal-lm",
+    "config": {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2},
+    "tokenizer": "pvc://models/tok",
+}
+
+
+def scratch_job(**spec: Any) -> FineTuneJob:
+    job = make_job({"model": {"numLabels": None}, **spec})
+    body = job.dump()
+    body["spec"]["model"] = {**SCRATCH_MODEL, **spec.get("model", {})}
+    return FineTuneJob.model_validate(body)
+
+
+def test_job_json_carries_the_uid_and_env_the_same_uid() -> None:
+    children = render_attempt(make_job(), CFG, 3)
+    conf = config_of(children)
+    assert conf["uid"] == "uid-123"
+    assert "attempt" not in conf  # one ConfigMap for all attempts: the attempt comes from TAUON_ATTEMPT
+    for pod in pods_of(children):
+        env = env_of(pod)
+        assert env["TAUON_JOB_UID"] == "uid-123"
+        assert env["TAUON_ATTEMPT"] == "3"
+
+
+def test_config_map_is_immutable() -> None:
+    cm = one(render_attempt(make_job(), CFG, 0), "ConfigMap")
+    assert cm["immutable"] is True
+
+
+def test_termination_grace_period_from_run_policy() -> None:
+    assert render_pod(make_job(), CFG, 0, 0)["spec"]["terminationGracePeriodSeconds"] == 30
+    job = make_job({"runPolicy": {"terminationGracePeriodSeconds": 900}})
+    assert render_pod(job, CFG, 0, 0)["spec"]["terminationGracePeriodSeconds"] == 900
+
+
+def test_scratch_model_without_source_mounts_and_resolves_the_tokenizer() -> None:
+    job = scratch_job()
+    assert job.spec.model.source is None
+    children = render_attempt(job, CFG, 0)
+    conf = config_of(children)
+    assert conf["model"]["init"] == "scratch"
+    assert conf["model"]["config"] == SCRATCH_MODEL["config"]
+    assert conf["model"]["tokenizer"] == "pvc://models/tok"
+    assert conf["model"]["tokenizerPath"] == f"{PVC_ROOT}/models/tok"
+    assert "path" not in conf["model"] and "source" not in conf["model"]
+    pod = pods_of(children)[0]
+    mount = mount_of(pod, conf["model"]["tokenizerPath"])
+    assert mount["subPath"] == "tok" and mount["readOnly"] is True
+    assert shared_claims(job)["models"] == "read"
+
+
+def test_tokenizer_beside_a_pretrained_source() -> None:
+    job = make_job({"model": {"tokenizer": "hf://org/tok"}})
+    conf = job_config(job, CFG)
+    assert conf["model"]["path"] == f"{PVC_ROOT}/models/minilm"
+    assert conf["model"]["tokenizerPath"] == "hf://org/tok"
+    assert conf["model"]["init"] == "pretrained"
+
+
+def test_scratch_without_config_or_tokenizer_is_invalid_at_render_too() -> None:
+    job = scratch_job()
+    job.spec.model.tokenizer = None
+    with pytest.raises(InvalidSpec, match="spec.model.tokenizer"):
+        validate(job, CFG)
+    job = make_job()
+    job.spec.model.source = None
+    with pytest.raises(InvalidSpec, match="spec.model.source is required"):
+        validate(job, CFG)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "fields"),
+    [
+        ("text", {"textField": "text"}),
+        ("chat", {"messagesField": "messages"}),
+        ("prompt-completion", {"promptField": "prompt", "completionField": "completion"}),
+    ],
+)
+def test_dataset_type_fields_and_defaults_reach_the_trainer(dtype: str, fields: dict[str, str]) -> None:
+    job = make_job(
+        {"model": {"task": "causal-lm", "numLabels": None}, "dataset": {"type": dtype, "packing": True}}
+    )
+    body = job.dump()
+    body["spec"]["model"].pop("numLabels", None)
+    conf = job_config(FineTuneJob.model_validate(body), CFG)
+    ds = conf["dataset"]
+    assert ds["type"] == dtype and ds["packing"] is True
+    names = {"textField", "messagesField", "promptField", "completionField"}
+    assert {k: ds[k] for k in names if k in ds} == fields
+
+
+def test_custom_chat_field_name_kept() -> None:
+    job = make_job({"model": {"task": "causal-lm"}, "dataset": {"type": "chat", "messagesField": "conv"}})
+    job.spec.model.num_labels = None
+    assert job_config(job, CFG)["dataset"]["messagesField"] == "conv"
+
+
+def test_parallelism_reaches_the_trainer_with_defaults() -> None:
+    assert job_config(make_job(), CFG)["parallelism"] == {
+        "strategy": "auto",
+        "activationCheckpointing": False,
+    }
+    job = make_job({"parallelism": {"strategy": "fsdp", "activationCheckpointing": True}})
+    assert job_config(job, CFG)["parallelism"] == {"strategy": "fsdp", "activationCheckpointing": True}
+
+
+@pytest.mark.parametrize(
+    ("where", "spec"),
+    [
+        ("spec.output.storage", {"output": {"storage": "pvc://claim/../../tmp/x"}}),
+        ("spec.output.storage", {"output": {"storage": "pvc://claim/out/"}}),
+        ("spec.dataset.source", {"dataset": {"source": "pvc://data//train.jsonl"}}),
+        ("spec.dataset.source", {"dataset": {"source": "pvc://data/./train.jsonl"}}),
+        ("spec.model.source", {"model": {"source": "file:///models/../etc"}}),
+        ("spec.model.source", {"model": {"source": "pvc://models/.."}}),
+        ("spec.model.tokenizer", {"model": {"tokenizer": "pvc://models/a/../../b"}}),
+    ],
+)
+def test_dot_and_empty_path_segments_are_refused(where: str, spec: dict[str, Any]) -> None:
+    job = make_job(spec)
+    with pytest.raises(InvalidSpec, match=re.escape(where) + ".*path segments are not allowed"):
+        render_attempt(job, OperatorConfig(allow_host_paths=True), 0)
+
+
+@pytest.mark.parametrize("ok", ["pvc://c/a..b/x", "pvc://c/.hidden/x", "pvc://c/...", "pvc://c"])
+def test_dotted_names_that_are_not_dot_segments_are_fine(ok: str) -> None:
+    job_config(make_job({"output": {"storage": ok}}), CFG)
+
+
+@pytest.mark.parametrize("kind", ["labels", "annotations"])
+def test_tauon_keys_in_pod_template_are_refused(kind: str) -> None:
+    job = make_job({"podTemplate": {kind: {"tauon.dev/metrics-address": "10.0.0.1:80"}}})
+    with pytest.raises(InvalidSpec, match=f"spec.podTemplate.{kind}: keys under tauon.dev/ are reserved"):
+        render_attempt(job, CFG, 0)

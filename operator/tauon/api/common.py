@@ -32,6 +32,11 @@ FILE_URI = r"file://(/|\./)[^\s]*"
 MODEL_SOURCE_PATTERN = f"^({PVC_URI}|{HF_URI}|{FILE_URI})$"
 DATA_SOURCE_PATTERN = f"^({PVC_URI}|{FILE_URI})$"
 
+# A path segment that is empty, `.` or `..` after the claim (pvc://), the root (file:///) or the leading
+# `./` (file://./): `pvc://a/../b`, `pvc://a//b`, `pvc://a/b/` and `file:///x/./y` are refused (RE2).
+BAD_SEGMENT_RE = r"^(pvc://[^/]+|file://\.?)(/[^/]*)*/\.{0,2}(/|$)"
+RESERVED_KEY_PREFIX = "tauon.dev/"
+
 Task = Literal["sequence-classification", "causal-lm"]
 
 
@@ -54,6 +59,41 @@ class StatusModel(KubeModel):
     """Status tolerates fields it does not know (written by a newer operator)."""
 
     model_config = ConfigDict(extra="ignore")
+
+
+def source_rule(where: str) -> Any:
+    """CEL on a storage URI string: no empty, `.` or `..` path segments."""
+    cel_re = BAD_SEGMENT_RE.replace("\\", "\\\\")
+    return {
+        "rule": f"!self.matches('{cel_re}')",
+        "messageExpression": (
+            f"'{where}: empty, \".\" and \"..\" path segments are not allowed (got ' + self + ')'"
+        ),
+    }
+
+
+def source_field(description: str, pattern: str, where: str, required: bool = True) -> Any:
+    """A storage URI field: scheme pattern, length bound and the path-segment rule."""
+    extra: Any = {"x-kubernetes-validations": [source_rule(where)]}
+    if required:
+        return Field(
+            description=description, max_length=MAX_LONG_STR, pattern=pattern, json_schema_extra=extra
+        )
+    return Field(
+        default=None,
+        description=description,
+        max_length=MAX_LONG_STR,
+        pattern=pattern,
+        json_schema_extra=extra,
+    )
+
+
+def reserved_keys_rule(where: str) -> Any:
+    """CEL on a label/annotation map: keys under tauon.dev/ belong to the operator."""
+    return {
+        "rule": f"self.all(k, !k.startsWith('{RESERVED_KEY_PREFIX}'))",
+        "message": f"{where}: keys under {RESERVED_KEY_PREFIX} are reserved for the operator",
+    }
 
 
 def free_form(description: str) -> Any:
@@ -126,10 +166,16 @@ class PodTemplateOverrides(KubeModel):
     """Bounded pod overrides; deliberately not a full PodTemplateSpec."""
 
     labels: dict[str, str] = Field(
-        default_factory=dict, description="Extra labels on every pod.", max_length=MAX_MAP
+        default_factory=dict,
+        description="Extra labels on every pod. Keys under tauon.dev/ are reserved for the operator.",
+        max_length=MAX_MAP,
+        json_schema_extra={"x-kubernetes-validations": [reserved_keys_rule("podTemplate.labels")]},
     )
     annotations: dict[str, str] = Field(
-        default_factory=dict, description="Extra annotations on every pod.", max_length=MAX_MAP
+        default_factory=dict,
+        description="Extra annotations on every pod. Keys under tauon.dev/ are reserved for the operator.",
+        max_length=MAX_MAP,
+        json_schema_extra={"x-kubernetes-validations": [reserved_keys_rule("podTemplate.annotations")]},
     )
     node_selector: dict[str, str] = Field(
         default_factory=dict, description="Node labels the pods must match.", max_length=MAX_MAP

@@ -22,11 +22,16 @@ from tauon.api.common import (
     SecretKeyRef,
     StatusModel,
     Task,
+    free_form,
     reserved_env_rule,
+    source_field,
 )
 
 RESERVED_ENV_PREFIXES = ["PET_", "MASTER_", "TAUON_"]
 RESERVED_ENV_NAMES = ["WORLD_SIZE", "RANK", "LOCAL_RANK", "NNODES", "NODE_RANK", "NPROC_PER_NODE"]
+
+
+SCRATCH = "(has(self.init) && self.init == 'scratch')"
 
 
 def is_reserved_env(name: str) -> bool:
@@ -45,21 +50,55 @@ class ModelSpec(KubeModel):
                     "rule": "self.task != 'causal-lm' || !has(self.numLabels)",
                     "message": "spec.model.numLabels must not be set when task is causal-lm",
                 },
+                {
+                    "rule": f"has(self.source) || {SCRATCH}",
+                    "message": "spec.model.source is required unless spec.model.init is scratch",
+                },
+                {
+                    "rule": f"!{SCRATCH} || has(self.config)",
+                    "message": "spec.model.config (a Hugging Face config) is required when spec.model.init is scratch",
+                },
+                {
+                    "rule": f"!{SCRATCH} || has(self.tokenizer)",
+                    "message": "spec.model.tokenizer is required when spec.model.init is scratch",
+                },
+                {
+                    "rule": f"!has(self.config) || {SCRATCH}",
+                    "message": "spec.model.config is only allowed when spec.model.init is scratch",
+                },
             ]
         }
     )
 
-    source: str = Field(
+    source: str | None = source_field(
+        "Where the base model is: pvc://CLAIM/PATH (a Hugging Face model directory on a "
+        "PersistentVolumeClaim), hf://ORG/NAME (Hugging Face Hub id), or file:///ABS/PATH and "
+        "file://./REL (local runs and clusters whose operator allows host paths). Required unless "
+        "init is scratch. Path segments may not be empty, `.` or `..`.",
+        MODEL_SOURCE_PATTERN,
+        "spec.model.source",
+        required=False,
+    )
+    init: Literal["pretrained", "scratch"] = Field(
+        default="pretrained",
         description=(
-            "Where the base model is: pvc://CLAIM/PATH (a Hugging Face model directory on a "
-            "PersistentVolumeClaim), hf://ORG/NAME (Hugging Face Hub id), or file:///ABS/PATH and "
-            "file://./REL (local runs and clusters whose operator allows host paths)."
+            "pretrained: start from the weights at source. scratch: random weights built from config "
+            "(pre-training); needs config and tokenizer, forbids method.type lora."
         ),
-        max_length=MAX_LONG_STR,
-        pattern=MODEL_SOURCE_PATTERN,
+    )
+    config: dict[str, Any] | None = free_form(
+        "init scratch only (and required there): a Hugging Face model config as an object "
+        "(model_type, hidden_size, num_hidden_layers, ...), validated by the trainer (InvalidModelConfig)."
+    )
+    tokenizer: str | None = source_field(
+        "Where the tokenizer is (same schemes as source). Optional: defaults to source; required with "
+        "init scratch.",
+        MODEL_SOURCE_PATTERN,
+        "spec.model.tokenizer",
+        required=False,
     )
     task: Task = Field(
-        description="sequence-classification (text -> label) or causal-lm (next-token fine-tuning on text)."
+        description="sequence-classification (text -> label) or causal-lm (next-token training on text)."
     )
     num_labels: int | None = Field(
         default=None,
@@ -73,15 +112,76 @@ class ModelSpec(KubeModel):
     )
 
 
+def _only_for_type(field: str, dtype: str) -> Any:
+    return {
+        "rule": f"!has(self.{field}) || (has(self.type) && self.type == '{dtype}')",
+        "message": f"spec.dataset.{field} is only allowed when spec.dataset.type is {dtype}",
+    }
+
+
+DATASET_TYPES_DOC = (
+    "text (default): plain text (textField). chat: OpenAI-shaped messages (messagesField), loss on "
+    "assistant turns only. prompt-completion: loss on the completion only. chat and prompt-completion "
+    "need model.task causal-lm."
+)
+
+
 class DatasetSpec(KubeModel):
-    source: str = Field(
-        description="Training data: pvc://CLAIM/PATH or file:// (no hf:// datasets in v1alpha1).",
-        max_length=MAX_LONG_STR,
-        pattern=DATA_SOURCE_PATTERN,
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.textField) || !has(self.type) || self.type == 'text'",
+                    "message": "spec.dataset.textField is only allowed when spec.dataset.type is text",
+                },
+                _only_for_type("messagesField", "chat"),
+                _only_for_type("promptField", "prompt-completion"),
+                _only_for_type("completionField", "prompt-completion"),
+            ]
+        }
+    )
+
+    source: str = source_field(
+        "Training data: pvc://CLAIM/PATH or file:// (no hf:// datasets in v1alpha1). Path segments may "
+        "not be empty, `.` or `..`.",
+        DATA_SOURCE_PATTERN,
+        "spec.dataset.source",
     )
     format: Literal["jsonl", "csv"] = Field(default="jsonl", description="File format: jsonl or csv.")
+    type: Literal["text", "chat", "prompt-completion"] = Field(default="text", description=DATASET_TYPES_DOC)
     text_field: str = Field(
-        default="text", description="Column/key holding the input text.", min_length=1, max_length=MAX_STR
+        default="text",
+        description="Column/key holding the input text (type text only).",
+        min_length=1,
+        max_length=MAX_STR,
+    )
+    messages_field: str | None = Field(
+        default=None,
+        description=(
+            "type chat only: key holding the messages, a list of {role, content} (system, user, assistant); "
+            "rendered with the tokenizer's chat template. Defaults to messages."
+        ),
+        min_length=1,
+        max_length=MAX_STR,
+    )
+    prompt_field: str | None = Field(
+        default=None,
+        description="type prompt-completion only: key holding the prompt. Defaults to prompt.",
+        min_length=1,
+        max_length=MAX_STR,
+    )
+    completion_field: str | None = Field(
+        default=None,
+        description="type prompt-completion only: key holding the completion. Defaults to completion.",
+        min_length=1,
+        max_length=MAX_STR,
+    )
+    packing: bool = Field(
+        default=False,
+        description=(
+            "causal-lm only: pack examples into maxSeqLength blocks; attention never crosses example "
+            "boundaries."
+        ),
     )
     label_field: str | None = Field(
         default=None,
@@ -152,13 +252,12 @@ class Hyperparameters(KubeModel):
 
 
 class OutputSpec(KubeModel):
-    storage: str = Field(
-        description=(
-            "Where results go: pvc://CLAIM/PATH or file://. Holds model/ (Hugging Face format), "
-            "checkpoints/, metrics.json and progress.json."
-        ),
-        max_length=MAX_LONG_STR,
-        pattern=DATA_SOURCE_PATTERN,
+    storage: str = source_field(
+        "Where results go: pvc://CLAIM/PATH or file://. Holds model/ (Hugging Face format, safetensors), "
+        "checkpoints/, metrics.json, progress.json and .tauon-owner.json (the owning job's uid: another "
+        "job's output is refused with OutputInUse). Path segments may not be empty, `.` or `..`.",
+        DATA_SOURCE_PATTERN,
+        "spec.output.storage",
     )
     checkpoint_every_steps: int = Field(
         default=200, ge=1, description="Checkpoint interval in optimizer steps (and always at the end)."
@@ -189,6 +288,30 @@ class RunPolicy(KubeModel):
         ge=1,
         description="Scheduled pods not all running in time (image pull errors, bad config) -> Failed.",
     )
+    termination_grace_period_seconds: int = Field(
+        default=30,
+        ge=1,
+        le=86400,
+        description=(
+            "Seconds a trainer pod gets between SIGTERM and SIGKILL (pod terminationGracePeriodSeconds): "
+            "enough for a SIGTERM checkpoint of the model. Applies to pods created after a change."
+        ),
+    )
+
+
+class ParallelismSpec(KubeModel):
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        default="auto",
+        description=(
+            "ddp: replicated weights. fsdp: PyTorch FSDP2, weights, gradients and optimizer state sharded "
+            "over all ranks. auto: fsdp when the estimated replicated training state exceeds 60% of one "
+            "device's memory, else ddp; the choice goes to status.resolved.strategy."
+        ),
+    )
+    activation_checkpointing: bool = Field(
+        default=False,
+        description="Recompute each transformer block's activations in the backward pass (less memory, more compute).",
+    )
 
 
 class TrainerEnvVar(EnvVar):
@@ -211,6 +334,7 @@ IMMUTABLE_SPEC_FIELDS = [
     "image",
     "env",
     "podTemplate",
+    "parallelism",
 ]
 
 
@@ -232,6 +356,22 @@ class FineTuneJobSpec(KubeModel):
                 {
                     "rule": "self.model.task != 'causal-lm' || !has(self.dataset.labelField)",
                     "message": "spec.dataset.labelField must not be set when spec.model.task is causal-lm",
+                },
+                {
+                    "rule": "!has(self.dataset.type) || self.dataset.type == 'text' || self.model.task == 'causal-lm'",
+                    "message": "spec.dataset.type chat and prompt-completion need spec.model.task causal-lm",
+                },
+                {
+                    "rule": "!has(self.dataset.packing) || !self.dataset.packing || self.model.task == 'causal-lm'",
+                    "message": "spec.dataset.packing needs spec.model.task causal-lm",
+                },
+                {
+                    "rule": (
+                        "!(has(self.model.init) && self.model.init == 'scratch') || !has(self.method) || "
+                        "!has(self.method.type) || self.method.type != 'lora'"
+                    ),
+                    "message": "spec.method.type lora is not allowed when spec.model.init is scratch "
+                    "(there are no pretrained weights to adapt)",
                 },
                 *immutable_rules(IMMUTABLE_SPEC_FIELDS, "spec"),
             ]
@@ -278,8 +418,12 @@ class FineTuneJobSpec(KubeModel):
     pod_template: PodTemplateOverrides = Field(
         default_factory=PodTemplateOverrides, description="Bounded overrides applied to every pod."
     )
+    parallelism: ParallelismSpec = Field(
+        default_factory=ParallelismSpec, description="How the model is spread over the ranks (ddp or fsdp)."
+    )
     run_policy: RunPolicy = Field(
-        default_factory=RunPolicy, description="Restart, deadline, TTL and suspend policy (mutable)."
+        default_factory=RunPolicy,
+        description="Restart, deadline, TTL, suspend and grace period policy (mutable).",
     )
 
 
@@ -298,10 +442,31 @@ class LastFailure(StatusModel):
     time: datetime | None = Field(default=None, description="When the failure was observed.")
 
 
+class StrategyEstimate(StatusModel):
+    state_bytes_per_rank: int | None = Field(
+        default=None,
+        description=(
+            "Estimated replicated training state per rank in bytes (weights + gradients + AdamW moments, "
+            "+ fp32 master weights under bf16; LoRA counts trainable parameters for the last three)."
+        ),
+    )
+    device_memory_bytes: int | None = Field(
+        default=None,
+        description="Memory of one device (GPU memory, or host memory / local processes on CPU) in bytes.",
+    )
+
+
 class Resolved(StatusModel):
     image: str | None = Field(default=None, description="Trainer image used for every attempt.")
     nproc_per_node: int | None = Field(default=None, description="Processes per pod after resolving auto.")
     backend: Literal["nccl", "gloo"] | None = Field(default=None, description="torch.distributed backend.")
+    strategy: Literal["ddp", "fsdp"] | None = Field(
+        default=None,
+        description="Parallelism strategy the trainer chose (rank 0 reports it); kept for the job's life.",
+    )
+    estimate: StrategyEstimate | None = Field(
+        default=None, description="The memory estimate behind strategy auto, as rank 0 reported it."
+    )
 
 
 class Progress(StatusModel):

@@ -22,6 +22,7 @@ from tauon.api.common import (
     StatusModel,
     Task,
     reserved_env_rule,
+    source_field,
 )
 
 RESERVED_SERVER_ENV_PREFIXES = ["TAUON_"]
@@ -43,14 +44,19 @@ class ServedModelSpec(KubeModel):
         default=None,
         description="A FineTuneJob in the same namespace; served once it Succeeded (its output model).",
     )
-    source: str | None = Field(
-        default=None,
-        description="A Hugging Face model directory: pvc://CLAIM/PATH, hf://ORG/NAME or file:// (dev only).",
-        max_length=MAX_LONG_STR,
-        pattern=MODEL_SOURCE_PATTERN,
+    source: str | None = source_field(
+        "A Hugging Face model directory: pvc://CLAIM/PATH, hf://ORG/NAME or file:// (dev only). Path "
+        "segments may not be empty, `.` or `..`.",
+        MODEL_SOURCE_PATTERN,
+        "model.source",
+        required=False,
     )
     task: Task | None = Field(
-        default=None, description="sequence-classification or causal-lm; read from the model when unset."
+        default=None,
+        description=(
+            "sequence-classification or causal-lm. When unset: the referenced FineTuneJob's "
+            "spec.model.task, else read from the model by the server (runtime auto then picks tauon)."
+        ),
     )
     token_secret_ref: SecretKeyRef | None = Field(
         default=None, description="Secret key with a Hugging Face token, for hf:// sources."
@@ -96,6 +102,41 @@ class Canary(KubeModel):
     )
 
 
+class Generation(KubeModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": (
+                        "!has(self.maxNewTokens) || "
+                        "self.maxNewTokens < (has(self.maxModelLength) ? self.maxModelLength : 4096)"
+                    ),
+                    "message": "spec.generation.maxNewTokens must be smaller than spec.generation.maxModelLength",
+                }
+            ]
+        }
+    )
+
+    max_model_length: int = Field(
+        default=4096,
+        ge=16,
+        le=1048576,
+        description="Longest sequence, prompt plus generated tokens; a longer request gets 400.",
+    )
+    max_new_tokens: int = Field(
+        default=256,
+        ge=1,
+        le=1048576,
+        description="Tokens generated when a request sets no max_tokens.",
+    )
+    max_concurrent_sequences: int = Field(
+        default=64,
+        ge=1,
+        le=4096,
+        description="Sequences decoded together (continuous batching); vllm --max-num-seqs.",
+    )
+
+
 class ServerEnvVar(EnvVar):
     model_config = ConfigDict(
         json_schema_extra={"x-kubernetes-validations": [reserved_env_rule(RESERVED_SERVER_ENV_PREFIXES, [])]}
@@ -103,6 +144,20 @@ class ServerEnvVar(EnvVar):
 
 
 class InferenceServiceSpec(KubeModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": (
+                        "!(has(self.runtime) && self.runtime == 'vllm') || "
+                        "!has(self.model.task) || self.model.task == 'causal-lm'"
+                    ),
+                    "message": "spec.runtime vllm serves causal-lm models only",
+                }
+            ]
+        }
+    )
+
     model: ServedModelSpec = Field(description="What to serve: exactly one of fineTuneJobRef or source.")
     replicas: int = Field(
         default=1, ge=0, le=10000, description="Predictor replicas; with autoscaling the HPA owns them."
@@ -110,7 +165,30 @@ class InferenceServiceSpec(KubeModel):
     autoscaling: Autoscaling | None = Field(
         default=None, description="HorizontalPodAutoscaler v2 on CPU targeting <name>-predictor."
     )
-    batching: Batching = Field(default_factory=Batching, description="Dynamic batching in the model server.")
+    runtime: Literal["auto", "tauon", "vllm"] = Field(
+        default="auto",
+        description=(
+            "Model server: tauon (python -m tauon_serve.serve: KServe V1/V2 and, for causal-lm, the OpenAI "
+            "API) or vllm (vllm serve, the operator's --vllm-image; causal-lm only). auto: vllm when the "
+            "served task is causal-lm and the pods request nvidia.com/gpu, tauon otherwise. The choice "
+            "is reported in status.resolved.runtime."
+        ),
+    )
+    generation: Generation = Field(
+        default_factory=Generation, description="Text generation limits (causal-lm), for both runtimes."
+    )
+    startup_timeout_seconds: int = Field(
+        default=1800,
+        ge=1,
+        le=86400,
+        description=(
+            "Seconds a server may take to load its model before Kubernetes restarts it (the startupProbe's "
+            "failureThreshold x periodSeconds)."
+        ),
+    )
+    batching: Batching = Field(
+        default_factory=Batching, description="Dynamic batching in the tauon model server (non-generative)."
+    )
     canary: Canary | None = Field(default=None, description="A second version behind the same Service.")
     resources: ResourceRequirements = Field(
         default_factory=ResourceRequirements, description="Resources of each server pod."
@@ -133,6 +211,29 @@ class InferenceServiceSpec(KubeModel):
 class ResolvedModel(StatusModel):
     source: str | None = Field(default=None, description="Resolved model location (storage URI).")
     fine_tune_job: str | None = Field(default=None, description="The FineTuneJob it came from, if any.")
+    task: Task | None = Field(
+        default=None, description="The served task (spec.model.task or the FineTuneJob's), when known."
+    )
+
+
+class ResolvedServing(StatusModel):
+    runtime: Literal["tauon", "vllm"] | None = Field(
+        default=None, description="The predictor's model server after resolving spec.runtime auto."
+    )
+
+
+class OpenAIStatus(StatusModel):
+    base_url: str | None = Field(
+        default=None,
+        alias="baseURL",
+        description="OpenAI-compatible base URL (causal-lm): http://<service>.<namespace>.svc.<domain>/v1.",
+        max_length=MAX_STR,
+    )
+    model: str | None = Field(
+        default=None,
+        description="The model name OpenAI requests must send (the InferenceService's name).",
+        max_length=MAX_STR,
+    )
 
 
 class CanaryStatus(StatusModel):
@@ -162,6 +263,13 @@ class InferenceServiceStatus(StatusModel):
     )
     model: ResolvedModel = Field(default_factory=ResolvedModel, description="Resolved model location.")
     canary: CanaryStatus = Field(default_factory=CanaryStatus, description="Canary replicas and share.")
+    resolved: ResolvedServing = Field(
+        default_factory=ResolvedServing, description="Choices the operator made (runtime)."
+    )
+    openai: OpenAIStatus = Field(
+        default_factory=OpenAIStatus,
+        description="How to call the service with an OpenAI client (causal-lm models only).",
+    )
 
 
 class InferenceService(KubeModel):

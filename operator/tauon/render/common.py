@@ -7,7 +7,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from tauon.api.common import API_VERSION, EnvVar, KubeModel, ObjectMeta, PodTemplateOverrides
+from tauon.api.common import (
+    API_VERSION,
+    BAD_SEGMENT_RE,
+    RESERVED_KEY_PREFIX,
+    EnvVar,
+    KubeModel,
+    ObjectMeta,
+    PodTemplateOverrides,
+)
 from tauon.render.config import OperatorConfig
 
 Manifest = dict[str, Any]
@@ -52,25 +60,54 @@ def _volume_name(prefix: str, raw: str) -> str:
     return f"{prefix}-{slug}-{digest}" if slug else f"{prefix}-{digest}"
 
 
+def check_segments(uri: str, where: str) -> None:
+    """Refuse empty, `.` and `..` path segments (the CRD does too; objects admitted before that rule, or
+    `tauon run --local`, reach here): `pvc://claim/../../tmp/x` must never escape its mount."""
+    if re.search(BAD_SEGMENT_RE, uri):
+        raise InvalidSpec(f'{where}: empty, "." and ".." path segments are not allowed (got {uri})')
+
+
+def check_reserved_keys(tpl: PodTemplateOverrides, where: str) -> None:
+    """podTemplate labels/annotations may not use the operator's tauon.dev/ keys."""
+    for kind, keys in (("labels", tpl.labels), ("annotations", tpl.annotations)):
+        bad = sorted(k for k in keys if k.startswith(RESERVED_KEY_PREFIX))
+        if bad:
+            raise InvalidSpec(
+                f"{where}.{kind}: keys under {RESERVED_KEY_PREFIX} are reserved for the operator: {', '.join(bad)}"
+            )
+
+
+@dataclass
+class _ClaimUse:
+    sub: str  # path inside the claim, "" for the claim root
+    write: bool
+
+
+def _covers(outer: str, inner: str) -> bool:
+    return outer == "" or inner == outer or inner.startswith(outer + "/")
+
+
 @dataclass
 class Storage:
-    """Volumes and mounts for the storage URIs of one pod, and where each URI lands inside it."""
+    """Volumes and mounts for the storage URIs of one pod, and where each URI lands inside it.
+
+    `pvc://CLAIM/PATH` is one volume per claim, mounted with `subPath: PATH` at `PVC_ROOT/CLAIM/PATH`
+    (the rest of the claim is not visible). Paths nested in another one on the same claim share the outer
+    mount; a mount is writable only when something inside it is written."""
 
     volumes: list[Manifest] = field(default_factory=list)
     mounts: list[Manifest] = field(default_factory=list)
     claims: dict[str, bool] = field(default_factory=dict)  # claim -> needs write
+    _uses: dict[str, list[_ClaimUse]] = field(default_factory=dict)
 
     def add(self, uri: str, where: str, cfg: OperatorConfig, write: bool = False) -> str:
         """Mount what `uri` needs and return the local path (hf:// stays an hf:// id)."""
+        check_segments(uri, where)
         if uri.startswith("hf://"):
             return uri
         if uri.startswith("pvc://"):
             claim, _, sub = uri.removeprefix("pvc://").partition("/")
-            if claim not in self.claims:
-                self.volumes.append(
-                    {"name": _volume_name("pvc", claim), "persistentVolumeClaim": {"claimName": claim}}
-                )
-                self.mounts.append({"name": _volume_name("pvc", claim), "mountPath": f"{PVC_ROOT}/{claim}"})
+            self._uses.setdefault(claim, []).append(_ClaimUse(sub, write))
             self.claims[claim] = self.claims.get(claim, False) or write
             return f"{PVC_ROOT}/{claim}/{sub}".rstrip("/")
         if uri.startswith("file://"):
@@ -98,11 +135,20 @@ class Storage:
         raise InvalidSpec(f"{where}: unsupported storage URI {uri!r}")
 
     def finish(self) -> None:
-        """Mount claims read-only unless something writes to them."""
-        for m in self.mounts:
-            for claim, write in self.claims.items():
-                if m["name"] == _volume_name("pvc", claim):
-                    m["readOnly"] = not write
+        """Add the claims' volumes and subPath mounts (read-only unless written); settle hostPath types."""
+        for claim, uses in self._uses.items():
+            name = _volume_name("pvc", claim)
+            self.volumes.append({"name": name, "persistentVolumeClaim": {"claimName": claim}})
+            outer = sorted(
+                {u.sub for u in uses if not any(_covers(o.sub, u.sub) and o.sub != u.sub for o in uses)}
+            )
+            for sub in outer:
+                mount: Manifest = {"name": name, "mountPath": f"{PVC_ROOT}/{claim}/{sub}".rstrip("/")}
+                if sub:
+                    mount["subPath"] = sub
+                mount["readOnly"] = not any(u.write for u in uses if _covers(sub, u.sub))
+                self.mounts.append(mount)
+        self._uses = {}
         for v in self.volumes:
             hp = v.get("hostPath")
             if hp is not None and not hp["type"]:

@@ -12,6 +12,7 @@ from tauon.render.common import (
     Manifest,
     Storage,
     apply_overrides,
+    check_reserved_keys,
     child_meta,
     container_security,
     env_list,
@@ -30,6 +31,14 @@ CONFIG_PATH = f"{CONFIG_DIR}/job.json"
 CONTAINER = "trainer"
 KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+
+
+DATASET_FIELD_DEFAULTS = [
+    ("messagesField", "chat", "messages"),
+    ("promptField", "prompt-completion", "prompt"),
+    ("completionField", "prompt-completion", "completion"),
+]
+DEFAULT_SHM_SIZE = "2Gi"
 
 
 def config_map_name(job: str) -> str:
@@ -81,16 +90,25 @@ def validate(job: FineTuneJob, cfg: OperatorConfig) -> None:
     requests = job.spec.resources.requests.get("nvidia.com/gpu")
     if limits is not None and requests is not None and str(limits) != str(requests):
         raise InvalidSpec("spec.resources: nvidia.com/gpu requests and limits must be equal")
+    check_reserved_keys(job.spec.pod_template, "spec.podTemplate")
+    model = job.spec.model
+    if model.init == "scratch" and (model.config is None or model.tokenizer is None):
+        raise InvalidSpec("spec.model: init scratch needs spec.model.config and spec.model.tokenizer")
+    if model.init == "pretrained" and model.source is None:
+        raise InvalidSpec("spec.model.source is required unless spec.model.init is scratch")
     _storage(job, cfg)  # raises on unusable URIs
 
 
 def _storage(job: FineTuneJob, cfg: OperatorConfig) -> tuple[Storage, dict[str, str]]:
     s = Storage()
-    paths = {
-        "model": s.add(job.spec.model.source, "spec.model.source", cfg),
-        "dataset": s.add(job.spec.dataset.source, "spec.dataset.source", cfg),
-        "output": s.add(job.spec.output.storage, "spec.output.storage", cfg, write=True),
-    }
+    model = job.spec.model
+    paths: dict[str, str] = {}
+    if model.source is not None:
+        paths["model"] = s.add(model.source, "spec.model.source", cfg)
+    if model.tokenizer is not None:
+        paths["tokenizer"] = s.add(model.tokenizer, "spec.model.tokenizer", cfg)
+    paths["dataset"] = s.add(job.spec.dataset.source, "spec.dataset.source", cfg)
+    paths["output"] = s.add(job.spec.output.storage, "spec.output.storage", cfg, write=True)
     s.finish()
     return s, paths
 
@@ -100,25 +118,38 @@ def shared_claims(job: FineTuneJob) -> dict[str, str]:
     out: dict[str, str] = {}
     for uri, mode in (
         (job.spec.model.source, "read"),
+        (job.spec.model.tokenizer, "read"),
         (job.spec.dataset.source, "read"),
         (job.spec.output.storage, "write"),
     ):
-        if uri.startswith("pvc://"):
+        if uri is not None and uri.startswith("pvc://"):
             claim = uri.removeprefix("pvc://").split("/", 1)[0]
             out[claim] = "write" if mode == "write" or out.get(claim) == "write" else "read"
     return out
 
 
 def job_config(job: FineTuneJob, cfg: OperatorConfig) -> dict[str, object]:
-    """The trainer's /etc/tauon/job.json (camelCase, defaults filled, local paths resolved)."""
+    """The trainer's /etc/tauon/job.json (camelCase, defaults filled, local paths resolved).
+
+    Top-level `uid` is the job's metadata.uid: the trainer refuses a config whose uid differs from
+    TAUON_JOB_UID and records it as the output's owner. The attempt is not here (the ConfigMap is
+    immutable and shared by all attempts): it comes from TAUON_ATTEMPT."""
     _, paths = _storage(job, cfg)
     spec = job.spec
     model = spec.model.dump()
     model.pop("tokenSecretRef", None)
-    model["path"] = paths["model"]
+    if "model" in paths:
+        model["path"] = paths["model"]
+    if "tokenizer" in paths:
+        model["tokenizerPath"] = paths["tokenizer"]
     dataset = spec.dataset.dump()
     if spec.model.task == "sequence-classification" and spec.dataset.label_field is None:
         dataset["labelField"] = "label"
+    for key, dtype, default in DATASET_FIELD_DEFAULTS:
+        if spec.dataset.type == dtype:
+            dataset.setdefault(key, default)
+    if spec.dataset.type != "text":
+        dataset.pop("textField", None)
     dataset["path"] = paths["dataset"]
     method = spec.method.dump()
     if spec.method.type == "lora" and spec.method.lora is None:
@@ -129,11 +160,13 @@ def job_config(job: FineTuneJob, cfg: OperatorConfig) -> dict[str, object]:
     return {
         "name": job.metadata.name,
         "namespace": job.metadata.namespace,
+        "uid": job.metadata.uid,
         "model": model,
         "dataset": dataset,
         "method": method,
         "hyperparameters": hp,
         "output": output,
+        "parallelism": spec.parallelism.dump(),
     }
 
 
@@ -144,6 +177,8 @@ def render_config_map(job: FineTuneJob, cfg: OperatorConfig) -> Manifest:
         "metadata": child_meta(
             KIND, job.metadata, config_map_name(job.metadata.name), {LABEL_JOB: job.metadata.name}
         ),
+        # immutable: a pod can never read a config other than the one rendered for this job (uid)
+        "immutable": True,
         "data": {"job.json": json.dumps(job_config(job, cfg), indent=2, sort_keys=True)},
     }
 
@@ -195,6 +230,7 @@ def trainer_env(
         "WORLD_SIZE": spec.num_nodes * r.nproc_per_node,
         "TAUON_DIST_BACKEND": r.backend,
         "TAUON_JOB_NAME": name,
+        "TAUON_JOB_UID": job.metadata.uid,
         "TAUON_ATTEMPT": attempt,
         "TAUON_CONFIG": CONFIG_PATH,
         "TAUON_METRICS_PORT": cfg.metrics_port,
@@ -211,6 +247,14 @@ def trainer_env(
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
     # user env may override NCCL_* and our other non-reserved defaults (one definition per name)
     return merge_env(env, env_list(list(spec.env)), overridable_prefix=("NCCL_", "TORCH_NCCL_", "HF_"))
+
+
+def shm_size_limit(job: FineTuneJob) -> str:
+    """sizeLimit of the memory-backed /dev/shm: the pod's memory limit (else request) when set, so a
+    runaway writer is evicted instead of starving the node; else DEFAULT_SHM_SIZE."""
+    res = job.spec.resources
+    mem = res.limits.get("memory", res.requests.get("memory"))
+    return str(mem) if mem is not None else DEFAULT_SHM_SIZE
 
 
 def render_pod(job: FineTuneJob, cfg: OperatorConfig, attempt: int, rank: int) -> Manifest:
@@ -262,12 +306,12 @@ def render_pod(job: FineTuneJob, cfg: OperatorConfig, attempt: int, rank: int) -
         "hostname": pod_name(name, attempt, rank),
         "subdomain": service_name(name),
         "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": 30,
+        "terminationGracePeriodSeconds": spec.run_policy.termination_grace_period_seconds,
         "securityContext": pod_security(cfg),
         "containers": [container],
         "volumes": [
             {"name": "job-config", "configMap": {"name": config_map_name(name)}},
-            {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size_limit(job)}},
             *storage.volumes,
         ],
     }
