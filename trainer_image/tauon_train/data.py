@@ -1,22 +1,64 @@
-"""Dataset loading, validation, the train/validation split and tokenization.
+"""Dataset loading, validation, the train/validation split, tokenization, packing and the sample order.
 
-- ``load_records`` reads jsonl (one JSON object per line, blank lines skipped) or csv (header row) and
-  validates every row, raising ``PermanentError`` with a message naming the file, line and field.
-- ``split_indices`` splits with a generator seeded by the job's seed BEFORE any sharding, so every rank
-  computes the same split; the DistributedSampler shards only the training part.
-- ``tokenize`` pre-tokenizes once (the datasets are small); ``Collator`` pads each batch to its longest
-  sequence (dynamic padding). For causal-lm, labels are the input ids with padding set to -100.
+Reading (``load_rows``, ``load_records``)
+    jsonl (one JSON object per line, blank lines skipped) or csv (header row). The file is decoded as
+    strict UTF-8 (a leading BOM is ignored); undecodable bytes, lone surrogates (``"\\ud800"`` in JSON),
+    duplicate csv column names, labels that are not ASCII-decimal integers in range, and oversized
+    numbers all raise ``PermanentError`` naming the file, line and field: bad data is never retried.
+
+Split
+    ``split_indices`` shuffles with a generator seeded by the job's seed BEFORE any sharding, so every
+    rank computes the same split.
+
+Dataset types (``build_datasets``; causal-lm unless noted)
+    - ``text``: loss on every token of ``textField`` (sequence-classification: ``textField`` + label).
+    - ``prompt-completion``: ``promptField + completionField`` (concatenated as written, no separator)
+      then the tokenizer's eos token (when it has one and did not add it already); loss on the completion
+      and eos only. The prompt part is the longest common token prefix of the encoded prompt and the
+      encoded whole, so a token that straddles the boundary counts as completion.
+    - ``chat``: ``messagesField`` is an OpenAI-shaped list of ``{"role", "content"}`` with roles
+      system/user/assistant and string content (in csv: a JSON string). Rendered with the tokenizer's
+      chat template (``apply_chat_template``, text then tokenized without extra special tokens). Loss on
+      assistant turns only: each assistant span runs from the end of the prefix rendered with
+      ``add_generation_prompt=True`` to the end of the prefix that includes the turn (so the template's
+      end-of-turn marker is learned too); tokens overlapping a span are targets, all others ``-100``.
+      A tokenizer without a chat template gets ``DEFAULT_CHAT_TEMPLATE`` (ChatML-like, set on the
+      tokenizer so it is saved with the model and used when serving)::
+
+          <|im_start|>{role}\\n{content}<|im_end|>\\n   ... per message
+          <|im_start|>assistant\\n                      ... with add_generation_prompt
+
+      The markers are plain text (no tokens are added to the vocabulary).
+    In every causal example the first token is never a target (nothing predicts it), examples are cut
+    at ``maxSeqLength`` tokens, and an example left without a target token is dropped.
+
+Packing (``dataset.packing``)
+    Tokenized examples are packed greedily, in split order, into blocks of at most ``maxSeqLength``
+    tokens; an example never spans two blocks. ``position_ids`` restart at 0 at every example start and
+    batches carry no ``attention_mask``: transformers (masking_utils.find_packed_sequence_indices)
+    then builds a block-diagonal causal mask, so attention never crosses examples. That detection only
+    runs when no KV cache exists: call the model with ``use_cache=False`` (or set
+    ``model.config.use_cache = False``, see ``disable_kv_cache``) or examples attend to each other.
+
+Sample order (``epoch_order``, ``rank_slice``)
+    The global order of an epoch depends only on seed and epoch. Each global batch is ``world_size x
+    batch_per_rank`` consecutive samples of the order; rank r takes its contiguous share. The last,
+    ragged global batch (T < world_size x batch_per_rank samples) is split into world_size contiguous
+    shares whose sizes differ by at most one; when T < world_size those T samples are dropped for this
+    epoch (so every rank has the same number of non-empty batches and no sample is ever seen twice).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import random
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -31,6 +73,23 @@ from tauon_core.errors import (
 
 from .config import DatasetConfig
 
+if TYPE_CHECKING:
+    from .config import JobConfig
+
+NO_CHAT_TEMPLATE = "NoChatTemplate"
+IGNORE = -100
+CHAT_ROLES = ("system", "user", "assistant")
+TOOL_ROLES = ("tool", "function", "ipython")
+_MAX_LABEL_DIGITS = 9  # numLabels is at most 100,000; longer strings are out of range without int()
+_ASCII_INT = re.compile(r"[+-]?[0-9]+")
+
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
 
 @dataclass(frozen=True)
 class Record:
@@ -39,65 +98,147 @@ class Record:
     line: int  # 1-based line in the source file (for messages)
 
 
+# --- labels and strings ------------------------------------------------------------------------
+
+
+def _label_error(where: str, field: str, num_labels: int, value: Any) -> PermanentError:
+    shown = json.dumps(value, default=str)
+    if len(shown) > 60:
+        shown = shown[:60] + "..."
+    return PermanentError(
+        INVALID_LABEL, f"{where}: field '{field}' must be an integer label 0..{num_labels - 1}, got {shown}"
+    )
+
+
 def parse_label(value: Any, num_labels: int, where: str, field: str) -> int:
-    """Labels are integers 0..num_labels-1; strings of integers (and integral floats) are accepted."""
+    """Labels are integers 0..num_labels-1; ASCII-decimal strings and integral floats are accepted.
+
+    Booleans, non-ASCII digits (``"²"``, Arabic-Indic digits) and anything else raise InvalidLabel;
+    huge values (thousands of digits) are reported as out of range without converting them.
+    """
     label: int | None = None
     if isinstance(value, bool):
-        label = None
-    elif isinstance(value, int):
+        raise _label_error(where, field, num_labels, value)
+    if isinstance(value, int):
         label = value
     elif isinstance(value, float) and value.is_integer():
         label = int(value)
     elif isinstance(value, str):
         s = value.strip()
-        if s.lstrip("+-").isdigit():
-            label = int(s)
+        if not _ASCII_INT.fullmatch(s):
+            raise _label_error(where, field, num_labels, value)
+        digits = s.lstrip("+-").lstrip("0") or "0"
+        if len(digits) > _MAX_LABEL_DIGITS:
+            raise PermanentError(
+                INVALID_LABEL,
+                f"{where}: field '{field}' ({len(digits)} digits) is outside 0..{num_labels - 1}"
+                f" (numLabels={num_labels})",
+            )
+        label = int(s)
     if label is None:
-        raise PermanentError(
-            INVALID_LABEL,
-            f"{where}: field '{field}' must be an integer label 0..{num_labels - 1}, got {json.dumps(value)}",
-        )
+        raise _label_error(where, field, num_labels, value)
     if not 0 <= label < num_labels:
+        shown = (
+            str(label)
+            if abs(label) < 10**12
+            else f"a number of about {int(label.bit_length() * 0.30103) + 1} digits"
+        )
         raise PermanentError(
             INVALID_LABEL,
-            f"{where}: field '{field}' = {label} is outside 0..{num_labels - 1} (numLabels={num_labels})",
+            f"{where}: field '{field}' = {shown} is outside 0..{num_labels - 1} (numLabels={num_labels})",
         )
     return label
 
 
-def _rows_jsonl(path: str) -> Any:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PermanentError(INVALID_DATASET, f"{path}:{lineno}: invalid JSON: {e.msg}") from None
-            if not isinstance(obj, dict):
-                raise PermanentError(INVALID_DATASET, f"{path}:{lineno}: expected a JSON object per line")
-            yield lineno, obj
+def _check_str(value: Any, where: str, field: str, allow_empty: bool = False) -> str:
+    if not isinstance(value, str):
+        raise PermanentError(
+            INVALID_DATASET, f"{where}: field '{field}' must be a string, got {type(value).__name__}"
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PermanentError(
+            INVALID_DATASET,
+            f"{where}: field '{field}' contains a lone surrogate (U+{ord(value[e.start]):04X}) at character {e.start}",
+        ) from None
+    if not allow_empty and not value.strip():
+        raise PermanentError(INVALID_DATASET, f"{where}: field '{field}' is empty")
+    return value
 
 
-def _rows_csv(path: str, needed: Sequence[str]) -> Any:
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
+# --- reading rows ------------------------------------------------------------------------------
+
+
+def _read_text(path: str) -> str:
+    """The whole file as strict UTF-8 (BOM dropped); undecodable bytes name their line."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except IsADirectoryError:
+        raise PermanentError(DATASET_NOT_FOUND, f"dataset path {path} is not a file") from None
+    except OSError as e:
+        raise PermanentError(DATASET_NOT_FOUND, f"dataset file {path} unreadable: {e.strerror}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise PermanentError(
+            INVALID_DATASET, f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start})"
+        ) from None
+
+
+def _rows_jsonl(path: str, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PermanentError(INVALID_DATASET, f"{path}:{lineno}: invalid JSON: {e.msg}") from None
+        except (ValueError, RecursionError) as e:  # e.g. an integer over Python's 4300-digit limit
+            raise PermanentError(
+                INVALID_DATASET, f"{path}:{lineno}: invalid JSON: {str(e).splitlines()[0][:200]}"
+            ) from None
+        if not isinstance(obj, dict):
+            raise PermanentError(INVALID_DATASET, f"{path}:{lineno}: expected a JSON object per line")
+        yield lineno, obj
+
+
+def _rows_csv(path: str, text: str, needed: Sequence[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
         header = reader.fieldnames
-        if header is None:
+    except csv.Error as e:
+        raise PermanentError(INVALID_DATASET, f"{path}:1: invalid csv header: {e}") from None
+    if header is None:
+        return
+    seen: set[str] = set()
+    for col in header:
+        if col in seen:
+            raise PermanentError(INVALID_DATASET, f"{path}:1: duplicate csv column '{col}' in the header")
+        seen.add(col)
+    for col in needed:
+        if col not in header:
+            raise PermanentError(
+                MISSING_COLUMN,
+                f"{path}:1: column '{col}' not in the csv header (columns: {', '.join(header)})",
+            )
+    while True:
+        start = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
             return
-        for col in needed:
-            if col not in header:
-                raise PermanentError(
-                    MISSING_COLUMN,
-                    f"{path}:1: column '{col}' not in the csv header (columns: {', '.join(header)})",
-                )
-        for row in reader:
-            if not any((v or "").strip() for v in row.values() if isinstance(v, str)):
-                continue
-            yield reader.line_num, row
+        except csv.Error as e:
+            raise PermanentError(INVALID_DATASET, f"{path}:{start}: invalid csv: {e}") from None
+        if not any((v or "").strip() for v in row.values() if isinstance(v, str)):
+            continue
+        yield start, row
 
 
-def load_records(cfg: DatasetConfig, num_labels: int | None) -> list[Record]:
+def load_rows(cfg: DatasetConfig, needed: Sequence[str]) -> list[tuple[int, dict[str, Any]]]:
+    """(line, row) pairs of a jsonl or csv file; ``needed`` fields must be present and not null."""
     path = cfg.path
     if not os.path.exists(path):
         raise PermanentError(
@@ -107,43 +248,33 @@ def load_records(cfg: DatasetConfig, num_labels: int | None) -> list[Record]:
         raise PermanentError(
             DATASET_NOT_FOUND, f"dataset path {path} is not a file (dataset.source={cfg.source})"
         )
+    text = _read_text(path)
+    rows = list(_rows_jsonl(path, text) if cfg.format == "jsonl" else _rows_csv(path, text, needed))
+    for lineno, row in rows:
+        for col in needed:
+            if col not in row or row[col] is None:
+                raise PermanentError(MISSING_COLUMN, f"{path}:{lineno}: field '{col}' missing")
+    if not rows:
+        raise PermanentError(EMPTY_DATASET, f"{path}: no rows")
+    return rows
+
+
+def load_records(cfg: DatasetConfig, num_labels: int | None) -> list[Record]:
+    """Rows of a ``text`` dataset (text + optional label), validated."""
     needed = [cfg.text_field] + ([cfg.label_field] if cfg.label_field else [])
     records: list[Record] = []
-    try:
-        rows = _rows_jsonl(path) if cfg.format == "jsonl" else _rows_csv(path, needed)
-        for lineno, row in rows:
-            where = f"{path}:{lineno}"
-            for col in needed:
-                if col not in row or row[col] is None:
-                    raise PermanentError(MISSING_COLUMN, f"{where}: field '{col}' missing")
-            text = row[cfg.text_field]
-            if not isinstance(text, str):
-                raise PermanentError(
-                    INVALID_DATASET,
-                    f"{where}: field '{cfg.text_field}' must be a string, got {json.dumps(text)}",
-                )
-            if not text.strip():
-                raise PermanentError(INVALID_DATASET, f"{where}: field '{cfg.text_field}' is empty")
-            label = None
-            if cfg.label_field:
-                assert num_labels is not None
-                label = parse_label(row[cfg.label_field], num_labels, where, cfg.label_field)
-            records.append(Record(text=text, label=label, line=lineno))
-    except UnicodeDecodeError as e:
-        raise PermanentError(
-            INVALID_DATASET, f"{path}: not UTF-8 text ({e.reason} at byte {e.start})"
-        ) from None
-    except csv.Error as e:
-        raise PermanentError(INVALID_DATASET, f"{path}: invalid csv: {e}") from None
-    except IsADirectoryError:
-        raise PermanentError(DATASET_NOT_FOUND, f"dataset path {path} is not a file") from None
-    except PermanentError:
-        raise
-    except OSError as e:
-        raise PermanentError(DATASET_NOT_FOUND, f"dataset file {path} unreadable: {e.strerror}") from None
-    if not records:
-        raise PermanentError(EMPTY_DATASET, f"{path}: no rows")
+    for lineno, row in load_rows(cfg, needed):
+        where = f"{cfg.path}:{lineno}"
+        text = _check_str(row[cfg.text_field], where, cfg.text_field)
+        label = None
+        if cfg.label_field:
+            assert num_labels is not None
+            label = parse_label(row[cfg.label_field], num_labels, where, cfg.label_field)
+        records.append(Record(text=text, label=label, line=lineno))
     return records
+
+
+# --- split ---------------------------------------------------------------------------------------
 
 
 def split_sizes(n: int, validation_split: float) -> tuple[int, int]:
@@ -167,6 +298,9 @@ def split_indices(n: int, validation_split: float, seed: int, path: str = "") ->
     val = sorted(order[:n_val])
     train = sorted(order[n_val:])
     return train, val
+
+
+# --- the existing (text-only) tokenized path, kept for train.py ------------------------------------
 
 
 class TokenizedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
@@ -200,24 +334,443 @@ def drop_short(ds: TokenizedDataset, min_tokens: int = 2) -> TokenizedDataset:
     )
 
 
-class Collator:
-    """Pads a batch to its longest sequence. Causal-lm labels = input ids, padding -> -100."""
+# --- causal-lm examples ----------------------------------------------------------------------------
 
-    def __init__(self, pad_token_id: int, causal_lm: bool) -> None:
-        self.pad = pad_token_id
-        self.causal_lm = causal_lm
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenized causal-lm example; ``labels[i]`` is the target at position i or -100."""
+
+    input_ids: list[int]
+    labels: list[int]
+    line: int
+
+
+def _finish(ids: list[int], labels: list[int], max_len: int, line: int) -> Example | None:
+    """Cut at max_len, never target the first token; None when no target is left."""
+    ids, labels = ids[:max_len], labels[:max_len]
+    if labels:
+        labels[0] = IGNORE
+    if not any(x != IGNORE for x in labels):
+        return None
+    return Example(ids, labels, line)
+
+
+def encode_text(tokenizer: Any, text: str, max_len: int, line: int = 0) -> Example | None:
+    ids = list(tokenizer(text, truncation=True, max_length=max_len)["input_ids"])
+    return _finish(ids, list(ids), max_len, line)
+
+
+def encode_prompt_completion(
+    tokenizer: Any, prompt: str, completion: str, max_len: int, line: int = 0
+) -> Example | None:
+    """prompt + completion + eos; targets: the completion and eos."""
+    full = list(tokenizer(prompt + completion)["input_ids"])
+    head = list(tokenizer(prompt)["input_ids"])
+    k = 0
+    while k < min(len(full), len(head)) and full[k] == head[k]:
+        k += 1
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(eos, int) and (not full or full[-1] != eos):
+        full.append(eos)
+    labels = [IGNORE] * k + full[k:]
+    return _finish(full, labels, max_len, line)
+
+
+# --- chat ------------------------------------------------------------------------------------------
+
+
+def ensure_chat_template(tokenizer: Any) -> bool:
+    """Give a tokenizer without a chat template ``DEFAULT_CHAT_TEMPLATE``; True when it was set.
+
+    PermanentError(NoChatTemplate) when the tokenizer cannot render chats at all."""
+    if not callable(getattr(tokenizer, "apply_chat_template", None)):
+        raise PermanentError(
+            NO_CHAT_TEMPLATE,
+            f"dataset.type chat needs a tokenizer that renders chat templates; {type(tokenizer).__name__} cannot",
+        )
+    try:
+        import jinja2  # noqa: F401  (apply_chat_template renders with jinja2)
+    except ImportError:
+        raise PermanentError(
+            NO_CHAT_TEMPLATE, "dataset.type chat needs jinja2 to render chat templates"
+        ) from None
+    if getattr(tokenizer, "chat_template", None):
+        return False
+    try:
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    except (AttributeError, TypeError, ValueError) as e:
+        raise PermanentError(
+            NO_CHAT_TEMPLATE,
+            f"the tokenizer has no chat template and the default one cannot be set on it ({e})",
+        ) from None
+    return True
+
+
+def validate_messages(value: Any, where: str, field: str) -> list[dict[str, str]]:
+    """An OpenAI-shaped message list with roles system/user/assistant and string content."""
+    if isinstance(value, str):  # csv cells carry the list as JSON text
+        try:
+            value = json.loads(value)
+        except (ValueError, RecursionError):
+            raise PermanentError(
+                INVALID_DATASET, f"{where}: field '{field}' is not a JSON list of messages"
+            ) from None
+    if not isinstance(value, list) or not value:
+        raise PermanentError(
+            INVALID_DATASET, f"{where}: field '{field}' must be a non-empty list of messages"
+        )
+    out: list[dict[str, str]] = []
+    for i, m in enumerate(value):
+        at = f"{where}: {field}[{i}]"
+        if not isinstance(m, dict):
+            raise PermanentError(INVALID_DATASET, f"{at} must be an object with role and content")
+        role = m.get("role")
+        if role in TOOL_ROLES or "tool_calls" in m or "function_call" in m:
+            raise PermanentError(
+                INVALID_DATASET,
+                f"{at}: tool messages and tool calls are not supported (role {json.dumps(role)})",
+            )
+        if role not in CHAT_ROLES:
+            raise PermanentError(
+                INVALID_DATASET,
+                f"{at}: unknown role {json.dumps(role)} (expected one of {', '.join(CHAT_ROLES)})",
+            )
+        if not isinstance(m.get("content"), str):
+            raise PermanentError(
+                INVALID_DATASET, f"{at}: content must be a string, got {type(m.get('content')).__name__}"
+            )
+        out.append({"role": str(role), "content": _check_str(m["content"], at, "content", allow_empty=True)})
+    if not any(m["role"] == "assistant" for m in out):
+        raise PermanentError(INVALID_DATASET, f"{where}: field '{field}' has no assistant message")
+    return out
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], gen: bool, where: str) -> str:
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+    except Exception as e:  # jinja2 errors (raise_exception in templates), ValueError, TypeError
+        raise PermanentError(
+            INVALID_DATASET, f"{where}: the chat template rejects this conversation: {type(e).__name__}: {e}"
+        ) from None
+    if not isinstance(text, str):
+        raise PermanentError(NO_CHAT_TEMPLATE, f"{where}: the chat template did not render text")
+    return text
+
+
+def assistant_spans(
+    tokenizer: Any, messages: list[dict[str, str]], where: str
+) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns.
+
+    A span starts where the prefix rendered with a generation prompt ends and stops where the prefix
+    including the turn ends. Templates whose prefixes are not prefixes of the whole (some drop earlier
+    content) fall back to locating the assistant content itself."""
+    full = _render(tokenizer, messages, False, where)
+    spans: list[tuple[int, int]] = []
+    cursor = 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], True, where) if i else ""
+        through = _render(tokenizer, messages[: i + 1], False, where)
+        if i and not full.startswith(before):
+            before = ""
+        if full.startswith(through) and len(before) <= len(through) and len(through) >= cursor:
+            start, end = max(len(before), cursor), len(through)
+        else:
+            start = full.find(m["content"], cursor)
+            if start < 0:
+                raise PermanentError(
+                    INVALID_DATASET,
+                    f"{where}: cannot locate assistant message {i} in the rendered chat template",
+                )
+            end = start + len(m["content"])
+        if end > start:
+            spans.append((start, end))
+        cursor = end
+    return full, spans
+
+
+def _encode_spans(tokenizer: Any, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """Token ids of ``text`` and their targets: ids inside a span, -100 elsewhere."""
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        labels = [
+            t if e > s and any(s < b and e > a for a, b in spans) else IGNORE
+            for t, (s, e) in zip(ids, enc["offset_mapping"], strict=True)
+        ]
+        return ids, labels
+    ids, labels = [], []
+    pos = 0
+    for a, b in [*spans, (len(text), len(text))]:
+        for seg, target in ((text[pos:a], False), (text[a:b], True)):
+            if seg:
+                seg_ids = list(tokenizer(seg, add_special_tokens=False)["input_ids"])
+                ids += seg_ids
+                labels += seg_ids if target else [IGNORE] * len(seg_ids)
+        pos = b
+    return ids, labels
+
+
+def encode_chat(
+    tokenizer: Any, messages: list[dict[str, str]], max_len: int, line: int = 0, where: str = ""
+) -> Example | None:
+    text, spans = assistant_spans(tokenizer, messages, where or f"line {line}")
+    ids, labels = _encode_spans(tokenizer, text, spans)
+    return _finish(ids, labels, max_len, line)
+
+
+def causal_examples(cfg: DatasetConfig, tokenizer: Any, max_len: int) -> list[Example | None]:
+    """One entry per row (None: nothing to learn after cutting at max_len), validated with line numbers."""
+    if cfg.type == "chat":
+        ensure_chat_template(tokenizer)
+        rows = load_rows(cfg, [cfg.messages_field])
+        out: list[Example | None] = []
+        for line, row in rows:
+            where = f"{cfg.path}:{line}"
+            msgs = validate_messages(row[cfg.messages_field], where, cfg.messages_field)
+            out.append(encode_chat(tokenizer, msgs, max_len, line, where))
+        return out
+    if cfg.type == "prompt-completion":
+        rows = load_rows(cfg, [cfg.prompt_field, cfg.completion_field])
+        return [
+            encode_prompt_completion(
+                tokenizer,
+                _check_str(row[cfg.prompt_field], f"{cfg.path}:{line}", cfg.prompt_field, allow_empty=True),
+                _check_str(row[cfg.completion_field], f"{cfg.path}:{line}", cfg.completion_field),
+                max_len,
+                line,
+            )
+            for line, row in rows
+        ]
+    return [encode_text(tokenizer, r.text, max_len, r.line) for r in load_records(cfg, None)]
+
+
+# --- packing ------------------------------------------------------------------------------------
+
+
+def pack(examples: Sequence[Example], max_len: int) -> list[dict[str, list[int]]]:
+    """Greedy in-order packing into blocks of at most max_len tokens; position_ids restart per example."""
+    blocks: list[dict[str, list[int]]] = []
+    cur: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
+    for ex in examples:
+        if cur["input_ids"] and len(cur["input_ids"]) + len(ex.input_ids) > max_len:
+            blocks.append(cur)
+            cur = {"input_ids": [], "labels": [], "position_ids": []}
+        cur["input_ids"] += ex.input_ids
+        cur["labels"] += ex.labels
+        cur["position_ids"] += list(range(len(ex.input_ids)))
+    if cur["input_ids"]:
+        blocks.append(cur)
+    return blocks
+
+
+def disable_kv_cache(model: Any) -> None:
+    """Packed batches need ``use_cache=False``: with a cache transformers skips packed-mask detection."""
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "use_cache"):
+        cfg.use_cache = False
+
+
+# --- datasets -------------------------------------------------------------------------------------
+
+
+class SequenceDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    """Items are dicts of 1-D LongTensors (input_ids, labels[, position_ids]) or, for
+    sequence-classification, input_ids plus an int ``label``. ``lines`` maps items to source lines
+    (packed blocks: the line of their first example); ``dropped`` counts examples with no target."""
+
+    def __init__(self, items: list[dict[str, Any]], lines: list[int], dropped: int = 0) -> None:
+        self.items = items
+        self.lines = lines
+        self.dropped = dropped
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {
+            k: (torch.tensor(v, dtype=torch.long) if isinstance(v, list) else v)
+            for k, v in self.items[i].items()
+        }
+
+    def num_tokens(self) -> int:
+        return sum(len(it["input_ids"]) for it in self.items)
+
+
+def _causal_dataset(examples: list[Example | None], packing: bool, max_len: int) -> SequenceDataset:
+    kept = [e for e in examples if e is not None]
+    dropped = len(examples) - len(kept)
+    if not packing:
+        items: list[dict[str, Any]] = [{"input_ids": e.input_ids, "labels": e.labels} for e in kept]
+        return SequenceDataset(items, [e.line for e in kept], dropped)
+    blocks = pack(kept, max_len)
+    lines, i = [], 0
+    for b in blocks:  # the first example of each block
+        lines.append(kept[i].line)
+        i += b["position_ids"].count(0)
+    return SequenceDataset(list(blocks), lines, dropped)
+
+
+def build_datasets(
+    cfg: JobConfig, tokenizer: Any, max_len: int | None = None
+) -> tuple[SequenceDataset, SequenceDataset | None]:
+    """Train and validation datasets (validation None when the split leaves no rows).
+
+    The split is seeded (hyperparameters.seed) and done on rows, before tokenization, packing and any
+    sharding. ``max_len`` overrides hyperparameters.maxSeqLength (e.g. capped at the model's limit)."""
+    ds, hp = cfg.dataset, cfg.hyperparameters
+    n_max = max_len or hp.max_seq_length
+    if cfg.model.task != "causal-lm":
+        records = load_records(ds, cfg.model.num_labels)
+        tr, va = split_indices(len(records), ds.validation_split, hp.seed, ds.path)
+
+        def cls(idx: list[int]) -> SequenceDataset:
+            enc = tokenize(tokenizer, [records[i] for i in idx], n_max, with_labels=True)
+            assert enc.labels is not None
+            items: list[dict[str, Any]] = [
+                {"input_ids": x, "label": y} for x, y in zip(enc.input_ids, enc.labels, strict=True)
+            ]
+            return SequenceDataset(items, [records[i].line for i in idx])
+
+        return cls(tr), (cls(va) if va else None)
+    examples = causal_examples(ds, tokenizer, n_max)
+    tr, va = split_indices(len(examples), ds.validation_split, hp.seed, ds.path)
+    train = _causal_dataset([examples[i] for i in tr], ds.packing, n_max)
+    if len(train) == 0:
+        raise PermanentError(
+            EMPTY_DATASET,
+            f"{ds.path}: no training example has a token to learn within maxSeqLength={n_max}"
+            f" ({train.dropped} dropped)",
+        )
+    val = _causal_dataset([examples[i] for i in va], ds.packing, n_max) if va else None
+    return train, (val if val is not None and len(val) else None)
+
+
+# --- batches --------------------------------------------------------------------------------------
+
+
+def _as_list(x: Any) -> list[int]:
+    return x.tolist() if isinstance(x, torch.Tensor) else list(x)
+
+
+class Collator:
+    """Pads a batch to its longest sequence.
+
+    ``Collator(pad_id, task, packed)``: task is "causal-lm" or "sequence-classification" (a bool is
+    accepted for the old ``Collator(pad_id, causal_lm)`` form). Padded batches: input_ids, labels
+    (-100 on padding; items without labels learn every token), attention_mask. Packed batches:
+    input_ids, labels, position_ids and no attention_mask; padding continues as its own segment
+    (positions from 0, labels -100) so it never joins an example. Classification: labels = the items'
+    int labels."""
+
+    def __init__(
+        self,
+        pad_id: int | None = None,
+        task: str | bool = "causal-lm",
+        packed: bool = False,
+        *,
+        pad_token_id: int | None = None,  # the old keyword names
+        causal_lm: bool | None = None,
+    ) -> None:
+        if pad_id is None:
+            pad_id = pad_token_id
+        if causal_lm is not None:
+            task = causal_lm
+        if isinstance(task, bool):
+            task = "causal-lm" if task else "sequence-classification"
+        self.pad = int(pad_id) if pad_id is not None else 0
+        self.task = task
+        self.causal_lm = task == "causal-lm"
+        self.packed = packed and self.causal_lm
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        longest = max(len(it["input_ids"]) for it in items)
+        seqs = [_as_list(it["input_ids"]) for it in items]
+        longest = max(len(s) for s in seqs)
         ids = torch.full((len(items), longest), self.pad, dtype=torch.long)
         mask = torch.zeros((len(items), longest), dtype=torch.long)
-        for i, it in enumerate(items):
-            seq = it["input_ids"]
-            ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            mask[i, : len(seq)] = 1
-        batch = {"input_ids": ids, "attention_mask": mask}
-        if self.causal_lm:
-            batch["labels"] = ids.masked_fill(mask == 0, -100)
-        elif "label" in items[0]:
-            batch["labels"] = torch.tensor([it["label"] for it in items], dtype=torch.long)
-        return batch
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[i, : len(s)] = 1
+        if not self.causal_lm:
+            batch = {"input_ids": ids, "attention_mask": mask}
+            if "label" in items[0]:
+                batch["labels"] = torch.tensor([int(it["label"]) for it in items], dtype=torch.long)
+            return batch
+        labels = torch.full((len(items), longest), IGNORE, dtype=torch.long)
+        for i, (s, it) in enumerate(zip(seqs, items, strict=True)):
+            labels[i, : len(s)] = torch.tensor(
+                _as_list(it["labels"]) if "labels" in it else s, dtype=torch.long
+            )
+        if not self.packed:
+            return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        pos = torch.zeros((len(items), longest), dtype=torch.long)
+        for i, (s, it) in enumerate(zip(seqs, items, strict=True)):
+            p = _as_list(it["position_ids"]) if "position_ids" in it else list(range(len(s)))
+            pos[i, : len(s)] = torch.tensor(p, dtype=torch.long)
+            pos[i, len(s) :] = torch.arange(longest - len(s))
+        return {"input_ids": ids, "labels": labels, "position_ids": pos}
+
+
+# --- sample order -----------------------------------------------------------------------------------
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The global sample order of an epoch: a permutation of range(n) from seed and epoch only
+    (the same permutation torch's DistributedSampler draws before sharding)."""
+    g = torch.Generator()
+    g.manual_seed(seed + epoch)
+    return [int(i) for i in torch.randperm(n, generator=g)]
+
+
+def _share(size: int, world_size: int, rank: int) -> tuple[int, int]:
+    """Contiguous share [a, b) of rank in ``size`` items; sizes differ by at most one, larger first."""
+    q, r = divmod(size, world_size)
+    a = rank * q + min(rank, r)
+    return a, a + q + (1 if rank < r else 0)
+
+
+def rank_slice(
+    order: list[int], start: int, world_size: int, rank: int, batch_per_rank: int
+) -> list[list[int]]:
+    """This rank's remaining batches of the epoch from global sample position ``start``.
+
+    Global batches are ``world_size * batch_per_rank`` consecutive samples of ``order[start:]``; rank r
+    takes ``[r*B, (r+1)*B)`` of each. A ragged last global batch of T samples is shared contiguously
+    (sizes differ by at most one); when T < world_size it is dropped for this epoch. Every rank gets the
+    same number of batches; together they cover the samples they take exactly once, whatever
+    world_size was used before ``start``."""
+    if world_size < 1 or batch_per_rank < 1 or not 0 <= rank < world_size:
+        raise ValueError(
+            f"bad rank_slice arguments: world_size={world_size} rank={rank} batch={batch_per_rank}"
+        )
+    rest = order[max(start, 0) :]
+    g = world_size * batch_per_rank
+    out: list[list[int]] = []
+    for k in range(0, len(rest), g):
+        chunk = rest[k : k + g]
+        if len(chunk) < world_size:
+            break
+        a, b = (
+            (rank * batch_per_rank, (rank + 1) * batch_per_rank)
+            if len(chunk) == g
+            else _share(len(chunk), world_size, rank)
+        )
+        out.append(chunk[a:b])
+    return out
+
+
+def num_batches(remaining: int, world_size: int, batch_per_rank: int) -> int:
+    """len(rank_slice(...)) for ``remaining`` samples left in the epoch (the same on every rank)."""
+    g = world_size * batch_per_rank
+    full, tail = divmod(max(remaining, 0), g)
+    return full + (1 if tail >= world_size else 0)
+
+
+def position_after(start: int, batches_done: int, n: int, world_size: int, batch_per_rank: int) -> int:
+    """The global sample position after ``batches_done`` batches of ``rank_slice(order, start, ...)``
+    (n = len(order)); the epoch's end (n) once its last batch, or a dropped tail, is reached."""
+    pos = start + batches_done * world_size * batch_per_rank
+    return n if pos >= n or batches_done >= num_batches(n - start, world_size, batch_per_rank) else pos
