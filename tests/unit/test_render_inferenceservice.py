@@ -15,16 +15,25 @@ from tauon.render.config import OperatorConfig
 from tauon.render.inferenceservice import (
     ANN_FINE_TUNE_JOB,
     ANN_MODEL_SOURCE,
+    ANN_MODEL_TASK,
+    ANN_RUNTIME,
     ANN_SPEC_HASH,
     ModelLocation,
     Models,
+    job_model_location,
+    location_from_annotations,
     model_path,
+    openai_base_url,
     render,
     render_deployment,
     replica_plan,
+    resolve_runtime,
     selector,
+    served_model_name,
+    served_task,
     spec_hash,
     split_replicas,
+    startup_probe_timing,
     url,
 )
 
@@ -278,6 +287,12 @@ def test_predictor_deployment_shape() -> None:
         "8",
         "--max-latency-ms",
         "5",
+        "--max-model-length",
+        "4096",
+        "--max-new-tokens",
+        "256",
+        "--max-concurrent-sequences",
+        "64",
     ]
     assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
     assert dep["metadata"]["annotations"][ANN_MODEL_SOURCE] == "pvc://models/minilm"
@@ -300,8 +315,8 @@ def test_probes() -> None:
     assert ready["httpGet"] == {"path": "/v2/health/ready", "port": "http", "scheme": "HTTP"}
     assert live["httpGet"] == {"path": "/v2/health/live", "port": "http", "scheme": "HTTP"}
     assert startup["httpGet"]["path"] == "/v2/health/live"
-    # model loading: startup budget of minutes, not seconds
-    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
+    # model loading: the default budget is spec.startupTimeoutSeconds' default, 30 minutes
+    assert startup["periodSeconds"] * startup["failureThreshold"] == 1800
     assert ready["periodSeconds"] <= 10 and ready["failureThreshold"] >= 1
     assert live["failureThreshold"] >= 3
 
@@ -332,7 +347,7 @@ def test_service_account_mounts_token() -> None:
 def test_pod_template_overrides() -> None:
     svc = isvc(
         podTemplate={
-            "labels": {"team": "a", "tauon.dev/component": "hijack"},
+            "labels": {"team": "a"},
             "annotations": {"prometheus.io/scrape": "true"},
             "nodeSelector": {"pool": "cpu"},
             "tolerations": [{"key": "k", "operator": "Exists"}],
@@ -343,7 +358,7 @@ def test_pod_template_overrides() -> None:
     dep = predictor(svc)
     tmeta = dep["spec"]["template"]["metadata"]
     assert tmeta["labels"]["team"] == "a"
-    assert tmeta["labels"]["tauon.dev/component"] == "predictor"  # ours win: the selector must match
+    assert tmeta["labels"]["tauon.dev/component"] == "predictor"
     assert tmeta["annotations"] == {"prometheus.io/scrape": "true"}
     pod = dep["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"pool": "cpu"}
@@ -395,9 +410,10 @@ def test_pvc_model_is_mounted_read_only() -> None:
     pod = dep["spec"]["template"]["spec"]
     assert {"name": "pvc-models", "persistentVolumeClaim": {"claimName": "models"}} in pod["volumes"]
     mounts = {m["name"]: m for m in container(dep)["volumeMounts"]}
-    assert mounts["pvc-models"] == {
+    assert mounts["pvc-models"] == {  # only the model directory, never the whole claim
         "name": "pvc-models",
-        "mountPath": "/mnt/tauon/pvc/models",
+        "mountPath": "/mnt/tauon/pvc/models/minilm/v1",
+        "subPath": "minilm/v1",
         "readOnly": True,
     }
     assert container(dep)["args"][1] == "/mnt/tauon/pvc/models/minilm/v1"
@@ -515,3 +531,135 @@ def test_url_and_selector() -> None:
         url(isvc(), OperatorConfig(cluster_domain="corp.internal")) == "http://sentiment.ml.svc.corp.internal"
     )
     assert selector("sentiment") == "tauon.dev/inference-service=sentiment"
+
+
+# -- runtimes, generation, startup budget (LARGE-MODELS.md) ----------------------------------------------
+
+GPUS = {"requests": {"cpu": "4", "nvidia.com/gpu": "2"}, "limits": {"nvidia.com/gpu": "2"}}
+CAUSAL = {"source": "pvc://models/llama", "task": "causal-lm"}
+
+
+@pytest.mark.parametrize(
+    ("spec", "task", "expected"),
+    [
+        ({"resources": GPUS}, "causal-lm", "vllm"),
+        ({}, "causal-lm", "tauon"),  # no GPUs
+        ({"resources": GPUS}, "sequence-classification", "tauon"),
+        ({"resources": GPUS}, None, "tauon"),  # task unknown: the tauon server reads it from the model
+        ({"resources": GPUS, "runtime": "tauon"}, "causal-lm", "tauon"),
+        ({"runtime": "vllm"}, "causal-lm", "vllm"),
+    ],
+)
+def test_resolve_runtime(spec: dict[str, Any], task: str | None, expected: str) -> None:
+    assert resolve_runtime(isvc(**spec), task) == expected
+
+
+def test_task_comes_from_the_spec_else_from_the_fine_tune_job() -> None:
+    svc = isvc(model={"fineTuneJobRef": {"name": "pre"}}, resources=GPUS)
+    loc = ModelLocation("pvc://out/pre/model", "pre", "causal-lm")
+    assert served_task(svc.spec.model, loc) == "causal-lm"
+    assert served_task(svc.spec.model, ModelLocation("pvc://out/pre/model", "pre")) is None
+    explicit = isvc(model={"source": "pvc://m/x", "task": "sequence-classification"})
+    assert served_task(explicit.spec.model, loc) == "sequence-classification"
+    dep = render(svc, Models(loc), CFG)[1]
+    assert dep["metadata"]["annotations"][ANN_RUNTIME] == "vllm"
+    assert dep["metadata"]["annotations"][ANN_MODEL_TASK] == "causal-lm"
+
+
+def test_job_model_location_and_annotations_round_trip() -> None:
+    body = {
+        "metadata": {"name": "pre"},
+        "spec": {"model": {"task": "causal-lm"}, "output": {"storage": "pvc://out/pre"}},
+    }
+    loc = job_model_location(body)
+    assert loc == ModelLocation("pvc://out/pre/model", "pre", "causal-lm")
+    dep = render(isvc(model={"fineTuneJobRef": {"name": "pre"}}), Models(loc), CFG)[1]
+    assert location_from_annotations(dep["metadata"]["annotations"]) == loc
+    assert location_from_annotations({}) is None
+
+
+@pytest.mark.parametrize("gpus", [1, 2, 8])
+def test_vllm_container_follows_generation_and_gpu_count(gpus: int) -> None:
+    res = {"requests": {"nvidia.com/gpu": str(gpus)}, "limits": {"nvidia.com/gpu": str(gpus)}}
+    gen = {"maxModelLength": 8192, "maxNewTokens": 512, "maxConcurrentSequences": 16}
+    svc = isvc(model=CAUSAL, resources=res, generation=gen)
+    dep = predictor(svc, source="pvc://models/llama")
+    c = container(dep)
+    assert c["image"] == CFG.vllm_image
+    assert c["command"] == ["vllm"]
+    args = c["args"]
+    assert args[:2] == ["serve", "/mnt/tauon/pvc/models/llama"]
+
+    def flag(name: str) -> str:
+        return str(args[args.index(name) + 1])
+
+    assert flag("--served-model-name") == "sentiment" == served_model_name(svc)
+    assert flag("--port") == "8080"
+    assert flag("--tensor-parallel-size") == str(gpus)
+    assert flag("--max-model-len") == "8192"
+    assert flag("--max-num-seqs") == "16"
+    assert '"max_new_tokens":512' in flag("--override-generation-config")
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/health", "port": "http", "scheme": "HTTP"}
+    assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == str(gpus)
+    pod = dep["spec"]["template"]["spec"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"]["medium"] == "Memory" and shm["emptyDir"]["sizeLimit"]
+    assert env_of(dep)["HOME"] == "/tmp"
+    # same labels as the tauon runtime: the Service, the PodMonitor and the scale selector still match
+    assert dep["spec"]["template"]["metadata"]["labels"]["tauon.dev/inference-service"] == "sentiment"
+
+
+def test_vllm_image_from_operator_config_and_spec_image_wins() -> None:
+    svc = isvc(model=CAUSAL, runtime="vllm")
+    assert container(predictor(svc, OperatorConfig(vllm_image="reg/vllm:1")))["image"] == "reg/vllm:1"
+    svc = isvc(model=CAUSAL, runtime="vllm", image="reg/mine:2")
+    assert container(predictor(svc))["image"] == "reg/mine:2"
+
+
+def test_vllm_with_a_classifier_is_invalid() -> None:
+    svc = isvc(model={"source": "pvc://m/x", "task": "sequence-classification"}, runtime="vllm")
+    with pytest.raises(InvalidSpec, match="vllm serves causal-lm models only"):
+        predictor(svc)
+
+
+def test_tauon_runtime_gets_the_generation_flags() -> None:
+    gen = {"maxModelLength": 2048, "maxNewTokens": 100, "maxConcurrentSequences": 8}
+    args = container(predictor(isvc(model=CAUSAL, generation=gen)))["args"]
+    for name, value in (
+        ("--max-model-length", "2048"),
+        ("--max-new-tokens", "100"),
+        ("--max-concurrent-sequences", "8"),
+        ("--task", "causal-lm"),
+    ):
+        assert args[args.index(name) + 1] == value
+
+
+@pytest.mark.parametrize("timeout", [1, 7, 30, 95, 301, 1800, 86400])
+@pytest.mark.parametrize("runtime", ["tauon", "vllm"])
+def test_startup_probe_budget_is_the_startup_timeout(timeout: int, runtime: str) -> None:
+    c = container(predictor(isvc(model=CAUSAL, runtime=runtime, startupTimeoutSeconds=timeout)))
+    probe = c["startupProbe"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] == timeout
+    assert 1 <= probe["periodSeconds"] <= 10
+    assert startup_probe_timing(timeout) == (probe["periodSeconds"], probe["failureThreshold"])
+
+
+def test_openai_base_url() -> None:
+    assert openai_base_url(isvc(), CFG) == "http://sentiment.ml.svc.cluster.local/v1"
+
+
+@pytest.mark.parametrize(
+    "bad", ["pvc://models/../secrets", "pvc://models//m", "pvc://models/m/", "file:///a/./b"]
+)
+def test_model_path_segments_are_refused(bad: str) -> None:
+    with pytest.raises(InvalidSpec, match="path segments are not allowed"):
+        predictor(isvc(), OperatorConfig(allow_host_paths=True), source=bad)
+
+
+def test_tauon_keys_in_pod_template_are_refused() -> None:
+    svc = isvc(podTemplate={"annotations": {"tauon.dev/metrics-address": "169.254.169.254:80"}})
+    with pytest.raises(InvalidSpec, match="spec.podTemplate.annotations: keys under tauon.dev/"):
+        predictor(svc)

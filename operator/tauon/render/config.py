@@ -6,12 +6,15 @@ from dataclasses import dataclass
 from typing import Literal
 
 DEFAULT_IMAGE = "ghcr.io/tauon-dev/trainer:0.1.0"
+# image of InferenceServices whose runtime resolves to vllm (`--vllm-image`, Helm operator.vllmImage)
+DEFAULT_VLLM_IMAGE = "docker.io/vllm/vllm-openai:v0.11.0"
 GangScheduler = Literal["volcano", "scheduler-plugins"]
 
 
 @dataclass(frozen=True)
 class OperatorConfig:
     default_image: str = DEFAULT_IMAGE
+    vllm_image: str = DEFAULT_VLLM_IMAGE
     gang_scheduler: GangScheduler | None = None
     # scheduler that serves PodGroups when gang_scheduler is set and the job names none
     gang_scheduler_name: str | None = None

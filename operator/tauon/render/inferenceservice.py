@@ -30,6 +30,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from tauon.api.common import Task
 from tauon.api.finetunejob import FineTuneJob
 from tauon.api.inferenceservice import InferenceService, ServedModelSpec
 from tauon.render.common import (
@@ -37,6 +38,7 @@ from tauon.render.common import (
     Manifest,
     Storage,
     apply_overrides,
+    check_reserved_keys,
     child_meta,
     container_security,
     env_list,
@@ -48,12 +50,16 @@ from tauon.render.config import OperatorConfig
 
 KIND = "InferenceService"
 Component = Literal["predictor", "canary"]
+Runtime = Literal["tauon", "vllm"]
+TASKS: tuple[Task, ...] = ("sequence-classification", "causal-lm")
 
 LABEL_ISVC = "tauon.dev/inference-service"
 LABEL_COMPONENT = "tauon.dev/component"
 ANN_SPEC_HASH = "tauon.dev/spec-hash"
 ANN_MODEL_SOURCE = "tauon.dev/model-source"
 ANN_FINE_TUNE_JOB = "tauon.dev/fine-tune-job"
+ANN_MODEL_TASK = "tauon.dev/model-task"
+ANN_RUNTIME = "tauon.dev/runtime"
 
 CONTAINER = "server"
 PORT_NAME = "http"
@@ -63,6 +69,8 @@ HF_HOME = "/tmp/hf"
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 # the server drains in-flight requests for up to 25 s on SIGTERM (--graceful-timeout-seconds)
 TERMINATION_GRACE_SECONDS = 30
+SHM_DIR = "/dev/shm"
+VLLM_SHM_SIZE = "8Gi"  # NCCL between tensor-parallel workers
 
 
 def predictor_name(name: str) -> str:
@@ -93,6 +101,42 @@ def selector(name: str) -> str:
 def url(isvc: InferenceService, cfg: OperatorConfig) -> str:
     meta = isvc.metadata
     return f"http://{service_name(meta.name)}.{meta.namespace}.svc.{cfg.cluster_domain}"
+
+
+def openai_base_url(isvc: InferenceService, cfg: OperatorConfig) -> str:
+    """Base URL for OpenAI clients (status.openai.baseURL); both runtimes serve /v1/... on the Service."""
+    return url(isvc, cfg) + "/v1"
+
+
+def served_model_name(isvc: InferenceService) -> str:
+    """The model name requests must send (`model` in OpenAI requests, `{name}` in V1/V2 paths)."""
+    return isvc.metadata.name
+
+
+# -- runtime -------------------------------------------------------------------------------------------
+
+
+def resolve_runtime(isvc: InferenceService, task: str | None) -> Runtime:
+    """spec.runtime after resolving auto: vllm when the served `task` is causal-lm and the pods request
+    nvidia.com/gpu, tauon otherwise (also when the task is unknown: the tauon server reads it from the
+    model)."""
+    chosen = isvc.spec.runtime
+    if chosen != "auto":
+        return chosen
+    return "vllm" if task == "causal-lm" and gpu_count(isvc.spec.resources) > 0 else "tauon"
+
+
+def served_task(model_spec: ServedModelSpec, location: ModelLocation | None) -> Task | None:
+    """The task served: spec's model.task, else the referenced FineTuneJob's (carried by the location)."""
+    if model_spec.task is not None:
+        return model_spec.task
+    return location.task if location is not None else None
+
+
+def startup_probe_timing(timeout_seconds: int) -> tuple[int, int]:
+    """(periodSeconds, failureThreshold) whose product is exactly `timeout_seconds`, period <= 10 s."""
+    period = next(p for p in (10, 5, 2, 1) if timeout_seconds % p == 0)
+    return period, timeout_seconds // period
 
 
 # -- replicas ------------------------------------------------------------------------------------------
@@ -156,10 +200,12 @@ def replica_plan(isvc: InferenceService, with_canary: bool) -> ReplicaPlan:
 
 @dataclass(frozen=True)
 class ModelLocation:
-    """A resolved model: its storage URI (pvc://, hf:// or file://) and the FineTuneJob it came from."""
+    """A resolved model: its storage URI (pvc://, hf:// or file://), the FineTuneJob it came from and
+    that job's spec.model.task (when it came from a job)."""
 
     source: str
     fine_tune_job: str | None = None
+    task: Task | None = None
 
 
 @dataclass(frozen=True)
@@ -180,6 +226,27 @@ def model_path(job: FineTuneJob | Manifest) -> str:
         name = (body.get("metadata") or {}).get("name", "?")
         raise InvalidSpec(f"FineTuneJob {name} has no spec.output.storage")
     return storage.rstrip("/") + "/model"
+
+
+def _task_or_none(value: object) -> Task | None:
+    return next((t for t in TASKS if t == value), None)
+
+
+def job_model_location(body: Manifest) -> ModelLocation:
+    """The model of a Succeeded FineTuneJob (raw body): `model_path`, the job's name and spec.model.task."""
+    name = str((body.get("metadata") or {}).get("name", ""))
+    task = ((body.get("spec") or {}).get("model") or {}).get("task")
+    return ModelLocation(model_path(body), name or None, _task_or_none(task))
+
+
+def location_from_annotations(annotations: dict[str, str]) -> ModelLocation | None:
+    """The model a Deployment was rendered for (its tauon.dev/model-* annotations), None when unknown."""
+    src = annotations.get(ANN_MODEL_SOURCE)
+    if not src:
+        return None
+    return ModelLocation(
+        src, annotations.get(ANN_FINE_TUNE_JOB), _task_or_none(annotations.get(ANN_MODEL_TASK))
+    )
 
 
 # -- children ------------------------------------------------------------------------------------------
@@ -255,6 +322,90 @@ def _probe(path: str, period: int, timeout: int, failures: int) -> Manifest:
     }
 
 
+def _probes(isvc: InferenceService, live: str, ready: str) -> Manifest:
+    """startupProbe with a budget of exactly spec.startupTimeoutSeconds (large models load for minutes),
+    then liveness and readiness."""
+    period, failures = startup_probe_timing(isvc.spec.startup_timeout_seconds)
+    return {
+        "startupProbe": _probe(live, period=period, timeout=3, failures=failures),
+        "readinessProbe": _probe(ready, period=5, timeout=3, failures=3),
+        "livenessProbe": _probe(live, period=10, timeout=5, failures=3),
+    }
+
+
+def _tauon_container(
+    isvc: InferenceService, model_spec: ServedModelSpec, path: str, task: Task | None, cfg: OperatorConfig
+) -> Manifest:
+    spec = isvc.spec
+    gen = spec.generation
+    args = [
+        "--model",
+        path,
+        "--name",
+        served_model_name(isvc),
+        "--port",
+        str(cfg.server_port),
+        "--max-batch-size",
+        str(spec.batching.max_batch_size),
+        "--max-latency-ms",
+        str(spec.batching.max_latency_milliseconds),
+        "--max-model-length",
+        str(gen.max_model_length),
+        "--max-new-tokens",
+        str(gen.max_new_tokens),
+        "--max-concurrent-sequences",
+        str(gen.max_concurrent_sequences),
+    ]
+    if task is not None:
+        args += ["--task", task]
+    # The socket listens at once and the model loads in the background: liveness answers early,
+    # readiness only once the model is loaded. The startup probe covers a slow first start.
+    return {
+        "image": spec.image or cfg.default_image,
+        "command": ["python", "-m", "tauon_serve.serve"],
+        "args": args,
+        "env": server_env(isvc, model_spec),
+        **_probes(isvc, "/v2/health/live", "/v2/health/ready"),
+    }
+
+
+def _vllm_container(
+    isvc: InferenceService, model_spec: ServedModelSpec, path: str, cfg: OperatorConfig
+) -> Manifest:
+    spec = isvc.spec
+    gen = spec.generation
+    args = [
+        "serve",
+        path,
+        "--served-model-name",
+        served_model_name(isvc),
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(cfg.server_port),
+        "--tensor-parallel-size",
+        str(max(1, gpu_count(spec.resources))),
+        "--max-model-len",
+        str(gen.max_model_length),
+        "--max-num-seqs",
+        str(gen.max_concurrent_sequences),
+        # the default max_tokens of requests that set none (merged over the model's generation_config)
+        "--override-generation-config",
+        json.dumps({"max_new_tokens": gen.max_new_tokens}, separators=(",", ":")),
+    ]
+    env = server_env(isvc, model_spec)
+    # vLLM caches compiled kernels under $HOME; the root filesystem is read-only
+    env = _dedupe_env([{"name": "HOME", "value": TMP_DIR}, *env])
+    # vLLM answers /health only once the engine is up: the startup probe holds the load budget
+    return {
+        "image": spec.image or cfg.vllm_image,
+        "command": ["vllm"],
+        "args": args,
+        "env": env,
+        **_probes(isvc, "/health", "/health"),
+    }
+
+
 def render_deployment(
     isvc: InferenceService,
     component: Component,
@@ -272,52 +423,49 @@ def render_deployment(
     else:
         model_spec, where = spec.model, "spec.model"
     field = f"{where}.source" if model_spec.source is not None else f"{where}.fineTuneJobRef"
+    check_reserved_keys(spec.pod_template, "spec.podTemplate")
     storage, path = _model_storage(model, field, cfg)
     gpus = gpu_count(spec.resources)
     tpl = spec.pod_template
+    task = served_task(model_spec, model)
+    runtime = resolve_runtime(isvc, task)
+    if runtime == "vllm" and task not in (None, "causal-lm"):
+        raise InvalidSpec(f"spec.runtime: vllm serves causal-lm models only ({where} is {task})")
 
-    args = [
-        "--model",
-        path,
-        "--name",
-        name,
-        "--port",
-        str(cfg.server_port),
-        "--max-batch-size",
-        str(spec.batching.max_batch_size),
-        "--max-latency-ms",
-        str(spec.batching.max_latency_milliseconds),
-    ]
-    if model_spec.task is not None:
-        args += ["--task", model_spec.task]
     resources = {
         k: {q: str(v) for q, v in getattr(spec.resources, k).items()} for k in ("requests", "limits")
     }
+    for q, v in resources["requests"].items():  # extended resources need limit == request
+        if "/" in q and not q.split("/", 1)[0].endswith("kubernetes.io"):
+            resources["limits"].setdefault(q, v)
+    runtime_part = (
+        _vllm_container(isvc, model_spec, path, cfg)
+        if runtime == "vllm"
+        else _tauon_container(isvc, model_spec, path, task, cfg)
+    )
+    volume_mounts: list[Manifest] = [{"name": "tmp", "mountPath": TMP_DIR}]
+    volumes: list[Manifest] = [{"name": "tmp", "emptyDir": {}}]
+    if runtime == "vllm":
+        volume_mounts.append({"name": "dshm", "mountPath": SHM_DIR})
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": VLLM_SHM_SIZE}})
     container: Manifest = {
         "name": CONTAINER,
-        "image": spec.image or cfg.default_image,
+        "image": runtime_part.pop("image"),
         "imagePullPolicy": "IfNotPresent",
-        "command": ["python", "-m", "tauon_serve.serve"],
-        "args": args,
-        "env": server_env(isvc, model_spec),
+        **runtime_part,
         "ports": [{"name": PORT_NAME, "containerPort": cfg.server_port, "protocol": "TCP"}],
-        # The socket listens at once and the model loads in the background: liveness answers early,
-        # readiness only once the model is loaded. The startup probe covers a slow first start.
-        "startupProbe": _probe("/v2/health/live", period=5, timeout=3, failures=60),
-        "readinessProbe": _probe("/v2/health/ready", period=5, timeout=3, failures=3),
-        "livenessProbe": _probe("/v2/health/live", period=10, timeout=5, failures=3),
         "resources": {k: v for k, v in resources.items() if v},
         "securityContext": {**container_security(), "readOnlyRootFilesystem": True},
         "terminationMessagePath": "/dev/termination-log",
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "volumeMounts": [{"name": "tmp", "mountPath": TMP_DIR}, *storage.mounts],
+        "volumeMounts": [*volume_mounts, *storage.mounts],
     }
     pod_spec: Manifest = {
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
         "securityContext": pod_security(cfg),
         "containers": [container],
-        "volumes": [{"name": "tmp", "emptyDir": {}}, *storage.volumes],
+        "volumes": [*volumes, *storage.volumes],
     }
     apply_overrides(pod_spec, tpl, [GPU_TOLERATION] if gpus > 0 else [])
 
@@ -325,9 +473,11 @@ def render_deployment(
     pod_meta: Manifest = {"labels": {**tpl.labels, **labels}}
     if tpl.annotations:
         pod_meta["annotations"] = dict(tpl.annotations)
-    annotations = {ANN_MODEL_SOURCE: model.source}
+    annotations = {ANN_MODEL_SOURCE: model.source, ANN_RUNTIME: runtime}
     if model.fine_tune_job is not None:
         annotations[ANN_FINE_TUNE_JOB] = model.fine_tune_job
+    if task is not None:
+        annotations[ANN_MODEL_TASK] = task
     meta = child_meta(KIND, isvc.metadata, deployment_name(name, component), labels)
     meta["annotations"] = annotations
     dep_spec: Manifest = {}
@@ -420,6 +570,8 @@ def render(isvc: InferenceService, models: Models, cfg: OperatorConfig) -> list[
 __all__ = [
     "ANN_FINE_TUNE_JOB",
     "ANN_MODEL_SOURCE",
+    "ANN_MODEL_TASK",
+    "ANN_RUNTIME",
     "ANN_SPEC_HASH",
     "LABEL_COMPONENT",
     "LABEL_ISVC",
@@ -430,7 +582,14 @@ __all__ = [
     "canary_name",
     "effective_percent",
     "hpa_name",
+    "job_model_location",
+    "location_from_annotations",
     "model_path",
+    "openai_base_url",
+    "resolve_runtime",
+    "served_model_name",
+    "served_task",
+    "startup_probe_timing",
     "predictor_name",
     "render",
     "render_deployment",
