@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 import kopf
 
-from tauon.handlers import finetunejob, inferenceservice
+from tauon.handlers import finetunejob, inferenceservice, progress
 from tauon.handlers.runtime import RT
 from tauon.kube.client import Kube, load_config
 
@@ -31,6 +31,11 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.networking.request_timeout = 60
     await load_config()
     RT.kube = Kube()
+    RT.trust_metrics_address = progress.dev_flag()
+    if RT.trust_metrics_address:
+        log.warning(
+            "%s is set: reading /progress at the address pods publish (dev only)", progress.DEV_FLAG_ENV
+        )
     RT.periodic = asyncio.get_running_loop().create_task(_periodic())
 
 

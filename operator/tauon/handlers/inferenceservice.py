@@ -1,5 +1,6 @@
 """Kopf wiring for InferenceService: indexes of services and owned children, triggers (including from the
-FineTuneJobs they reference), and the thin reconcile around the pure planner."""
+FineTuneJobs they reference), and how a service is observed. The reconcile itself is
+tauon.handlers.skeleton's."""
 
 from __future__ import annotations
 
@@ -8,56 +9,57 @@ import logging
 from typing import Any
 
 import kopf
-from pydantic import ValidationError
 
 from tauon import metrics
 from tauon.api.inferenceservice import InferenceService
+from tauon.handlers import indexes as ix
 from tauon.handlers.runtime import RT
+from tauon.handlers.skeleton import Controller, register
 from tauon.kube.client import owned_by
 from tauon.reconcile.inferenceservice import Observed, reconcile
+from tauon.reconcile.plan import Plan
 from tauon.render.inferenceservice import LABEL_ISVC
 
 log = logging.getLogger("tauon.inferenceservice")
 GROUP, VERSION, PLURAL = "tauon.dev", "v1alpha1", "inferenceservices"
 CONTROLLER = "inferenceservice"
+CHILD = {LABEL_ISVC: kopf.PRESENT}
+HPAS = "horizontalpodautoscalers.v2.autoscaling"
+
+# Signatures follow kopf's IndexingFn/WatchingFn protocols (see tauon.handlers.finetunejob).
 
 
-@kopf.index(GROUP, VERSION, PLURAL)
-def isvc_idx(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
-    return {(namespace, name): dict(body)}
+@kopf.index(GROUP, VERSION, PLURAL, id=ix.ISVC)
+def index_services(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> object:
+    return {(namespace or "", name): dict(body)}
 
 
-@kopf.index("deployments", labels={LABEL_ISVC: kopf.PRESENT})
-def isvc_deployments_idx(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
-    return {(namespace, labels[LABEL_ISVC]): dict(body)}
-
-
-@kopf.index("services", labels={LABEL_ISVC: kopf.PRESENT})
-def isvc_services_idx(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
-    return {(namespace, labels[LABEL_ISVC]): dict(body)}
-
-
-@kopf.index("horizontalpodautoscalers.v2.autoscaling", labels={LABEL_ISVC: kopf.PRESENT})
-def isvc_hpas_idx(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
-    return {(namespace, labels[LABEL_ISVC]): dict(body)}
+@kopf.index("deployments", labels=CHILD, id=ix.ISVC_DEPLOYMENTS)
+@kopf.index("services", labels=CHILD, id=ix.ISVC_SERVICES)
+@kopf.index(HPAS, labels=CHILD, id=ix.ISVC_HPAS)
+def index_children(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> object:
+    return {(namespace or "", labels[LABEL_ISVC]): dict(body)}
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-async def isvc_event(type: str, namespace: str, name: str, **kwargs: Any) -> None:
-    RT.remember(**kwargs)
-    if type != "DELETED":
-        RT.trigger(CONTROLLER, namespace, name)
+async def on_service(type: str, namespace: str | None, name: str, **kwargs: Any) -> None:
+    RT.indexes.capture(kwargs)
+    if type == "DELETED":
+        RT.forget((CONTROLLER, namespace or "", name))
+        return
+    RT.trigger(CONTROLLER, namespace or "", name)
 
 
-@kopf.on.event("deployments", labels={LABEL_ISVC: kopf.PRESENT})
-@kopf.on.event("services", labels={LABEL_ISVC: kopf.PRESENT})
-@kopf.on.event("horizontalpodautoscalers.v2.autoscaling", labels={LABEL_ISVC: kopf.PRESENT})
-async def isvc_child_event(namespace: str, labels: kopf.Labels, **kwargs: Any) -> None:
-    RT.remember(**kwargs)
-    RT.trigger(CONTROLLER, namespace, labels[LABEL_ISVC])
+@kopf.on.event("deployments", labels=CHILD)
+@kopf.on.event("services", labels=CHILD)
+@kopf.on.event(HPAS, labels=CHILD)
+async def on_child(namespace: str | None, labels: kopf.Labels, **kwargs: Any) -> None:
+    RT.indexes.capture(kwargs)
+    RT.trigger(CONTROLLER, namespace or "", labels[LABEL_ISVC])
 
 
 def references(body: dict[str, Any]) -> set[str]:
+    """Names of the FineTuneJobs a (raw) InferenceService body serves from."""
     spec = body.get("spec") or {}
     names = set()
     for model in (spec.get("model") or {}, ((spec.get("canary") or {}).get("model")) or {}):
@@ -69,56 +71,49 @@ def references(body: dict[str, Any]) -> set[str]:
 
 def on_job_change(namespace: str, job: str) -> None:
     """A FineTuneJob changed: re-evaluate the InferenceServices in its namespace that reference it."""
-    for key in RT.keys("isvc_idx"):
-        if key[0] == namespace and any(job in references(b) for b in RT.bodies("isvc_idx", key)):
+    for key in RT.indexes.keys(ix.ISVC):
+        body = RT.indexes.live(ix.ISVC, key)
+        if key[0] == namespace and body is not None and job in references(body):
             RT.trigger(CONTROLLER, key[0], key[1])
 
 
-async def reconcile_service(namespace: str, name: str) -> None:
-    assert RT.kube is not None
-    key = (namespace, name)
-    bodies = RT.bodies("isvc_idx", key)
-    if not bodies:
-        return
-    ctl_key = (CONTROLLER, namespace, name)
-    body = RT.freshest(ctl_key, bodies[0])
-    if body["metadata"].get("deletionTimestamp"):
-        return
-    uid = body["metadata"]["uid"]
-    try:
-        isvc = InferenceService.model_validate(body)
-    except ValidationError as e:
-        log.error("InferenceService %s/%s does not parse: %s", namespace, name, e)
-        return
+def _owned(index: str, key: ix.Key, uid: str) -> list[dict[str, Any]]:
+    return [b for b in RT.indexes.bodies(index, key) if owned_by(b, uid)]
+
+
+async def plan_service(isvc: InferenceService, body: dict[str, Any], uid: str, now: dt.datetime) -> Plan:
+    ns, name = isvc.metadata.namespace or "", isvc.metadata.name
+    key = (ns, name)
     jobs: dict[str, dict[str, Any]] = {}
     for ref in references(body):
-        found = RT.bodies("ftj_idx", (namespace, ref))
-        if found:
-            jobs[ref] = found[0]
-    deployments = {
-        d["metadata"]["name"]: d for d in RT.bodies("isvc_deployments_idx", key) if owned_by(d, uid)
-    }
-    services = [s for s in RT.bodies("isvc_services_idx", key) if owned_by(s, uid)]
-    hpas = [h for h in RT.bodies("isvc_hpas_idx", key) if owned_by(h, uid)]
+        found = RT.indexes.live(ix.FTJ, (ns, ref))
+        if found is not None:
+            jobs[ref] = found
+    services = _owned(ix.ISVC_SERVICES, key, uid)
+    hpas = _owned(ix.ISVC_HPAS, key, uid)
     observed = Observed(
         fine_tune_jobs=jobs,
-        deployments=deployments,
+        deployments={d["metadata"]["name"]: d for d in _owned(ix.ISVC_DEPLOYMENTS, key, uid)},
         service=services[0] if services else None,
         hpa=hpas[0] if hpas else None,
-        conflicts=await RT.current_conflicts(ctl_key, uid),
+        conflicts=await RT.current_conflicts((CONTROLLER, ns, name), uid),
     )
-    plan = reconcile(isvc, observed, dt.datetime.now(dt.UTC), RT.cfg)
-    if plan.is_empty():
-        return
-    await RT.apply(CONTROLLER, "InferenceService", body, plan)
+    return reconcile(isvc, observed, now, RT.cfg)
+
+
+CTL: Controller[InferenceService] = Controller(
+    name=CONTROLLER,
+    kind="InferenceService",
+    index=ix.ISVC,
+    parse=InferenceService.model_validate,
+    plan=plan_service,
+)
+register(CTL)
 
 
 def update_phase_gauge() -> None:
-    metrics.set_phase_counts(metrics.INFERENCESERVICES, RT.phase_counts("isvc_idx"))
+    metrics.set_phase_counts(metrics.INFERENCESERVICES, RT.indexes.phase_counts(ix.ISVC))
 
 
 def all_keys() -> list[tuple[str, str]]:
-    return RT.keys("isvc_idx")
-
-
-RT.reconcilers[CONTROLLER] = reconcile_service
+    return RT.indexes.keys(ix.ISVC)

@@ -1,19 +1,20 @@
-"""Operator runtime shared by the handlers: config, API client, per-object serialisation with coalescing,
-the indexes captured from Kopf, and the one operator-level periodic task (no per-object timers: they
-would add finalizers, and deletion must never hang when the operator is gone)."""
+"""Operator runtime shared by the handlers: config, API client, the indexes captured from Kopf, the work
+queue, and what the operator remembers between passes (conflicts, refusals, progress, its own status
+writes). There is one operator-level periodic task and no per-object timers: those would add finalizers,
+and deletion must never hang when the operator is gone."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import kopf
 
 from tauon import metrics
+from tauon.handlers.indexes import Indexes
+from tauon.handlers.workqueue import WorkQueue
 from tauon.kube.apply import apply_plan
 from tauon.kube.client import Kube, owned_by
 from tauon.reconcile.plan import Event, Plan
@@ -23,61 +24,32 @@ log = logging.getLogger("tauon.operator")
 Key = tuple[str, str, str]  # (controller, namespace, name)
 
 
+def _observe(controller: str, ok: bool, seconds: float) -> None:
+    metrics.RECONCILE_TOTAL.labels(controller, "success" if ok else "error").inc()
+    if not ok:
+        metrics.RECONCILE_ERRORS.labels(controller).inc()
+    metrics.RECONCILE_TIME.labels(controller).observe(seconds)
+
+
 @dataclass
 class Runtime:
     cfg: OperatorConfig = field(default_factory=OperatorConfig)
     kube: Kube | None = None
     period_seconds: float = 5.0
     progress_period_seconds: float = 10.0
-    indexes: dict[str, Any] = field(default_factory=dict)  # Kopf indexes by name (live views)
+    # dev only (the process-backed node): read /progress at the address a pod annotation names
+    trust_metrics_address: bool = False
+    indexes: Indexes = field(default_factory=Indexes)
+    queue: WorkQueue = field(default_factory=lambda: WorkQueue(_observe))
     conflicts: dict[Key, list[str]] = field(default_factory=dict)
     refused: dict[Key, list[str]] = field(default_factory=dict)
     progress: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     # objects as our own status writes returned them: fresher than the watch until it catches up
     written: dict[Key, dict[str, Any]] = field(default_factory=dict)
-    reconcilers: dict[str, Callable[[str, str], Awaitable[None]]] = field(default_factory=dict)
-    _running: set[Key] = field(default_factory=set)
-    _dirty: set[Key] = field(default_factory=set)
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     periodic: asyncio.Task[None] | None = None
 
-    def remember(self, **indexes: Any) -> None:
-        for name, idx in indexes.items():
-            if name.endswith("_idx"):
-                self.indexes[name] = idx
-
     def trigger(self, controller: str, namespace: str, name: str) -> None:
-        """Reconcile soon; bursts of triggers for one object collapse into at most one extra pass."""
-        key = (controller, namespace, name)
-        if key in self._running:
-            self._dirty.add(key)
-            return
-        self._running.add(key)
-        task = asyncio.get_running_loop().create_task(self._run(key))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _run(self, key: Key) -> None:
-        controller, ns, name = key
-        try:
-            while True:
-                self._dirty.discard(key)
-                t0 = time.perf_counter()
-                try:
-                    await self.reconcilers[controller](ns, name)
-                    metrics.RECONCILE_TOTAL.labels(controller, "success").inc()
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    metrics.RECONCILE_TOTAL.labels(controller, "error").inc()
-                    metrics.RECONCILE_ERRORS.labels(controller).inc()
-                    log.exception("reconcile %s %s/%s failed; will retry", controller, ns, name)
-                finally:
-                    metrics.RECONCILE_TIME.labels(controller).observe(time.perf_counter() - t0)
-                if key not in self._dirty:
-                    break
-        finally:
-            self._running.discard(key)
+        self.queue.trigger(controller, namespace, name)
 
     async def apply(self, controller: str, kind: str, body: dict[str, Any], plan: Plan) -> None:
         """Apply a non-empty plan for one object; remember what the API server said for the next pass."""
@@ -94,7 +66,10 @@ class Runtime:
                 metrics.API_WRITES.labels(controller, verb).inc(n)
 
         async def post(ev: Event) -> None:
-            kopf.event(body, type=ev.type, reason=ev.reason, message=ev.message)
+            # kopf.Body wraps the raw dict (kopf types it as the RawBody TypedDict): a narrow cast
+            kopf.event(
+                kopf.Body(cast("kopf.RawBody", body)), type=ev.type, reason=ev.reason, message=ev.message
+            )
 
         result = await apply_plan(self.kube, kind, body, plan, post)
         if result.written is not None:
@@ -128,26 +103,6 @@ class Runtime:
             self.conflicts.pop(key, None)
         return still
 
-    def bodies(self, index_name: str, key: tuple[str, str]) -> list[dict[str, Any]]:
-        """Copies of what a Kopf index holds for (namespace, name)."""
-        idx = self.indexes.get(index_name)
-        if idx is None or key not in idx:
-            return []
-        return [dict(v) for v in idx[key]]
-
-    def keys(self, index_name: str) -> list[tuple[str, str]]:
-        idx = self.indexes.get(index_name)
-        return list(idx) if idx is not None else []
-
-    def phase_counts(self, index_name: str) -> dict[tuple[str, str], int]:
-        """(namespace, phase) -> number of objects, for the phase gauges."""
-        counts: dict[tuple[str, str], int] = {}
-        for key in self.keys(index_name):
-            for body in self.bodies(index_name, key):
-                phase = (body.get("status") or {}).get("phase") or "Pending"
-                counts[(key[0], phase)] = counts.get((key[0], phase), 0) + 1
-        return counts
-
     def freshest(self, key: Key, body: dict[str, Any]) -> dict[str, Any]:
         mine = self.written.get(key)
         if mine is None or mine["metadata"].get("uid") != body["metadata"].get("uid"):
@@ -158,14 +113,19 @@ class Runtime:
         self.written.pop(key, None)
         return body
 
+    def forget(self, key: Key) -> None:
+        """The object is gone: drop what was remembered about it."""
+        self.conflicts.pop(key, None)
+        self.refused.pop(key, None)
+        self.written.pop(key, None)
+        self.progress.pop((key[1], key[2]), None)
+
     async def stop(self) -> None:
         if self.periodic is not None:
             self.periodic.cancel()
-        for t in list(self._tasks):
-            t.cancel()
-        await asyncio.gather(
-            *self._tasks, *([self.periodic] if self.periodic else []), return_exceptions=True
-        )
+        await self.queue.stop()
+        if self.periodic is not None:
+            await asyncio.gather(self.periodic, return_exceptions=True)
         if self.kube is not None:
             await self.kube.close()
 

@@ -1,15 +1,19 @@
-"""Apply a Plan: status first for new attempts (so a crash never double-counts a restart), otherwise
-children first and status last (so a crash never records what was not done)."""
+"""Apply a Plan. Status first when the plan says so (new attempts, terminal transitions: a crash must
+never double-count a restart or turn a terminal failure into a restart), otherwise children first and
+status last (a crash never records what was not done). No pod is created while a non-pod child (the
+job's ConfigMap, its Service) is in conflict or refused: pods must never start with a foreign config."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from tauon.kube.client import Conflict, Invalid, Kube
-from tauon.reconcile.plan import Plan
+from tauon.kube.client import Conflict, Forbidden, Invalid, Kube
+from tauon.reconcile.plan import Event, Plan
 
 Manifest = dict[str, Any]
+PostEvent = Callable[[Event], Awaitable[None]]
 
 
 def merge_patch(old: Any, new: Any) -> Any:
@@ -29,13 +33,15 @@ def merge_patch(old: Any, new: Any) -> Any:
 
 class ApplyResult:
     def __init__(self) -> None:
-        self.conflicts: list[str] = []
-        self.invalid: list[str] = []
+        self.conflicts: list[str] = []  # "Kind/name" of children with our names that are not ours
+        self.invalid: list[str] = []  # children the API server refused (422)
+        self.forbidden: list[Forbidden] = []  # creates the API server forbade (403: quota, PodSecurity)
         self.written: Manifest | None = None  # the object after our status write
+        self.skipped_pods: int = 0  # pods not created because a non-pod child failed
 
 
 async def apply_plan(
-    kube: Kube, kind: str, obj: Manifest, plan: Plan, post_event: Any | None = None
+    kube: Kube, kind: str, obj: Manifest, plan: Plan, post_event: PostEvent | None = None
 ) -> ApplyResult:
     meta = obj["metadata"]
     ns, name, uid = meta["namespace"], meta["name"], meta["uid"]
@@ -47,26 +53,32 @@ async def apply_plan(
             if patch:
                 result.written = await kube.patch_status(kind, ns, name, patch)
 
-    if plan.status_first:
-        await write_status()
-
-    async def guarded(coro: Any, label: str) -> None:
+    async def guarded(coro: Awaitable[None]) -> bool:
         try:
             await coro
         except Conflict as e:
             result.conflicts.append(f"{e.kind}/{e.name}")
         except Invalid as e:
             result.invalid.append(str(e))
-        del label
+        except Forbidden as e:
+            result.forbidden.append(e)
+        else:
+            return True
+        return False
 
+    if plan.status_first:
+        await write_status()
     await asyncio.gather(*(kube.delete(k, ns, n) for k, n in plan.deletes))
     await asyncio.gather(*(kube.stop_pod(ns, n) for n in plan.stops))
-    # ConfigMap/Service before pods, so pods never start without their config.
+    # ConfigMap/Service before pods, so pods never start without their config (nor with another's).
     first = [c for c in plan.creates if c["kind"] != "Pod"]
     pods = [c for c in plan.creates if c["kind"] == "Pod"]
-    await asyncio.gather(*(guarded(kube.create(c, uid), c["metadata"]["name"]) for c in first))
-    await asyncio.gather(*(guarded(kube.create(c, uid), c["metadata"]["name"]) for c in pods))
-    await asyncio.gather(*(guarded(kube.apply(c, uid), c["metadata"]["name"]) for c in plan.applies))
+    ok = await asyncio.gather(*(guarded(kube.create(c, uid)) for c in first))
+    if all(ok):
+        await asyncio.gather(*(guarded(kube.create(c, uid)) for c in pods))
+    else:
+        result.skipped_pods = len(pods)
+    await asyncio.gather(*(guarded(kube.apply(c, uid)) for c in plan.applies))
 
     if not plan.status_first:
         await write_status()
@@ -74,5 +86,5 @@ async def apply_plan(
         for ev in plan.events:
             await post_event(ev)
     if plan.delete_self:
-        await kube.delete(kind, ns, name)
+        await kube.delete(kind, ns, name, uid=uid)
     return result

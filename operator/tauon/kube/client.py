@@ -3,11 +3,13 @@
 - create: 409 means it already exists; then we read it and check it is ours (else a conflict).
 - delete: 404 means already gone.
 - apply: server-side apply with field manager `tauon` (force), for children whose content we own.
-Nothing here blocks the event loop.
+Every request has a timeout (REQUEST_TIMEOUT): a black-holed connection fails the reconcile, which is
+retried, instead of parking that object forever. Nothing here blocks the event loop.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -17,6 +19,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 log = logging.getLogger("tauon.kube")
 Manifest = dict[str, Any]
 FIELD_MANAGER = "tauon"
+REQUEST_TIMEOUT = 30.0  # seconds per API request, connecting included
 
 # kind -> (api prefix, plural)
 KINDS: dict[str, tuple[str, str]] = {
@@ -49,6 +52,20 @@ class Invalid(Exception):
     """The API server refused a child (422): a spec problem the user must fix."""
 
 
+class Forbidden(Exception):
+    """The API server forbade creating a child (403: a ResourceQuota, PodSecurity admission, RBAC)."""
+
+    def __init__(self, kind: str, name: str, message: str):
+        super().__init__(f"{kind} {name}: {message}")
+        self.kind = kind
+        self.name = name
+        self.message = message
+
+    @property
+    def quota(self) -> bool:
+        return "exceeded quota" in self.message
+
+
 async def load_config() -> None:
     try:
         config.load_incluster_config()
@@ -72,8 +89,9 @@ def path(
 
 
 class Kube:
-    def __init__(self, api: client.ApiClient | None = None):
+    def __init__(self, api: client.ApiClient | None = None, timeout: float = REQUEST_TIMEOUT):
         self.api = api or client.ApiClient()
+        self.timeout = timeout
 
     async def close(self) -> None:
         await self.api.close()
@@ -95,6 +113,7 @@ class Kube:
             auth_settings=["BearerToken"],
             response_types_map={200: "object", 201: "object", 202: "object"},
             _return_http_data_only=True,
+            _request_timeout=self.timeout,
         )
 
     async def get(
@@ -127,6 +146,8 @@ class Kube:
                     "not creating %s %s: namespace %s is being deleted", kind, meta["name"], meta["namespace"]
                 )
                 return
+            if e.status == 403:
+                raise Forbidden(kind, meta["name"], _reason(e)) from e
             raise
 
     async def apply(self, manifest: Manifest, owner_uid: str) -> None:
@@ -150,15 +171,22 @@ class Kube:
                 return
             raise
 
-    async def delete(self, kind: str, namespace: str, name: str, grace: int | None = None) -> None:
-        body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
+    async def delete(
+        self, kind: str, namespace: str, name: str, grace: int | None = None, uid: str | None = None
+    ) -> None:
+        """Delete; 404 means already gone. With `uid`, only that object: a newer one of the same name
+        (the API server answers 409) is left alone."""
+        body: Manifest = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
         if grace is not None:
             body["gracePeriodSeconds"] = grace
+        if uid is not None:
+            body["preconditions"] = {"uid": uid}
         try:
             await self._call("DELETE", path(kind, namespace, name), body)
         except ApiException as e:
-            if e.status != 404:
-                raise
+            if e.status == 404 or (e.status == 409 and uid is not None):
+                return
+            raise
 
     async def patch(
         self, kind: str, namespace: str, name: str, patch: Manifest, sub: str = ""
@@ -205,9 +233,7 @@ def namespace_terminating(e: ApiException) -> bool:
 
 
 def _reason(e: ApiException) -> str:
-    import json
-
     try:
-        return str(json.loads(e.body).get("message", e.reason))
+        return str(json.loads(e.body or b"").get("message", e.reason))
     except (ValueError, TypeError, AttributeError):
         return str(e.reason)

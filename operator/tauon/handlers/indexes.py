@@ -1,0 +1,82 @@
+"""The Kopf indexes the handlers keep, by name, and a typed view over them.
+
+Kopf passes every index to every handler as a keyword argument named after the index handler's id; the
+ids below are the only names used anywhere. Each index maps (namespace, owner name) to the bodies Kopf
+saw. After a watch re-list an index can still hold an object that is gone, or an old object beside a new
+one of the same name: `live` picks the one to act on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Final
+
+Manifest = dict[str, Any]
+Key = tuple[str, str]  # (namespace, name of the owning FineTuneJob / InferenceService)
+
+FTJ: Final = "tauon_finetunejobs"
+FTJ_PODS: Final = "tauon_finetunejob_pods"
+FTJ_CONFIGMAPS: Final = "tauon_finetunejob_configmaps"
+FTJ_SERVICES: Final = "tauon_finetunejob_services"
+ISVC: Final = "tauon_inferenceservices"
+ISVC_DEPLOYMENTS: Final = "tauon_inferenceservice_deployments"
+ISVC_SERVICES: Final = "tauon_inferenceservice_services"
+ISVC_HPAS: Final = "tauon_inferenceservice_hpas"
+ALL: Final = (FTJ, FTJ_PODS, FTJ_CONFIGMAPS, FTJ_SERVICES, ISVC, ISVC_DEPLOYMENTS, ISVC_SERVICES, ISVC_HPAS)
+
+
+def _rv(obj: Manifest) -> int:
+    try:
+        return int((obj.get("metadata") or {}).get("resourceVersion") or 0)
+    except ValueError:  # resourceVersion is opaque; etcd's are integers
+        return 0
+
+
+def live(bodies: list[Manifest]) -> Manifest | None:
+    """The body to act on: not being deleted if any is not, then the newest (creation, resourceVersion)."""
+    if not bodies:
+        return None
+
+    def rank(b: Manifest) -> tuple[bool, str, int]:
+        meta = b.get("metadata") or {}
+        return (meta.get("deletionTimestamp") is None, str(meta.get("creationTimestamp") or ""), _rv(b))
+
+    return max(bodies, key=rank)
+
+
+class Indexes:
+    """Live views of Kopf's indexes, captured from any handler's keyword arguments."""
+
+    def __init__(self) -> None:
+        self._views: dict[str, Mapping[Any, Any]] = {}
+
+    def capture(self, kwargs: Mapping[str, Any]) -> None:
+        for name in ALL:
+            view = kwargs.get(name)
+            if view is not None:
+                self._views[name] = view
+
+    def bodies(self, index: str, key: Key) -> list[Manifest]:
+        """Copies of what the index holds for key."""
+        view = self._views.get(index)
+        if view is None or key not in view:
+            return []
+        return [dict(v) for v in view[key]]
+
+    def live(self, index: str, key: Key) -> Manifest | None:
+        return live(self.bodies(index, key))
+
+    def keys(self, index: str) -> list[Key]:
+        view = self._views.get(index)
+        return list(view) if view is not None else []
+
+    def phase_counts(self, index: str) -> dict[tuple[str, str], int]:
+        """(namespace, phase) -> number of objects, for the phase gauges."""
+        counts: dict[tuple[str, str], int] = {}
+        for key in self.keys(index):
+            body = self.live(index, key)
+            if body is None:
+                continue
+            phase = (body.get("status") or {}).get("phase") or "Pending"
+            counts[(key[0], phase)] = counts.get((key[0], phase), 0) + 1
+        return counts

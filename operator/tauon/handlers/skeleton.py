@@ -1,0 +1,65 @@
+"""The one reconcile both kinds go through:
+
+  live body from the index -> freshest (our own status write) -> skip if being deleted -> parse
+  (failure: Failed / InvalidSpec, once) -> observe children -> pure planner -> apply the plan.
+
+A kind plugs in with a `Controller`: its index, its parse, how it observes, how it plans, and what it
+records after a plan was applied. Everything specific to a kind stays in its handler module.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from pydantic import ValidationError
+
+from tauon.handlers.runtime import RT
+from tauon.reconcile.invalid import describe, invalid_spec_plan
+from tauon.reconcile.plan import Plan
+
+Manifest = dict[str, Any]
+T = TypeVar("T")  # the parsed object (FineTuneJob, InferenceService)
+
+
+@dataclass(frozen=True)
+class Controller(Generic[T]):
+    name: str  # controller label in metrics, work queue key
+    kind: str  # API kind of the reconciled object
+    index: str  # tauon.handlers.indexes name holding the objects
+    parse: Callable[[Manifest], T]  # raises pydantic.ValidationError
+    # (object, body, uid, now) -> plan: observes the cluster (I/O) and calls the pure planner
+    plan: Callable[[T, Manifest, str, dt.datetime], Awaitable[Plan]]
+    after: Callable[[Manifest, Plan], None] | None = None  # metrics from plan.observations
+
+
+async def reconcile_object(ctl: Controller[T], namespace: str, name: str) -> None:
+    key = (ctl.name, namespace, name)
+    live = RT.indexes.live(ctl.index, (namespace, name))
+    if live is None:
+        return
+    body = RT.freshest(key, live)
+    if body["metadata"].get("deletionTimestamp"):
+        return
+    now = dt.datetime.now(dt.UTC)
+    try:
+        obj = ctl.parse(body)
+    except ValidationError as e:
+        # admission should have caught this (e.g. CRDs older than the operator): fail clearly, once
+        plan = invalid_spec_plan(ctl.kind, body, describe(e), now)
+    else:
+        plan = await ctl.plan(obj, body, body["metadata"]["uid"], now)
+    if plan.is_empty():
+        return
+    await RT.apply(ctl.name, ctl.kind, body, plan)
+    if ctl.after is not None:
+        ctl.after(body, plan)
+
+
+def register(ctl: Controller[T]) -> None:
+    async def run(namespace: str, name: str) -> None:
+        await reconcile_object(ctl, namespace, name)
+
+    RT.queue.register(ctl.name, run)

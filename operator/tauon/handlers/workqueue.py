@@ -1,0 +1,78 @@
+"""Per-object work queue with coalescing: at most one reconcile per object runs at a time, and any
+number of triggers that arrive while it runs collapse into one more pass. Different objects reconcile
+concurrently. A failing reconcile is logged and counted; the next trigger (an event or the periodic
+pass) retries it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+log = logging.getLogger("tauon.workqueue")
+Key = tuple[str, str, str]  # (controller, namespace, name)
+Reconciler = Callable[[str, str], Awaitable[None]]
+Observer = Callable[[str, bool, float], None]  # (controller, succeeded, seconds)
+
+
+class WorkQueue:
+    def __init__(self, observe: Observer | None = None) -> None:
+        self._reconcilers: dict[str, Reconciler] = {}
+        self._observe = observe
+        self._running: set[Key] = set()
+        self._dirty: set[Key] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def register(self, controller: str, reconciler: Reconciler) -> None:
+        self._reconcilers[controller] = reconciler
+
+    def trigger(self, controller: str, namespace: str, name: str) -> None:
+        """Reconcile soon; bursts of triggers for one object collapse into at most one extra pass."""
+        if controller not in self._reconcilers:
+            raise KeyError(f"no reconciler registered for controller {controller!r}")
+        key = (controller, namespace, name)
+        if key in self._running:
+            self._dirty.add(key)
+            return
+        self._running.add(key)
+        task = asyncio.get_running_loop().create_task(self._run(key))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def busy(self) -> int:
+        """Objects with a reconcile running or pending."""
+        return len(self._running)
+
+    async def _run(self, key: Key) -> None:
+        controller, ns, name = key
+        try:
+            while True:
+                self._dirty.discard(key)
+                t0 = time.perf_counter()
+                ok = False
+                try:
+                    await self._reconcilers[controller](ns, name)
+                    ok = True
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("reconcile %s %s/%s failed; will retry", controller, ns, name)
+                finally:
+                    if self._observe is not None:
+                        self._observe(controller, ok, time.perf_counter() - t0)
+                if key not in self._dirty:
+                    break
+        finally:
+            self._running.discard(key)
+
+    async def drain(self) -> None:
+        """Wait until nothing runs (tests, shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def stop(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*list(self._tasks), return_exceptions=True)
