@@ -1,16 +1,18 @@
 """Dynamic batching for the model server.
 
 Requests (each a list of instances) go into one FIFO queue. A single batcher task collects instances
-until ``max_batch_size`` instances are queued or ``max_latency`` has passed since the oldest queued
-instance arrived, then runs ONE call of ``run_batch`` (the forward pass) in an executor thread so the
+(see the modes below for when it waits), then runs ONE call of ``run_batch`` (the forward pass) in an executor thread so the
 event loop stays free, and hands each request its slice of the results. A request with more instances
 than ``max_batch_size`` is split across consecutive batches; its future resolves when every slice is
 done, with results in request order.
 
 Batching modes (exact semantics):
 
-* ``max_batch_size > 1`` and ``max_latency > 0``: dynamic batching; instances of different requests
-  are merged into one forward pass.
+* ``max_batch_size > 1`` and ``max_latency > 0``: adaptive batching; instances of different requests
+  are merged into one forward pass. Work that arrives while the model is idle runs at once (with
+  whatever else is already queued); the window (``max_latency`` from the oldest queued instance, or
+  until ``max_batch_size`` instances are queued) applies only to a backlog, i.e. to work that queued
+  while a forward pass was running.
 * ``max_latency == 0``: no waiting and no merging across requests: a forward pass holds instances of
   exactly one request (at most ``max_batch_size`` of them; larger requests are split).
 * ``max_batch_size == 1``: every forward pass holds exactly one instance.
@@ -44,6 +46,10 @@ class BatcherClosed(Exception):
 
 class QueueFull(Exception):
     """More instances are queued than ``max_queued_items``."""
+
+
+class QueueTimeout(Exception):
+    """A request waited longer than ``max_queue_wait_s`` before its first forward pass."""
 
 
 @dataclass(eq=False)
@@ -113,6 +119,7 @@ class DynamicBatcher(Generic[T, R]):
         max_queued_items: int | None = None,
         on_batch: Callable[[int, float], None] | None = None,
         on_queue_depth: Callable[[int], None] | None = None,
+        max_queue_wait_s: float | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -133,6 +140,8 @@ class DynamicBatcher(Generic[T, R]):
         self._draining = False
         self._closed = False
         self._task: asyncio.Task[None] | None = None
+        self._backlog = False
+        self._max_wait_s = max_queue_wait_s
 
     @property
     def queued(self) -> int:
@@ -186,6 +195,18 @@ class DynamicBatcher(Generic[T, R]):
             self._queue.popleft()
         self._set_queued(sum(seg.size for seg in self._queue))
 
+    def _expire(self, now: float) -> None:
+        """Fail requests that waited longer than ``max_queue_wait_s`` for their first pass."""
+        if self._max_wait_s is None:
+            return
+        for seg in self._queue:
+            req = seg.request
+            if not req.future.done() and req.remaining == len(req.items):
+                if now - req.enqueued_at > self._max_wait_s:
+                    req.future.set_exception(
+                        QueueTimeout(f"waited {now - req.enqueued_at:.1f}s in the queue (limit {self._max_wait_s:g}s)")
+                    )
+
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -193,10 +214,12 @@ class DynamicBatcher(Generic[T, R]):
             if not self._queue:
                 if self._closed:
                     return
+                self._backlog = False  # the model is idle: the next arrival runs at once
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            if self.merging and not self._draining:
+            if self.merging and not self._draining and self._backlog:
+                # Adaptive: the window applies only to work that queued while the model was busy.
                 deadline = self._queue[0].request.enqueued_at + self.max_latency_s
                 while self._queued < self.max_batch_size and not self._draining:
                     remaining = deadline - loop.time()
@@ -208,12 +231,14 @@ class DynamicBatcher(Generic[T, R]):
                             await self._wakeup.wait()
                     except TimeoutError:
                         break
+            self._expire(loop.time())
             batch = take_batch(self._queue, self.max_batch_size, single_request=not self.merging)
             self._set_queued(sum(seg.size for seg in self._queue))
             if not batch:
                 continue
             try:
                 await self._execute(batch)
+                self._backlog = True  # whatever is queued now arrived while the model was busy
             except Exception as exc:  # a bug here must not leave requests hanging forever
                 log.exception("batcher failed")
                 for seg in batch:
