@@ -86,7 +86,9 @@ async def plan_job(job: FineTuneJob, body: dict[str, Any], uid: str, now: dt.dat
         service=svcs[0] if svcs else None,
         progress=RT.progress.get(key),
         conflicts=await RT.current_conflicts((CONTROLLER, ns, name), uid),
-        refused=RT.refused.get((CONTROLLER, ns, name), []),
+        refused=RT.refusals((CONTROLLER, ns, name), job.metadata.generation),
+        forbidden=RT.forbidden.get((CONTROLLER, ns, name), []),
+        quota_exceeded=(CONTROLLER, ns, name) in RT.quota_exceeded,
     )
     if job.spec.num_nodes > 1 and job.status.created_attempt is None:
         for claim in shared_claims(job):

@@ -97,6 +97,7 @@ async def plan_service(isvc: InferenceService, body: dict[str, Any], uid: str, n
         service=services[0] if services else None,
         hpa=hpas[0] if hpas else None,
         conflicts=await RT.current_conflicts((CONTROLLER, ns, name), uid),
+        refused=RT.refusals((CONTROLLER, ns, name), isvc.metadata.generation),
     )
     return reconcile(isvc, observed, now, RT.cfg)
 

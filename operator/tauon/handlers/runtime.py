@@ -15,7 +15,7 @@ import kopf
 from tauon import metrics
 from tauon.handlers.indexes import Indexes
 from tauon.handlers.workqueue import WorkQueue
-from tauon.kube.apply import apply_plan
+from tauon.kube.apply import ApplyResult, apply_plan
 from tauon.kube.client import Kube, owned_by
 from tauon.reconcile.plan import Event, Plan
 from tauon.render.config import OperatorConfig
@@ -43,6 +43,9 @@ class Runtime:
     queue: WorkQueue = field(default_factory=lambda: WorkQueue(_observe))
     conflicts: dict[Key, list[str]] = field(default_factory=dict)
     refused: dict[Key, list[str]] = field(default_factory=dict)
+    refused_generation: dict[Key, int] = field(default_factory=dict)  # the generation they refused
+    forbidden: dict[Key, list[str]] = field(default_factory=dict)  # creates refused with 403
+    quota_exceeded: set[Key] = field(default_factory=set)
     progress: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     # objects as our own status writes returned them: fresher than the watch until it catches up
     written: dict[Key, dict[str, Any]] = field(default_factory=dict)
@@ -80,9 +83,33 @@ class Runtime:
             again = True
         if result.invalid and result.invalid != self.refused.get(key):
             self.refused[key] = result.invalid
+            self.refused_generation[key] = int(meta.get("generation") or 0)
             again = True
+        again = self._remember_forbidden(key, plan, result) or again
         if again:
             self.trigger(*key)
+
+    def _remember_forbidden(self, key: Key, plan: Plan, result: ApplyResult) -> bool:
+        """403s on create are kept until a pass creates without one; True when they are new."""
+        if not result.forbidden:
+            if plan.creates and result.skipped_pods == 0:
+                self.forbidden.pop(key, None)
+                self.quota_exceeded.discard(key)
+            return False
+        messages = [str(e) for e in result.forbidden]
+        if any(e.quota for e in result.forbidden):
+            self.quota_exceeded.add(key)
+        if messages == self.forbidden.get(key):
+            return False
+        self.forbidden[key] = messages
+        return True
+
+    def refusals(self, key: Key, generation: int) -> list[str]:
+        """What the API server refused (422) for this generation of the object (a new spec retries)."""
+        if self.refused_generation.get(key, generation) != generation:
+            self.refused.pop(key, None)
+            self.refused_generation.pop(key, None)
+        return self.refused.get(key, [])
 
     async def current_conflicts(self, key: Key, uid: str) -> list[str]:
         """Remembered conflicts that still hold (re-read only while there are any): once the user removes
@@ -117,6 +144,9 @@ class Runtime:
         """The object is gone: drop what was remembered about it."""
         self.conflicts.pop(key, None)
         self.refused.pop(key, None)
+        self.refused_generation.pop(key, None)
+        self.forbidden.pop(key, None)
+        self.quota_exceeded.discard(key)
         self.written.pop(key, None)
         self.progress.pop((key[1], key[2]), None)
 

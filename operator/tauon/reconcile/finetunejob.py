@@ -54,6 +54,9 @@ class Observed:
     progress: dict[str, Any] | None = None  # rank 0's progress report
     conflicts: list[str] = field(default_factory=list)  # children with our names that are not ours
     refused: list[str] = field(default_factory=list)  # children the API server rejected (422)
+    # creates the API server forbade (403: ResourceQuota, PodSecurity), and whether a quota was the cause
+    forbidden: list[str] = field(default_factory=list)
+    quota_exceeded: bool = False
 
 
 Ctx = Context[FineTuneJob, FineTuneJobStatus]
@@ -376,6 +379,16 @@ def step_create(ctx: Ctx, p: Pass) -> bool:
     return NEXT
 
 
+def step_create_forbidden(ctx: Ctx, p: Pass) -> bool:
+    """Creates of this gang were forbidden (403): say so once; the periodic pass retries the creates."""
+    if not p.observed.forbidden or len(p.cur) == ctx.obj.spec.num_nodes:
+        return NEXT
+    reason = "QuotaExceeded" if p.observed.quota_exceeded else "CreateFailed"
+    msg = f"the API server forbade creating {summarise(p.observed.forbidden, 'more forbidden')}"
+    ctx.transition("Created", False, reason, msg, ("Warning", reason, msg))
+    return DONE
+
+
 def _created_at(ctx: Ctx, p: Pass) -> datetime:
     times = (P.parse_time(pod["metadata"].get("creationTimestamp")) or ctx.now for pod in p.cur)
     return min(times, default=ctx.now)
@@ -466,6 +479,7 @@ STEPS: tuple[Step, ...] = (
     step_gang_failure,
     step_success,
     step_create,
+    step_create_forbidden,
     step_scheduling,
     step_running,
     step_startup,

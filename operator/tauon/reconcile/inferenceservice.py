@@ -40,7 +40,7 @@ from tauon.api.inferenceservice import (
     ServedModelSpec,
 )
 from tauon.reconcile.conditions import get
-from tauon.reconcile.context import Context, EventSpec
+from tauon.reconcile.context import Context, EventSpec, summarise
 from tauon.reconcile.plan import Plan
 from tauon.render.common import InvalidSpec
 from tauon.render.config import OperatorConfig
@@ -82,6 +82,8 @@ class Observed:
     hpa: Manifest | None = None
     # children with our names that are not ours ("Kind/name" or "name")
     conflicts: list[str] = field(default_factory=list)
+    # children the API server refused (422) for this generation: the spec cannot work as written
+    refused: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -228,6 +230,9 @@ def step_main_model(ctx: Ctx, p: Pass) -> None:
     st = ctx.st
     stored = ModelLocation(st.model.source, st.model.fine_tune_job) if st.model.source is not None else None
     main = resolve_model(ctx.obj.spec.model, p.observed.fine_tune_jobs, stored)
+    if p.observed.refused:  # the spec cannot work as written: Failed/InvalidSpec until it changes
+        msg = "the API server refused a child: " + summarise(p.observed.refused, "more refused")
+        main = Resolution("failed", "InvalidSpec", msg)
     if main.state == "ready" and main.location is not None:
         err = _mount_error(ctx.obj, "predictor", main.location, p.cfg)
         if err is not None:
@@ -274,7 +279,7 @@ def step_children(ctx: Ctx, p: Pass) -> None:
         except InvalidSpec as e:  # e.g. a malformed GPU quantity; the model locations were checked above
             ctx.transition(MODEL_READY, False, "InvalidSpec", str(e), ("Warning", "InvalidSpec", str(e)))
             children = []
-    if observed.conflicts:
+    if observed.conflicts or observed.refused:
         return
     current: dict[tuple[str, str], Manifest | None] = {
         ("Deployment", pred_name): observed.deployments.get(pred_name),

@@ -61,4 +61,3 @@ def invalid_spec_plan(kind: str, body: Manifest, message: str, now: datetime) ->
         plan.status = {**status, "phase": "Failed", "conditions": conds, "observedGeneration": generation}
         plan.events.append(Event("Warning", REASON, message))
     return plan
-
