@@ -94,6 +94,9 @@ class Sim:
         self.pvcs = pvcs or {}
         self.progress: dict[str, Any] | None = None
         self.conflicts: list[str] = []
+        self.refused: list[str] = []
+        self.forbidden: list[str] = []
+        self.quota_exceeded = False
         self.events: list[tuple[str, str, str]] = []
         self.node_seq = 0
 
@@ -110,6 +113,9 @@ class Sim:
             pvcs=dict(self.pvcs),
             progress=copy.deepcopy(self.progress),
             conflicts=list(self.conflicts),
+            refused=list(self.refused),
+            forbidden=list(self.forbidden),
+            quota_exceeded=self.quota_exceeded,
         )
 
     def reconcile(self) -> Plan:
@@ -1364,3 +1370,108 @@ def test_progress_with_fractional_percent_from_trainer_is_accepted():
     plan = reconcile(job, Observed(progress=report), now, OperatorConfig(allow_host_paths=True))
     assert plan.status is not None
     assert plan.status["progress"]["step"] == 4 and plan.status["progress"]["percent"] == 57
+
+
+# ------------------------------------------------------------------- reliability (issue 13) and steps
+
+
+def test_policy_steps_are_named_and_ordered() -> None:
+    from tauon.reconcile import finetunejob as F
+
+    names = [s.__name__ for s in F.STEPS]
+    assert names[0] == "step_finished" and names.index("step_admission") < names.index("step_conflicts")
+    assert names.index("step_suspend") < names.index("step_deadline") < names.index("step_gang_failure")
+    assert names.index("step_gang_failure") < names.index("step_success") < names.index("step_create")
+
+
+def test_terminal_failure_writes_status_before_stopping_pods() -> None:
+    sim = Sim({"runPolicy": {"backoffLimit": 0}})
+    sim.run_gang()
+    sim.fail(0)
+    plan = sim.step()
+    assert sim.is_true("Failed") and plan.stops == [pod_name(0, 1)]
+    assert plan.status_first, "a crash between stop and status write would count a restart"
+
+
+def test_deadline_writes_status_first() -> None:
+    sim = Sim({"runPolicy": {"activeDeadlineSeconds": 60}})
+    sim.run_gang()
+    plan = sim.step(advance=61)
+    assert sim.cond("Failed") is not None and sim.cond("Failed").reason == "DeadlineExceeded"  # type: ignore[union-attr]
+    assert plan.stops and plan.status_first
+
+
+def test_many_refusals_are_summarised_and_capped() -> None:
+    sim = Sim()
+    sim.refused = [f"Pod ft-r0-node-{i}: spec.containers[0].image: " + "x" * 300 for i in range(256)]
+    plan = sim.step()
+    failed = sim.cond("Failed")
+    assert failed is not None and failed.reason == "InvalidSpec"
+    assert "and 255 more refused" in failed.message
+    assert len(failed.message.encode()) <= 1024
+    assert all(len(e.message.encode()) <= 1024 for e in plan.events)
+    assert reasons(plan) == [("Warning", "InvalidSpec")]
+
+
+def test_long_failure_message_is_capped() -> None:
+    sim = Sim({"runPolicy": {"backoffLimit": 0}})
+    sim.run_gang()
+    sim.fail(0, message='{"retryable": false, "reason": "Bad", "message": "' + "é" * 5000 + '"}')
+    sim.step()
+    failed = sim.cond("Failed")
+    assert failed is not None and failed.reason == "PermanentError"
+    assert len(failed.message.encode()) <= 1024
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"step": 10**400},
+        {"step": 3, "totalSteps": 2**80},
+        {"loss": float("nan")},
+        {"loss": float("inf")},
+        {"samplesPerSecond": 1e300},
+        {"etaSeconds": -(10**30)},
+    ],
+)
+def test_unbounded_progress_values_are_ignored(bad: dict[str, Any]) -> None:
+    sim = Sim()
+    sim.run_gang()
+    sim.progress = {"step": 1, "totalSteps": 10, "updatedAt": iso(sim.now), **bad}
+    plan = sim.step()
+    assert sim.st.progress.step == 0
+    if plan.status is not None:  # whatever is written must be valid JSON for the API server
+        json.dumps(plan.status, allow_nan=False)
+
+
+def test_forbidden_pod_create_recorded_once() -> None:
+    sim = Sim()
+    sim.step()  # renders the gang; the API server refuses the pods with 403 (quota)
+    sim.pods.clear()
+    sim.forbidden = ['Pod ft-r0-node-0: pods "ft-r0-node-0" is forbidden: exceeded quota: q']
+    sim.quota_exceeded = True
+    plan = sim.step()
+    created = sim.cond("Created")
+    assert created is not None and (created.status, created.reason) == ("False", "QuotaExceeded")
+    assert reasons(plan) == [("Warning", "QuotaExceeded")]
+    assert sim.step(advance=5).events == []  # recorded once; the creates are retried quietly
+    sim.forbidden, sim.quota_exceeded = [], False
+    sim.step()
+    assert set(sim.current()) <= set(sim.pods)
+
+
+def test_forbidden_without_quota_is_create_failed() -> None:
+    sim = Sim()
+    sim.step()
+    sim.pods.clear()
+    sim.forbidden = ["Pod ft-r0-node-1: violates PodSecurity restricted"]
+    plan = sim.step()
+    assert reasons(plan) == [("Warning", "CreateFailed")]
+
+
+def test_conflict_found_after_creation_started_is_announced() -> None:
+    sim = Sim()
+    sim.step()  # Created False/Creating
+    sim.conflicts = ["ConfigMap/ft-config"]
+    plan = sim.step()
+    assert reasons(plan) == [("Warning", "ResourceConflict")]

@@ -64,6 +64,7 @@ class World:
         self.jobs = {j["metadata"]["name"]: j for j in jobs or []}
         self.objects: dict[tuple[str, str], Manifest] = {}
         self.conflicts: list[str] = []
+        self.refused: list[str] = []
         self.auto_ready = auto_ready
         self.now = T0
         self.cfg = CFG
@@ -112,6 +113,7 @@ class World:
             service=copy.deepcopy(self.objects.get(("Service", NAME))),
             hpa=copy.deepcopy(self.objects.get(("HorizontalPodAutoscaler", NAME))),
             conflicts=list(self.conflicts),
+            refused=list(self.refused),
         )
 
     # -- operator side -------------------------------------------------------------------------
@@ -688,3 +690,44 @@ def test_same_inputs_same_plan() -> None:
     a = reconcile(w.isvc(), w.observed(), T0, CFG)
     b = reconcile(w.isvc(), w.observed(), T0, CFG)
     assert a == b
+
+
+# -- API server refusals, shared context (issue 13, issue 10) -------------------------------------------
+
+
+def test_refused_child_fails_invalid_spec_with_one_event() -> None:
+    w = World(isvc_body())
+    w.step()
+    w.refused = [
+        f"Deployment sentiment-predictor: spec.template.metadata.labels: Invalid value {i}" for i in range(40)
+    ]
+    plan = w.step()
+    assert w.status["phase"] == "Failed"
+    assert w.cs("ModelReady") == ("False", "InvalidSpec")
+    assert w.cs("Ready") == ("False", "InvalidSpec")
+    assert events(plan) == [("Warning", "InvalidSpec")]
+    assert plan.applies == [], "a refused spec is not re-applied every pass"
+    assert "and 39 more refused" in w.cond("ModelReady")["message"]  # type: ignore[index]
+    assert len(w.cond("ModelReady")["message"].encode()) <= 1024  # type: ignore[index]
+    for _ in range(3):
+        assert w.step(advance=5).is_empty()
+
+
+def test_refusal_cleared_by_a_new_spec() -> None:
+    w = World(isvc_body())
+    w.step()
+    w.refused = ["Deployment sentiment-predictor: bad"]
+    w.step()
+    w.refused = []  # the handler layer drops refusals of an older generation
+    w.set_spec(replicas=2)
+    plan = w.step()
+    assert w.cs("ModelReady") == ("True", "ModelResolved")
+    assert "Deployment/sentiment-predictor" in applied(plan)
+
+
+def test_both_planners_share_one_context() -> None:
+    from tauon.reconcile import finetunejob as F
+    from tauon.reconcile import inferenceservice as I
+    from tauon.reconcile.context import Context
+
+    assert F.Ctx.__origin__ is Context and I.Ctx.__origin__ is Context  # type: ignore[attr-defined]
