@@ -1,4 +1,4 @@
-"""`tauon` command line: crds, render, operator, run, node."""
+"""`tauon` command line: crds, render, operator, run, node, and the SDK's logs, wait and chat."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def cmd_crds(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_manifest(path: str) -> dict:
+def load_manifest(path: str) -> dict[str, Any]:
     """Read one FineTuneJob/InferenceService manifest; a clear error names the file and the field."""
     import yaml
 
@@ -45,16 +45,16 @@ def load_manifest(path: str) -> dict:
         raise SystemExit(f"tauon: cannot read {path}: {e}") from e
     if len(docs) != 1:
         raise SystemExit(f"tauon: {path}: expected exactly one object, found {len(docs)}")
-    doc: dict = docs[0]
+    doc: dict[str, Any] = docs[0]
     doc.setdefault("metadata", {}).setdefault("namespace", "default")
     doc["metadata"].setdefault("uid", "00000000-0000-0000-0000-000000000000")
     return doc
 
 
-def resolve_relative_sources(doc: dict, base: Path) -> dict:
+def resolve_relative_sources(doc: dict[str, Any], base: Path) -> dict[str, Any]:
     """file://./REL -> file:///ABS relative to the manifest's directory (local runs and dev clusters)."""
 
-    def fix(holder: dict | None, key: str) -> None:
+    def fix(holder: dict[str, Any] | None, key: str) -> None:
         if holder and isinstance(holder.get(key), str) and holder[key].startswith("file://./"):
             holder[key] = "file://" + str((base / holder[key].removeprefix("file://./")).resolve())
 
@@ -66,7 +66,7 @@ def resolve_relative_sources(doc: dict, base: Path) -> dict:
     return doc
 
 
-def parse_object(doc: dict, where: str):  # type: ignore[no-untyped-def]
+def parse_object(doc: dict[str, Any], where: str) -> Any:
     from pydantic import ValidationError
 
     from tauon.api import FineTuneJob, InferenceService
@@ -168,6 +168,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
         gang_scheduler_name=args.gang_scheduler_name,
         cluster_domain=args.cluster_domain,
         allow_host_paths=args.allow_host_paths,
+        vllm_image=args.vllm_image,
     )
     RT.period_seconds = args.period
     import tauon.handlers  # noqa: F401 - registers the handlers
@@ -186,6 +187,116 @@ def cmd_operator(args: argparse.Namespace) -> int:
     return 0
 
 
+NODE_DESCRIPTION = """\
+A process-backed node agent for the local control plane (development and tests only): it registers a
+Node (label tauon.dev/node-agent=process) and runs every pod bound to it as a local process, reporting
+status as a kubelet would. It is not a kubelet: no images, no isolation, no resource limits, no PVCs;
+logs are files under --root. See tauon.local.node for the details."""
+
+
+def _cluster_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-n", "--namespace", default=None, help="namespace (default: the context's)")
+    p.add_argument("--kubeconfig", default=None)
+    p.add_argument("--context", default=None)
+
+
+def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from tauon.client import Client
+
+    if getattr(args, "local", False):
+        return Client(local=True, workdir=args.workdir)
+    return Client(kubeconfig=args.kubeconfig, namespace=args.namespace, context=args.context)
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    client = _client(args)
+    try:
+        for line in client.job(args.job).logs(follow=args.follow):
+            print(line, flush=True)
+    finally:
+        client.close()
+    return 0
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    from tauon.client import NotFound
+
+    client = _client(args)
+    try:
+        try:
+            job = client.job(args.name)
+        except NotFound:
+            svc = client.service(args.name)  # NotFound names the InferenceService when neither exists
+            st = svc.wait_ready(timeout=args.timeout)
+            print(f"InferenceService {args.name} Ready ({st.ready_replicas}/{st.replicas} replicas)")
+            return 0
+        status = job.wait(timeout=args.timeout, progress=None if not args.quiet else False)
+        metrics = ", ".join(
+            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in status.output.metrics.items()
+            if k in ("steps", "trainLoss", "evalAccuracy", "evalLoss", "evalPerplexity")
+        )
+        print(
+            f"FineTuneJob {args.name} Succeeded: {status.output.model}" + (f" ({metrics})" if metrics else "")
+        )
+    finally:
+        client.close()
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    client = _client(args)
+    try:
+        svc = client.service(args.isvc)
+        svc.wait_ready(timeout=args.timeout)
+        messages: list[dict[str, str]] = []
+        if args.system:
+            messages.append({"role": "system", "content": args.system})
+        print(f"chatting with {args.isvc} (Ctrl-D to quit)", file=sys.stderr)
+        while True:
+            try:
+                prompt = input("> ")
+            except (EOFError, KeyboardInterrupt):
+                print(file=sys.stderr)
+                return 0
+            if not prompt.strip():
+                continue
+            messages.append({"role": "user", "content": prompt})
+            answer = []
+            for piece in svc.chat(messages, stream=True, max_tokens=args.max_tokens):
+                answer.append(piece)
+                print(piece, end="", flush=True)
+            print()
+            messages.append({"role": "assistant", "content": "".join(answer)})
+    finally:
+        client.close()
+
+
+def add_sdk_commands(sub: Any) -> None:
+    lg = sub.add_parser("logs", help="logs of every rank of a FineTuneJob, merged, [rank N]-prefixed")
+    lg.add_argument("job")
+    lg.add_argument("-f", "--follow", action="store_true", help="stream until the job ends")
+    lg.add_argument("--local", action="store_true", help="a job run with Client(local=True) / tauon run")
+    lg.add_argument("--workdir", default="runs", help="local run directory (with --local)")
+    _cluster_args(lg)
+    lg.set_defaults(func=cmd_logs)
+
+    w = sub.add_parser("wait", help="wait for a FineTuneJob to succeed or an InferenceService to be Ready")
+    w.add_argument("name")
+    w.add_argument("--timeout", type=float, default=None, help="seconds (default: no limit)")
+    w.add_argument("--quiet", action="store_true", help="no progress bar")
+    _cluster_args(w)
+    w.set_defaults(func=cmd_wait)
+
+    ch = sub.add_parser("chat", help="interactive streaming chat with an InferenceService (OpenAI API)")
+    ch.add_argument("isvc")
+    ch.add_argument("--system", default=None, help="a system message")
+    ch.add_argument("--max-tokens", type=int, default=256)
+    ch.add_argument("--timeout", type=float, default=600, help="seconds to wait for Ready")
+    _cluster_args(ch)
+    ch.set_defaults(func=cmd_chat)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tauon", description="Fine-tune and serve models on Kubernetes.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -195,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--check", action="store_true", help="exit 1 when the files differ from the models")
     c.set_defaults(func=cmd_crds)
 
-    from tauon.render.config import DEFAULT_IMAGE
+    from tauon.render.config import DEFAULT_IMAGE, DEFAULT_VLLM_IMAGE
 
     r = sub.add_parser("render", help="print the children the operator would create, as a YAML stream")
     r.add_argument("file")
@@ -216,12 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bar or table")
     run.set_defaults(func=cmd_run)
 
-    from tauon.local import node as node_mod
-
     n = sub.add_parser(
         "node",
         help="process-backed node agent for a local control plane (dev/test only, not a kubelet)",
-        description=node_mod.__doc__,
+        description=NODE_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     n.add_argument("--name", default="tauon-node-0")
@@ -239,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument(
         "--default-image", default=DEFAULT_IMAGE, help="trainer/server image when a spec names none"
     )
+    o.add_argument(
+        "--vllm-image", default=DEFAULT_VLLM_IMAGE, help="server image of InferenceServices with runtime vllm"
+    )
     o.add_argument("--gang-scheduler", choices=["volcano", "scheduler-plugins"], default=None)
     o.add_argument("--gang-scheduler-name", default=None, help="schedulerName for gang-scheduled pods")
     o.add_argument("--cluster-domain", default="cluster.local")
@@ -246,12 +358,27 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--period", type=float, default=5.0, help="seconds between time-based passes")
     o.add_argument("-v", "--verbose", action="store_true")
     o.set_defaults(func=cmd_operator)
+    add_sdk_commands(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    rc: int = args.func(args)
+    if args.command in ("logs", "wait", "chat"):
+        from tauon.client import JobFailed, TauonError
+
+        try:
+            rc: int = args.func(args)
+        except JobFailed as e:
+            print(f"tauon: {e}", file=sys.stderr)
+            return 1
+        except (TauonError, TimeoutError) as e:  # one line, not a traceback
+            print(f"tauon: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 130
+        return rc
+    rc = args.func(args)
     return rc
 
 

@@ -1,0 +1,289 @@
+"""Build FineTuneJob and InferenceService objects from Python keywords, through the API models.
+
+The objects are validated by the same pydantic models the CRDs are generated from, so a field the API
+does not have is an error here, before anything is sent. What is sent (`manifest`) holds exactly the
+fields the caller set, as a hand-written manifest would; defaults stay the operator's.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from pydantic.alias_generators import to_camel
+
+from tauon.api import FineTuneJob, InferenceService
+from tauon.api.common import NAME_MAX, NAME_PATTERN
+from tauon.api.finetunejob import Hyperparameters
+from tauon.client.errors import SpecError
+
+Manifest = dict[str, Any]
+SEQ_CLS = "sequence-classification"
+CAUSAL_LM = "causal-lm"
+_ALIASES = {"targetCpuUtilizationPercentage": "targetCPUUtilizationPercentage"}
+
+
+def _camel(value: Any) -> Any:
+    """snake_case keys of a structured setting (lora, autoscaling, generation, ...) -> camelCase."""
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            key = to_camel(str(k)) if "_" in str(k) else str(k)
+            out[_ALIASES.get(key, key)] = _camel(v)
+        return out
+    if isinstance(value, list):
+        return [_camel(v) for v in value]
+    return value
+
+
+def source_uri(source: str, base: Path | None = None) -> str:
+    """pvc://, hf:// and file:///ABS unchanged; file://./REL and plain paths -> file:///ABS (from base or cwd)."""
+    if source.startswith(("pvc://", "hf://", "file:///")):
+        return source
+    rel = source.removeprefix("file://") if source.startswith("file://") else source
+    if "://" in rel:
+        return source  # an unknown scheme: let the model's pattern reject it with the field path
+    return "file://" + str(((base or Path.cwd()) / rel).resolve())
+
+
+def _errors(e: ValidationError) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for err in e.errors():
+        # unions and Literals add type names to the location; keep the path of fields only
+        loc = [str(x) for x in err["loc"] if not (isinstance(x, str) and x in ("int", "str"))]
+        out.setdefault(".".join(loc) or "<root>", err["msg"])
+    return out
+
+
+def _check_name(kind: str, name: str) -> None:
+    if not re.match(NAME_PATTERN, name or "") or len(name) > NAME_MAX:
+        raise SpecError(
+            kind,
+            name,
+            {
+                "metadata.name": f"must be a DNS-1035 label of at most {NAME_MAX} characters "
+                "(lower-case letters, digits and '-', starting with a letter)"
+            },
+        )
+
+
+def _validate(model: type[BaseModel], doc: Manifest) -> Any:
+    try:
+        return model.model_validate(doc)
+    except ValidationError as e:
+        raise SpecError(doc["kind"], doc["metadata"]["name"], _errors(e)) from None
+
+
+def manifest(obj: BaseModel) -> Manifest:
+    """What is sent to the API server: only the fields that were set, camelCase, no None values."""
+    return obj.model_dump(by_alias=True, exclude_unset=True, exclude_none=True, mode="json")
+
+
+def _shallow(value: Mapping[str, Any] | None) -> Manifest:
+    """camelCase only the top-level keys (pod_template: label and selector keys stay as given)."""
+    out: Manifest = {}
+    for k, v in (value or {}).items():
+        key = to_camel(k) if "_" in k else k
+        out[key] = v
+    return out
+
+
+def _meta(name: str, namespace: str, labels: Mapping[str, str] | None) -> Manifest:
+    meta: Manifest = {"name": name, "namespace": namespace}
+    if labels:
+        meta["labels"] = dict(labels)
+    return meta
+
+
+def _env(env: Mapping[str, str] | list[Manifest] | None) -> list[Manifest] | None:
+    if env is None:
+        return None
+    if isinstance(env, Mapping):
+        return [{"name": k, "value": str(v)} for k, v in env.items()]
+    return list(env)
+
+
+def hyperparameters(values: Mapping[str, Any], kind: str, name: str) -> Manifest:
+    """snake_case hyperparameter keywords -> the CRD's camelCase keys; unknown names are an error."""
+    fields = Hyperparameters.model_fields
+    by_alias = {f.alias or n: n for n, f in fields.items()}
+    out: Manifest = {}
+    bad: dict[str, str] = {}
+    for key, value in values.items():
+        field = fields.get(key)
+        if field is None and key in by_alias:
+            field = fields[by_alias[key]]
+        if field is None:
+            known = ", ".join(sorted(fields))
+            bad[key] = f"unknown keyword (not a hyperparameter either; hyperparameters: {known})"
+            continue
+        out[field.alias or key] = value
+    if bad:
+        raise SpecError(kind, name, bad)
+    return out
+
+
+def _put(d: Manifest, key: str, value: Any) -> None:
+    if value is not None:
+        d[key] = value
+
+
+def finetunejob(
+    name: str,
+    *,
+    model: str,
+    dataset: str | Mapping[str, Any],
+    output: str | None,
+    namespace: str = "default",
+    task: str | None = None,
+    num_labels: int | None = None,
+    num_nodes: int | None = None,
+    nproc_per_node: int | str | None = None,
+    method: str | None = None,
+    lora: Mapping[str, Any] | None = None,
+    strategy: str | None = None,
+    parallelism: Mapping[str, Any] | None = None,
+    init: str | None = None,
+    model_config: Mapping[str, Any] | str | None = None,
+    tokenizer: str | None = None,
+    text_field: str | None = None,
+    label_field: str | None = None,
+    dataset_format: str | None = None,
+    dataset_type: str | None = None,
+    validation_split: float | None = None,
+    checkpoint_every_steps: int | None = None,
+    resources: Mapping[str, Any] | None = None,
+    image: str | None = None,
+    env: Mapping[str, str] | list[Manifest] | None = None,
+    node_selector: Mapping[str, str] | None = None,
+    pod_template: Mapping[str, Any] | None = None,
+    run_policy: Mapping[str, Any] | None = None,
+    labels: Mapping[str, str] | None = None,
+    base: Path | None = None,
+    **hyper: Any,
+) -> FineTuneJob:
+    """A validated FineTuneJob. `task` defaults to sequence-classification when num_labels is given,
+    else causal-lm. Hyperparameters are keywords by their snake_case names (max_steps=, learning_rate=)."""
+    kind = "FineTuneJob"
+    _check_name(kind, name)
+    task = task or (SEQ_CLS if num_labels is not None else CAUSAL_LM)
+    m: Manifest = {"source": source_uri(model, base), "task": task}
+    _put(m, "numLabels", num_labels)
+    _put(m, "init", init)
+    _put(m, "config", _camel(model_config) if isinstance(model_config, Mapping) else model_config)
+    _put(m, "tokenizer", source_uri(tokenizer, base) if tokenizer else None)
+    if isinstance(dataset, str):
+        d: Manifest = {"source": source_uri(dataset, base)}
+    else:
+        d = _camel(dict(dataset))
+        if isinstance(d.get("source"), str):
+            d["source"] = source_uri(d["source"], base)
+    _put(d, "format", dataset_format)
+    _put(d, "type", dataset_type)
+    _put(d, "textField", text_field)
+    _put(d, "labelField", label_field)
+    _put(d, "validationSplit", validation_split)
+    spec: Manifest = {"model": m, "dataset": d}
+    if method is not None or lora is not None:
+        meth: Manifest = {"type": method or "lora"}
+        _put(meth, "lora", _camel(lora) if lora is not None else None)
+        spec["method"] = meth
+    if hyper:
+        spec["hyperparameters"] = hyperparameters(hyper, kind, name)
+    if strategy is not None or parallelism is not None:
+        par = _camel(dict(parallelism or {}))
+        _put(par, "strategy", strategy)
+        spec["parallelism"] = par
+    if output is not None:
+        out: Manifest = {"storage": source_uri(output, base)}
+        _put(out, "checkpointEverySteps", checkpoint_every_steps)
+        spec["output"] = out
+    _put(spec, "numNodes", num_nodes)
+    _put(spec, "nprocPerNode", nproc_per_node)
+    _put(spec, "resources", dict(resources) if resources else None)
+    _put(spec, "image", image)
+    _put(spec, "env", _env(env))
+    pt = _shallow(pod_template)
+    if node_selector:
+        pt["nodeSelector"] = dict(node_selector)
+    _put(spec, "podTemplate", pt or None)
+    _put(spec, "runPolicy", _camel(run_policy) if run_policy else None)
+    doc = {"apiVersion": "tauon.dev/v1alpha1", "kind": kind, "metadata": _meta(name, namespace, labels)}
+    doc["spec"] = spec
+    job: FineTuneJob = _validate(FineTuneJob, doc)
+    _check_task_rules(job)
+    return job
+
+
+def _check_task_rules(job: FineTuneJob) -> None:
+    """The CRD's CEL rules that the pydantic models leave to the API server, checked before sending."""
+    spec, bad = job.spec, {}
+    if (
+        spec.model.task == SEQ_CLS
+        and spec.model.num_labels is None
+        and getattr(spec.model, "init", None) != "scratch"
+    ):
+        bad["spec.model.numLabels"] = "required when task is sequence-classification (num_labels=)"
+    if spec.model.task == CAUSAL_LM and spec.model.num_labels is not None:
+        bad["spec.model.numLabels"] = "must not be set when task is causal-lm"
+    if spec.model.task == CAUSAL_LM and spec.dataset.label_field is not None:
+        bad["spec.dataset.labelField"] = "must not be set when task is causal-lm"
+    if spec.method.lora is not None and spec.method.type != "lora":
+        bad["spec.method.lora"] = "only allowed when method is lora"
+    if bad:
+        raise SpecError("FineTuneJob", job.metadata.name, bad)
+
+
+def inferenceservice(
+    name: str,
+    *,
+    fine_tune_job: str | None = None,
+    source: str | None = None,
+    namespace: str = "default",
+    task: str | None = None,
+    replicas: int | None = None,
+    autoscaling: Mapping[str, Any] | None = None,
+    batching: Mapping[str, Any] | None = None,
+    runtime: str | None = None,
+    generation: Mapping[str, Any] | None = None,
+    canary: Mapping[str, Any] | None = None,
+    resources: Mapping[str, Any] | None = None,
+    image: str | None = None,
+    env: Mapping[str, str] | list[Manifest] | None = None,
+    node_selector: Mapping[str, str] | None = None,
+    pod_template: Mapping[str, Any] | None = None,
+    labels: Mapping[str, str] | None = None,
+    base: Path | None = None,
+) -> InferenceService:
+    """A validated InferenceService serving a FineTuneJob's output (fine_tune_job=) or a model (source=)."""
+    kind = "InferenceService"
+    _check_name(kind, name)
+    if (fine_tune_job is None) == (source is None):
+        raise SpecError(kind, name, {"spec.model": "give exactly one of fine_tune_job= and source="})
+    m: Manifest = (
+        {"fineTuneJobRef": {"name": fine_tune_job}}
+        if fine_tune_job is not None
+        else {"source": source_uri(str(source), base)}
+    )
+    _put(m, "task", task)
+    spec: Manifest = {"model": m}
+    _put(spec, "replicas", replicas)
+    _put(spec, "autoscaling", _camel(autoscaling) if autoscaling is not None else None)
+    _put(spec, "batching", _camel(batching) if batching is not None else None)
+    _put(spec, "runtime", runtime)
+    _put(spec, "generation", _camel(generation) if generation is not None else None)
+    _put(spec, "canary", _camel(canary) if canary is not None else None)
+    _put(spec, "resources", dict(resources) if resources else None)
+    _put(spec, "image", image)
+    _put(spec, "env", _env(env))
+    pt = _shallow(pod_template)
+    if node_selector:
+        pt["nodeSelector"] = dict(node_selector)
+    _put(spec, "podTemplate", pt or None)
+    doc = {"apiVersion": "tauon.dev/v1alpha1", "kind": kind, "metadata": _meta(name, namespace, labels)}
+    doc["spec"] = spec
+    isvc: InferenceService = _validate(InferenceService, doc)
+    return isvc

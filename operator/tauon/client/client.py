@@ -1,0 +1,184 @@
+"""`Client`: fine-tune, pre-train and serve from Python, on a cluster or locally."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from tauon.client import build
+from tauon.client.errors import NotFound, NotReady, SpecError
+from tauon.client.handles import Backend, FineTuneJobHandle, InferenceServiceHandle
+
+
+class Client:
+    """Entry point of the SDK.
+
+    `Client()` talks to the cluster of the current kubeconfig context (or in-cluster config);
+    `Client(kubeconfig=..., context=..., namespace=...)` to another. `Client(local=True)` runs the same
+    objects as local processes through `tauon run --local` (no cluster), under `workdir` (./runs).
+    """
+
+    def __init__(
+        self,
+        kubeconfig: str | None = None,
+        namespace: str | None = None,
+        context: str | None = None,
+        *,
+        local: bool = False,
+        workdir: str | Path = "runs",
+        poll: float | None = None,
+    ):
+        self.local = local
+        self._backend: Backend
+        if local:
+            from tauon.client.local import LocalBackend
+
+            self._backend = LocalBackend(workdir, namespace or "default")
+        else:
+            from tauon.client.cluster import ClusterBackend
+
+            self._backend = ClusterBackend(kubeconfig, namespace, context)
+        self.namespace = self._backend.namespace
+        self.poll = poll if poll is not None else (0.5 if local else 1.0)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop what this client runs locally (local mode) and its port-forwards; close connections."""
+        self._backend.close()
+
+    # -- training ------------------------------------------------------------------------------------------
+    def build_fine_tune(self, name: str, **kwargs: Any) -> Any:
+        """The FineTuneJob `fine_tune` would create (validated), without creating it."""
+        if kwargs.get("output") is None:
+            default = getattr(self._backend, "default_output", None)
+            if default is None:
+                raise SpecError(
+                    "FineTuneJob",
+                    name,
+                    {"spec.output.storage": "output= is required on a cluster (pvc://CLAIM/PATH)"},
+                )
+            kwargs["output"] = default(name)
+        return build.finetunejob(name, namespace=self.namespace, **kwargs)
+
+    def fine_tune(
+        self,
+        name: str,
+        *,
+        model: str,
+        dataset: str | Mapping[str, Any],
+        task: str | None = None,
+        num_labels: int | None = None,
+        num_nodes: int | None = None,
+        method: str | None = None,
+        strategy: str | None = None,
+        output: str | None = None,
+        **kwargs: Any,
+    ) -> FineTuneJobHandle:
+        """Create a FineTuneJob and return its handle (does not wait: call `.wait()`).
+
+        dataset: a source (pvc://, file://, or a local path) with text_field=/label_field=/dataset_format=
+        keywords, or a dict in the CRD's shape. Hyperparameters by snake_case name (max_steps=,
+        batch_size_per_device=, learning_rate=, epochs=, ...). Other spec fields as keywords: lora=,
+        nproc_per_node=, resources=, image=, env=, node_selector=, pod_template=, run_policy=, labels=.
+        Invalid input raises SpecError naming the field (e.g. spec.hyperparameters.learningRate) before
+        anything is sent.
+        """
+        job = self.build_fine_tune(
+            name,
+            model=model,
+            dataset=dataset,
+            task=task,
+            num_labels=num_labels,
+            num_nodes=num_nodes,
+            method=method,
+            strategy=strategy,
+            output=output,
+            **kwargs,
+        )
+        self._backend.create(build.manifest(job))
+        return FineTuneJobHandle(self._backend, name, self.poll)
+
+    def pretrain(
+        self,
+        name: str,
+        *,
+        model_config: Mapping[str, Any] | str,
+        tokenizer: str,
+        dataset: str | Mapping[str, Any],
+        model: str | None = None,
+        **kwargs: Any,
+    ) -> FineTuneJobHandle:
+        """Pre-train a causal LM from a Hugging Face config with random weights (model.init: scratch).
+        `model_config` is the config (a dict, or a source of a config.json); `tokenizer` a tokenizer source."""
+        kwargs.setdefault("task", "causal-lm")
+        return self.fine_tune(
+            name,
+            model=model or tokenizer,
+            dataset=dataset,
+            init="scratch",
+            model_config=model_config,
+            tokenizer=tokenizer,
+            **kwargs,
+        )
+
+    def job(self, name: str) -> FineTuneJobHandle:
+        """A handle on an existing FineTuneJob (NotFound if there is none)."""
+        handle = FineTuneJobHandle(self._backend, name, self.poll)
+        handle.get()
+        return handle
+
+    # -- serving -------------------------------------------------------------------------------------------
+    def serve(
+        self,
+        name: str,
+        *,
+        fine_tune_job: str | FineTuneJobHandle | None = None,
+        source: str | None = None,
+        replicas: int | None = None,
+        autoscaling: Mapping[str, Any] | None = None,
+        runtime: str | None = None,
+        **kwargs: Any,
+    ) -> InferenceServiceHandle:
+        """Create an InferenceService for a succeeded FineTuneJob (fine_tune_job=) or a model (source=).
+
+        Other keywords: task=, batching=, generation=, canary=, resources=, image=, env=, node_selector=,
+        pod_template=, labels=. Serving a job that has not succeeded raises NotReady (wait() for it first).
+        """
+        job_name = fine_tune_job.name if isinstance(fine_tune_job, FineTuneJobHandle) else fine_tune_job
+        isvc = build.inferenceservice(
+            name,
+            fine_tune_job=job_name,
+            source=source,
+            namespace=self.namespace,
+            replicas=replicas,
+            autoscaling=autoscaling,
+            runtime=runtime,
+            **kwargs,
+        )
+        if job_name is not None:
+            self._require_succeeded(job_name)
+        self._backend.create(build.manifest(isvc))
+        return InferenceServiceHandle(self._backend, name, self.poll)
+
+    def _require_succeeded(self, job_name: str) -> None:
+        job = self._backend.get("FineTuneJob", job_name)
+        if job is None:
+            raise NotFound("FineTuneJob", job_name, self._backend.where)
+        phase = (job.get("status") or {}).get("phase", "Pending")
+        if phase != "Succeeded":
+            raise NotReady(
+                f"cannot serve FineTuneJob {job_name!r}: it is {phase}, not Succeeded"
+                + (" (it failed)" if phase == "Failed" else " (wait() for it first)")
+            )
+
+    def service(self, name: str) -> InferenceServiceHandle:
+        """A handle on an existing InferenceService (NotFound if there is none)."""
+        handle = InferenceServiceHandle(self._backend, name, self.poll)
+        handle.get()
+        return handle

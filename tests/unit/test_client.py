@@ -1,0 +1,249 @@
+"""tauon.client: every SDK call builds the object a hand-written manifest would, validation errors name
+the field, and the package imports no torch."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tauon.api import FineTuneJob, InferenceService
+from tauon.client import Client, ClusterUnreachable, SpecError, build
+from tauon.client.handles import split_outputs
+from tauon.client.local import failure
+from tauon.client.logs import merge_files
+
+DATA = Path(__file__).resolve().parents[2] / "examples" / "data" / "sentiment.jsonl"
+MINILM = "hf://sentence-transformers/all-MiniLM-L6-v2"
+
+
+def roundtrip(model: Any, doc: dict[str, Any]) -> dict[str, Any]:
+    return build.manifest(model.model_validate(doc))
+
+
+def test_fine_tune_builds_the_hand_written_manifest():
+    job = build.finetunejob(
+        "sentiment",
+        model=MINILM,
+        dataset=str(DATA),
+        label_field="label",
+        validation_split=0.15,
+        num_labels=2,
+        num_nodes=2,
+        nproc_per_node=1,
+        method="full",
+        output="pvc://results/sentiment",
+        checkpoint_every_steps=10,
+        namespace="team-a",
+        max_steps=20,
+        batch_size_per_device=16,
+        learning_rate=1e-4,
+        max_seq_length=48,
+        resources={"requests": {"cpu": "1", "memory": "2Gi"}},
+        node_selector={"tauon.dev/node-agent": "process"},
+        env={"HF_HUB_OFFLINE": "1"},
+        run_policy={"backoff_limit": 2, "schedule_timeout_seconds": 60},
+    )
+    hand = {
+        "apiVersion": "tauon.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "sentiment", "namespace": "team-a"},
+        "spec": {
+            "model": {"source": MINILM, "task": "sequence-classification", "numLabels": 2},
+            "dataset": {"source": f"file://{DATA}", "labelField": "label", "validationSplit": 0.15},
+            "method": {"type": "full"},
+            "hyperparameters": {
+                "maxSteps": 20,
+                "batchSizePerDevice": 16,
+                "learningRate": 1.0e-4,
+                "maxSeqLength": 48,
+            },
+            "output": {"storage": "pvc://results/sentiment", "checkpointEverySteps": 10},
+            "numNodes": 2,
+            "nprocPerNode": 1,
+            "resources": {"requests": {"cpu": "1", "memory": "2Gi"}},
+            "env": [{"name": "HF_HUB_OFFLINE", "value": "1"}],
+            "podTemplate": {"nodeSelector": {"tauon.dev/node-agent": "process"}},
+            "runPolicy": {"backoffLimit": 2, "scheduleTimeoutSeconds": 60},
+        },
+    }
+    assert build.manifest(job) == hand
+    assert build.manifest(job) == roundtrip(FineTuneJob, hand)
+    # the operator sees the same object (defaults included) either way
+    assert job.dump() == FineTuneJob.model_validate(hand).dump()
+
+
+def test_lora_and_causal_lm_defaults():
+    job = build.finetunejob(
+        "chat",
+        model="file:///models/tiny",
+        dataset={"source": "pvc://data/chat.jsonl", "text_field": "body"},
+        lora={"r": 4, "target_modules": ["q_proj", "v_proj"]},
+        output="pvc://out/chat",
+    )
+    hand = {
+        "apiVersion": "tauon.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "chat", "namespace": "default"},
+        "spec": {
+            "model": {"source": "file:///models/tiny", "task": "causal-lm"},
+            "dataset": {"source": "pvc://data/chat.jsonl", "textField": "body"},
+            "method": {"type": "lora", "lora": {"r": 4, "targetModules": ["q_proj", "v_proj"]}},
+            "output": {"storage": "pvc://out/chat"},
+        },
+    }
+    assert build.manifest(job) == hand == roundtrip(FineTuneJob, hand)
+
+
+def test_serve_builds_the_hand_written_manifest():
+    isvc = build.inferenceservice(
+        "sentiment",
+        fine_tune_job="sentiment",
+        namespace="team-a",
+        autoscaling={"min_replicas": 1, "max_replicas": 4, "target_cpu_utilization_percentage": 60},
+        batching={"max_batch_size": 8},
+        node_selector={"tauon.dev/node-agent": "process"},
+    )
+    hand = {
+        "apiVersion": "tauon.dev/v1alpha1",
+        "kind": "InferenceService",
+        "metadata": {"name": "sentiment", "namespace": "team-a"},
+        "spec": {
+            "model": {"fineTuneJobRef": {"name": "sentiment"}},
+            "autoscaling": {"minReplicas": 1, "maxReplicas": 4, "targetCPUUtilizationPercentage": 60},
+            "batching": {"maxBatchSize": 8},
+            "podTemplate": {"nodeSelector": {"tauon.dev/node-agent": "process"}},
+        },
+    }
+    assert build.manifest(isvc) == hand == roundtrip(InferenceService, hand)
+    src = build.inferenceservice("base", source="hf://org/model", replicas=2)
+    assert build.manifest(src)["spec"] == {"model": {"source": "hf://org/model"}, "replicas": 2}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"learning_rate": 2.0}, "spec.hyperparameters.learningRate"),
+        ({"batch_size_per_device": 0}, "spec.hyperparameters.batchSizePerDevice"),
+        ({"num_nodes": 0}, "spec.numNodes"),
+        ({"method": "qlora"}, "spec.method.type"),
+        ({"dataset": "s3://bucket/x.jsonl"}, "spec.dataset.source"),
+        ({"num_labels": None, "task": "sequence-classification"}, "spec.model.numLabels"),
+        ({"task": "causal-lm", "num_labels": None, "label_field": "y"}, "spec.dataset.labelField"),
+        ({"learnig_rate": 1e-4}, "learnig_rate"),
+    ],
+)
+def test_validation_errors_name_the_field(kwargs: dict[str, Any], field: str):
+    args: dict[str, Any] = {
+        "model": MINILM,
+        "dataset": "pvc://data/train.jsonl",
+        "num_labels": 2,
+        "output": "pvc://out/x",
+    }
+    args.update(kwargs)
+    with pytest.raises(SpecError) as e:
+        build.finetunejob("job", **args)
+    assert field in e.value.fields, e.value.fields
+    assert field in str(e.value)
+
+
+def test_bad_names_and_ambiguous_models_are_refused():
+    with pytest.raises(SpecError, match="metadata.name"):
+        build.finetunejob("Bad_Name", model=MINILM, dataset="pvc://d/x", num_labels=2, output="pvc://o/x")
+    with pytest.raises(SpecError, match="exactly one of fine_tune_job= and source="):
+        build.inferenceservice("s", fine_tune_job="a", source="hf://o/m")
+    with pytest.raises(SpecError, match="spec.autoscaling.maxReplicas"):
+        build.inferenceservice("s", source="hf://o/m", autoscaling={"min_replicas": 1})
+
+
+def test_cluster_fine_tune_needs_an_output():
+    client = Client(local=True, workdir="/nonexistent-tauon-test")
+    client._backend.default_output = None  # type: ignore[attr-defined]
+    with pytest.raises(SpecError, match="spec.output.storage"):
+        client.build_fine_tune("x", model=MINILM, dataset="pvc://d/x", num_labels=2)
+    client.close()
+
+
+def test_local_default_output_is_the_run_directory(tmp_path: Path):
+    client = Client(local=True, workdir=tmp_path)
+    job = client.build_fine_tune("x", model=MINILM, dataset=str(DATA), num_labels=2)
+    assert job.spec.output.storage == f"file://{tmp_path / 'x'}"
+    client.close()
+
+
+def test_unreachable_cluster_is_one_line(tmp_path: Path):
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
+        "clusters: [{name: c, cluster: {server: 'http://127.0.0.1:9'}}]\n"
+        "users: [{name: u, user: {token: t}}]\n"
+        "contexts: [{name: c, context: {cluster: c, user: u, namespace: ns1}}]\n"
+    )
+    client = Client(kubeconfig=str(kubeconfig))
+    assert client.namespace == "ns1"
+    with pytest.raises(ClusterUnreachable) as e:
+        client.job("missing")
+    assert "127.0.0.1:9" in str(e.value) and "\n" not in str(e.value)
+    client.close()
+    with pytest.raises(ClusterUnreachable, match="no usable Kubernetes configuration"):
+        Client(kubeconfig=str(tmp_path / "absent"))
+
+
+def test_v2_outputs_are_split_per_instance():
+    outputs = [
+        {"name": "label", "datatype": "INT64", "shape": [2], "data": [1, 0]},
+        {"name": "probabilities", "datatype": "FP32", "shape": [2, 2], "data": [0.1, 0.9, 0.8, 0.2]},
+    ]
+    assert split_outputs(outputs, 2) == [
+        {"label": 1, "probabilities": [0.1, 0.9]},
+        {"label": 0, "probabilities": [0.8, 0.2]},
+    ]
+
+
+def test_local_failure_carries_the_termination_reason():
+    stderr = (
+        "tauon training broken: 2 node(s)\n"
+        'rank 1 failed with exit code 1: {"retryable": false, "reason": "DatasetNotFound", '
+        '"message": "no file /x/missing.jsonl"}\nlast lines of ...\n'
+    )
+    assert failure(stderr, 1) == ("DatasetNotFound", "rank 1: no file /x/missing.jsonl")
+    assert failure("rank 0 failed with exit code 137\n", 137)[0] == "RankFailed"
+    assert failure("tauon: job.yaml: spec.x: bad\n", 1) == ("InvalidSpec", "spec.x: bad")
+
+
+def test_merged_logs_prefix_every_rank(tmp_path: Path):
+    (tmp_path / "node-0.log").write_text("a\nb\n")
+    (tmp_path / "node-1.log").write_text("c\npartial")
+    files = {0: tmp_path / "node-0.log", 1: tmp_path / "node-1.log"}
+    lines = list(merge_files(files, follow=False, running=lambda: False))
+    assert lines == ["[rank 0] a", "[rank 0] b", "[rank 1] c", "[rank 1] partial"]
+    assert list(merge_files(files, follow=True, running=lambda: False)) == lines
+
+
+class _Blocker:
+    FORBIDDEN = ("torch", "transformers", "tauon_train", "tauon_serve", "tauon_core", "kubernetes")
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        if name.split(".")[0] in self.FORBIDDEN:
+            raise ImportError(f"tauon.client imported {name}")
+        return None
+
+
+def test_client_imports_no_torch():
+    saved = dict(sys.modules)
+    blocker = _Blocker()
+    try:
+        for mod in list(sys.modules):
+            if mod.split(".")[0] in ("tauon", *_Blocker.FORBIDDEN):
+                del sys.modules[mod]
+        sys.meta_path.insert(0, blocker)
+        for mod in ("tauon.client", "tauon.client.cluster", "tauon.client.local", "tauon.cli"):
+            importlib.import_module(mod)
+        importlib.import_module("tauon.cli").build_parser()  # the node agent's sync client stays lazy
+    finally:
+        sys.meta_path.remove(blocker)
+        sys.modules.clear()
+        sys.modules.update(saved)
