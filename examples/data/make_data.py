@@ -1,6 +1,6 @@
 """Generate the example datasets shipped with tauon (written for this project).
 
-    python examples/data/make_data.py            # rewrites sentiment.jsonl and corpus.jsonl beside this file
+    python examples/data/make_data.py            # rewrites every dataset below, beside this file
 
 Deterministic: the same script always writes the same files (fixed seed, no clock, no network).
 
@@ -10,6 +10,15 @@ Deterministic: the same script always writes the same files (fixed seed, no cloc
   "wasn't worth it") so a bag of single words is not enough.
 - corpus.jsonl: field ``text``, short paragraphs for causal-lm fine-tuning (a tiny "field notes" corpus
   about gardening, cooking, cycling, weather and workshops).
+- chat.jsonl: field ``messages`` (OpenAI-shaped ``[{role, content}]``), short multi-turn conversations
+  with "Fern", the help desk of a small houseplant shop: an optional system message, then 1-3
+  user/assistant exchanges about watering, light, pets, humidity and repotting, answered from one fact
+  table, so a small model can learn the facts and the turn format (dataset.type chat).
+- prompt_completion.jsonl: fields ``prompt`` and ``completion``: unit conversions and plant-care
+  questions with short exact answers (dataset.type prompt-completion).
+
+chat.jsonl and prompt_completion.jsonl use their own random generators, so adding them left the first
+two files byte-for-byte unchanged.
 """
 
 from __future__ import annotations
@@ -457,15 +466,266 @@ def make_corpus(rng: random.Random, n: int = 200) -> list[dict[str, object]]:
     return rows
 
 
+# --- chat and prompt-completion: a houseplant shop's help desk ---------------------------------
+# name: (watering, light, pets, humidity, repotting)
+PLANTS: dict[str, tuple[str, str, str, str, str]] = {
+    "snake plant": (
+        "every two to three weeks, once the soil is completely dry",
+        "low to bright indirect light",
+        "toxic to cats and dogs if chewed",
+        "normal room humidity is fine",
+        "every three years",
+    ),
+    "pothos": (
+        "when the top two centimeters of soil are dry, about weekly",
+        "medium indirect light",
+        "toxic to cats and dogs",
+        "likes some extra humidity but copes without it",
+        "every two years",
+    ),
+    "monstera": (
+        "when the top half of the soil is dry, about every ten days",
+        "bright indirect light",
+        "toxic to cats and dogs",
+        "prefers humid air, mist or use a tray of pebbles",
+        "every two years",
+    ),
+    "spider plant": (
+        "weekly, keeping the soil lightly moist",
+        "bright indirect light",
+        "safe for cats and dogs",
+        "normal room humidity is fine",
+        "every year in spring",
+    ),
+    "peace lily": (
+        "when the leaves start to droop slightly, about weekly",
+        "low to medium indirect light",
+        "toxic to cats and dogs",
+        "likes humid air",
+        "every year or two",
+    ),
+    "zz plant": (
+        "every three weeks, it stores water in its roots",
+        "low to bright indirect light",
+        "toxic to cats and dogs",
+        "normal room humidity is fine",
+        "every three years",
+    ),
+    "boston fern": (
+        "often, the soil should stay evenly moist",
+        "medium indirect light",
+        "safe for cats and dogs",
+        "needs high humidity, a bathroom is ideal",
+        "every year",
+    ),
+    "aloe vera": (
+        "every three weeks, less in winter",
+        "bright light with some direct sun",
+        "toxic to cats and dogs",
+        "dry air is fine",
+        "every two to three years",
+    ),
+    "calathea": (
+        "weekly with filtered or rain water, never letting it dry out",
+        "medium indirect light",
+        "safe for cats and dogs",
+        "needs high humidity",
+        "every year",
+    ),
+    "rubber plant": (
+        "when the top few centimeters are dry, about every ten days",
+        "bright indirect light",
+        "toxic to cats and dogs",
+        "normal room humidity is fine",
+        "every two years",
+    ),
+    "parlor palm": (
+        "when the top of the soil is dry, about weekly",
+        "low to medium indirect light",
+        "safe for cats and dogs",
+        "likes some extra humidity",
+        "every two to three years",
+    ),
+    "jade plant": (
+        "every two to three weeks, when the soil is dry",
+        "bright light with some direct sun",
+        "toxic to cats and dogs",
+        "dry air is fine",
+        "every three years",
+    ),
+    "string of pearls": (
+        "every two weeks, from below if possible",
+        "bright indirect light",
+        "toxic to cats and dogs",
+        "dry air is fine",
+        "every two years",
+    ),
+    "african violet": (
+        "weekly from below, keeping water off the leaves",
+        "bright indirect light",
+        "safe for cats and dogs",
+        "likes some extra humidity",
+        "every year",
+    ),
+}
+TOPICS = ("water", "light", "pets", "humidity", "repot")
+QUESTIONS = {
+    "water": [
+        "How often should I water my {p}?",
+        "how much water does {a} {p} need?",
+        "When do I water the {p}?",
+        "My {p} looks thirsty, how often should it get water?",
+    ],
+    "light": [
+        "Where should I put my {p}?",
+        "How much light does {a} {p} need?",
+        "Can {a} {p} live in a dark corner?",
+        "what kind of light is best for the {p}?",
+    ],
+    "pets": [
+        "Is {a} {p} safe for my cat?",
+        "I have a dog, is the {p} a problem?",
+        "Are {ps} toxic to pets?",
+        "can my kitten chew on {a} {p}?",
+    ],
+    "humidity": [
+        "Does {a} {p} need humid air?",
+        "My flat has dry air, is that ok for {a} {p}?",
+        "Should I mist my {p}?",
+    ],
+    "repot": [
+        "When should I repot my {p}?",
+        "How often does {a} {p} need a bigger pot?",
+        "is it time to repot the {p}?",
+    ],
+}
+FOLLOW_UPS = ["And what about {t}?", "What about {t}?", "Thanks! And {t}?", "ok. and {t}?"]
+TOPIC_WORDS = {
+    "water": "watering",
+    "light": "light",
+    "pets": "pets",
+    "humidity": "humidity",
+    "repot": "repotting",
+}
+SYSTEMS = [
+    "You are Fern, the help desk of a small houseplant shop. Answer briefly and kindly.",
+    "You are Fern, a plant care assistant. Keep answers short.",
+    "Answer houseplant questions in one or two sentences.",
+]
+THANKS = ["Thank you!", "thanks, that helps", "Great, thanks.", "Perfect, thank you"]
+CLOSINGS = [
+    "You're welcome, happy growing!",
+    "Glad to help. Enjoy your plant!",
+    "Any time, good luck with it!",
+]
+
+
+def article(plant: str) -> str:
+    return "an" if plant[0] in "aeiou" else "a"
+
+
+def plural(plant: str) -> str:
+    return plant.replace("string of", "strings of") if plant.startswith("string of") else plant + "s"
+
+
+def ask(template: str, plant: str) -> str:
+    a = article(plant)
+    return template.format(p=plant, a=a, A=a.capitalize(), ps=plural(plant))
+
+
+def plant_answer(rng: random.Random, plant: str, topic: str) -> str:
+    water, light, pets, humidity, repot = PLANTS[plant]
+    p = plant[:1].upper() + plant[1:]
+    a = article(plant)
+    ps = plural(plant)
+    ps = ps[:1].upper() + ps[1:]
+    options = {
+        "water": [f"Water {a} {plant} {water}.", f"{p}: water {water}."],
+        "light": [f"{a.capitalize()} {plant} does best in {light}.", f"Give your {plant} {light}."],
+        "pets": [f"{a.capitalize()} {plant} is {pets}.", f"{ps} are {pets}."],
+        "humidity": [f"Humidity for {a} {plant}: {humidity}.", f"{p}: {humidity}."],
+        "repot": [f"Repot {a} {plant} {repot}.", f"{a.capitalize()} {plant} needs a bigger pot {repot}."],
+    }
+    return rng.choice(options[topic])
+
+
+def make_chat(rng: random.Random, n: int = 220) -> list[dict[str, object]]:
+    seen: set[str] = set()
+    rows: list[dict[str, object]] = []
+    names = sorted(PLANTS)
+    while len(rows) < n:
+        plant = rng.choice(names)
+        topics = rng.sample(TOPICS, rng.choice([1, 2, 2, 3]))
+        msgs: list[dict[str, str]] = []
+        if rng.random() < 0.5:
+            msgs.append({"role": "system", "content": rng.choice(SYSTEMS)})
+        for i, t in enumerate(topics):
+            if i == 0:
+                q = ask(rng.choice(QUESTIONS[t]), plant)
+            else:
+                q = rng.choice(FOLLOW_UPS).format(t=TOPIC_WORDS[t])
+            msgs.append({"role": "user", "content": q})
+            msgs.append({"role": "assistant", "content": plant_answer(rng, plant, t)})
+        if rng.random() < 0.3:
+            msgs.append({"role": "user", "content": rng.choice(THANKS)})
+            msgs.append({"role": "assistant", "content": rng.choice(CLOSINGS)})
+        key = json.dumps(msgs)
+        if key in seen:
+            continue
+        seen.add(key)
+        rows.append({"messages": msgs})
+    return rows
+
+
+# (from, to, factor)
+UNITS = [
+    ("kilometers", "meters", 1000),
+    ("meters", "centimeters", 100),
+    ("kilograms", "grams", 1000),
+    ("liters", "milliliters", 1000),
+    ("hours", "minutes", 60),
+    ("minutes", "seconds", 60),
+    ("days", "hours", 24),
+    ("weeks", "days", 7),
+]
+
+
+def make_prompt_completion(rng: random.Random, n: int = 160) -> list[dict[str, object]]:
+    seen: set[str] = set()
+    rows: list[dict[str, object]] = []
+    names = sorted(PLANTS)
+    while len(rows) < n:
+        if rng.random() < 0.5:
+            src, dst, f = rng.choice(UNITS)
+            k = rng.randint(1, 12)
+            prompt = f"Convert {k} {src} to {dst}.\nAnswer:"
+            completion = f" {k * f} {dst}"
+        else:
+            plant, t = rng.choice(names), rng.choice(TOPICS)
+            prompt = "Question: " + ask(rng.choice(QUESTIONS[t]), plant) + "\nAnswer:"
+            completion = " " + plant_answer(rng, plant, t)
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        rows.append({"prompt": prompt, "completion": completion})
+    return rows
+
+
+def write_jsonl(name: str, rows: list[dict[str, object]]) -> None:
+    with open(HERE / name, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    print(f"wrote {HERE / name}: {len(rows)} rows")
+
+
 def main() -> None:
     rng = random.Random(SEED)
     sentiment = make_sentiment(rng)
     corpus = make_corpus(rng)
-    for name, rows in (("sentiment.jsonl", sentiment), ("corpus.jsonl", corpus)):
-        with open(HERE / name, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        print(f"wrote {HERE / name}: {len(rows)} rows")
+    write_jsonl("sentiment.jsonl", sentiment)
+    write_jsonl("corpus.jsonl", corpus)
+    write_jsonl("chat.jsonl", make_chat(random.Random(SEED + 1)))
+    write_jsonl("prompt_completion.jsonl", make_prompt_completion(random.Random(SEED + 2)))
 
 
 if __name__ == "__main__":

@@ -430,3 +430,22 @@ def test_empty_dataset_after_dropping(tmp_path: Path) -> None:
     with pytest.raises(PermanentError) as e:
         build_datasets(job_cfg(data, tmp_path), word_tokenizer())
     assert e.value.reason == EMPTY_DATASET
+
+
+# --- the shipped example data -----------------------------------------------------------------------
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "data"
+
+
+def test_shipped_chat_and_prompt_completion_data_load(tmp_path: Path, minilm: Any) -> None:
+    minilm.chat_template = None
+    chat, chat_val = build_datasets(
+        job_cfg(EXAMPLES / "chat.jsonl", tmp_path, type="chat", validationSplit=0.1), minilm, max_len=256
+    )
+    assert len(chat) + len(chat_val or []) == 220 and chat.dropped == 0
+    pc, _ = build_datasets(
+        job_cfg(EXAMPLES / "prompt_completion.jsonl", tmp_path, type="prompt-completion", packing=True),
+        minilm,
+        max_len=128,
+    )
+    assert 0 < len(pc) < 160 and pc.dropped == 0
