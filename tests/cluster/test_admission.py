@@ -56,6 +56,23 @@ def with_(base: dict, path: str, value: Any) -> dict:
 
 DELETE = object()
 CAUSAL = {"source": "pvc://models/gpt", "task": "causal-lm"}
+SCRATCH = {
+    "init": "scratch",
+    "task": "causal-lm",
+    "config": {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2},
+    "tokenizer": "pvc://models/tok",
+}
+NO_LABEL = {"source": "pvc://data/train.jsonl"}
+
+
+def causal(**dataset: Any) -> dict:
+    """A causal-lm job with the given dataset fields."""
+    return with_(with_(ftj(), "spec.model", CAUSAL), "spec.dataset", {**NO_LABEL, **dataset})
+
+
+def without(d: dict, key: str) -> dict:
+    return {k: v for k, v in d.items() if k != key}
+
 
 # (id, manifest, expected substring of the API server's error)
 INVALID: list[tuple[str, dict, str]] = [
@@ -242,6 +259,204 @@ INVALID: list[tuple[str, dict, str]] = [
         with_(tis(), "spec.env", [{"name": "TAUON_PORT", "value": "1"}]),
         "env name TAUON_PORT is reserved",
     ),
+    # -- large models (LARGE-MODELS.md "Rules") --
+    (
+        "scratch-needs-config",
+        with_(with_(ftj(), "spec.model", without(SCRATCH, "config")), "spec.dataset", NO_LABEL),
+        "spec.model.config (a Hugging Face config) is required when spec.model.init is scratch",
+    ),
+    (
+        "scratch-needs-tokenizer",
+        with_(with_(ftj(), "spec.model", without(SCRATCH, "tokenizer")), "spec.dataset", NO_LABEL),
+        "spec.model.tokenizer is required when spec.model.init is scratch",
+    ),
+    (
+        "scratch-forbids-lora",
+        with_(
+            with_(with_(ftj(), "spec.model", SCRATCH), "spec.dataset", NO_LABEL),
+            "spec.method",
+            {"type": "lora"},
+        ),
+        "spec.method.type lora is not allowed when spec.model.init is scratch",
+    ),
+    (
+        "config-with-pretrained",
+        with_(ftj(), "spec.model.config", {"hidden_size": 64}),
+        "spec.model.config is only allowed when spec.model.init is scratch",
+    ),
+    (
+        "config-with-explicit-pretrained",
+        with_(with_(ftj(), "spec.model.init", "pretrained"), "spec.model.config", {"hidden_size": 64}),
+        "spec.model.config is only allowed when spec.model.init is scratch",
+    ),
+    (
+        "source-required-when-pretrained",
+        with_(ftj(), "spec.model.source", DELETE),
+        "spec.model.source is required unless spec.model.init is scratch",
+    ),
+    ("init-enum", with_(ftj(), "spec.model.init", "random"), 'Unsupported value: "random"'),
+    (
+        "chat-needs-causal",
+        with_(ftj(), "spec.dataset.type", "chat"),
+        "spec.dataset.type chat and prompt-completion need spec.model.task causal-lm",
+    ),
+    (
+        "prompt-completion-needs-causal",
+        with_(ftj(), "spec.dataset.type", "prompt-completion"),
+        "spec.dataset.type chat and prompt-completion need spec.model.task causal-lm",
+    ),
+    (
+        "packing-needs-causal",
+        with_(ftj(), "spec.dataset.packing", True),
+        "spec.dataset.packing needs spec.model.task causal-lm",
+    ),
+    ("dataset-type-enum", causal(type="dpo"), 'Unsupported value: "dpo"'),
+    (
+        "messages-field-with-text",
+        causal(messagesField="conv"),
+        "spec.dataset.messagesField is only allowed when spec.dataset.type is chat",
+    ),
+    (
+        "prompt-field-with-chat",
+        causal(type="chat", promptField="q"),
+        "spec.dataset.promptField is only allowed when spec.dataset.type is prompt-completion",
+    ),
+    (
+        "completion-field-with-text",
+        causal(type="text", completionField="a"),
+        "spec.dataset.completionField is only allowed when spec.dataset.type is prompt-completion",
+    ),
+    (
+        "text-field-with-chat",
+        causal(type="chat", textField="body"),
+        "spec.dataset.textField is only allowed when spec.dataset.type is text",
+    ),
+    ("strategy-enum", with_(ftj(), "spec.parallelism", {"strategy": "tp"}), 'Unsupported value: "tp"'),
+    (
+        "grace-period-min",
+        with_(ftj(), "spec.runPolicy", {"terminationGracePeriodSeconds": 0}),
+        "spec.runPolicy.terminationGracePeriodSeconds",
+    ),
+    # -- sources: no `.`, `..` or empty path segments (issue 13) --
+    (
+        "output-dotdot",
+        with_(ftj(), "spec.output.storage", "pvc://claim/../../tmp/x"),
+        'spec.output.storage: empty, "." and ".." path segments are not allowed (got pvc://claim/../../tmp/x)',
+    ),
+    (
+        "output-trailing-slash",
+        with_(ftj(), "spec.output.storage", "pvc://claim/out/"),
+        "spec.output.storage: empty",
+    ),
+    (
+        "dataset-empty-segment",
+        with_(ftj(), "spec.dataset.source", "pvc://data//train.jsonl"),
+        "spec.dataset.source: empty",
+    ),
+    ("model-dot-segment", with_(ftj(), "spec.model.source", "pvc://models/./m"), "spec.model.source: empty"),
+    (
+        "model-file-dotdot",
+        with_(ftj(), "spec.model.source", "file:///models/../etc"),
+        "spec.model.source: empty",
+    ),
+    (
+        "model-relative-dotdot",
+        with_(ftj(), "spec.model.source", "file://./../outside"),
+        "spec.model.source: empty",
+    ),
+    (
+        "tokenizer-dotdot",
+        with_(ftj(), "spec.model.tokenizer", "pvc://models/a/.."),
+        "spec.model.tokenizer: empty",
+    ),
+    (
+        "tis-source-dotdot",
+        with_(tis(), "spec.model.source", "pvc://models/../secrets"),
+        "model.source: empty",
+    ),
+    (
+        "tis-canary-source-dotdot",
+        with_(tis(), "spec.canary", {"model": {"source": "pvc://m/a/../b"}, "trafficPercent": 10}),
+        "model.source: empty",
+    ),
+    # -- tauon.dev/ keys are the operator's (issue 13, SSRF) --
+    (
+        "pod-annotation-tauon-key",
+        with_(
+            ftj(), "spec.podTemplate", {"annotations": {"tauon.dev/metrics-address": "169.254.169.254:80"}}
+        ),
+        "podTemplate.annotations: keys under tauon.dev/ are reserved for the operator",
+    ),
+    (
+        "pod-label-tauon-key",
+        with_(ftj(), "spec.podTemplate", {"labels": {"tauon.dev/job-name": "other"}}),
+        "podTemplate.labels: keys under tauon.dev/ are reserved for the operator",
+    ),
+    (
+        "tis-pod-annotation-tauon-key",
+        with_(tis(), "spec.podTemplate", {"annotations": {"tauon.dev/x": "1"}}),
+        "podTemplate.annotations: keys under tauon.dev/ are reserved for the operator",
+    ),
+    # -- InferenceService serving of large models --
+    ("tis-runtime-enum", with_(tis(), "spec.runtime", "tgi"), 'Unsupported value: "tgi"'),
+    (
+        "tis-vllm-classifier",
+        with_(with_(tis(), "spec.runtime", "vllm"), "spec.model.task", "sequence-classification"),
+        "spec.runtime vllm serves causal-lm models only",
+    ),
+    (
+        "tis-new-tokens-vs-length",
+        with_(tis(), "spec.generation", {"maxModelLength": 512, "maxNewTokens": 512}),
+        "spec.generation.maxNewTokens must be smaller than spec.generation.maxModelLength",
+    ),
+    (
+        "tis-new-tokens-vs-default-length",
+        with_(tis(), "spec.generation", {"maxNewTokens": 5000}),
+        "spec.generation.maxNewTokens must be smaller than spec.generation.maxModelLength",
+    ),
+    (
+        "tis-concurrency-min",
+        with_(tis(), "spec.generation", {"maxConcurrentSequences": 0}),
+        "spec.generation.maxConcurrentSequences",
+    ),
+    ("tis-startup-min", with_(tis(), "spec.startupTimeoutSeconds", 0), "spec.startupTimeoutSeconds"),
+]
+
+# (id, manifest): objects the rules above must NOT refuse
+VALID: list[tuple[str, dict]] = [
+    ("scratch-without-source", with_(with_(ftj(), "spec.model", SCRATCH), "spec.dataset", NO_LABEL)),
+    (
+        "scratch-with-source-fsdp",
+        with_(
+            with_(
+                with_(ftj(), "spec.model", {**SCRATCH, "source": "pvc://models/base"}),
+                "spec.dataset",
+                NO_LABEL,
+            ),
+            "spec.parallelism",
+            {"strategy": "fsdp", "activationCheckpointing": True},
+        ),
+    ),
+    ("pretrained-with-tokenizer", with_(ftj(), "spec.model.tokenizer", "hf://org/tok")),
+    ("chat-packed", causal(type="chat", messagesField="conv", packing=True)),
+    ("prompt-completion", causal(type="prompt-completion", promptField="q", completionField="a")),
+    ("text-field-with-text", causal(type="text", textField="body")),
+    ("packing-false-classifier", with_(ftj(), "spec.dataset.packing", False)),
+    ("dotted-names", with_(ftj(), "spec.output.storage", "pvc://claim/a..b/.cache/v1.2/...")),
+    ("claim-root", with_(ftj(), "spec.output.storage", "pvc://claim")),
+    ("relative-file", with_(ftj(), "spec.dataset.source", "file://./data/train.jsonl")),
+    ("absolute-file", with_(ftj(), "spec.dataset.source", "file:///data/train.jsonl")),
+    ("grace-period", with_(ftj(), "spec.runPolicy", {"terminationGracePeriodSeconds": 3600})),
+    ("other-pod-keys", with_(ftj(), "spec.podTemplate", {"annotations": {"example.com/tauon.dev/x": "1"}})),
+    (
+        "tis-llm",
+        with_(
+            with_(with_(tis(), "spec.model", {"fineTuneJobRef": {"name": "pre"}}), "spec.runtime", "vllm"),
+            "spec.generation",
+            {"maxModelLength": 8192, "maxNewTokens": 1024, "maxConcurrentSequences": 128},
+        ),
+    ),
+    ("tis-startup", with_(tis(), "spec.startupTimeoutSeconds", 7200)),
 ]
 
 
@@ -257,6 +472,14 @@ def test_rejected_with_rule_message(
     r = cluster.apply(manifest, "-n", namespace, check=False)
     assert r.returncode != 0, f"{case}: accepted but should be rejected"
     assert message in r.stderr, f"{case}: expected {message!r} in:\n{r.stderr}"
+
+
+@pytest.mark.parametrize(("case", "manifest"), VALID, ids=[c[0] for c in VALID])
+def test_accepted(cluster: Cluster, namespace: str, case: str, manifest: dict):
+    r = cluster.kubectl(
+        "create", "--dry-run=server", "-n", namespace, "-f", "-", input=json.dumps(manifest), check=False
+    )
+    assert r.returncode == 0, f"{case}: refused but should be accepted:\n{r.stderr}"
 
 
 def test_examples_are_accepted(cluster: Cluster, namespace: str):
@@ -284,10 +507,39 @@ def test_immutable_spec_and_mutable_run_policy(cluster: Cluster, namespace: str)
     nested = patch({"spec": {"model": {"numLabels": 3}}})
     assert nested.returncode != 0 and "spec.model: field is immutable" in nested.stderr
 
-    ok = patch({"spec": {"runPolicy": {"suspend": True, "backoffLimit": 5}}})
+    parallel = patch({"spec": {"parallelism": {"strategy": "fsdp"}}})
+    assert parallel.returncode != 0 and "spec.parallelism: field is immutable" in parallel.stderr
+
+    ok = patch(
+        {"spec": {"runPolicy": {"suspend": True, "backoffLimit": 5, "terminationGracePeriodSeconds": 120}}}
+    )
     assert ok.returncode == 0, ok.stderr
     got = cluster.get("ftj", "ok", namespace)
-    assert got and got["spec"]["runPolicy"] == {"suspend": True, "backoffLimit": 5}
+    assert got and got["spec"]["runPolicy"] == {
+        "suspend": True,
+        "backoffLimit": 5,
+        "terminationGracePeriodSeconds": 120,
+    }
+
+
+def test_model_config_is_kept_as_written(cluster: Cluster, namespace: str):
+    obj = with_(with_(ftj(), "spec.model", SCRATCH), "spec.dataset", NO_LABEL)
+    obj["spec"]["model"]["config"]["rope_scaling"] = {"type": "linear", "factor": 2.0}
+    affinity = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}
+                ]
+            }
+        }
+    }
+    obj["spec"]["podTemplate"] = {"affinity": affinity}
+    cluster.apply(obj, "-n", namespace)
+    got = cluster.get("ftj", "ok", namespace)
+    assert got and got["spec"]["model"]["config"] == obj["spec"]["model"]["config"]
+    # free-form subtrees are kept whole, not pruned below their first level
+    assert got["spec"]["podTemplate"]["affinity"] == affinity
 
 
 def test_explain_prints_field_descriptions(cluster: Cluster):
@@ -296,6 +548,19 @@ def test_explain_prints_field_descriptions(cluster: Cluster):
     assert "Defaults to 5e-05" in out
     out = cluster.kubectl("explain", "inferenceservice.spec.canary.trafficPercent").stdout
     assert "split by replica ratio" in out
+    for path, text in (
+        ("finetunejob.spec.model.init", "random weights built from config"),
+        ("finetunejob.spec.model.config", "Hugging Face model config"),
+        ("finetunejob.spec.parallelism.strategy", "FSDP2"),
+        ("finetunejob.spec.dataset.packing", "attention never crosses"),
+        ("finetunejob.status.resolved.strategy", "rank 0 reports it"),
+        ("inferenceservice.spec.runtime", "vllm when the served task is causal-lm"),
+        ("inferenceservice.spec.generation.maxModelLength", "Defaults to 4096"),
+        ("inferenceservice.spec.startupTimeoutSeconds", "Defaults to 1800"),
+        ("inferenceservice.status.openai.baseURL", "OpenAI-compatible base URL"),
+    ):
+        out = " ".join(cluster.kubectl("explain", path).stdout.split())  # explain wraps lines
+        assert text in out, f"{path}: {out}"
 
 
 def test_printer_columns_short_names_and_categories(cluster: Cluster, namespace: str):

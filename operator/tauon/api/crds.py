@@ -74,6 +74,10 @@ def _convert(node: Any, defs: dict[str, Any]) -> Any:
         node["enum"] = [node.pop("const")]
     if node.get("additionalProperties") is False:
         node.pop("additionalProperties")
+    if node.get("x-kubernetes-preserve-unknown-fields") and node.get("additionalProperties") is True:
+        # `additionalProperties: true` gives every value an empty schema, and the API server then prunes
+        # (or, strictly decoding, refuses) fields nested in them: keep free-form subtrees whole
+        node.pop("additionalProperties")
     if node.get("format") == "date-time":
         node["type"] = "string"
     if "enum" in node and "type" not in node:
