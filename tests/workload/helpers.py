@@ -170,3 +170,61 @@ def _zombie(pid: int) -> bool:
 
 def metrics(out: Path) -> dict[str, Any]:
     return json.loads((out / "metrics.json").read_text())
+
+
+TINY_TOKENIZER = REPO / "examples" / "tokenizers" / "tiny-llama"
+TINY_LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+    "tie_word_embeddings": False,
+}
+
+
+def llama_job(out: Path, strategy: str = "fsdp", **over: Any) -> dict[str, Any]:
+    """A pre-training job: a tiny random Llama from a config (no download) on the shipped corpus."""
+    cfg = job(
+        out,
+        name="tiny-llama",
+        model={
+            "source": "",
+            "path": None,
+            "task": "causal-lm",
+            "numLabels": None,
+            "init": "scratch",
+            "config": dict(TINY_LLAMA),
+            "tokenizer": f"file://{TINY_TOKENIZER}",
+            "tokenizerPath": str(TINY_TOKENIZER),
+        },
+        dataset={
+            "source": "file://./examples/data/corpus.jsonl",
+            "path": str(CORPUS),
+            "format": "jsonl",
+            "textField": "text",
+            "labelField": None,
+            "validationSplit": 0.1,
+        },
+        hyperparameters={
+            "epochs": 1,
+            "maxSteps": 10,
+            "batchSizePerDevice": 4,
+            "learningRate": 3e-3,
+            "weightDecay": 0.0,
+            "maxSeqLength": 64,
+            "precision": "fp32",
+            "seed": 7,
+        },
+        parallelism={"strategy": strategy, "activationCheckpointing": False},
+        uid="uid-tiny",
+        attempt=0,
+    )
+    for section, patch in over.items():
+        if isinstance(patch, dict) and isinstance(cfg.get(section), dict):
+            cfg[section] = {**cfg[section], **patch}
+        else:
+            cfg[section] = patch
+    return cfg

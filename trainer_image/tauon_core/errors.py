@@ -46,6 +46,11 @@ EMPTY_DATASET = "EmptyDataset"
 INVALID_LABEL = "InvalidLabel"
 MODEL_NOT_FOUND = "ModelNotFound"
 INVALID_MODEL = "InvalidModel"
+INVALID_MODEL_CONFIG = "InvalidModelConfig"  # model.config (init: scratch) rejected by transformers
+OUTPUT_IN_USE = "OutputInUse"  # the output belongs to another job (owner file with another uid)
+FOREIGN_CONFIG = "ForeignConfig"  # job.json's uid differs from $TAUON_JOB_UID
+INVALID_OUTPUT = "InvalidOutput"  # output.path resolves outside its mount, or has ./../empty segments
+ATTEMPT_SUPERSEDED = "AttemptSuperseded"  # a newer attempt owns the output (retryable: this pod is stale)
 
 
 def termination_log_path() -> str | None:

@@ -1,19 +1,24 @@
-"""Atomic checkpoints and resume.
+"""Sharded checkpoints (torch.distributed.checkpoint) that resume at any world size, under either strategy.
 
 Layout under ``<output>/checkpoints/``::
 
-    step-N/                  a finished checkpoint (renamed into place in one os.rename)
-      model.pt               trainable state of the unwrapped model (all weights for full fine-tuning;
-                             LoRA weights + modules_to_save for LoRA)
-      optimizer.pt           AdamW state
-      scheduler.pt           LambdaLR state
-      rng.pt                 RNG states of every rank (python, numpy, torch, cuda)
-      state.json             step, epoch, position within the epoch, running loss sums, world size
+    step-N/                  a finished checkpoint (renamed into place in one os.rename by global rank 0)
+      dcp/                   torch.distributed.checkpoint: {"model": ..., "optim": ...}; every rank writes
+                             its own shards (FSDP: its DTensor shards; DDP: rank 0 writes the replicated
+                             tensors once). For LoRA only the trainable parameters are stored.
+      rng/rank-R.pt          RNG states of rank R (restored when the world size is unchanged)
+      state.json             step, epoch, global sample position in the epoch, world size, strategy,
+                             owner uid, running loss sums
       complete               written last; a directory without it is never loaded
-    .tmp-step-N-<random>/    being written (or left behind by a crash; removed at the next start)
+    .tmp-step-N-<random>/    being written (or left by a crash; removed at the next start)
 
-Only the newest ``KEEP`` complete checkpoints are kept. Everything here runs on global rank 0 except
-``load_checkpoint`` (every rank) and the RNG helpers.
+Parameter names are those of ``get_state_dict`` (wrapper prefixes removed), so a checkpoint written
+under ddp loads under fsdp and the other way round, at any world size (DCP reshards on load). The
+learning-rate schedule is a function of the step and is recomputed, not stored.
+
+Only the newest ``KEEP`` complete checkpoints are kept. ``validate`` checks a checkpoint without loading
+it (metadata readable, every shard file present and long enough), so a truncated newest checkpoint
+falls back to the previous one before any tensor is touched.
 """
 
 from __future__ import annotations
@@ -31,8 +36,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from .output import fsync_dir, fsync_tree
+
 KEEP = 2
 COMPLETE = "complete"
+STATE = "state.json"
+DCP_DIR = "dcp"
+RNG_DIR = "rng"
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
 
@@ -40,9 +50,11 @@ _STEP_RE = re.compile(r"^step-(\d+)$")
 class TrainState:
     step: int = 0  # optimizer steps done
     epoch: int = 0  # 0-based epoch in progress (or next to start)
-    batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed (skipped on resume)
+    sample_pos: int = 0  # global position in the epoch's sample order (samples of `epoch` consumed)
     total_steps: int = 0
     world_size: int = 1
+    strategy: str = "ddp"
+    owner_uid: str = ""
     train_loss_sum: float = 0.0  # sum over optimizer steps of the (global) step loss
     train_loss_count: int = 0
     samples_seen: int = 0  # global training samples processed so far
@@ -79,45 +91,20 @@ def latest_complete(ckdir: str) -> tuple[int, str] | None:
     return found[-1] if found else None
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: str, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _torch_save(obj: Any, path: str) -> None:
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def remove_stale(ckdir: str) -> None:
+def remove_stale(ckdir: str) -> list[str]:
     """Remove temporary dirs left by a crash and step dirs without the ``complete`` marker."""
+    removed: list[str] = []
     try:
         names = os.listdir(ckdir)
     except FileNotFoundError:
-        return
+        return removed
     for name in names:
         path = os.path.join(ckdir, name)
-        if name.startswith(".tmp-") or name.startswith(".old-"):
+        stale = name.startswith(".tmp-") or name.startswith(".old-")
+        if stale or (_STEP_RE.match(name) and not os.path.isfile(os.path.join(path, COMPLETE))):
             shutil.rmtree(path, ignore_errors=True)
-        elif _STEP_RE.match(name) and not os.path.isfile(os.path.join(path, COMPLETE)):
-            shutil.rmtree(path, ignore_errors=True)
+            removed.append(name)
+    return removed
 
 
 def prune(ckdir: str, keep: int = KEEP) -> None:
@@ -132,29 +119,43 @@ def prune(ckdir: str, keep: int = KEEP) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def save_checkpoint(
-    output: str,
-    state: TrainState,
-    model_state: dict[str, torch.Tensor],
-    optimizer_state: dict[str, Any],
-    scheduler_state: dict[str, Any],
-    rng_states: list[dict[str, Any]],
-    keep: int = KEEP,
-) -> str:
-    """Write ``step-<state.step>`` atomically (temp dir + rename), prune old ones, return its path."""
-    ckdir = checkpoints_dir(output)
+def _write_json(path: str, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# --- writing (tmp dir -> every rank's shards -> rank 0 commits) ---------------------------------
+
+
+def new_tmp_dir(ckdir: str, step: int) -> str:
+    """Rank 0: a fresh temporary directory for step ``step`` (its name is broadcast to every rank)."""
     os.makedirs(ckdir, exist_ok=True)
+    tmp = os.path.join(ckdir, f".tmp-{step_dir_name(step)}-{secrets.token_hex(4)}")
+    os.makedirs(os.path.join(tmp, DCP_DIR))
+    os.makedirs(os.path.join(tmp, RNG_DIR))
+    return tmp
+
+
+def write_shards(tmp: str, app_state: dict[str, Any], rank: int, rng: dict[str, Any]) -> None:
+    """Every rank (collective): its DCP shards of ``app_state`` and its RNG state."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(app_state, storage_writer=dcp.FileSystemWriter(os.path.join(tmp, DCP_DIR), sync_files=True))
+    with open(os.path.join(tmp, RNG_DIR, f"rank-{rank}.pt"), "wb") as f:
+        torch.save(rng, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def commit(tmp: str, ckdir: str, state: TrainState, keep: int = KEEP) -> str:
+    """Rank 0, after a barrier: state.json, the ``complete`` marker, fsync, rename into place, prune."""
     name = step_dir_name(state.step)
-    tmp = os.path.join(ckdir, f".tmp-{name}-{secrets.token_hex(4)}")
-    os.makedirs(tmp)
     try:
-        _torch_save(model_state, os.path.join(tmp, "model.pt"))
-        _torch_save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
-        _torch_save(scheduler_state, os.path.join(tmp, "scheduler.pt"))
-        _torch_save(rng_states, os.path.join(tmp, "rng.pt"))
-        _write_json(os.path.join(tmp, "state.json"), asdict(state))
+        _write_json(os.path.join(tmp, STATE), asdict(state))
         _write_json(os.path.join(tmp, COMPLETE), {"step": state.step, "time": time.time()})
-        _fsync_dir(tmp)
+        fsync_tree(tmp)
         final = os.path.join(ckdir, name)
         if os.path.exists(final):  # re-saving the same step (e.g. after a resume): swap it out
             old = os.path.join(ckdir, f".old-{name}-{secrets.token_hex(4)}")
@@ -163,7 +164,7 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, final)
-        _fsync_dir(ckdir)
+        fsync_dir(ckdir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -171,33 +172,59 @@ def save_checkpoint(
     return final
 
 
-@dataclass
-class LoadedCheckpoint:
-    path: str
-    state: TrainState
-    model_state: dict[str, torch.Tensor]
-    optimizer_state: dict[str, Any]
-    scheduler_state: dict[str, Any]
-    rng_states: list[dict[str, Any]]
+# --- reading ----------------------------------------------------------------------------------
 
 
-def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
-    with open(os.path.join(path, "state.json"), encoding="utf-8") as f:
+def read_state(path: str) -> TrainState:
+    with open(os.path.join(path, STATE), encoding="utf-8") as f:
         raw = json.load(f)
+    if "sample_pos" not in raw and "batches_in_epoch" in raw:  # checkpoints of older trainers
+        raw["sample_pos"] = 0
     known = {k: raw[k] for k in TrainState.__dataclass_fields__ if k in raw}
-    state = TrainState(**known)
+    return TrainState(**known)
 
-    def load(name: str) -> Any:
-        return torch.load(os.path.join(path, name), map_location=map_location, weights_only=True)
 
-    return LoadedCheckpoint(
-        path=path,
-        state=state,
-        model_state=load("model.pt"),
-        optimizer_state=load("optimizer.pt"),
-        scheduler_state=load("scheduler.pt"),
-        rng_states=load("rng.pt"),
-    )
+def validate(path: str) -> str | None:
+    """None when ``path`` looks loadable; else what is wrong (read without loading any tensor)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        read_state(path)
+    except (OSError, ValueError, TypeError) as e:
+        return f"{STATE} unreadable: {e}"
+    dcp_dir = os.path.join(path, DCP_DIR)
+    try:
+        md = FileSystemReader(dcp_dir).read_metadata()
+    except Exception as e:
+        return f"DCP metadata unreadable: {type(e).__name__}: {e}"
+    sizes: dict[str, int] = {}
+    for info in md.storage_data.values():
+        rel = info.relative_path
+        need = int(info.offset) + int(info.length)
+        sizes[rel] = max(sizes.get(rel, 0), need)
+    for rel, need in sorted(sizes.items()):
+        try:
+            have = os.path.getsize(os.path.join(dcp_dir, rel))
+        except OSError:
+            return f"shard {rel} missing"
+        if have < need:
+            return f"shard {rel} truncated ({have} of {need} bytes)"
+    return None
+
+
+def load_shards(path: str, app_state: dict[str, Any]) -> None:
+    """Every rank (collective): fill ``app_state`` in place from the checkpoint (resharding as needed)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.load(app_state, storage_reader=dcp.FileSystemReader(os.path.join(path, DCP_DIR)))
+
+
+def load_rng(path: str, rank: int) -> dict[str, Any] | None:
+    f = os.path.join(path, RNG_DIR, f"rank-{rank}.pt")
+    if not os.path.isfile(f):
+        return None
+    loaded: dict[str, Any] = torch.load(f, map_location="cpu", weights_only=True)
+    return loaded
 
 
 # --- RNG state --------------------------------------------------------------------------------

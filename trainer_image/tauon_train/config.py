@@ -19,14 +19,21 @@ TASKS = ("sequence-classification", "causal-lm")
 METHODS = ("full", "lora")
 FORMATS = ("jsonl", "csv")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+INITS = ("pretrained", "scratch")
+DATASET_TYPES = ("text", "chat", "prompt-completion")
+STRATEGIES = ("auto", "ddp", "fsdp")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     source: str
-    path: str  # absolute local directory, or hf://ORG/NAME (resolved offline by model_source)
+    path: str  # absolute local directory, or hf://ORG/NAME; "" with init scratch and no source
     task: str
     num_labels: int | None
+    init: str = "pretrained"  # pretrained | scratch (random weights from ``config``)
+    config: dict[str, Any] | None = None  # scratch: a Hugging Face config (free-form)
+    tokenizer_source: str = ""  # model.tokenizer as written in the spec ("" -> the model's)
+    tokenizer_path: str = ""  # local directory or hf:// of the tokenizer ("" -> ``path``)
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,11 @@ class DatasetConfig:
     text_field: str
     label_field: str | None
     validation_split: float
+    type: str = "text"  # text | chat | prompt-completion (the last two: causal-lm only)
+    messages_field: str = "messages"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    packing: bool = False  # causal-lm: pack examples into maxSeqLength blocks, no cross-example attention
 
 
 @dataclass(frozen=True)
@@ -75,6 +87,12 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class ParallelismConfig:
+    strategy: str = "auto"  # auto | ddp | fsdp
+    activation_checkpointing: bool = False
+
+
+@dataclass(frozen=True)
 class JobConfig:
     name: str
     namespace: str
@@ -83,6 +101,9 @@ class JobConfig:
     method: MethodConfig
     hyperparameters: Hyperparameters
     output: OutputConfig
+    parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
+    uid: str = ""  # the FineTuneJob's metadata.uid (owner of the output); "" for hand-written files
+    attempt: int = 0  # the gang attempt (fences writers of the output)
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -166,6 +187,15 @@ def _float(
     return v
 
 
+def _bool(d: dict[str, Any], key: str, where: str, default: bool) -> bool:
+    v = d.get(key, None)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise _fail(f"{where}{key}", "must be true or false", v)
+    return v
+
+
 def _enum(d: dict[str, Any], key: str, where: str, choices: tuple[str, ...], default: str | None) -> str:
     v = d.get(key, None)
     if v is None:
@@ -212,12 +242,37 @@ def parse_config(data: Any) -> JobConfig:
         raise PermanentError(INVALID_CONFIG, "model.numLabels is required (>= 2) for sequence-classification")
     if task == "causal-lm" and num_labels is not None:
         raise PermanentError(INVALID_CONFIG, "model.numLabels must not be set for causal-lm")
+    init = _enum(model_d, "init", "model.", INITS, "pretrained")
     model_source = _str(model_d, "source", "model.", default="")
+    model_config = model_d.get("config")
+    if init == "scratch":
+        if not isinstance(model_config, dict) or not model_config:
+            raise _fail(
+                "model.config",
+                "must be a non-empty object (a Hugging Face config) with init scratch",
+                model_config,
+            )
+    elif model_config is not None:
+        raise PermanentError(INVALID_CONFIG, "model.config is only allowed with model.init: scratch")
+    tok_source = _str(model_d, "tokenizer", "model.", default="") or ""
+    tok_path_raw = _str(model_d, "tokenizerPath", "model.")
+    if init == "scratch" and not (tok_source or tok_path_raw):
+        raise PermanentError(INVALID_CONFIG, "model.tokenizer is required with model.init: scratch")
+    path = (
+        local_path(_str(model_d, "path", "model."), model_source, "model")
+        if (model_source or model_d.get("path") or init == "pretrained")
+        else ""
+    )
+    tok_path = local_path(tok_path_raw, tok_source, "model.tokenizer") if (tok_source or tok_path_raw) else ""
     model = ModelConfig(
         source=model_source or "",
-        path=local_path(_str(model_d, "path", "model."), model_source, "model"),
+        path=path,
         task=task,
         num_labels=num_labels,
+        init=init,
+        config=model_config if init == "scratch" else None,
+        tokenizer_source=tok_source,
+        tokenizer_path=tok_path,
     )
 
     ds_source = _str(ds_d, "source", "dataset.", default="")
@@ -234,7 +289,17 @@ def parse_config(data: Any) -> JobConfig:
         # causal-lm trains on the text only; a label field (forbidden by the API) is ignored here.
         label_field=label_field if task == "sequence-classification" else None,
         validation_split=_float(ds_d, "validationSplit", "dataset.", 0.1, 0.0, 1.0),
+        type=_enum(ds_d, "type", "dataset.", DATASET_TYPES, "text"),
+        messages_field=_str(ds_d, "messagesField", "dataset.", default="messages") or "messages",
+        prompt_field=_str(ds_d, "promptField", "dataset.", default="prompt") or "prompt",
+        completion_field=_str(ds_d, "completionField", "dataset.", default="completion") or "completion",
+        packing=_bool(ds_d, "packing", "dataset.", False),
     )
+    if task != "causal-lm" and (dataset.type != "text" or dataset.packing):
+        raise PermanentError(
+            INVALID_CONFIG,
+            "dataset.type chat/prompt-completion and dataset.packing need model.task causal-lm",
+        )
 
     mtype = _enum(method_d, "type", "method.", METHODS, "full")
     lora_d = method_d.get("lora")
@@ -286,6 +351,14 @@ def parse_config(data: Any) -> JobConfig:
         checkpoint_every_steps=_int(out_d, "checkpointEverySteps", "output.", 200, lo=1) or 200,
     )
 
+    par_d = _section(data, "parallelism", "", required=False)
+    parallelism = ParallelismConfig(
+        strategy=_enum(par_d, "strategy", "parallelism.", STRATEGIES, "auto"),
+        activation_checkpointing=_bool(par_d, "activationCheckpointing", "parallelism.", False),
+    )
+    if init == "scratch" and mtype == "lora":
+        raise PermanentError(INVALID_CONFIG, "method.type lora is not allowed with model.init: scratch")
+
     return JobConfig(
         name=_str(data, "name", "", default="job") or "job",
         namespace=_str(data, "namespace", "", default="default") or "default",
@@ -294,6 +367,9 @@ def parse_config(data: Any) -> JobConfig:
         method=method,
         hyperparameters=hp,
         output=output,
+        parallelism=parallelism,
+        uid=_str(data, "uid", "", default="") or "",
+        attempt=_int(data, "attempt", "", 0, lo=0) or 0,
         raw=data,
     )
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import random
 import secrets
-import shutil
 import signal
 import sys
 import threading
@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 from tauon_core.errors import (
-    EMPTY_DATASET,
     EXIT_OK,
     EXIT_RETRYABLE,
     EXIT_SIGTERM,
@@ -41,9 +40,10 @@ from tauon_core.errors import (
 )
 
 from . import checkpoint as ckpt
-from . import dist, schedule
+from . import data, dist, schedule
+from . import output as out_mod
+from . import strategy as strategy_mod
 from .config import JobConfig, load_config
-from .data import Collator, TokenizedDataset, drop_short, load_records, split_indices, tokenize
 from .metrics import (
     ProgressReporter,
     TrainerMetrics,
@@ -54,11 +54,11 @@ from .metrics import (
 )
 from .modeling import (
     apply_lora,
-    load_model,
-    load_tokenizer,
-    max_positions,
+    build_hf_config,
+    build_on_meta,
+    load_full_model,
+    load_tokenizer_for,
     resolve_model_dir,
-    trainable_state_dict,
 )
 
 MAX_GRAD_NORM = 1.0
@@ -142,11 +142,12 @@ def resolve_precision(requested: str, device: torch.device, d: dist.DistEnv) -> 
 class Prepared:
     cfg: JobConfig
     tokenizer: Any
-    model: Any
-    train_ds: TokenizedDataset
-    val_ds: TokenizedDataset
-    max_len: int
+    hf_config: Any
     model_dir: str
+    train_ds: Any
+    val_ds: Any  # None when there is no validation split
+    max_len: int
+    output: str
 
 
 @dataclass
@@ -165,79 +166,110 @@ class RunTimes:
     step_seconds: list[float] = field(default_factory=list)
     samples: int = 0
     tokens: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Setup:
+    """What training needs once the process group exists."""
+
+    model: Any  # what forward/backward run on (DDP wrapper, FSDP module, or the plain model)
+    raw_model: Any  # the module whose state_dict names are the model's
+    optimizer: Any
+    strategy: str
+    estimate: strategy_mod.Estimate
+    precision: Precision
+    device: torch.device
+    backend: str
+
+
+def output_mount(cfg: JobConfig) -> str | None:
+    """The volume mounted for the output: ``output.mountPath`` in job.json, else $TAUON_OUTPUT_MOUNT."""
+    out = cfg.raw.get("output") if isinstance(cfg.raw, dict) else None
+    mp = out.get("mountPath") if isinstance(out, dict) else None
+    if isinstance(mp, str) and mp.strip():
+        return mp
+    env = os.environ.get("TAUON_OUTPUT_MOUNT", "").strip()
+    return env or None
 
 
 def prepare(cfg: JobConfig, d: dist.DistEnv) -> Prepared:
-    """Everything that can fail permanently, done before any process group exists."""
-    causal = cfg.model.task == "causal-lm"
-    records = load_records(cfg.dataset, cfg.model.num_labels)
-    train_idx, val_idx = split_indices(
-        len(records), cfg.dataset.validation_split, cfg.hyperparameters.seed, cfg.dataset.path
-    )
-    model_dir = resolve_model_dir(cfg.model.path)
-    tokenizer = load_tokenizer(model_dir)
-    model = load_model(cfg, model_dir, tokenizer)
-    limit = max_positions(model, tokenizer)
+    """Everything that can fail permanently, done on every rank before any process group exists."""
+    out_mod.check_uid(cfg.uid)
+    output = out_mod.check_output_path(cfg.output.path, output_mount(cfg))
+    model_dir = resolve_model_dir(cfg.model.path) if cfg.model.path else ""
+    tokenizer = load_tokenizer_for(cfg, model_dir)
+    hf_config = build_hf_config(cfg, model_dir, tokenizer)
+    limit = _config_limit(hf_config, tokenizer)
     max_len = cfg.hyperparameters.max_seq_length
     if limit is not None and max_len > limit:
         log(d, f"warning: maxSeqLength {max_len} > model limit {limit}; using {limit}")
         max_len = limit
-    train_ds = tokenize(tokenizer, [records[i] for i in train_idx], max_len, with_labels=not causal)
-    val_ds = tokenize(tokenizer, [records[i] for i in val_idx], max_len, with_labels=not causal)
-    if causal:
-        train_ds, val_ds = drop_short(train_ds), drop_short(val_ds)
-        if len(train_ds) == 0:
-            raise PermanentError(EMPTY_DATASET, f"{cfg.dataset.path}: no training text has 2 or more tokens")
-    if cfg.method.type == "lora":
-        assert cfg.method.lora is not None
-        model = apply_lora(model, cfg.method.lora, cfg.model.task)
-    return Prepared(cfg, tokenizer, model, train_ds, val_ds, max_len, model_dir)
+    train_ds, val_ds = data.build_datasets(cfg, tokenizer, max_len)
+    return Prepared(cfg, tokenizer, hf_config, model_dir, train_ds, val_ds, max_len, output)
+
+
+def _config_limit(hf_config: Any, tokenizer: Any) -> int | None:
+    limits = []
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        v = getattr(hf_config, attr, None)
+        if isinstance(v, int) and v > 0:
+            limits.append(v)
+    tml = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tml, int) and 0 < tml < 1_000_000:
+        limits.append(tml)
+    return min(limits) if limits else None
 
 
 def batches_of(indices: list[int], size: int) -> list[list[int]]:
     return [indices[i : i + size] for i in range(0, len(indices), size)]
 
 
+def _forward_kwargs(batch: dict[str, torch.Tensor], causal: bool, with_labels: bool) -> dict[str, Any]:
+    if causal or with_labels:
+        return batch
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
 @torch.no_grad()
 def evaluate(
     model: Any,
-    ds: TokenizedDataset,
-    collate: Collator,
+    ds: Any,
+    collate: Any,
     batch_size: int,
     causal: bool,
     d: dist.DistEnv,
     device: torch.device,
     prec: Precision,
 ) -> EvalResult:
-    """Each rank evaluates a strided shard (no padding duplicates); sums are all-reduced."""
-    if len(ds) == 0:
+    """Each rank evaluates a strided shard; every rank runs the same number of forward passes (FSDP
+    gathers parameters in each), a rank out of samples repeats sample 0 and ignores the result."""
+    if ds is None or len(ds) == 0:
         return EvalResult()
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64)  # loss_sum, correct, count (samples or tokens)
     shard = list(range(d.rank, len(ds), d.world_size))
-    for b in batches_of(shard, batch_size):
-        batch = {k: v.to(device) for k, v in collate([ds[i] for i in b]).items()}
+    n_batches = schedule.ceil_div(schedule.ceil_div(len(ds), d.world_size), batch_size)
+    for k in range(n_batches):
+        b = shard[k * batch_size : (k + 1) * batch_size]
+        weight = 1.0 if b else 0.0
+        batch = {key: v.to(device) for key, v in collate([ds[i] for i in (b or [0])]).items()}
         with prec.autocast(device):
-            out = model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                labels=batch["labels"] if causal else None,
-            )
+            out = model(**_forward_kwargs(batch, causal, False))
         if causal:
             ntok = int((batch["labels"][:, 1:] != -100).sum().item())
             if ntok == 0:
                 continue
-            sums[0] += float(out.loss.float().item()) * ntok
-            sums[2] += ntok
+            sums[0] += weight * float(out.loss.float().item()) * ntok
+            sums[2] += weight * ntok
         else:
             logits = out.logits.float()
-            sums[0] += float(
-                torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
+            labels = batch["labels"]
+            sums[0] += weight * float(
+                torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
             )
-            sums[1] += float((logits.argmax(-1) == batch["labels"]).sum().item())
-            sums[2] += len(b)
+            sums[1] += weight * float((logits.argmax(-1) == labels).sum().item())
+            sums[2] += weight * len(b)
     sums = dist.all_reduce_sum(d, sums.to(device) if device.type == "cuda" else sums).cpu()
     if was_training:
         model.train()
@@ -257,35 +289,238 @@ def make_optimizer(model: Any, lr: float, weight_decay: float) -> torch.optim.Op
         if not p.requires_grad:
             continue
         (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
+    groups = [{"params": decay, "weight_decay": weight_decay, "initial_lr": lr}]
     if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+        groups.append({"params": no_decay, "weight_decay": 0.0, "initial_lr": lr})
     return torch.optim.AdamW(groups, lr=lr)
 
 
-def save_final_model(output: str, model: Any, tokenizer: Any, lora: bool) -> None:
-    """``<output>/model`` (merged, plain HF) and, for LoRA, ``<output>/adapter``; each via temp dir + rename."""
+# --- model setup: meta skeleton, strategy, weights from rank 0 ----------------------------------
 
-    def swap_in(tmp: str, final: str) -> None:
-        if os.path.exists(final):
-            old = os.path.join(output, f".old-{os.path.basename(final)}-{secrets.token_hex(4)}")
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
 
+def _bf16(prec: Precision) -> bool:
+    return prec.name == "bf16"
+
+
+def setup_model(prep: Prepared, d: dist.DistEnv) -> Setup:
+    """Global rank 0 loads the full weights on CPU; every rank builds the model on the meta device,
+    shards it (fsdp) or not (ddp), materializes its part and receives rank 0's weights by broadcast.
+    A node thus holds one full copy of the weights at most (rank 0's), never one per process."""
+    cfg, hp = prep.cfg, prep.cfg.hyperparameters
+    device = dist.choose_device(d)
+    backend = dist.choose_backend()
+    prec = resolve_precision(hp.precision, device, d)
+    dist.init(d, backend, device)
+
+    full_sd, buffers, load_error = _rank0_weights(prep, d)
+    load_error = dist.broadcast_object(d, load_error)
+    if load_error is not None:
+        raise PermanentError(load_error[0], load_error[1])
+
+    model = build_on_meta(cfg, prep.hf_config)
+    if cfg.method.type == "lora":
+        assert cfg.method.lora is not None
+        model = apply_lora(model, cfg.method.lora, cfg.model.task)
+    if cfg.dataset.packing:
+        data.disable_kv_cache(model)
+    params, trainable = strategy_mod.count_params(model)
+    est = strategy_mod.estimate(
+        params,
+        trainable,
+        _bf16(prec),
+        d.world_size,
+        strategy_mod.device_memory_bytes(device, d.local_world_size),
+    )
+    strategy, why = strategy_mod.resolve(cfg.parallelism.strategy, est, d.distributed, d.world_size)
+    if strategy == "fsdp" and prec.name == "fp16":
+        prec = (
+            Precision("bf16", torch.bfloat16) if torch.cuda.is_bf16_supported() else Precision("fp32", None)
+        )
+        log(d, f"warning: fp16 is not supported with fsdp; using {prec.name}")
+    log(
+        d,
+        f"strategy={strategy} ({why}); params={params} trainable={trainable} "
+        f"replicated={strategy_mod.gib(est.replicated_bytes)} sharded={strategy_mod.gib(est.sharded_bytes)}",
+    )
+    if cfg.parallelism.activation_checkpointing and not strategy_mod.enable_activation_checkpointing(model):
+        log(d, "warning: this model does not support activation checkpointing; ignored")
+
+    if strategy == "fsdp":
+        strategy_mod.shard_fsdp(model, strategy_mod.device_mesh(device, d.world_size), _bf16(prec))
+    model.to_empty(device=device)
+    _load_from_rank0(model, full_sd, d)
+    full_sd = None
+    _copy_buffers(model, dist.broadcast_object(d, buffers))
+    model.train()
+    raw_model = model
+    if strategy == "ddp" and d.distributed:
+        model = strategy_mod.wrap_ddp(model, device)
+    optimizer = make_optimizer(raw_model, hp.learning_rate, hp.weight_decay)
+    if strategy == "fsdp":
+        prec = Precision(prec.name, None)  # FSDP's mixed-precision policy casts; no autocast
+    return Setup(model, raw_model, optimizer, strategy, est, prec, device, backend)
+
+
+def _rank0_weights(
+    prep: Prepared, d: dist.DistEnv
+) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None, tuple[str, str] | None]:
+    """On global rank 0: the full state dict (CPU), the non-persistent buffers, or a permanent error."""
+    if not d.is_main:
+        return None, None, None
+    cfg = prep.cfg
+    try:
+        full = load_full_model(cfg, prep.model_dir, prep.hf_config, prep.tokenizer, cfg.hyperparameters.seed)
+        if cfg.method.type == "lora":
+            assert cfg.method.lora is not None
+            full = apply_lora(full, cfg.method.lora, cfg.model.task)
+    except PermanentError as e:
+        return None, None, (e.reason, e.message)
+    sd = full.state_dict()
+    buffers = {n: b.detach().clone() for n, b in full.named_buffers() if n not in sd}
+    return sd, buffers, None
+
+
+def _load_from_rank0(model: Any, full_sd: dict[str, torch.Tensor] | None, d: dist.DistEnv) -> None:
+    if not d.distributed:
+        assert full_sd is not None
+        model.load_state_dict(full_sd, strict=True)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(
+        model,
+        full_sd if d.is_main and full_sd is not None else {},
+        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+    )
+
+
+def _copy_buffers(model: Any, buffers: dict[str, torch.Tensor] | None) -> None:
+    """Non-persistent buffers (e.g. rotary frequencies) are not in state dicts: copy rank 0's."""
+    for name, value in (buffers or {}).items():
+        model.get_buffer(name).copy_(value)
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+
+def _sd_options(lora: bool, full: bool = False) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=lora, strict=not lora, full_state_dict=full)
+
+
+def app_state(s: Setup, lora: bool) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(s.raw_model, s.optimizer, options=_sd_options(lora))
+    return {"model": msd, "optim": osd}
+
+
+def save_checkpoint(
+    s: Setup, state: ckpt.TrainState, output: str, cfg: JobConfig, d: dist.DistEnv, lora: bool
+) -> None:
+    """Every rank writes its shards into rank 0's temp dir; rank 0 commits after a barrier."""
+    ckdir = ckpt.checkpoints_dir(output)
+    fence_ok = dist.broadcast_object(d, _fence_status(output, cfg.attempt) if d.is_main else None)
+    if fence_ok is not None:
+        raise out_mod.Superseded(fence_ok)
+    tmp = dist.broadcast_object(d, ckpt.new_tmp_dir(ckdir, state.step) if d.is_main else None)
+    ckpt.write_shards(tmp, app_state(s, lora), d.rank, ckpt.capture_rng(s.device))
+    dist.barrier(d, s.device)
+    if d.is_main:
+        ckpt.commit(tmp, ckdir, state)
+    dist.barrier(d, s.device)
+
+
+def _fence_status(output: str, attempt: int) -> str | None:
+    try:
+        out_mod.check_fence(output, attempt)
+    except out_mod.Superseded as e:
+        return str(e)
+    return None
+
+
+def resume(s: Setup, output: str, cfg: JobConfig, d: dist.DistEnv, lora: bool) -> ckpt.TrainState | None:
+    """Load the newest complete checkpoint that validates; log each one skipped."""
+    candidates: list[tuple[str, ckpt.TrainState]] | None = None
+    if d.is_main:
+        candidates = []
+        for step, path in reversed(ckpt.list_complete(ckpt.checkpoints_dir(output))):
+            problem = ckpt.validate(path)
+            if problem is None:
+                candidates.append((path, ckpt.read_state(path)))
+                break
+            log(
+                d,
+                f"warning: checkpoint {path} (step {step}) is not loadable ({problem}); trying an older one",
+            )
+    candidates = dist.broadcast_object(d, candidates)
+    if not candidates:
+        return None
+    path, state = candidates[0]
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    st = app_state(s, lora)
+    ckpt.load_shards(path, st)
+    set_state_dict(
+        s.raw_model,
+        s.optimizer,
+        model_state_dict=st["model"],
+        optim_state_dict=st["optim"],
+        options=_sd_options(lora),
+    )
+    rng = ckpt.load_rng(path, d.rank) if state.world_size == d.world_size else None
+    if rng is not None:
+        ckpt.restore_rng(rng, s.device)
+    log(
+        d,
+        f"resuming from {path} (step {state.step}, epoch {state.epoch}, sample {state.sample_pos}; "
+        f"written by {state.world_size} rank(s) under {state.strategy})",
+    )
+    return state
+
+
+# --- the final model --------------------------------------------------------------------------
+
+
+def gather_full_state(model: Any, d: dist.DistEnv, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+    """Rank 0 gets the whole state dict on CPU in ``dtype``, one tensor at a time (so host memory holds at
+    most one full copy in ``dtype``); the other ranks only take part in the gathers."""
+    from torch.distributed.tensor import DTensor
+
+    out: dict[str, torch.Tensor] | None = {} if d.is_main else None
+    for name, value in model.state_dict().items():
+        t = value.full_tensor() if isinstance(value, DTensor) else value
+        if out is not None:
+            t = t.detach()
+            out[name] = t.to("cpu", dtype) if t.is_floating_point() else t.to("cpu")
+        del t
+    return out
+
+
+def save_final_model(prep: Prepared, full: dict[str, torch.Tensor], lora: bool) -> None:
+    """Rank 0: ``<output>/model`` (Hugging Face, safetensors, 5 GB shards) and for LoRA ``<output>/adapter``,
+    each written to a temp dir, fsynced and swapped in atomically. LoRA adapters are merged into ``model``."""
+    cfg, output = prep.cfg, prep.output
+    model = build_on_meta(cfg, prep.hf_config)
+    if lora:
+        assert cfg.method.lora is not None
+        model = apply_lora(model, cfg.method.lora, cfg.model.task)
+    model.load_state_dict(full, strict=False, assign=True)
     os.makedirs(output, exist_ok=True)
     if lora:
         tmp_adapter = os.path.join(output, f".tmp-adapter-{secrets.token_hex(4)}")
         model.save_pretrained(tmp_adapter)
-        tokenizer.save_pretrained(tmp_adapter)
-        swap_in(tmp_adapter, os.path.join(output, "adapter"))
+        prep.tokenizer.save_pretrained(tmp_adapter)
+        out_mod.swap_in(tmp_adapter, os.path.join(output, out_mod.ADAPTER_DIR))
         model = model.merge_and_unload()
     tmp_model = os.path.join(output, f".tmp-model-{secrets.token_hex(4)}")
-    model.save_pretrained(tmp_model)
-    tokenizer.save_pretrained(tmp_model)
-    swap_in(tmp_model, os.path.join(output, "model"))
+    model.save_pretrained(tmp_model, max_shard_size="5GB")
+    prep.tokenizer.save_pretrained(tmp_model)
+    out_mod.swap_in(tmp_model, os.path.join(output, out_mod.MODEL_DIR))
+
+
+# --- the run ----------------------------------------------------------------------------------
 
 
 def run(config_path: str, d: dist.DistEnv, stop: StopFlag, t0: float) -> int:
@@ -309,157 +544,122 @@ def _progress_interval() -> float:
         return 2.0
 
 
+def _claim_output(prep: Prepared, d: dist.DistEnv, device: torch.device) -> None:
+    """Rank 0 takes the output (owner file, attempt), cleans what a crash left; every rank learns the
+    outcome, so all fail the same way."""
+    cfg = prep.cfg
+    result: tuple[str, str, str] | None = None
+    if d.is_main:
+        try:
+            out_mod.claim(prep.output, cfg.uid, f"{cfg.namespace}/{cfg.name}", cfg.attempt)
+            for what in out_mod.clean_stale(prep.output):
+                log(d, f"output: {what}")
+            removed = ckpt.remove_stale(ckpt.checkpoints_dir(prep.output))
+            if removed:
+                log(d, f"removed incomplete checkpoints: {', '.join(sorted(removed))}")
+        except PermanentError as e:
+            result = ("permanent", e.reason, e.message)
+        except out_mod.Superseded as e:
+            result = ("superseded", out_mod.ATTEMPT_SUPERSEDED, str(e))
+    result = dist.broadcast_object(d, result)
+    if result is None:
+        return
+    if result[0] == "permanent":
+        raise PermanentError(result[1], result[2])
+    raise out_mod.Superseded(result[2])
+
+
+def plan_total(state: ckpt.TrainState, n: int, hp: Any, world: int) -> int:
+    """Optimizer steps of the whole run at this world size (the steps done so far count as they were)."""
+    if hp.max_steps:
+        return int(hp.max_steps)
+    B, A = hp.batch_size_per_device, hp.gradient_accumulation_steps
+    per_epoch = schedule.ceil_div(data.num_batches(n, world, B), A)
+    this = (
+        schedule.ceil_div(data.num_batches(n - state.sample_pos, world, B), A)
+        if state.epoch < hp.epochs
+        else 0
+    )
+    later = max(0, hp.epochs - state.epoch - 1) * per_epoch
+    return state.step + this + later
+
+
 def _run(cfg: JobConfig, d: dist.DistEnv, stop: StopFlag, t0: float, metrics: TrainerMetrics | None) -> int:
     hp = cfg.hyperparameters
-    causal = cfg.model.task == "causal-lm"
     lora = cfg.method.type == "lora"
     _quiet_libraries(d)
     seed_everything(hp.seed)
-
     prep = prepare(cfg, d)  # permanent errors surface here, before any rendezvous
-    model = prep.model
-
-    device = dist.choose_device(d)
-    backend = dist.choose_backend()
-    prec = resolve_precision(hp.precision, device, d)
-    dist.init(d, backend, device)
+    s = setup_model(prep, d)
+    _claim_output(prep, d, s.device)
     log(
         d,
-        f"world_size={d.world_size} backend={backend if d.distributed else 'none'} device={device} "
-        f"precision={prec.name} train={len(prep.train_ds)} eval={len(prep.val_ds)} max_len={prep.max_len} "
-        f"method={cfg.method.type} task={cfg.model.task}",
+        f"world_size={d.world_size} backend={s.backend if d.distributed else 'none'} device={s.device} "
+        f"precision={s.precision.name} strategy={s.strategy} train={len(prep.train_ds)} "
+        f"eval={len(prep.val_ds) if prep.val_ds is not None else 0} max_len={prep.max_len} "
+        f"method={cfg.method.type} task={cfg.model.task} init={cfg.model.init}",
     )
-
-    output = cfg.output.path
-    ckdir = ckpt.checkpoints_dir(output)
-    if d.is_main:
-        os.makedirs(ckdir, exist_ok=True)
-        ckpt.remove_stale(ckdir)
-        found = ckpt.latest_complete(ckdir)
-        resume_path = found[1] if found else None
-    else:
-        resume_path = None
-    resume_path = dist.broadcast_object(d, resume_path)
-
-    B, A, W = hp.batch_size_per_device, hp.gradient_accumulation_steps, d.world_size
-    mb_per_epoch = schedule.micro_batches_per_epoch(len(prep.train_ds), B, W)
-    total = schedule.total_steps(len(prep.train_ds), B, W, A, hp.epochs, hp.max_steps)
-    warmup = schedule.warmup_steps(total, hp.warmup_ratio)
-    state = ckpt.TrainState(total_steps=total, world_size=W)
-
-    loaded = None
-    if resume_path:
-        loaded = ckpt.load_checkpoint(resume_path, map_location="cpu")
-        missing, unexpected = model.load_state_dict(loaded.model_state, strict=False)
-        if unexpected:
-            raise RuntimeError(
-                f"checkpoint {resume_path} does not match the model: unexpected keys {unexpected[:5]}"
-            )
-        state = loaded.state
-        if state.world_size != W and state.batches_in_epoch:
-            # position within the epoch in samples, re-expressed for the new world size
-            consumed = state.batches_in_epoch * B * state.world_size
-            state.batches_in_epoch = min(mb_per_epoch, (consumed // (B * W)) // A * A)
-            log(d, f"warning: world size changed {state.world_size} -> {W}; epoch position approximated")
-        state.total_steps, state.world_size = total, W
-        log(
-            d,
-            f"resuming from {resume_path} (step {state.step}, epoch {state.epoch}, "
-            f"batch {state.batches_in_epoch} of the epoch)",
-        )
-    resumed_from = state.step if loaded else 0
-
-    model.to(device)
-    model.train()
-    raw_model = model
-    if d.distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        ddp_kwargs: dict[str, Any] = {}
-        if device.type == "cuda":
-            ddp_kwargs["device_ids"] = [device.index]
-        model = DDP(model, **ddp_kwargs)
-    optimizer = make_optimizer(raw_model, hp.learning_rate, hp.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.LinearWarmupDecay(total, warmup))
-    scaler = torch.amp.GradScaler("cuda") if prec.name == "fp16" else None
-    if loaded:
-        optimizer.load_state_dict(loaded.optimizer_state)
-        sched.load_state_dict(loaded.scheduler_state)
-        sched.lr_lambdas[0] = schedule.LinearWarmupDecay(total, warmup)
-        rngs = loaded.rng_states
-        ckpt.restore_rng(rngs[d.rank] if len(rngs) == W else rngs[0], device)
-        loaded = None  # free the CPU copies
-
-    reporter = ProgressReporter(output if d.is_main else None, metrics, _progress_interval())
-    return _train_and_finish(
-        cfg,
-        prep,
-        model,
-        raw_model,
-        optimizer,
-        sched,
-        scaler,
-        state,
-        d,
-        device,
-        prec,
-        backend,
-        stop,
-        reporter,
-        metrics,
-        t0,
-        resumed_from,
-        mb_per_epoch,
+    state = resume(s, prep.output, cfg, d, lora)
+    resumed_from = state.step if state else 0
+    if state is None:
+        state = ckpt.TrainState()
+    n = len(prep.train_ds)
+    if state.sample_pos >= n:  # saved at the very end of an epoch
+        state.epoch, state.sample_pos = state.epoch + 1, 0
+    total = plan_total(state, n, hp, d.world_size)
+    state.total_steps, state.world_size, state.strategy, state.owner_uid = (
         total,
-        causal,
-        lora,
+        d.world_size,
+        s.strategy,
+        cfg.uid,
     )
+    warmup = schedule.warmup_steps(total, hp.warmup_ratio)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        s.optimizer, schedule.LinearWarmupDecay(total, warmup), last_epoch=state.step - 1
+    )
+    reporter = ProgressReporter(prep.output if d.is_main else None, metrics, _progress_interval())
+    return _train_and_finish(prep, s, sched, state, d, stop, reporter, metrics, t0, resumed_from, total, lora)
+
+
+def _resolved(s: Setup) -> dict[str, Any]:
+    return {"strategy": s.strategy, "estimateBytes": s.estimate.replicated_bytes}
 
 
 def _train_and_finish(
-    cfg: JobConfig,
     prep: Prepared,
-    model: Any,
-    raw_model: Any,
-    optimizer: Any,
+    s: Setup,
     sched: Any,
-    scaler: Any,
     state: ckpt.TrainState,
     d: dist.DistEnv,
-    device: torch.device,
-    prec: Precision,
-    backend: str,
     stop: StopFlag,
     reporter: ProgressReporter,
     metrics: TrainerMetrics | None,
     t0: float,
     resumed_from: int,
-    mb_per_epoch: int,
     total: int,
-    causal: bool,
     lora: bool,
 ) -> int:
+    cfg = prep.cfg
     hp = cfg.hyperparameters
-    output = cfg.output.path
+    causal = cfg.model.task == "causal-lm"
+    device, prec, model = s.device, s.precision, s.model
     B, A, W = hp.batch_size_per_device, hp.gradient_accumulation_steps, d.world_size
-    collate = Collator(prep.tokenizer.pad_token_id, causal)
+    n = len(prep.train_ds)
+    collate = data.Collator(prep.tokenizer.pad_token_id, cfg.model.task, cfg.dataset.packing)
     eval_bs = max(B, 32)
-    spe = math.ceil(mb_per_epoch / A)
+    scaler = torch.amp.GradScaler("cuda") if prec.name == "fp16" else None
 
     # initial evaluation (fresh runs only; a resumed run carries it in the checkpoint)
     if state.step == 0 and "initialEvalLoss" not in state.extra:
-        ev0 = evaluate(raw_model, prep.val_ds, collate, eval_bs, causal, d, device, prec)
-        state.extra["initialEvalLoss"] = ev0.loss
-        state.extra["initialEvalAccuracy"] = ev0.accuracy
-        state.extra["initialEvalPerplexity"] = ev0.perplexity
+        ev0 = evaluate(model, prep.val_ds, collate, eval_bs, causal, d, device, prec)
+        state.extra.update(
+            initialEvalLoss=ev0.loss, initialEvalAccuracy=ev0.accuracy, initialEvalPerplexity=ev0.perplexity
+        )
         log(
             d,
             f"initial eval: loss={_fmt(ev0.loss)} accuracy={_fmt(ev0.accuracy)} perplexity={_fmt(ev0.perplexity)}",
         )
 
-    sampler = torch.utils.data.distributed.DistributedSampler(
-        prep.train_ds, num_replicas=W, rank=d.rank, shuffle=True, seed=hp.seed, drop_last=False
-    )
     times = RunTimes(start=time.monotonic())
     last_loss: float | None = None
     last_saved = resumed_from if resumed_from else -1
@@ -470,19 +670,15 @@ def _train_and_finish(
         tps = times.tokens / elapsed if times.tokens else None
         done = state.step - resumed_from
         eta = (total - state.step) * (elapsed / done) if done > 0 else None
-        epochs_started = state.epoch + (1 if state.batches_in_epoch else 0)
+        epochs_started = state.epoch + (1 if state.sample_pos else 0)
         rec = progress_record(state.step, total, epochs_started, last_loss, sps, tps, eta)
+        rec["resolved"] = _resolved(s)
         reporter.update(rec, force=force)
 
     def save() -> None:
         nonlocal last_saved
         t = time.monotonic()
-        rng_all = dist.all_gather_object(d, ckpt.capture_rng(device))
-        if d.is_main:
-            ckpt.save_checkpoint(
-                output, state, ckpt_state(raw_model), optimizer.state_dict(), sched.state_dict(), rng_all
-            )
-        dist.barrier(d, device)
+        save_checkpoint(s, state, prep.output, cfg, d, lora)
         last_saved = state.step
         if metrics:
             metrics.checkpoints.inc()
@@ -491,46 +687,23 @@ def _train_and_finish(
     report(force=True)
     model.train()
     while state.step < total:
-        sampler.set_epoch(state.epoch)
-        groups = batches_of(batches_of(list(sampler), B), A)
-        start_group = state.batches_in_epoch // A
-        for group in groups[start_group:]:
+        order = data.epoch_order(n, hp.seed, state.epoch)
+        start = state.sample_pos
+        mbs = data.rank_slice(order, start, W, d.rank, B)
+        done_mb = 0
+        for group in batches_of(mbs, A):
             if state.step >= total:
                 break
             t_step = time.monotonic()
-            loss_acc = torch.zeros((), dtype=torch.float64)
-            n_samples = n_tokens = 0
-            for k, mb in enumerate(group):
-                cpu_batch = collate([prep.train_ds[i] for i in mb])
-                n_tokens += int(cpu_batch["attention_mask"].sum())
-                batch = {key: v.to(device, non_blocking=True) for key, v in cpu_batch.items()}
-                sync = k == len(group) - 1
-                ctx = model.no_sync() if (d.distributed and not sync) else contextlib.nullcontext()
-                with ctx:
-                    with prec.autocast(device):
-                        out = model(**batch)
-                    loss = out.loss.float() / len(group)
-                    (scaler.scale(loss) if scaler else loss).backward()
-                loss_acc += loss.detach().double().cpu()
-                n_samples += len(mb)
-            if scaler:
-                scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(
-                [p for p in raw_model.parameters() if p.requires_grad], MAX_GRAD_NORM
-            )
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            sched.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss_acc, n_samples, n_tokens = _train_step(s, prep, collate, group, scaler, causal)
+            _trace(d, state.step + 1, state.epoch, group)
+            done_mb += len(group)
             state.step += 1
-            state.batches_in_epoch += len(group)
-
+            state.sample_pos = data.position_after(start, done_mb, n, W, B)
+            sched.step()
             # one small all-reduce per step: global loss, samples, tokens, and the stop flag
             stats = torch.tensor(
-                [float(loss_acc), n_samples, n_tokens, 1.0 if stop.set else 0.0], dtype=torch.float64
+                [loss_acc, n_samples, n_tokens, 1.0 if stop.set else 0.0], dtype=torch.float64
             )
             stats = dist.all_reduce_sum(d, stats.to(device) if device.type == "cuda" else stats).cpu()
             last_loss = float(stats[0]) / W
@@ -546,9 +719,8 @@ def _train_and_finish(
                 metrics.samples.inc(int(stats[1]))
                 if metrics.gpu_mem is not None:
                     metrics.gpu_mem.set(torch.cuda.memory_allocated(device))
-            if state.batches_in_epoch >= mb_per_epoch:
-                state.epoch += 1
-                state.batches_in_epoch = 0
+            if state.sample_pos >= n:
+                state.epoch, state.sample_pos = state.epoch + 1, 0
             stopping = float(stats[3]) > 0
             report(force=state.step == total or stopping)
             if state.step % cfg.output.checkpoint_every_steps == 0 or state.step == total or stopping:
@@ -556,64 +728,145 @@ def _train_and_finish(
             if stopping:
                 log(d, f"SIGTERM: stopped at step {state.step}; checkpoint saved")
                 raise StopRequested()
-            if state.batches_in_epoch == 0:
+            if state.sample_pos == 0:
                 break  # epoch finished: next epoch's order
         else:
-            # nothing left in this epoch (a resume at its very end): go on with the next one
-            if state.step < total:
-                state.epoch += 1
-                state.batches_in_epoch = 0
+            if state.step < total and state.sample_pos != 0:  # nothing left in this epoch (ragged tail)
+                state.epoch, state.sample_pos = state.epoch + 1, 0
     if last_saved != state.step and state.step > 0:
         save()  # resumed at (or past) the end: make sure the final step is checkpointed
     loop_seconds = time.monotonic() - times.start
 
-    ev = evaluate(raw_model, prep.val_ds, collate, eval_bs, causal, d, device, prec)
+    ev = evaluate(model, prep.val_ds, collate, eval_bs, causal, d, device, prec)
     log(d, f"final eval: loss={_fmt(ev.loss)} accuracy={_fmt(ev.accuracy)} perplexity={_fmt(ev.perplexity)}")
+    fence = dist.broadcast_object(d, _fence_status(prep.output, cfg.attempt) if d.is_main else None)
+    if fence is not None:
+        raise out_mod.Superseded(fence)
+    out_dtype = torch.bfloat16 if prec.name == "bf16" else torch.float32
+    full = gather_full_state(s.raw_model, d, out_dtype)
     if d.is_main:
-        save_final_model(output, raw_model, prep.tokenizer, lora)
-        train_s = times.train_seconds
-        m = {
-            "trainLoss": _r(
-                state.train_loss_sum / state.train_loss_count if state.train_loss_count else None
-            ),
-            "evalLoss": _r(ev.loss),
-            "initialEvalLoss": _r(state.extra.get("initialEvalLoss")),
-            "samplesPerSecond": _r(times.samples / train_s if train_s > 0 else None, 3),
-            "tokensPerSecond": _r(times.tokens / train_s if train_s > 0 else None, 1),
-            "steps": state.step,
-            "totalSteps": total,
-            "epochs": round(state.step / spe, 4) if spe else 0,
-            "trainSamples": len(prep.train_ds),
-            "evalSamples": len(prep.val_ds),
-            "worldSize": W,
-            "backend": backend if d.distributed else "none",
-            "device": device.type if device.type == "cpu" else f"cuda ({torch.cuda.get_device_name(device)})",
-            "precision": prec.name,
-            "method": cfg.method.type,
-            "task": cfg.model.task,
-            "runtimeSeconds": round(time.monotonic() - t0, 2),
-            "trainSeconds": round(train_s, 3),
-            "loopSeconds": round(loop_seconds, 3),
-            "stepSecondsMedian": _r(_quantile(times.step_seconds, 0.5), 4),
-            "stepSecondsP90": _r(_quantile(times.step_seconds, 0.9), 4),
-            "checkpointSeconds": round(times.ckpt_seconds, 3),
-            "resumedFromStep": resumed_from,
-        }
-        if causal:
-            m["evalPerplexity"] = _r(ev.perplexity)
-            m["initialEvalPerplexity"] = _r(state.extra.get("initialEvalPerplexity"))
-        else:
-            m["evalAccuracy"] = _r(ev.accuracy)
-            m["initialEvalAccuracy"] = _r(state.extra.get("initialEvalAccuracy"))
-        atomic_write_json(os.path.join(output, "metrics.json"), m)
+        assert full is not None
+        save_final_model(prep, full, lora)
+        full = None
+        m = _final_metrics(prep, s, state, ev, times, t0, loop_seconds, resumed_from, total, d)
+        atomic_write_json(os.path.join(prep.output, "metrics.json"), m)
         # The operator reads final metrics from rank 0's termination message (works on any cluster,
         # no access to the output volume needed). Kubernetes keeps at most 4096 bytes of it.
         write_termination_log(
-            {"metrics": {k: v for k, v in m.items() if k in TERMINATION_METRICS and v is not None}}
+            {
+                "metrics": {k: v for k, v in m.items() if k in TERMINATION_METRICS and v is not None},
+                "resolved": _resolved(s),
+            }
         )
         log(d, f"done: {m}")
     dist.barrier(d, device)
     return EXIT_OK
+
+
+def _trace(d: dist.DistEnv, step: int, epoch: int, group: list[list[int]]) -> None:
+    """``$TAUON_TRACE_SAMPLES``: append the training-set indices of each step to ``<path>.rank<R>``
+    (one JSON line per step; a debugging aid, used by the tests to prove exactly-once resumes)."""
+    path = os.environ.get("TAUON_TRACE_SAMPLES", "")
+    if not path:
+        return
+    with open(f"{path}.rank{d.rank}", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"step": step, "epoch": epoch, "indices": [i for mb in group for i in mb]}) + "\n")
+
+
+def _train_step(
+    s: Setup, prep: Prepared, collate: Any, group: list[list[int]], scaler: Any, causal: bool
+) -> tuple[float, int, int]:
+    """One optimizer step over ``group`` (this rank's micro-batches); gradients sync on the last one."""
+    model, device, prec = s.model, s.device, s.precision
+    loss_acc = 0.0
+    n_samples = n_tokens = 0
+    for k, mb in enumerate(group):
+        cpu_batch = collate([prep.train_ds[i] for i in mb])
+        if causal:
+            n_tokens += int((cpu_batch["labels"] != -100).sum())
+        else:
+            n_tokens += int(cpu_batch["attention_mask"].sum())
+        batch = {key: v.to(device, non_blocking=True) for key, v in cpu_batch.items()}
+        sync = k == len(group) - 1
+        ctx: Any = contextlib.nullcontext()
+        if s.strategy == "fsdp":
+            model.set_requires_gradient_sync(sync)
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel) and not sync:
+            ctx = model.no_sync()
+        with ctx:
+            with prec.autocast(device):
+                out = model(**batch)
+            loss = out.loss.float() / len(group)
+            (scaler.scale(loss) if scaler else loss).backward()
+        loss_acc += float(loss.detach().double().cpu())
+        n_samples += len(mb)
+    if scaler:
+        scaler.unscale_(s.optimizer)
+    torch.nn.utils.clip_grad_norm_([p for p in s.raw_model.parameters() if p.requires_grad], MAX_GRAD_NORM)
+    if scaler:
+        scaler.step(s.optimizer)
+        scaler.update()
+    else:
+        s.optimizer.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    return loss_acc, n_samples, n_tokens
+
+
+def _final_metrics(
+    prep: Prepared,
+    s: Setup,
+    state: ckpt.TrainState,
+    ev: EvalResult,
+    times: RunTimes,
+    t0: float,
+    loop_seconds: float,
+    resumed_from: int,
+    total: int,
+    d: dist.DistEnv,
+) -> dict[str, Any]:
+    cfg = prep.cfg
+    causal = cfg.model.task == "causal-lm"
+    train_s = times.train_seconds
+    n = len(prep.train_ds)
+    B, A = cfg.hyperparameters.batch_size_per_device, cfg.hyperparameters.gradient_accumulation_steps
+    spe = schedule.ceil_div(data.num_batches(n, d.world_size, B), A)
+    device = s.device
+    m: dict[str, Any] = {
+        "trainLoss": _r(state.train_loss_sum / state.train_loss_count if state.train_loss_count else None),
+        "evalLoss": _r(ev.loss),
+        "initialEvalLoss": _r(state.extra.get("initialEvalLoss")),
+        "samplesPerSecond": _r(times.samples / train_s if train_s > 0 else None, 3),
+        "tokensPerSecond": _r(times.tokens / train_s if train_s > 0 else None, 1),
+        "steps": state.step,
+        "totalSteps": total,
+        "epochs": round(state.step / spe, 4) if spe else 0,
+        "trainSamples": n,
+        "evalSamples": len(prep.val_ds) if prep.val_ds is not None else 0,
+        "worldSize": d.world_size,
+        "backend": s.backend if d.distributed else "none",
+        "device": device.type if device.type == "cpu" else f"cuda ({torch.cuda.get_device_name(device)})",
+        "precision": s.precision.name,
+        "strategy": s.strategy,
+        "estimateBytes": s.estimate.replicated_bytes,
+        "resolved": _resolved(s),
+        "method": cfg.method.type,
+        "task": cfg.model.task,
+        "init": cfg.model.init,
+        "runtimeSeconds": round(time.monotonic() - t0, 2),
+        "trainSeconds": round(train_s, 3),
+        "loopSeconds": round(loop_seconds, 3),
+        "stepSecondsMedian": _r(_quantile(times.step_seconds, 0.5), 4),
+        "stepSecondsP90": _r(_quantile(times.step_seconds, 0.9), 4),
+        "checkpointSeconds": round(times.ckpt_seconds, 3),
+        "resumedFromStep": resumed_from,
+    }
+    if causal:
+        m["evalPerplexity"] = _r(ev.perplexity)
+        m["initialEvalPerplexity"] = _r(state.extra.get("initialEvalPerplexity"))
+    else:
+        m["evalAccuracy"] = _r(ev.accuracy)
+        m["initialEvalAccuracy"] = _r(state.extra.get("initialEvalAccuracy"))
+    return m
 
 
 TERMINATION_METRICS = (
@@ -633,11 +886,8 @@ TERMINATION_METRICS = (
     "device",
     "runtimeSeconds",
     "resumedFromStep",
+    "strategy",
 )
-
-
-def ckpt_state(raw_model: Any) -> dict[str, torch.Tensor]:
-    return trainable_state_dict(raw_model)
 
 
 def _r(x: float | None, nd: int = 6) -> float | None:
@@ -686,6 +936,10 @@ def main(argv: list[str] | None = None) -> int:
         return run(args.config, d, stop, t0)
     except PermanentError as e:
         return report_permanent(e)
+    except out_mod.Superseded as e:
+        print(f"tauon-trainer: {e}; stopping without writing", file=sys.stderr, flush=True)
+        write_termination_log({"retryable": True, "reason": out_mod.ATTEMPT_SUPERSEDED, "message": str(e)})
+        return EXIT_RETRYABLE
     except StopRequested:
         write_termination_log(
             {
