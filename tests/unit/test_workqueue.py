@@ -1,0 +1,103 @@
+"""The per-object work queue: serialisation, coalescing, concurrency across objects, errors."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tauon.handlers.workqueue import WorkQueue
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.active: dict[tuple[str, str], int] = {}
+        self.max_active: dict[tuple[str, str], int] = {}
+        self.gate = asyncio.Event()
+        self.fail_next = 0
+
+    async def __call__(self, ns: str, name: str) -> None:
+        key = (ns, name)
+        self.calls.append(key)
+        self.active[key] = self.active.get(key, 0) + 1
+        self.max_active[key] = max(self.max_active.get(key, 0), self.active[key])
+        try:
+            await self.gate.wait()
+            if self.fail_next:
+                self.fail_next -= 1
+                raise RuntimeError("boom")
+        finally:
+            self.active[key] -= 1
+
+
+async def test_burst_of_triggers_coalesces_into_one_extra_pass() -> None:
+    rec, results = Recorder(), []
+    q = WorkQueue(lambda c, ok, s: results.append((c, ok)))
+    q.register("ftj", rec)
+    for _ in range(5):  # before the pass starts: that pass covers them
+        q.trigger("ftj", "ns", "a")
+    await asyncio.sleep(0)
+    assert rec.calls == [("ns", "a")]
+    for _ in range(50):  # while it runs: one more pass
+        q.trigger("ftj", "ns", "a")
+    assert q.busy() == 1
+    rec.gate.set()
+    await q.drain()
+    assert rec.calls == [("ns", "a"), ("ns", "a")], "one pass, plus one for the triggers during it"
+    assert rec.max_active[("ns", "a")] == 1, "never two reconciles of one object at once"
+    assert results == [("ftj", True), ("ftj", True)]
+    assert q.busy() == 0
+
+
+async def test_single_trigger_runs_once() -> None:
+    rec = Recorder()
+    rec.gate.set()
+    q = WorkQueue()
+    q.register("ftj", rec)
+    q.trigger("ftj", "ns", "a")
+    await q.drain()
+    assert rec.calls == [("ns", "a")]
+
+
+async def test_objects_reconcile_concurrently() -> None:
+    rec = Recorder()
+    q = WorkQueue()
+    q.register("ftj", rec)
+    q.register("isvc", rec)
+    q.trigger("ftj", "ns", "a")
+    q.trigger("ftj", "ns", "b")
+    q.trigger("isvc", "ns", "a")  # same name, other controller: its own key
+    await asyncio.sleep(0)
+    assert q.busy() == 3 and len(rec.calls) == 3
+    rec.gate.set()
+    await q.drain()
+
+
+async def test_failure_is_reported_and_does_not_stop_the_queue() -> None:
+    rec, results = Recorder(), []
+    rec.fail_next = 1
+    rec.gate.set()
+    q = WorkQueue(lambda c, ok, s: results.append(ok))
+    q.register("ftj", rec)
+    q.trigger("ftj", "ns", "a")
+    await q.drain()
+    q.trigger("ftj", "ns", "a")
+    await q.drain()
+    assert results == [False, True]
+
+
+async def test_unknown_controller_is_an_error() -> None:
+    q = WorkQueue()
+    with pytest.raises(KeyError):
+        q.trigger("nope", "ns", "a")
+
+
+async def test_stop_cancels_running_reconciles() -> None:
+    rec = Recorder()
+    q = WorkQueue()
+    q.register("ftj", rec)
+    q.trigger("ftj", "ns", "a")
+    await asyncio.sleep(0)
+    await q.stop()
+    assert q.busy() == 0
