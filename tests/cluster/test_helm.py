@@ -178,6 +178,7 @@ def test_default_render_validates_on_the_server(cluster: Cluster, helm: Helm, na
 def test_rendered_args_are_the_operator_cli(helm: Helm):
     """Every flag the chart renders is one `tauon operator` accepts, with the value it means."""
     from tauon.cli import build_parser
+    from tauon.render.config import OperatorConfig
 
     docs = render(
         helm,
@@ -192,6 +193,7 @@ def test_rendered_args_are_the_operator_cli(helm: Helm):
             "operator.period": 2.5,
             "operator.verbose": True,
             "operator.defaultImage": "r/t:1",
+            "operator.vllmImage": "r/vllm:2",
         },
     )
     container = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
@@ -203,6 +205,7 @@ def test_rendered_args_are_the_operator_cli(helm: Helm):
     assert (args.gang_scheduler, args.gang_scheduler_name) == ("volcano", "vc")
     assert args.cluster_domain == "corp.local" and args.allow_host_paths and args.verbose
     assert args.period == 2.5 and args.default_image == "r/t:1"
+    assert args.vllm_image == "r/vllm:2"
     defaults = build_parser().parse_args(
         [
             "operator",
@@ -213,6 +216,7 @@ def test_rendered_args_are_the_operator_cli(helm: Helm):
     )
     assert defaults.namespace is None and defaults.gang_scheduler is None and not defaults.allow_host_paths
     assert defaults.default_image == "ghcr.io/tauon-dev/trainer:0.1.0"
+    assert defaults.vllm_image == OperatorConfig().vllm_image  # empty value: the operator's pinned default
 
 
 def test_namespace_scoped_render_validates_on_the_server(cluster: Cluster, helm: Helm, namespace: str):
