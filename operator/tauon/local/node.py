@@ -94,18 +94,18 @@ class NodeAgent:
             "pods": "110",
             "ephemeral-storage": "100Gi",
         }
-        body = {
-            "apiVersion": "v1",
-            "kind": "Node",
-            "metadata": {
-                "name": self.name,
-                "labels": {
+        body = client.V1Node(
+            api_version="v1",
+            kind="Node",
+            metadata=client.V1ObjectMeta(
+                name=self.name,
+                labels={
                     NODE_LABEL: "process",
                     "kubernetes.io/hostname": self.name,
                     "kubernetes.io/os": "linux",
                 },
-            },
-        }
+            ),
+        )
         try:
             self.core.create_node(body)
         except ApiException as e:
@@ -140,11 +140,12 @@ class NodeAgent:
         self._lease()
 
     def _lease(self) -> None:
-        t = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        body = {
-            "metadata": {"name": self.name, "namespace": "kube-node-lease"},
-            "spec": {"holderIdentity": self.name, "leaseDurationSeconds": 40, "renewTime": t},
-        }
+        body = client.V1Lease(
+            metadata=client.V1ObjectMeta(name=self.name, namespace="kube-node-lease"),
+            spec=client.V1LeaseSpec(
+                holder_identity=self.name, lease_duration_seconds=40, renew_time=dt.datetime.now(dt.UTC)
+            ),
+        )
         try:
             self.coord.patch_namespaced_lease(self.name, "kube-node-lease", body)
         except ApiException as e:
@@ -306,7 +307,7 @@ class NodeAgent:
             return False
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{local}{http.get('path', '/')}", timeout=1) as r:
-                return 200 <= r.status < 400
+                return bool(200 <= r.status < 400)
         except OSError:
             return False
 
