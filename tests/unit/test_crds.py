@@ -80,3 +80,89 @@ def test_scale_subresource_and_printer_columns():
     }
     ftj = all_crds()["finetunejobs.tauon.dev.yaml"]["spec"]
     assert ftj["names"]["shortNames"] == ["ftj"] and ftj["names"]["categories"] == ["tauon", "ml"]
+
+
+def schema_of(name: str) -> dict[str, Any]:
+    schema: dict[str, Any] = all_crds()[name]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return schema
+
+
+STORAGE_FIELDS = {
+    "finetunejobs.tauon.dev.yaml": {
+        ".spec.model.source",
+        ".spec.model.tokenizer",
+        ".spec.dataset.source",
+        ".spec.output.storage",
+    },
+    "inferenceservices.tauon.dev.yaml": {".spec.model.source", ".spec.canary.model.source"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(STORAGE_FIELDS))
+def test_every_storage_uri_refuses_dot_and_empty_segments(name: str):
+    found = {
+        path
+        for path, node in walk(schema_of(name))
+        if "pvc://" in node.get("pattern", "")
+        and any(
+            "path segments are not allowed" in r.get("messageExpression", "")
+            for r in node.get("x-kubernetes-validations", [])
+        )
+    }
+    unguarded = {p for p, n in walk(schema_of(name)) if "pvc://" in n.get("pattern", "")} - found
+    assert found == STORAGE_FIELDS[name] and not unguarded
+
+
+SEGMENTS = [
+    ("pvc://claim", True),
+    ("pvc://claim/a/b.jsonl", True),
+    ("pvc://claim/a..b/.cache/...", True),
+    ("file:///abs/path", True),
+    ("file://./rel/path", True),
+    ("hf://org/name", True),
+    ("pvc://claim/../../tmp/x", False),
+    ("pvc://claim/a/..", False),
+    ("pvc://claim/./a", False),
+    ("pvc://claim//a", False),
+    ("pvc://claim/a/", False),
+    ("file:///abs/../etc", False),
+    ("file:////abs", False),
+    ("file://./../up", False),
+]
+
+
+@pytest.mark.parametrize(("uri", "ok"), SEGMENTS)
+def test_admission_and_render_share_one_segment_rule(uri: str, ok: bool):
+    """The CEL rule in the CRD is the regex render checks (RE2 and Python agree on this syntax)."""
+    import re
+
+    from tauon.api.common import BAD_SEGMENT_RE
+    from tauon.render.common import InvalidSpec, check_segments
+
+    rule = schema_of("finetunejobs.tauon.dev.yaml")["properties"]["spec"]["properties"]["output"][
+        "properties"
+    ]["storage"]["x-kubernetes-validations"][0]["rule"]
+    cel_regex = rule.removeprefix("!self.matches('").removesuffix("')").replace("\\\\", "\\")
+    assert cel_regex == BAD_SEGMENT_RE
+    assert (re.search(cel_regex, uri) is None) == ok
+    if ok:
+        check_segments(uri, "x")
+    else:
+        with pytest.raises(InvalidSpec, match="x: empty"):
+            check_segments(uri, "x")
+
+
+@pytest.mark.parametrize("name", sorted(all_crds()))
+def test_free_form_subtrees_are_not_pruned(name: str):
+    """`additionalProperties: true` beside preserve-unknown-fields would prune nested fields."""
+    for path, node in walk(schema_of(name)):
+        if node.get("x-kubernetes-preserve-unknown-fields"):
+            assert "additionalProperties" not in node, path
+
+
+def test_pod_template_keys_under_tauon_dev_are_refused():
+    for name in all_crds():
+        tpl = schema_of(name)["properties"]["spec"]["properties"]["podTemplate"]["properties"]
+        for key in ("labels", "annotations"):
+            (rule,) = tpl[key]["x-kubernetes-validations"]
+            assert rule["rule"] == "self.all(k, !k.startsWith('tauon.dev/'))"
