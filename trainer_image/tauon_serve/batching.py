@@ -204,7 +204,9 @@ class DynamicBatcher(Generic[T, R]):
             if not req.future.done() and req.remaining == len(req.items):
                 if now - req.enqueued_at > self._max_wait_s:
                     req.future.set_exception(
-                        QueueTimeout(f"waited {now - req.enqueued_at:.1f}s in the queue (limit {self._max_wait_s:g}s)")
+                        QueueTimeout(
+                            f"waited {now - req.enqueued_at:.1f}s in the queue (limit {self._max_wait_s:g}s)"
+                        )
                     )
 
     async def _loop(self) -> None:

@@ -78,6 +78,7 @@ class Predictor:
         self.max_new_tokens = max_new_tokens
         self.id2label = id2label
         self.num_labels = len(id2label)
+        self.model_length = 0  # causal-lm: the model's position limit (prompt + generated tokens)
 
     def label_name(self, index: int) -> str:
         return self.id2label.get(index, f"LABEL_{index}")
@@ -205,6 +206,7 @@ def load_predictor(
         max_new_tokens=max_new_tokens,
         id2label=id2label,
     )
+    predictor.model_length = int(positions)
     log.info(
         "loaded %s (%s) task=%s device=%s dtype=%s max_length=%d threads=%d pid=%d",
         source,

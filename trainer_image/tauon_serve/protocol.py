@@ -17,6 +17,7 @@ CLASSIFICATION_OUTPUTS = ("label", "probabilities", "label_name")
 GENERATION_OUTPUTS = ("generated_text",)
 
 _JSON_CONTENT_TYPES = ("application/json",)
+MAX_SHAPE_RANK = 8  # V2 inputs[].shape: most dimensions (the product is computed only after bounding)
 
 
 class RequestError(Exception):
@@ -68,6 +69,8 @@ def parse_json_body(body: bytes) -> Any:
         ) from None
     except RecursionError:
         raise RequestError(400, "request body is not valid JSON: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer with more digits than Python converts (4300)
+        raise RequestError(400, f"request body is not valid JSON: {str(exc)[:120]}") from None
 
 
 def _type_name(value: Any) -> str:
@@ -185,12 +188,21 @@ def parse_v2_infer(body: Any, limits: Limits, output_names: Sequence[str]) -> V2
     if (
         not isinstance(shape, list)
         or not shape
-        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape[:MAX_SHAPE_RANK])
     ):
         raise RequestError(
             400,
             f"{where}.shape must be a non-empty list of non-negative integers, e.g. [2], got {_short(shape)}",
         )
+    if len(shape) > MAX_SHAPE_RANK:
+        raise RequestError(400, f"{where}.shape has rank {len(shape)}; at most {MAX_SHAPE_RANK} dimensions")
+    for k, d in enumerate(shape):
+        if d > limits.max_instances:
+            raise RequestError(
+                400,
+                f"{where}.shape[{k}] is {_short(d, 24)}; no dimension may exceed {limits.max_instances} "
+                "(--max-instances)",
+            )
 
     if "data" not in inp:
         raise RequestError(400, f"{where}.data is required (a list of strings)")

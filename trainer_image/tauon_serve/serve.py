@@ -1,4 +1,5 @@
-"""tauon model server: KServe V1 + Open Inference Protocol (V2) REST over a Hugging Face model directory.
+"""tauon model server: KServe V1 + Open Inference Protocol (V2) REST over a Hugging Face model directory,
+plus the OpenAI completions/chat API (with continuous batching) for causal LMs.
 
     python -m tauon_serve.serve --model DIR --name NAME [--port 8080] [--max-batch-size 32]
                                   [--max-latency-ms 10] ...
@@ -45,7 +46,10 @@ from starlette.routing import Match
 
 from tauon_core.sources import ModelSourceError
 
-from .batching import BatcherClosed, DynamicBatcher, QueueFull
+from .batching import BatcherClosed, DynamicBatcher, QueueFull, QueueTimeout
+from .generation import GenerationEngine
+from .llm import ClientGone, LLMService, until_disconnect
+from .openai_api import OpenAIError, models_list
 from .predictor import (
     CAUSAL_LM,
     SEQUENCE_CLASSIFICATION,
@@ -66,6 +70,8 @@ from .protocol import (
     parse_v1_predict,
     parse_v2_infer,
 )
+from .scheduler import EngineClosed, EngineMetrics, SamplingParams
+from .scheduler import QueueFull as SequenceQueueFull
 
 log = logging.getLogger("tauon.serve")
 
@@ -103,6 +109,11 @@ class ServerConfig:
     dtype: str = "auto"
     max_seq_length: int = 0
     max_new_tokens: int = 32
+    max_model_length: int = 0
+    max_concurrent_sequences: int = 64
+    max_queued_sequences: int = 256
+    max_queue_wait_seconds: float = 60.0
+    limit_concurrency: int = 1024
     threads: int = 0
     gil_switch_interval_ms: float = 0.5
     graceful_timeout_seconds: float = 25.0
@@ -163,7 +174,48 @@ _OPTIONS: list[tuple[str, str, Any, Any, str]] = [
         0,
         "truncate inputs to this many tokens (0 = the model's)",
     ),
-    ("--max-new-tokens", "TAUON_MAX_NEW_TOKENS", int, 32, "causal-lm: tokens generated per prompt (greedy)"),
+    (
+        "--max-new-tokens",
+        "TAUON_MAX_NEW_TOKENS",
+        int,
+        32,
+        "causal-lm: tokens generated per prompt by V1/V2 (greedy), and the OpenAI max_tokens default",
+    ),
+    (
+        "--max-model-length",
+        "TAUON_MAX_MODEL_LENGTH",
+        int,
+        0,
+        "causal-lm: most prompt + generated tokens per sequence (0 = the model's max_position_embeddings)",
+    ),
+    (
+        "--max-concurrent-sequences",
+        "TAUON_MAX_CONCURRENT_SEQUENCES",
+        int,
+        64,
+        "causal-lm: sequences decoded together (continuous batching)",
+    ),
+    (
+        "--max-queued-sequences",
+        "TAUON_MAX_QUEUED_SEQUENCES",
+        int,
+        256,
+        "causal-lm: sequences waiting for a slot; beyond it OpenAI requests get 429 + Retry-After",
+    ),
+    (
+        "--max-queue-wait-seconds",
+        "TAUON_MAX_QUEUE_WAIT_SECONDS",
+        float,
+        60.0,
+        "longest wait in the queue before the request is answered 503 (0 = no limit)",
+    ),
+    (
+        "--limit-concurrency",
+        "TAUON_LIMIT_CONCURRENCY",
+        int,
+        1024,
+        "most connections and tasks at once; uvicorn answers 503 beyond (0 = no limit)",
+    ),
     ("--threads", "TAUON_TORCH_THREADS", int, 0, "torch intra-op threads (0 = torch's default)"),
     (
         "--gil-switch-interval-ms",
@@ -228,6 +280,11 @@ def parse_args(argv: list[str] | None = None, env: MutableMapping[str, str] | No
         (ns.task in ("auto", *TASKS), f"--task must be auto or one of {', '.join(TASKS)}"),
         (ns.dtype in ("auto", "fp32", "bf16", "fp16"), "--dtype must be auto, fp32, bf16 or fp16"),
         (ns.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
+        (ns.max_model_length >= 0, "--max-model-length must be >= 0"),
+        (ns.max_concurrent_sequences >= 1, "--max-concurrent-sequences must be >= 1"),
+        (ns.max_queued_sequences >= 1, "--max-queued-sequences must be >= 1"),
+        (ns.max_queue_wait_seconds >= 0, "--max-queue-wait-seconds must be >= 0"),
+        (ns.limit_concurrency >= 0, "--limit-concurrency must be >= 0"),
         (ns.threads >= 0, "--threads must be >= 0"),
         (ns.gil_switch_interval_ms >= 0, "--gil-switch-interval-ms must be >= 0"),
         (0 <= ns.port <= 65535, "--port must be 0..65535"),
@@ -252,6 +309,11 @@ def parse_args(argv: list[str] | None = None, env: MutableMapping[str, str] | No
         dtype=ns.dtype,
         max_seq_length=ns.max_seq_length,
         max_new_tokens=ns.max_new_tokens,
+        max_model_length=ns.max_model_length,
+        max_concurrent_sequences=ns.max_concurrent_sequences,
+        max_queued_sequences=ns.max_queued_sequences,
+        max_queue_wait_seconds=ns.max_queue_wait_seconds,
+        limit_concurrency=ns.limit_concurrency,
         threads=ns.threads,
         gil_switch_interval_ms=ns.gil_switch_interval_ms,
         graceful_timeout_seconds=ns.graceful_timeout_seconds,
@@ -304,6 +366,37 @@ class ServerMetrics:
             "tauon_server_model_ready",
             "1 when the model is loaded and the server takes requests.",
             registry=r,
+        )
+
+        self.time_to_first_token = Histogram(
+            "tauon_server_time_to_first_token_seconds",
+            "causal-lm: time from a sequence's arrival to its first generated token (queueing and prefill).",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=r,
+        )
+        self.time_per_output_token = Histogram(
+            "tauon_server_time_per_output_token_seconds",
+            "causal-lm: mean time between a sequence's generated tokens after the first.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
+        )
+        self.generated_tokens = Counter(
+            "tauon_server_generated_tokens", "causal-lm: tokens generated (all endpoints).", registry=r
+        )
+        self.running_sequences = Gauge(
+            "tauon_server_running_sequences", "causal-lm: sequences in the running batch.", registry=r
+        )
+        self.waiting_sequences = Gauge(
+            "tauon_server_waiting_sequences", "causal-lm: sequences waiting for a slot.", registry=r
+        )
+
+    def engine_metrics(self) -> EngineMetrics:
+        return EngineMetrics(
+            on_first_token=self.time_to_first_token.observe,
+            on_finish=lambda _n, per_token: self.time_per_output_token.observe(per_token),
+            on_tokens=self.generated_tokens.inc,
+            on_running=self.running_sequences.set,
+            on_waiting=self.waiting_sequences.set,
         )
 
     def observe_batch(self, size: int, seconds: float) -> None:
@@ -367,6 +460,9 @@ class ServerState:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="tauon-infer")
         self.predictor: Predictor | None = None
         self.batcher: DynamicBatcher[str, Any] | None = None
+        self.engine: GenerationEngine | None = None
+        self.llm: LLMService | None = None
+        self.created = int(time.time())
         self.draining = False
         self.load_error: str | None = None
         self.exit_code = 0
@@ -376,7 +472,11 @@ class ServerState:
 
     @property
     def ready(self) -> bool:
-        return self.predictor is not None and self.batcher is not None and not self.draining
+        return self.predictor is not None and self._serving and not self.draining
+
+    @property
+    def _serving(self) -> bool:
+        return self.batcher is not None or self.engine is not None
 
     def output_names(self) -> tuple[str, ...]:
         assert self.predictor is not None
@@ -427,27 +527,58 @@ class ServerState:
             return
         self.predictor = predictor
         cfg = self.config
-        self.batcher = DynamicBatcher(
-            predictor.predict,
-            max_batch_size=cfg.max_batch_size,
-            max_latency_s=cfg.max_latency_ms / 1000.0,
-            executor=self.executor,
-            max_queued_items=cfg.max_queued_instances,
-            on_batch=self.metrics.observe_batch,
-            on_queue_depth=self.metrics.queue_depth.set,
-        )
-        self.batcher.start()
-        if self.draining:
-            self.batcher.begin_drain()
+        wait = cfg.max_queue_wait_seconds or None
+        if predictor.task == CAUSAL_LM:
+            self._start_engine(predictor)
         else:
+            self.batcher = DynamicBatcher(
+                predictor.predict,
+                max_batch_size=cfg.max_batch_size,
+                max_latency_s=cfg.max_latency_ms / 1000.0,
+                executor=self.executor,
+                max_queued_items=cfg.max_queued_instances,
+                on_batch=self.metrics.observe_batch,
+                on_queue_depth=self.metrics.queue_depth.set,
+                max_queue_wait_s=wait,
+            )
+            self.batcher.start()
+            if self.draining:
+                self.batcher.begin_drain()
+        if not self.draining:
             self.metrics.model_ready.set(1)
         log.info(
-            "model %r ready in %.1fs (max_batch_size=%d max_latency_ms=%g; batching %s)",
+            "model %r ready in %.1fs (%s)",
             cfg.name,
             time.perf_counter() - t0,
-            cfg.max_batch_size,
-            cfg.max_latency_ms,
-            "on" if self.batcher.merging else "off",
+            f"continuous batching: max_concurrent_sequences={cfg.max_concurrent_sequences} "
+            f"max_model_length={self.engine.max_model_length}"
+            if self.engine is not None
+            else f"max_batch_size={cfg.max_batch_size} max_latency_ms={cfg.max_latency_ms:g}; batching "
+            + ("on" if self.batcher is not None and self.batcher.merging else "off"),
+        )
+
+    def _start_engine(self, predictor: Predictor) -> None:
+        cfg = self.config
+        model_length = predictor.model_length
+        if cfg.max_model_length > 0:
+            model_length = min(model_length, cfg.max_model_length) if model_length else cfg.max_model_length
+        self.engine = GenerationEngine(
+            predictor.model,
+            predictor.tokenizer,
+            device=predictor.device,
+            max_model_length=model_length,
+            max_running=cfg.max_concurrent_sequences,
+            max_waiting=cfg.max_queued_sequences,
+            max_queue_wait_s=cfg.max_queue_wait_seconds or None,
+            metrics=self.metrics.engine_metrics(),
+        )
+        self.engine.start()
+        self.llm = LLMService(
+            self.engine,
+            predictor.tokenizer,
+            served_name=cfg.name,
+            max_new_tokens=cfg.max_new_tokens,
+            max_model_length=model_length,
         )
 
     def begin_shutdown(self) -> None:
@@ -457,6 +588,13 @@ class ServerState:
         self.metrics.model_ready.set(0)
         if self.batcher is not None:
             self.batcher.begin_drain()
+
+    async def close(self) -> None:
+        if self.batcher is not None:
+            await self.batcher.close()  # drains what is still queued
+        if self.engine is not None:
+            engine = self.engine
+            await asyncio.to_thread(engine.close, self.config.graceful_timeout_seconds)
 
     # request helpers -----------------------------------------------------------------------------
 
@@ -471,7 +609,7 @@ class ServerState:
     def check_ready(self) -> Predictor:
         if self.draining:
             raise RequestError(503, "the server is shutting down")
-        if self.predictor is None or self.batcher is None:
+        if self.predictor is None or not self._serving:
             if self.load_error:
                 raise RequestError(503, f"model {self.config.name!r} failed to load: {self.load_error}")
             raise RequestError(503, f"model {self.config.name!r} is not ready (still loading)")
@@ -484,16 +622,45 @@ class ServerState:
                     raise RequestError(400, f"{where(i)} is empty; a causal-lm prompt must not be empty")
 
     async def infer(self, texts: list[str]) -> list[Any]:
+        if self.engine is not None:
+            return await self._generate(texts)
         assert self.batcher is not None
         try:
             return await self.batcher.submit(texts)
         except BatcherClosed:
             raise RequestError(503, "the server is shutting down") from None
-        except QueueFull as exc:
+        except (QueueFull, QueueTimeout) as exc:
             raise RequestError(503, f"the server is overloaded: {exc}; retry later") from None
         except Exception as exc:
             log.exception("inference failed")
             raise RequestError(500, f"inference failed: {type(exc).__name__}: {exc}") from None
+
+    async def _generate(self, texts: list[str]) -> list[str]:
+        """V1/V2 on a causal LM: every text is a greedy sequence of --max-new-tokens (or fewer when the
+        model length leaves less room) in the continuous batch; the prompt is truncated from the left."""
+        assert self.engine is not None and self.predictor is not None
+        tokenizer = self.predictor.tokenizer
+        engine = self.engine
+        jobs = []
+        for text in texts:
+            ids = list(tokenizer(text)["input_ids"])[-(engine.max_model_length - 1) :]
+            room = engine.max_model_length - len(ids)
+            params = SamplingParams(max_tokens=max(1, min(self.config.max_new_tokens, room)))
+            jobs.append(engine.generate(ids, params))
+        try:
+            done = await asyncio.gather(*jobs)
+        except SequenceQueueFull as exc:
+            raise RequestError(503, f"the server is overloaded: {exc}; retry later") from None
+        except EngineClosed:
+            raise RequestError(503, "the server is shutting down") from None
+        out: list[str] = []
+        for text, event in done:
+            if event.finish_reason == "timeout":
+                raise RequestError(503, f"the server is overloaded: {event.error}; retry later")
+            if event.finish_reason == "error":
+                raise RequestError(500, f"inference failed: {event.error}")
+            out.append(text)
+        return out
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -515,9 +682,33 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+PARSE_OFF_LOOP_BYTES = 64 * 1024  # bodies larger than this are parsed in a thread, not on the event loop
+
+
 async def _json_request(state: ServerState, request: Request) -> Any:
     check_content_type(request.headers.get("content-type"))
-    return parse_json_body(await _read_body(request, state.config.max_body_bytes))
+    body = await _read_body(request, state.config.max_body_bytes)
+    if len(body) > PARSE_OFF_LOOP_BYTES:
+        return await asyncio.to_thread(parse_json_body, body)
+    return parse_json_body(body)
+
+
+async def _openai_request(state: ServerState, request: Request) -> tuple[LLMService, Any]:
+    """The LLM service and the parsed body, or an OpenAI-shaped error."""
+    try:
+        predictor = state.check_ready()
+        if state.llm is None:
+            raise OpenAIError(
+                404,
+                f"model {state.config.name!r} is a {predictor.task} model; the OpenAI API serves causal LMs",
+                param="model",
+                code="model_not_found",
+            )
+        return state.llm, await _json_request(state, request)
+    except RequestError as exc:
+        raise OpenAIError(
+            exc.status, exc.message, param="body" if exc.status in (400, 413) else None
+        ) from None
 
 
 def _v1_prediction(predictor: Predictor, result: Any) -> dict[str, Any]:
@@ -606,8 +797,7 @@ def create_app(state: ServerState) -> FastAPI:
             state.begin_shutdown()
             if not load_task.done():
                 load_task.cancel()
-            if state.batcher is not None:
-                await state.batcher.close()  # drains what is still queued
+            await state.close()
             state.executor.shutdown(wait=False, cancel_futures=True)
             log.info("shutdown complete")
 
@@ -617,6 +807,14 @@ def create_app(state: ServerState) -> FastAPI:
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
         return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, exc: ClientGone) -> Response:
+        return Response(status_code=499)  # nobody reads it; counted in the metrics as 499
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -660,7 +858,24 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models")
     async def v1_list() -> dict[str, Any]:
-        return {"models": [cfg.name]}
+        # KServe V1's body plus OpenAI's list keys, so both kinds of client read it.
+        return {"models": [cfg.name], **models_list(cfg.name, state.created)}
+
+    @app.get("/openai/v1/models")
+    async def openai_models() -> dict[str, Any]:
+        return models_list(cfg.name, state.created)
+
+    @app.post("/v1/completions")
+    @app.post("/openai/v1/completions")
+    async def completions(request: Request) -> Response:
+        llm, body = await _openai_request(state, request)
+        return await llm.handle("completion", body, request)
+
+    @app.post("/v1/chat/completions")
+    @app.post("/openai/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        llm, body = await _openai_request(state, request)
+        return await llm.handle("chat", body, request)
 
     @app.get("/v1/models/{name}")
     async def v1_model(name: str) -> JSONResponse:
@@ -679,7 +894,7 @@ def create_app(state: ServerState) -> FastAPI:
         predictor = state.check_ready()
         texts = parse_v1_predict(await _json_request(state, request), state.limits)
         state.check_prompts(predictor, texts, lambda i: f"instances[{i}]")
-        results = await state.infer(texts)
+        results = await until_disconnect(request, state.infer(texts))
         # JSONResponse directly: skips FastAPI's jsonable_encoder walk over every float
         return JSONResponse({"predictions": [_v1_prediction(predictor, r) for r in results]})
 
@@ -690,7 +905,7 @@ def create_app(state: ServerState) -> FastAPI:
         predictor = state.check_ready()
         req = parse_v2_infer(await _json_request(state, request), state.limits, state.output_names())
         state.check_prompts(predictor, req.texts, lambda i: f"inputs[0].data[{i}]")
-        results = await state.infer(req.texts)
+        results = await until_disconnect(request, state.infer(req.texts))
         response: dict[str, Any] = {"model_name": name, "model_version": MODEL_VERSION}
         if req.id is not None:
             response["id"] = req.id
@@ -754,6 +969,7 @@ def main(argv: list[str] | None = None) -> int:
             log_level=cfg.log_level,
             access_log=cfg.access_log,
             timeout_graceful_shutdown=int(cfg.graceful_timeout_seconds) or None,
+            limit_concurrency=cfg.limit_concurrency or None,
             lifespan="on",
         )
     )
