@@ -3,7 +3,8 @@
 FineTuneJob: every rank of the gang as a process (rank 0's address is 127.0.0.1, free ports), a live
 progress bar from rank 0's progress.json, per-rank logs under <output>/logs/, a summary table at the end.
 Ctrl-C stops all ranks; a failed rank stops the gang and reports its rank, exit code and last log lines.
-InferenceService: the model server on a free port; prints the URL and serves until Ctrl-C.
+InferenceService: the predictor as the operator renders it (render_deployment), prepared like a training
+rank (tauon.local.process), on 127.0.0.1 and a free port; prints the URL and serves until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import signal
 import subprocess
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from tauon.api import FineTuneJob, InferenceService
 from tauon.local import process as lp
 from tauon.render.config import OperatorConfig
 from tauon.render.finetunejob import config_map_name, render_config_map, render_pod
+from tauon.render.inferenceservice import PORT_NAME, ModelLocation, render_deployment
 
 console = Console(stderr=True, soft_wrap=True)  # long paths stay on one line in logs
 
@@ -154,59 +157,60 @@ def run_finetunejob(job: FineTuneJob, output: Path, quiet: bool = False) -> int:
     return 0
 
 
+def _model_location(isvc: InferenceService, runs: Path) -> ModelLocation:
+    """Where the predictor's model is for a local run: its source, or a FineTuneJob's local output."""
+    model = isvc.spec.model
+    if model.source:
+        if model.source.startswith("pvc://"):
+            raise lp.Unsupported("pvc:// sources cannot be served locally; use file:// or hf://")
+        return ModelLocation(model.source)
+    assert model.fine_tune_job_ref is not None  # admission: one of source and fineTuneJobRef
+    job = model.fine_tune_job_ref.name
+    path = (runs / job / "model").resolve()
+    if not path.is_dir():
+        raise lp.Unsupported(f"no model at {path}: run the FineTuneJob {job} locally first")
+    return ModelLocation(f"file://{path}", job)
+
+
+def prepare_server(isvc: InferenceService, runs: Path, port: int | None) -> lp.Prepared:
+    """The predictor exactly as the operator renders it (command, args, env, mounts), prepared for a local
+    process like a training rank: mounts mapped to local paths, its http port to `port` (or a free one),
+    listening on 127.0.0.1 only."""
+    cfg = OperatorConfig(allow_host_paths=True)
+    deployment = render_deployment(isvc, "predictor", _model_location(isvc, runs), 1, cfg)
+    pod = {
+        "metadata": {"name": deployment["metadata"]["name"], "namespace": isvc.metadata.namespace},
+        "spec": deployment["spec"]["template"]["spec"],
+    }
+    ports = lp.PortMap()
+    if port:
+        ports.shared[f"{isvc.metadata.namespace}/{pod['metadata']['name']}:{PORT_NAME}"] = port
+    prep = lp.prepare(pod, {}, runs / ".local" / f"{isvc.metadata.name}-server", ports)
+    prep.argv += ["--host", "127.0.0.1"]
+    return prep
+
+
 def serve_inferenceservice(
     isvc: InferenceService, runs: Path, port: int | None, ready_timeout: float = 300
 ) -> int:
-    spec = isvc.spec
-    if spec.model.source:
-        source = spec.model.source
-        path = source.removeprefix("file://") if source.startswith("file://") else source
-    else:
-        assert spec.model.fine_tune_job_ref is not None
-        path = str((runs / spec.model.fine_tune_job_ref.name / "model").resolve())
-        if not Path(path).is_dir():
-            console.print(
-                f"[red]no model at {path}: run the FineTuneJob "
-                f"{spec.model.fine_tune_job_ref.name} locally first[/]"
-            )
-            return 1
-    if path.startswith("pvc://"):
-        console.print("[red]pvc:// sources cannot be served locally; use file:// or hf://[/]")
+    runs = runs.resolve()
+    try:
+        prep = prepare_server(isvc, runs, port)
+    except lp.Unsupported as e:
+        console.print(f"[red]{e}[/]")
         return 1
-    port = port or lp.free_port()
+    port = prep.ports[PORT_NAME]
 
     def on_term(_sig: int, _frame: Any) -> None:
         raise KeyboardInterrupt  # run the finally below: the server must not outlive us
 
     signal.signal(signal.SIGTERM, on_term)
-    argv = [
-        "python",
-        "-m",
-        "tauon_serve.serve",
-        "--model",
-        path,
-        "--name",
-        isvc.metadata.name,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--max-batch-size",
-        str(spec.batching.max_batch_size),
-        "--max-latency-ms",
-        str(spec.batching.max_latency_milliseconds),
-    ]
     log = runs / f"{isvc.metadata.name}-server.log"
-    prep = lp.Prepared(
-        argv, {}, Path.cwd(), runs / f"{isvc.metadata.name}-server.termination-log", {"http": port}
-    )
     proc = lp.start(prep, log)
     url = f"http://127.0.0.1:{port}"
-    console.print(f"serving [cyan]{isvc.metadata.name}[/] from {path}; logs in {log}")
+    console.print(f"serving [cyan]{isvc.metadata.name}[/] ({' '.join(prep.argv[1:])}); logs in {log}")
     try:
         deadline = time.monotonic() + ready_timeout
-        import urllib.request
-
         while time.monotonic() < deadline and proc.poll() is None:
             try:
                 with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=1) as r:
