@@ -33,7 +33,14 @@ class Cluster:
     def __init__(self, kubeconfig: Path, bin_dir: Path):
         self.kubeconfig = kubeconfig
         self.bin_dir = bin_dir
-        self.env = {**os.environ, "KUBECONFIG": str(kubeconfig), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+        self.env = {
+            **os.environ,
+            "KUBECONFIG": str(kubeconfig),
+            "PATH": f"{bin_dir}:{os.environ['PATH']}",
+            # the test clusters' workers are process-backed dev nodes: the operator may read /progress at
+            # the address they publish (tauon.handlers.progress)
+            "TAUON_DEV_PROCESS_NODE": "1",
+        }
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60):
         r = subprocess.run(
