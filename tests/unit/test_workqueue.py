@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -101,3 +102,27 @@ async def test_stop_cancels_running_reconciles() -> None:
     await asyncio.sleep(0)
     await q.stop()
     assert q.busy() == 0
+
+
+async def test_a_stuck_reconcile_is_cancelled_at_its_deadline() -> None:
+    rec, results = Recorder(), []  # the gate is never opened: the reconcile hangs
+    q = WorkQueue(lambda c, ok, s: results.append(ok), deadline=0.2)
+    q.register("ftj", rec)
+    q.trigger("ftj", "ns", "a")
+    await asyncio.wait_for(q.drain(), timeout=30)
+    assert results == [False] and q.busy() == 0 and q.stuck_for() == 0.0
+
+
+async def test_stuck_for_reports_a_pass_beyond_its_deadline() -> None:
+    q = WorkQueue(deadline=0.1)
+    seen: list[float] = []
+
+    async def blocking(ns: str, name: str) -> None:
+        time.sleep(0.4)  # noqa: ASYNC251 - blocks the loop: the deadline cannot cancel it, liveness must notice
+        seen.append(q.stuck_for())
+
+    q.register("ftj", blocking)
+    q.trigger("ftj", "ns", "a")
+    await q.drain()
+    assert seen and seen[0] > 0.1
+    assert q.stuck_for() == 0.0

@@ -46,7 +46,13 @@ async def cleanup(**_: Any) -> None:
 
 @kopf.on.probe(id="reconciler")
 def probe(**_: Any) -> str:
-    return "ok" if RT.periodic is not None and not RT.periodic.done() else "stopped"
+    """Liveness: the periodic pass runs and no reconcile outlived its deadline (a blocked loop)."""
+    if RT.periodic is None or RT.periodic.done():
+        raise kopf.PermanentError("the periodic pass is not running")  # permanent: answer 500 now
+    stuck = RT.queue.stuck_for()
+    if stuck > 0:
+        raise kopf.PermanentError(f"a reconcile is {stuck:.0f}s past its deadline")
+    return "ok"
 
 
 async def _periodic() -> None:

@@ -1,7 +1,9 @@
 """Per-object work queue with coalescing: at most one reconcile per object runs at a time, and any
 number of triggers that arrive while it runs collapse into one more pass. Different objects reconcile
 concurrently. A failing reconcile is logged and counted; the next trigger (an event or the periodic
-pass) retries it.
+pass) retries it. Every pass has a deadline: a reconcile stuck on I/O is cancelled and counted as a
+failure instead of parking its object forever; `stuck_for` lets liveness notice a pass that outlives
+its deadline anyway (a blocked event loop).
 """
 
 from __future__ import annotations
@@ -17,10 +19,15 @@ Reconciler = Callable[[str, str], Awaitable[None]]
 Observer = Callable[[str, bool, float], None]  # (controller, succeeded, seconds)
 
 
+DEADLINE_SECONDS = 300.0
+
+
 class WorkQueue:
-    def __init__(self, observe: Observer | None = None) -> None:
+    def __init__(self, observe: Observer | None = None, deadline: float = DEADLINE_SECONDS) -> None:
         self._reconcilers: dict[str, Reconciler] = {}
         self._observe = observe
+        self.deadline = deadline
+        self._started: dict[Key, float] = {}  # key -> monotonic start of its current pass
         self._running: set[Key] = set()
         self._dirty: set[Key] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -51,21 +58,39 @@ class WorkQueue:
             while True:
                 self._dirty.discard(key)
                 t0 = time.perf_counter()
+                self._started[key] = time.monotonic()
                 ok = False
                 try:
-                    await self._reconcilers[controller](ns, name)
+                    async with asyncio.timeout(self.deadline):
+                        await self._reconcilers[controller](ns, name)
                     ok = True
+                except TimeoutError:
+                    log.error(
+                        "reconcile %s %s/%s exceeded its %.0fs deadline; will retry",
+                        controller,
+                        ns,
+                        name,
+                        self.deadline,
+                    )
                 except asyncio.CancelledError:
                     raise
                 except Exception:
                     log.exception("reconcile %s %s/%s failed; will retry", controller, ns, name)
                 finally:
+                    self._started.pop(key, None)
                     if self._observe is not None:
                         self._observe(controller, ok, time.perf_counter() - t0)
                 if key not in self._dirty:
                     break
         finally:
             self._running.discard(key)
+
+    def stuck_for(self) -> float:
+        """Seconds the oldest running pass has run beyond its deadline (0 when none has)."""
+        if not self._started:
+            return 0.0
+        oldest = min(self._started.values())
+        return max(0.0, time.monotonic() - oldest - self.deadline)
 
     async def drain(self) -> None:
         """Wait until nothing runs (tests, shutdown)."""
