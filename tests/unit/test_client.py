@@ -247,3 +247,12 @@ def test_client_imports_no_torch():
         sys.meta_path.remove(blocker)
         sys.modules.clear()
         sys.modules.update(saved)
+
+
+def test_local_progress_is_published_as_the_operator_does():
+    from tauon.api.finetunejob import Progress
+    from tauon.client.local import progress
+
+    record = {"step": 3, "totalSteps": 39, "percent": 7.69, "epoch": 0, "loss": 0.69, "tokensPerSecond": 1.0}
+    p = Progress.model_validate(progress(record))
+    assert (p.step, p.total_steps, p.percent, p.loss) == (3, 39, 7, 0.69)

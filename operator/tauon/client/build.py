@@ -7,6 +7,7 @@ fields the caller set, as a hand-written manifest would; defaults stay the opera
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -134,8 +135,8 @@ def _put(d: Manifest, key: str, value: Any) -> None:
 def finetunejob(
     name: str,
     *,
-    model: str,
-    dataset: str | Mapping[str, Any],
+    model: str | os.PathLike[str],
+    dataset: str | os.PathLike[str] | Mapping[str, Any],
     output: str | None,
     namespace: str = "default",
     task: str | None = None,
@@ -170,13 +171,13 @@ def finetunejob(
     kind = "FineTuneJob"
     _check_name(kind, name)
     task = task or (SEQ_CLS if num_labels is not None else CAUSAL_LM)
-    m: Manifest = {"source": source_uri(model, base), "task": task}
+    m: Manifest = {"source": source_uri(os.fspath(model), base), "task": task}
     _put(m, "numLabels", num_labels)
     _put(m, "init", init)
     _put(m, "config", _camel(model_config) if isinstance(model_config, Mapping) else model_config)
     _put(m, "tokenizer", source_uri(tokenizer, base) if tokenizer else None)
-    if isinstance(dataset, str):
-        d: Manifest = {"source": source_uri(dataset, base)}
+    if isinstance(dataset, str | os.PathLike):
+        d: Manifest = {"source": source_uri(os.fspath(dataset), base)}
     else:
         d = _camel(dict(dataset))
         if isinstance(d.get("source"), str):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -70,8 +71,8 @@ class Client:
         self,
         name: str,
         *,
-        model: str,
-        dataset: str | Mapping[str, Any],
+        model: str | os.PathLike[str],
+        dataset: str | os.PathLike[str] | Mapping[str, Any],
         task: str | None = None,
         num_labels: int | None = None,
         num_nodes: int | None = None,
@@ -110,7 +111,7 @@ class Client:
         *,
         model_config: Mapping[str, Any] | str,
         tokenizer: str,
-        dataset: str | Mapping[str, Any],
+        dataset: str | os.PathLike[str] | Mapping[str, Any],
         model: str | None = None,
         **kwargs: Any,
     ) -> FineTuneJobHandle:

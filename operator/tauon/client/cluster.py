@@ -228,7 +228,12 @@ class ClusterBackend:
         try:
             seen: set[str] = set()
             while True:
-                job = dict(await self._call("GET", self._path("FineTuneJob", name)))
+                try:
+                    job = dict(await self._call("GET", self._path("FineTuneJob", name)))
+                except ApiException as e:
+                    if e.status == 404:
+                        return  # deleted while we followed it
+                    raise
                 status = job.get("status") or {}
                 attempt = str(status.get("attempt", 0))
                 done = status.get("phase") in ("Succeeded", "Failed")
@@ -276,12 +281,18 @@ class ClusterBackend:
                 text = await resp.text()
             finally:
                 resp.release()
-            if "waiting to start" in text or "ContainerCreating" in text or "PodInitializing" in text:
+            if any(
+                w in text
+                for w in ("waiting to start", "ContainerCreating", "PodInitializing", "host assigned")
+            ):
                 if not follow:
                     return
                 await asyncio.sleep(1)  # not started yet
                 continue
-            current = await self._call("GET", f"/api/v1/namespaces/{self.namespace}/pods/{meta['name']}")
+            try:
+                current = await self._call("GET", f"/api/v1/namespaces/{self.namespace}/pods/{meta['name']}")
+            except ApiException:
+                return  # the pod is gone
             log_file = (current.get("metadata", {}).get("annotations") or {}).get(ANN_LOG_FILE)
             if log_file:  # a process-backed dev node: no kubelet to proxy to, the log is a local file
                 await self._tail_file(current, log_file, rank, follow, out)

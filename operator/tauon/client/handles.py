@@ -48,7 +48,7 @@ class FineTuneJobHandle:
         self.poll = poll
 
     def __repr__(self) -> str:
-        return f"FineTuneJobHandle({self.name!r}, phase={self.status().phase!r})"
+        return f"FineTuneJobHandle({self.name!r})"
 
     def get(self) -> Manifest:
         obj = self._backend.get(self.kind, self.name)
@@ -120,7 +120,7 @@ class InferenceServiceHandle:
         self.poll = poll
 
     def __repr__(self) -> str:
-        return f"InferenceServiceHandle({self.name!r}, phase={self.status().phase!r})"
+        return f"InferenceServiceHandle({self.name!r})"
 
     def get(self) -> Manifest:
         obj = self._backend.get(self.kind, self.name)

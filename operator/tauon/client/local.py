@@ -48,6 +48,18 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+PROGRESS_KEYS = ("step", "totalSteps", "epoch", "loss", "samplesPerSecond", "etaSeconds", "updatedAt")
+
+
+def progress(record: dict[str, Any]) -> dict[str, Any]:
+    """The trainer's progress.json as status.progress (what the operator publishes from it)."""
+    out = {k: record[k] for k in PROGRESS_KEYS if record.get(k) is not None}
+    step, total = out.get("step"), out.get("totalSteps")
+    if isinstance(step, int) and isinstance(total, int) and total > 0:
+        out["percent"] = max(0, min(100, int(100 * step / total)))  # as the operator computes it
+    return out
+
+
 @dataclass
 class LocalRun:
     kind: str
@@ -142,7 +154,7 @@ class LocalBackend:
 
     def _job(self, name: str, run: LocalRun | None) -> Manifest | None:
         out = self.output_dir(name)
-        status: Manifest = {"progress": _read_json(out / "progress.json") or {}}
+        status: Manifest = {"progress": progress(_read_json(out / "progress.json") or {})}
         if run is None:
             if not (out / "metrics.json").exists() or not (out / "model").is_dir():
                 return None
@@ -213,17 +225,22 @@ class LocalBackend:
 
     # -- logs and endpoints ------------------------------------------------------------------------------
     def logs(self, name: str, follow: bool) -> Iterator[str]:
+        """Every rank's log file under <workdir>/<job>/logs. A run of another process (`tauon run --local`)
+        is followed while its logs keep growing and it has not written metrics.json."""
         run = self.runs.get(("FineTuneJob", name))
-        if run is None and self.get("FineTuneJob", name) is None:
-            raise NotFound("FineTuneJob", name, self.where)
         logs = self.output_dir(name) / "logs"
-        ranks = int(
-            (run.manifest["spec"].get("numNodes") if run else None) or len(list(logs.glob("node-*.log"))) or 1
-        )
+        found = sorted(logs.glob("node-*.log"))
+        if run is None and not found:
+            raise NotFound("FineTuneJob", name, self.where)
+        ranks = int((run.manifest["spec"].get("numNodes") if run else None) or len(found) or 1)
         files = {r: logs / f"node-{r}.log" for r in range(ranks)}
+        metrics = self.output_dir(name) / "metrics.json"
 
         def running() -> bool:
-            return run is not None and run.proc.poll() is None
+            if run is not None:
+                return run.proc.poll() is None
+            newest = max((f.stat().st_mtime for f in files.values() if f.exists()), default=0.0)
+            return not metrics.exists() and time.time() - newest < 30
 
         return merge_files(files, follow=follow, running=running)
 

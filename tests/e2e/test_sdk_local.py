@@ -1,0 +1,78 @@
+"""The SDK in local mode: Client(local=True) trains a 2-rank FineTuneJob through `tauon run --local`,
+serves the result and predicts, in one test; bad use gets clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tauon.client import Client, JobFailed, NotFound, NotReady
+from tests.kube import REPO
+
+pytestmark = [pytest.mark.e2e]
+DATA = REPO / "examples" / "data" / "sentiment.jsonl"
+MINILM = "hf://sentence-transformers/all-MiniLM-L6-v2"
+
+
+def test_fine_tune_then_serve_and_predict(tmp_path: Path):
+    with Client(local=True, workdir=tmp_path) as client:
+        job = client.fine_tune(
+            "sentiment",
+            model=MINILM,
+            dataset=str(DATA),
+            label_field="label",
+            validation_split=0.15,
+            num_labels=2,
+            num_nodes=2,
+            nproc_per_node=1,
+            epochs=2,
+            batch_size_per_device=16,
+            learning_rate=1e-4,
+            max_seq_length=48,
+            warmup_ratio=0.1,
+            env={"LOGLEVEL": "INFO"},  # torchrun's agent logs on every node, so rank 1 has lines too
+        )
+        status = job.wait(timeout=900, progress=False)
+        assert status.phase == "Succeeded"
+        assert status.output.model == f"file://{tmp_path / 'sentiment' / 'model'}"
+        assert status.output.metrics["worldSize"] == 2
+        assert status.output.metrics["evalAccuracy"] > status.output.metrics["initialEvalAccuracy"]
+        assert status.progress.step == status.progress.total_steps > 0
+        lines = list(job.logs())
+        assert any(line.startswith("[rank 0] tauon-progress ") for line in lines)
+        assert any(line.startswith("[rank 1] ") for line in lines)
+        files = [tmp_path / "sentiment" / "logs" / f"node-{r}.log" for r in (0, 1)]
+        assert len(lines) == sum(len(f.read_text().splitlines()) for f in files)
+
+        svc = client.serve("sentiment", fine_tune_job=job)
+        ready = svc.wait_ready(timeout=300)
+        assert ready.ready_replicas == 1
+        preds = svc.predict(["I loved every minute of it", "terrible, broke after a day"])
+        assert [p["label"] for p in preds] == [1, 0]
+        assert all(len(p["probabilities"]) == 2 for p in preds)
+        svc.delete()
+        with pytest.raises(NotFound):
+            svc.status()
+
+
+def test_failed_job_raises_with_reason_and_cannot_be_served(tmp_path: Path):
+    with Client(local=True, workdir=tmp_path) as client:
+        with pytest.raises(NotFound, match="FineTuneJob 'nope' not found"):
+            client.job("nope")
+        job = client.fine_tune(
+            "broken",
+            model=MINILM,
+            dataset=str(tmp_path / "missing.jsonl"),
+            num_labels=2,
+            num_nodes=2,
+            nproc_per_node=1,
+        )
+        with pytest.raises(JobFailed) as e:
+            job.wait(timeout=300, progress=False)
+        assert e.value.reason == "DatasetNotFound" and "missing.jsonl" in e.value.message
+        lines = list(job.logs())
+        for rank in (0, 1):  # both ranks report the error, each line under its rank
+            assert any(ln.startswith(f"[rank {rank}] ") and "DatasetNotFound" in ln for ln in lines), lines
+        with pytest.raises(NotReady, match="it is Failed"):
+            client.serve("broken", fine_tune_job="broken")
