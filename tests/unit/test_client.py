@@ -256,3 +256,94 @@ def test_local_progress_is_published_as_the_operator_does():
     record = {"step": 3, "totalSteps": 39, "percent": 7.69, "epoch": 0, "loss": 0.69, "tokensPerSecond": 1.0}
     p = Progress.model_validate(progress(record))
     assert (p.step, p.total_steps, p.percent, p.loss) == (3, 39, 7, 0.69)
+
+
+TINY_LLAMA = {
+    "model_type": "llama",
+    "vocab_size": 1024,
+    "hidden_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+}
+
+
+def test_pretrain_builds_the_hand_written_manifest(tmp_path: Path):
+    client = Client(local=True, workdir=tmp_path)
+    job = client.build_fine_tune(
+        "tiny",
+        model=None,
+        init="scratch",
+        task="causal-lm",
+        model_config=TINY_LLAMA,
+        tokenizer="pvc://data/tokenizers/tiny-llama",
+        dataset="pvc://data/corpus.jsonl",
+        dataset_type="text",
+        packing=True,
+        strategy="fsdp",
+        output="pvc://out/tiny",
+        num_nodes=2,
+        epochs=20,
+        learning_rate=3e-3,
+    )
+    client.close()
+    hand = {
+        "apiVersion": "tauon.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "tiny", "namespace": "default"},
+        "spec": {
+            "model": {
+                "init": "scratch",
+                "task": "causal-lm",
+                "config": TINY_LLAMA,  # Hugging Face keys are kept as they are
+                "tokenizer": "pvc://data/tokenizers/tiny-llama",
+            },
+            "dataset": {"source": "pvc://data/corpus.jsonl", "type": "text", "packing": True},
+            "hyperparameters": {"epochs": 20, "learningRate": 3.0e-3},
+            "parallelism": {"strategy": "fsdp"},
+            "output": {"storage": "pvc://out/tiny"},
+            "numNodes": 2,
+        },
+    }
+    assert build.manifest(job) == hand == roundtrip(FineTuneJob, hand)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"model_config": None}, "spec.model.config"),
+        ({"tokenizer": None}, "spec.model.tokenizer"),
+        ({"init": None, "model": None}, "spec.model.source"),
+        ({"strategy": "zero3"}, "spec.parallelism.strategy"),
+    ],
+)
+def test_pretrain_errors_name_the_field(kwargs: dict[str, Any], field: str):
+    args: dict[str, Any] = {
+        "model": None,
+        "init": "scratch",
+        "task": "causal-lm",
+        "model_config": TINY_LLAMA,
+        "tokenizer": "pvc://t/tok",
+        "dataset": "pvc://d/x",
+        "output": "pvc://o/x",
+    }
+    args.update(kwargs)
+    with pytest.raises(SpecError) as e:
+        build.finetunejob("job", **args)
+    assert field in e.value.fields, e.value.fields
+
+
+def test_serve_runtime_and_generation():
+    isvc = build.inferenceservice(
+        "llm", source="pvc://models/tiny", runtime="tauon", generation={"max_new_tokens": 16}
+    )
+    hand = {
+        "apiVersion": "tauon.dev/v1alpha1",
+        "kind": "InferenceService",
+        "metadata": {"name": "llm", "namespace": "default"},
+        "spec": {
+            "model": {"source": "pvc://models/tiny"},
+            "runtime": "tauon",
+            "generation": {"maxNewTokens": 16},
+        },
+    }
+    assert build.manifest(isvc) == hand == roundtrip(InferenceService, hand)

@@ -135,7 +135,7 @@ def _put(d: Manifest, key: str, value: Any) -> None:
 def finetunejob(
     name: str,
     *,
-    model: str | os.PathLike[str],
+    model: str | os.PathLike[str] | None,
     dataset: str | os.PathLike[str] | Mapping[str, Any],
     output: str | None,
     namespace: str = "default",
@@ -148,12 +148,16 @@ def finetunejob(
     strategy: str | None = None,
     parallelism: Mapping[str, Any] | None = None,
     init: str | None = None,
-    model_config: Mapping[str, Any] | str | None = None,
+    model_config: Mapping[str, Any] | None = None,
     tokenizer: str | None = None,
     text_field: str | None = None,
     label_field: str | None = None,
     dataset_format: str | None = None,
     dataset_type: str | None = None,
+    messages_field: str | None = None,
+    prompt_field: str | None = None,
+    completion_field: str | None = None,
+    packing: bool | None = None,
     validation_split: float | None = None,
     checkpoint_every_steps: int | None = None,
     resources: Mapping[str, Any] | None = None,
@@ -171,10 +175,11 @@ def finetunejob(
     kind = "FineTuneJob"
     _check_name(kind, name)
     task = task or (SEQ_CLS if num_labels is not None else CAUSAL_LM)
-    m: Manifest = {"source": source_uri(os.fspath(model), base), "task": task}
+    m: Manifest = {} if model is None else {"source": source_uri(os.fspath(model), base)}
+    m["task"] = task
     _put(m, "numLabels", num_labels)
     _put(m, "init", init)
-    _put(m, "config", _camel(model_config) if isinstance(model_config, Mapping) else model_config)
+    _put(m, "config", dict(model_config) if model_config is not None else None)  # HF keys stay as they are
     _put(m, "tokenizer", source_uri(tokenizer, base) if tokenizer else None)
     if isinstance(dataset, str | os.PathLike):
         d: Manifest = {"source": source_uri(os.fspath(dataset), base)}
@@ -186,6 +191,10 @@ def finetunejob(
     _put(d, "type", dataset_type)
     _put(d, "textField", text_field)
     _put(d, "labelField", label_field)
+    _put(d, "messagesField", messages_field)
+    _put(d, "promptField", prompt_field)
+    _put(d, "completionField", completion_field)
+    _put(d, "packing", packing)
     _put(d, "validationSplit", validation_split)
     spec: Manifest = {"model": m, "dataset": d}
     if method is not None or lora is not None:
@@ -222,12 +231,18 @@ def finetunejob(
 def _check_task_rules(job: FineTuneJob) -> None:
     """The CRD's CEL rules that the pydantic models leave to the API server, checked before sending."""
     spec, bad = job.spec, {}
-    if (
-        spec.model.task == SEQ_CLS
-        and spec.model.num_labels is None
-        and getattr(spec.model, "init", None) != "scratch"
-    ):
+    model = spec.model
+    scratch = model.init == "scratch"
+    if model.task == SEQ_CLS and model.num_labels is None:
         bad["spec.model.numLabels"] = "required when task is sequence-classification (num_labels=)"
+    if model.source is None and not scratch:
+        bad["spec.model.source"] = "required unless init is scratch (model=)"
+    if scratch and model.config is None:
+        bad["spec.model.config"] = "a Hugging Face config is required when init is scratch (model_config=)"
+    if scratch and model.tokenizer is None:
+        bad["spec.model.tokenizer"] = "required when init is scratch (tokenizer=)"
+    if not scratch and model.config is not None:
+        bad["spec.model.config"] = "only allowed when init is scratch (use pretrain())"
     if spec.model.task == CAUSAL_LM and spec.model.num_labels is not None:
         bad["spec.model.numLabels"] = "must not be set when task is causal-lm"
     if spec.model.task == CAUSAL_LM and spec.dataset.label_field is not None:

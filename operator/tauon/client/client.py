@@ -71,7 +71,7 @@ class Client:
         self,
         name: str,
         *,
-        model: str | os.PathLike[str],
+        model: str | os.PathLike[str] | None,
         dataset: str | os.PathLike[str] | Mapping[str, Any],
         task: str | None = None,
         num_labels: int | None = None,
@@ -109,22 +109,22 @@ class Client:
         self,
         name: str,
         *,
-        model_config: Mapping[str, Any] | str,
-        tokenizer: str,
+        model_config: Mapping[str, Any],
+        tokenizer: str | os.PathLike[str],
         dataset: str | os.PathLike[str] | Mapping[str, Any],
-        model: str | None = None,
         **kwargs: Any,
     ) -> FineTuneJobHandle:
-        """Pre-train a causal LM from a Hugging Face config with random weights (model.init: scratch).
-        `model_config` is the config (a dict, or a source of a config.json); `tokenizer` a tokenizer source."""
+        """Pre-train a causal LM with random weights built from a Hugging Face config (model.init: scratch).
+        `model_config` is the config as a dict (model_type, hidden_size, ...); `tokenizer` a source.
+        Other keywords as for fine_tune (strategy="fsdp", packing=True, max_steps=, ...)."""
         kwargs.setdefault("task", "causal-lm")
         return self.fine_tune(
             name,
-            model=model or tokenizer,
+            model=None,
             dataset=dataset,
             init="scratch",
             model_config=model_config,
-            tokenizer=tokenizer,
+            tokenizer=os.fspath(tokenizer),
             **kwargs,
         )
 
