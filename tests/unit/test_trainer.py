@@ -280,15 +280,12 @@ def test_collator_pads_and_masks_causal_labels() -> None:
 
 
 def _save(out: Path, step: int) -> str:
-    st = ckpt.TrainState(step=step, epoch=1, batches_in_epoch=4, total_steps=10, world_size=2, extra={"a": 1})
-    return ckpt.save_checkpoint(
-        str(out),
-        st,
-        {"w": torch.full((2,), float(step))},
-        {"state": {}, "param_groups": []},
-        {"last_epoch": step},
-        [ckpt.capture_rng(), ckpt.capture_rng()],
-    )
+    """A real (single-process) DCP checkpoint through the trainer's write/commit protocol."""
+    st = ckpt.TrainState(step=step, epoch=1, sample_pos=16, total_steps=10, world_size=2, extra={"a": 1})
+    ckdir = ckpt.checkpoints_dir(str(out))
+    tmp = ckpt.new_tmp_dir(ckdir, step)
+    ckpt.write_shards(tmp, {"model": {"w": torch.full((2,), float(step))}}, 0, ckpt.capture_rng())
+    return ckpt.commit(tmp, ckdir, st)
 
 
 def test_checkpoint_selection_ignores_incomplete_and_temporary(tmp_path: Path) -> None:
@@ -303,9 +300,14 @@ def test_checkpoint_selection_ignores_incomplete_and_temporary(tmp_path: Path) -
     assert [s for s, _ in ckpt.list_complete(str(ckdir))] == [3, 6]
     ckpt.remove_stale(str(ckdir))
     assert sorted(os.listdir(ckdir)) == ["step-3", "step-6", "step-x"]
-    loaded = ckpt.load_checkpoint(str(ckdir / "step-6"))
-    assert loaded.state.step == 6 and loaded.state.batches_in_epoch == 4 and loaded.state.extra == {"a": 1}
-    assert loaded.model_state["w"].tolist() == [6.0, 6.0] and len(loaded.rng_states) == 2
+    path = str(ckdir / "step-6")
+    assert ckpt.validate(path) is None
+    st = ckpt.read_state(path)
+    assert st.step == 6 and st.sample_pos == 16 and st.world_size == 2 and st.extra == {"a": 1}
+    loaded = {"model": {"w": torch.zeros(2)}}
+    ckpt.load_shards(path, loaded)
+    assert loaded["model"]["w"].tolist() == [6.0, 6.0]
+    assert ckpt.load_rng(path, 0) is not None and ckpt.load_rng(path, 1) is None
 
 
 def test_checkpoint_keeps_newest_two_and_resaves_atomically(tmp_path: Path) -> None:
@@ -316,6 +318,19 @@ def test_checkpoint_keeps_newest_two_and_resaves_atomically(tmp_path: Path) -> N
     _save(tmp_path, 8)  # same step again (e.g. after a resume): replaced, still complete
     assert sorted(os.listdir(ckdir)) == ["step-6", "step-8"]
     assert (ckdir / "step-8" / "complete").is_file()
+
+
+def test_validate_finds_truncated_and_missing_shards(tmp_path: Path) -> None:
+    path = Path(_save(tmp_path, 4))
+    shard = next((path / "dcp").glob("*.distcp"))
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:
+        f.truncate(size - 1)
+    assert "truncated" in (ckpt.validate(str(path)) or "")
+    shard.unlink()
+    assert "missing" in (ckpt.validate(str(path)) or "")
+    (path / "dcp" / ".metadata").write_bytes(b"garbage")
+    assert "metadata" in (ckpt.validate(str(path)) or "")
 
 
 def test_rng_round_trip() -> None:

@@ -169,7 +169,7 @@ def _zombie(pid: int) -> bool:
 
 
 def metrics(out: Path) -> dict[str, Any]:
-    return json.loads((out / "metrics.json").read_text())
+    return dict(json.loads((out / "metrics.json").read_text()))
 
 
 TINY_TOKENIZER = REPO / "examples" / "tokenizers" / "tiny-llama"
@@ -190,24 +190,6 @@ def llama_job(out: Path, strategy: str = "fsdp", **over: Any) -> dict[str, Any]:
     cfg = job(
         out,
         name="tiny-llama",
-        model={
-            "source": "",
-            "path": None,
-            "task": "causal-lm",
-            "numLabels": None,
-            "init": "scratch",
-            "config": dict(TINY_LLAMA),
-            "tokenizer": f"file://{TINY_TOKENIZER}",
-            "tokenizerPath": str(TINY_TOKENIZER),
-        },
-        dataset={
-            "source": "file://./examples/data/corpus.jsonl",
-            "path": str(CORPUS),
-            "format": "jsonl",
-            "textField": "text",
-            "labelField": None,
-            "validationSplit": 0.1,
-        },
         hyperparameters={
             "epochs": 1,
             "maxSteps": 10,
@@ -222,6 +204,20 @@ def llama_job(out: Path, strategy: str = "fsdp", **over: Any) -> dict[str, Any]:
         uid="uid-tiny",
         attempt=0,
     )
+    cfg["model"] = {
+        "task": "causal-lm",
+        "init": "scratch",
+        "config": dict(TINY_LLAMA),
+        "tokenizer": f"file://{TINY_TOKENIZER}",
+        "tokenizerPath": str(TINY_TOKENIZER),
+    }
+    cfg["dataset"] = {
+        "source": "file://./examples/data/corpus.jsonl",
+        "path": str(CORPUS),
+        "format": "jsonl",
+        "textField": "text",
+        "validationSplit": 0.1,
+    }
     for section, patch in over.items():
         if isinstance(patch, dict) and isinstance(cfg.get(section), dict):
             cfg[section] = {**cfg[section], **patch}

@@ -140,9 +140,12 @@ def new_tmp_dir(ckdir: str, step: int) -> str:
 
 def write_shards(tmp: str, app_state: dict[str, Any], rank: int, rng: dict[str, Any]) -> None:
     """Every rank (collective): its DCP shards of ``app_state`` and its RNG state."""
-    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import state_dict_saver
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
 
-    dcp.save(app_state, storage_writer=dcp.FileSystemWriter(os.path.join(tmp, DCP_DIR), sync_files=True))
+    state_dict_saver.save(
+        app_state, storage_writer=FileSystemWriter(os.path.join(tmp, DCP_DIR), sync_files=True)
+    )
     with open(os.path.join(tmp, RNG_DIR, f"rank-{rank}.pt"), "wb") as f:
         torch.save(rng, f)
         f.flush()
@@ -186,7 +189,7 @@ def read_state(path: str) -> TrainState:
 
 def validate(path: str) -> str | None:
     """None when ``path`` looks loadable; else what is wrong (read without loading any tensor)."""
-    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
 
     try:
         read_state(path)
@@ -214,9 +217,10 @@ def validate(path: str) -> str | None:
 
 def load_shards(path: str, app_state: dict[str, Any]) -> None:
     """Every rank (collective): fill ``app_state`` in place from the checkpoint (resharding as needed)."""
-    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import state_dict_loader
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
 
-    dcp.load(app_state, storage_reader=dcp.FileSystemReader(os.path.join(path, DCP_DIR)))
+    state_dict_loader.load(app_state, storage_reader=FileSystemReader(os.path.join(path, DCP_DIR)))
 
 
 def load_rng(path: str, rank: int) -> dict[str, Any] | None:
@@ -233,7 +237,7 @@ def load_rng(path: str, rank: int) -> dict[str, Any] | None:
 def capture_rng(device: torch.device | None = None) -> dict[str, Any]:
     """This process's RNG states, as plain lists/tensors (loadable with weights_only=True)."""
     py = random.getstate()
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()
     out: dict[str, Any] = {
         "python": [py[0], list(py[1]), py[2]],
         "numpy": [

@@ -95,8 +95,11 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     blocks = [m for m in model.modules() if type(m).__name__ in names]
     if blocks:
         return blocks
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-    return list(max(lists, key=len)) if lists else []
+    lists: list[nn.ModuleList] = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        return []
+    longest = max(lists, key=lambda m: len(m))
+    return list(longest)
 
 
 def enable_activation_checkpointing(model: nn.Module) -> bool:

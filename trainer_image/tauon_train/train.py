@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 from tauon_core.errors import (
+    ATTEMPT_SUPERSEDED,
     EXIT_OK,
     EXIT_RETRYABLE,
     EXIT_SIGTERM,
@@ -43,7 +45,7 @@ from . import checkpoint as ckpt
 from . import data, dist, schedule
 from . import output as out_mod
 from . import strategy as strategy_mod
-from .config import JobConfig, load_config
+from .config import Hyperparameters, JobConfig, load_config
 from .metrics import (
     ProgressReporter,
     TrainerMetrics,
@@ -220,8 +222,9 @@ def _config_limit(hf_config: Any, tokenizer: Any) -> int | None:
     return min(limits) if limits else None
 
 
-def batches_of(indices: list[int], size: int) -> list[list[int]]:
-    return [indices[i : i + size] for i in range(0, len(indices), size)]
+def batches_of(items: list[list[int]], size: int) -> list[list[list[int]]]:
+    """Micro-batches grouped into optimizer steps of ``size`` (gradient accumulation)."""
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _forward_kwargs(batch: dict[str, torch.Tensor], causal: bool, with_labels: bool) -> dict[str, Any]:
@@ -284,7 +287,8 @@ def evaluate(
 
 def make_optimizer(model: Any, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW; biases and norm weights (1-D parameters) get no weight decay."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for _, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -387,9 +391,10 @@ def _load_from_rank0(model: Any, full_sd: dict[str, torch.Tensor] | None, d: dis
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+    sd: dict[str, Any] = full_sd if d.is_main and full_sd is not None else {}
     set_model_state_dict(
         model,
-        full_sd if d.is_main and full_sd is not None else {},
+        sd,
         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
     )
 
@@ -560,7 +565,7 @@ def _claim_output(prep: Prepared, d: dist.DistEnv, device: torch.device) -> None
         except PermanentError as e:
             result = ("permanent", e.reason, e.message)
         except out_mod.Superseded as e:
-            result = ("superseded", out_mod.ATTEMPT_SUPERSEDED, str(e))
+            result = ("superseded", ATTEMPT_SUPERSEDED, str(e))
     result = dist.broadcast_object(d, result)
     if result is None:
         return
@@ -569,7 +574,7 @@ def _claim_output(prep: Prepared, d: dist.DistEnv, device: torch.device) -> None
     raise out_mod.Superseded(result[2])
 
 
-def plan_total(state: ckpt.TrainState, n: int, hp: Any, world: int) -> int:
+def plan_total(state: ckpt.TrainState, n: int, hp: Hyperparameters, world: int) -> int:
     """Optimizer steps of the whole run at this world size (the steps done so far count as they were)."""
     if hp.max_steps:
         return int(hp.max_steps)
@@ -916,6 +921,8 @@ def _quiet_libraries(d: dist.DistEnv) -> None:
     except Exception:
         pass
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -933,12 +940,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:  # not the main thread (embedded use)
         previous = None
     try:
-        return run(args.config, d, stop, t0)
+        return int(run(args.config, d, stop, t0))
     except PermanentError as e:
         return report_permanent(e)
     except out_mod.Superseded as e:
         print(f"tauon-trainer: {e}; stopping without writing", file=sys.stderr, flush=True)
-        write_termination_log({"retryable": True, "reason": out_mod.ATTEMPT_SUPERSEDED, "message": str(e)})
+        write_termination_log({"retryable": True, "reason": ATTEMPT_SUPERSEDED, "message": str(e)})
         return EXIT_RETRYABLE
     except StopRequested:
         write_termination_log(
