@@ -347,3 +347,15 @@ def test_serve_runtime_and_generation():
         },
     }
     assert build.manifest(isvc) == hand == roundtrip(InferenceService, hand)
+
+
+def test_cli_reports_bad_use_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    from tauon.cli import main
+
+    assert main(["wait", "x", "--kubeconfig", str(tmp_path / "absent")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("tauon: no usable Kubernetes configuration") and err.count("\n") == 1
+    assert main(["logs", "nope", "--local", "--workdir", str(tmp_path)]) == 1
+    assert (
+        capsys.readouterr().err == f"tauon: FineTuneJob 'nope' not found in local run directory {tmp_path}\n"
+    )

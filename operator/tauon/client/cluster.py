@@ -175,7 +175,7 @@ class ClusterBackend:
             return dict(self.call("POST", self._path(kind), obj))
         except ApiException as e:
             if e.status == 409:
-                raise AlreadyExists(kind, name, self.namespace) from None
+                raise AlreadyExists(kind, name, self.where) from None
             raise self._refused(e, kind, name, "create") from None
 
     def get(self, kind: str, name: str) -> Manifest | None:
@@ -192,7 +192,7 @@ class ClusterBackend:
             self.call("DELETE", self._path(kind, name), body)
         except ApiException as e:
             if e.status == 404:
-                raise NotFound(kind, name, self.namespace) from None
+                raise NotFound(kind, name, self.where) from None
             raise self._refused(e, kind, name, "delete") from None
         fwd = self._forwards.pop(name, None)
         if fwd:
@@ -211,7 +211,7 @@ class ClusterBackend:
         """Merged logs of the job's current attempt, `[rank N]` prefixed; with follow, until the job ends
         (a restarted gang's new pods are followed too)."""
         if self.get("FineTuneJob", name) is None:
-            raise NotFound("FineTuneJob", name, self.namespace)
+            raise NotFound("FineTuneJob", name, self.where)
         out: queue.Queue[object] = queue.Queue(maxsize=10000)
         fut = asyncio.run_coroutine_threadsafe(self._stream_job(name, follow, out), self._loop.loop)
         try:

@@ -19,17 +19,19 @@ class SpecError(TauonError, ValueError):
 
 
 class NotFound(TauonError, LookupError):
-    def __init__(self, kind: str, name: str, namespace: str):
+    """`where` says where it was looked for: "namespace 'ns'" or "local run directory /path"."""
+
+    def __init__(self, kind: str, name: str, where: str):
         self.kind = kind
         self.name = name
-        self.namespace = namespace
-        super().__init__(f"{kind} {name!r} not found in namespace {namespace!r}")
+        self.where = where
+        super().__init__(f"{kind} {name!r} not found in {where}")
 
 
 class AlreadyExists(TauonError):
-    def __init__(self, kind: str, name: str, namespace: str):
+    def __init__(self, kind: str, name: str, where: str):
         super().__init__(
-            f"{kind} {name!r} already exists in namespace {namespace!r} "
+            f"{kind} {name!r} already exists in {where} "
             "(delete it first, or get a handle with job()/service())"
         )
 
