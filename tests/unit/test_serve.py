@@ -18,6 +18,7 @@ from tauon_serve.batching import (
     DynamicBatcher,
     PendingRequest,
     QueueFull,
+    QueueTimeout,
     Segment,
     take_batch,
 )
@@ -131,6 +132,34 @@ def test_parse_args_env_and_flags() -> None:
         parse_args([], env={"TAUON_MODEL_NAME": "n"})
 
 
+def test_parse_args_llm_flags_from_env_and_flags() -> None:
+    """The flags the operator renders for spec.generation (and their environment variables)."""
+    from tauon_serve.serve import parse_args
+
+    env = {
+        "TAUON_MODEL_DIR": "/m",
+        "TAUON_MODEL_NAME": "n",
+        "TAUON_MAX_MODEL_LENGTH": "4096",
+        "TAUON_MAX_NEW_TOKENS": "256",
+        "TAUON_MAX_CONCURRENT_SEQUENCES": "64",
+        "TAUON_MAX_QUEUED_SEQUENCES": "9",
+        "TAUON_MAX_QUEUE_WAIT_SECONDS": "5",
+        "TAUON_LIMIT_CONCURRENCY": "100",
+    }
+    cfg = parse_args([], env=env)
+    assert (cfg.max_model_length, cfg.max_new_tokens, cfg.max_concurrent_sequences) == (4096, 256, 64)
+    assert (cfg.max_queued_sequences, cfg.max_queue_wait_seconds, cfg.limit_concurrency) == (9, 5.0, 100)
+    cfg = parse_args(["--max-concurrent-sequences", "3", "--max-model-length", "128"], env=env)
+    assert cfg.max_concurrent_sequences == 3 and cfg.max_model_length == 128
+    for bad in (
+        ["--max-concurrent-sequences", "0"],
+        ["--max-model-length", "-1"],
+        ["--max-queued-sequences=0"],
+    ):
+        with pytest.raises(SystemExit):
+            parse_args(bad, env=env)
+
+
 def test_model_source_resolution(tmp_path: Path) -> None:
     from tauon_core.sources import ModelSourceError
     from tauon_serve.predictor import detect_task, resolve_model_source
@@ -236,15 +265,50 @@ async def test_batcher_max_batch_one() -> None:
     assert sorted(len(x) for x in rec.batches) == [1, 1, 1]
 
 
-async def test_batcher_waits_for_the_window_then_runs_a_partial_batch() -> None:
+async def test_batcher_lone_request_runs_at_once_without_the_window() -> None:
+    """Adaptive batching (issue 15): a request that finds the model idle does not wait for the window.
+    (Replaces the old test that asserted a lone request waited the whole window.)"""
     rec = _Recorder()
-    b: DynamicBatcher[str, str] = DynamicBatcher(rec, max_batch_size=32, max_latency_s=0.2)
+    b: DynamicBatcher[str, str] = DynamicBatcher(rec, max_batch_size=32, max_latency_s=2.0)
     b.start()
     t0 = time.perf_counter()
     assert await b.submit(["solo"]) == ["SOLO"]
+    assert time.perf_counter() - t0 < 1.0
+    await b.close()
+
+
+async def test_batcher_backlog_waits_for_the_window_then_runs_a_partial_batch() -> None:
+    """Work that queued while a pass ran is a backlog: it waits up to the window (from its oldest
+    instance) for the batch to fill, and then runs together."""
+    rec = _Recorder(delay=0.1)
+    b: DynamicBatcher[str, str] = DynamicBatcher(rec, max_batch_size=32, max_latency_s=0.3)
+    b.start()
+    first = asyncio.ensure_future(b.submit(["first"]))
+    await asyncio.sleep(0.02)  # "first" is running now
+    t0 = time.perf_counter()
+    queued = asyncio.ensure_future(b.submit(["q1"]))
+    await asyncio.sleep(0.15)  # the pass has ended; the backlog waits for the window
+    late = asyncio.ensure_future(b.submit(["q2"]))
+    assert await queued == ["Q1"] and await late == ["Q2"] and await first == ["FIRST"]
     elapsed = time.perf_counter() - t0
     await b.close()
-    assert 0.18 <= elapsed < 2.0
+    assert [sorted(x) for x in rec.batches] == [["first"], ["q1", "q2"]]
+    assert 0.25 <= elapsed < 3.0
+
+
+async def test_batcher_queue_wait_deadline() -> None:
+    rec = _Recorder(delay=0.3)
+    b: DynamicBatcher[str, str] = DynamicBatcher(
+        rec, max_batch_size=1, max_latency_s=0.0, max_queue_wait_s=0.1
+    )
+    b.start()
+    first = asyncio.ensure_future(b.submit(["a"]))
+    await asyncio.sleep(0.01)
+    with pytest.raises(QueueTimeout):
+        await b.submit(["b"])  # waited 0.3 s behind "a", longer than 0.1 s
+    assert await first == ["A"]
+    await b.close()
+    assert rec.batches == [["a"]]
 
 
 async def test_batcher_isolates_a_failing_request() -> None:
@@ -259,20 +323,22 @@ async def test_batcher_isolates_a_failing_request() -> None:
 
 
 async def test_batcher_close_drains_queue_and_refuses_new_work() -> None:
-    rec = _Recorder()
+    rec = _Recorder(delay=0.1)
     depths: list[int] = []
     b: DynamicBatcher[str, str] = DynamicBatcher(
         rec, max_batch_size=32, max_latency_s=30, max_queued_items=5, on_queue_depth=depths.append
     )
     b.start()
+    busy = asyncio.ensure_future(b.submit(["x"]))  # idle model: runs at once; what follows is a backlog
+    await asyncio.sleep(0.01)
     pending = asyncio.ensure_future(b.submit(["a", "b", "c"]))
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)
     assert b.queued == 3
     with pytest.raises(QueueFull):
         await b.submit(["d", "e", "f"])
     t0 = time.perf_counter()
     await b.close()  # must not wait for the 30 s window
-    assert await pending == ["A", "B", "C"]
+    assert await pending == ["A", "B", "C"] and await busy == ["X"]
     assert time.perf_counter() - t0 < 2
     assert depths[-1] == 0
     with pytest.raises(BatcherClosed):
