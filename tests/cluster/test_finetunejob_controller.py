@@ -357,3 +357,55 @@ def test_sigkill_during_creation_of_20_jobs_leaves_no_duplicates_or_orphans(
     for i in range(20):
         st = status(cluster, namespace, f"bulk-{i}")
         assert st["restarts"] == 0 and st["attempt"] == 0
+
+
+def test_foreign_config_map_blocks_pods(cluster: Cluster, operator, namespace: str):
+    """A ConfigMap with the job's child name that tauon does not own: no pod may start with it."""
+    cluster.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "foreign-config", "namespace": namespace},
+            "data": {"job.json": "{}"},
+        }
+    )
+    cluster.apply(job("foreign", nodes=2), "-n", namespace)
+    wait_until(
+        lambda: (
+            (c := condition(get_job(cluster, namespace, "foreign"), "Created")) is not None
+            and c["reason"] == "ResourceConflict"
+        ),
+        T,
+        "Created False/ResourceConflict",
+    )
+    time.sleep(3)  # several periodic passes
+    assert pods(cluster, namespace, "foreign") == [], "pods created beside a foreign ConfigMap"
+    cluster.kubectl("delete", "configmap", "foreign-config", "-n", namespace)
+    running_gang(cluster, namespace, "foreign", 0, 2)
+
+
+def test_status_write_from_a_stale_or_ghost_body_is_refused(cluster: Cluster, operator, namespace: str):
+    """The API server honours metadata.resourceVersion in a status patch as a precondition: tauon.kube
+    relies on it so a stale cache (or a ghost of a deleted job with the same name) never writes status."""
+    cluster.apply(job("rvcheck", nodes=1, suspend=True), "-n", namespace)
+    wait_phase(cluster, namespace, "rvcheck", "Suspended")
+
+    def patch(rv: str):
+        body = json.dumps({"metadata": {"resourceVersion": rv}, "status": {"restarts": 7}})
+        return cluster.kubectl(
+            "patch",
+            "ftj",
+            "rvcheck",
+            "-n",
+            namespace,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            body,
+            check=False,
+        )
+
+    wrong = patch("1")
+    assert wrong.returncode != 0 and "modified" in (wrong.stderr or ""), wrong.stderr
+    rv = get_job(cluster, namespace, "rvcheck")["metadata"]["resourceVersion"]
+    assert patch(rv).returncode == 0

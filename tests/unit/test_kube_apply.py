@@ -15,10 +15,13 @@ from kubernetes_asyncio import client
 
 from tauon.kube.apply import apply_plan
 from tauon.kube.client import Forbidden, Kube
-from tauon.reconcile.plan import Plan
+from tauon.reconcile.plan import Event, Plan
 
 NS = "team-a"
-JOB = {"metadata": {"name": "ft", "namespace": NS, "uid": "job-uid"}, "status": {"phase": "Running"}}
+JOB = {
+    "metadata": {"name": "ft", "namespace": NS, "uid": "job-uid", "resourceVersion": "41"},
+    "status": {"phase": "Running"},
+}
 
 
 class FakeApiServer:
@@ -139,3 +142,30 @@ async def test_a_black_holed_request_times_out(api: tuple[FakeApiServer, Kube]) 
     with pytest.raises(asyncio.TimeoutError):
         await kube.get("Pod", NS, "p")
     assert time.monotonic() - t0 < 20  # the timeout is 1 s; generous margin on a loaded machine
+
+
+async def test_status_patch_carries_the_resource_version(api: tuple[FakeApiServer, Kube]) -> None:
+    fake, kube = api
+    path = f"/apis/tauon.dev/v1alpha1/namespaces/{NS}/finetunejobs/ft/status"
+    await apply_plan(kube, "FineTuneJob", JOB, Plan(status={"phase": "Failed"}))
+    (method, p, payload) = fake.requests[-1]
+    assert (method, p) == ("PATCH", path) and payload["metadata"] == {"resourceVersion": "41"}
+
+
+async def test_stale_or_ghost_body_writes_nothing(api: tuple[FakeApiServer, Kube]) -> None:
+    fake, kube = api
+    path = f"/apis/tauon.dev/v1alpha1/namespaces/{NS}/finetunejobs/ft/status"
+    fake.rules[("PATCH", path)] = (
+        409,
+        {"kind": "Status", "reason": "Conflict", "message": "the object has been modified"},
+    )
+    posted: list[Any] = []
+
+    async def post(ev: Any) -> None:
+        posted.append(ev)
+
+    plan = Plan(stops=["ft-r0-node-1"], status={"phase": "Failed"}, status_first=True)
+    plan.events.append(Event("Warning", "DeadlineExceeded", "late"))
+    result = await apply_plan(kube, "FineTuneJob", JOB, plan, post)
+    assert result.stale and fake.calls("PATCH") == [f"PATCH {path}"], "a stale plan must not stop pods"
+    assert posted == []

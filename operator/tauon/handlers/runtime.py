@@ -75,6 +75,8 @@ class Runtime:
             )
 
         result = await apply_plan(self.kube, kind, body, plan, post)
+        if result.stale:  # planned from an old version: the watch delivers the new one and triggers
+            log.debug("%s %s/%s changed while planning; re-planning from the new version", kind, *key[1:])
         if result.written is not None:
             self.written[key] = result.written
         again = False

@@ -1,6 +1,7 @@
 """Apply a Plan. Status first when the plan says so (new attempts, terminal transitions: a crash must
 never double-count a restart or turn a terminal failure into a restart), otherwise children first and
-status last (a crash never records what was not done). No pod is created while a non-pod child (the
+status last (a crash never records what was not done). Status writes carry the resourceVersion the
+plan was made from: a stale or ghost body writes nothing (and, status first, does nothing). No pod is created while a non-pod child (the
 job's ConfigMap, its Service) is in conflict or refused: pods must never start with a foreign config."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from tauon.kube.client import Conflict, Forbidden, Invalid, Kube
+from tauon.kube.client import Conflict, Forbidden, Invalid, Kube, Stale
 from tauon.reconcile.plan import Event, Plan
 
 Manifest = dict[str, Any]
@@ -38,6 +39,7 @@ class ApplyResult:
         self.forbidden: list[Forbidden] = []  # creates the API server forbade (403: quota, PodSecurity)
         self.written: Manifest | None = None  # the object after our status write
         self.skipped_pods: int = 0  # pods not created because a non-pod child failed
+        self.stale = False  # the object changed since the plan was made: nothing after that was done
 
 
 async def apply_plan(
@@ -51,7 +53,8 @@ async def apply_plan(
         if plan.status is not None:
             patch = merge_patch(obj.get("status") or {}, plan.status)
             if patch:
-                result.written = await kube.patch_status(kind, ns, name, patch)
+                rv = meta.get("resourceVersion")
+                result.written = await kube.patch_status(kind, ns, name, patch, resource_version=rv)
 
     async def guarded(coro: Awaitable[None]) -> bool:
         try:
@@ -66,8 +69,12 @@ async def apply_plan(
             return True
         return False
 
-    if plan.status_first:
-        await write_status()
+    try:
+        if plan.status_first:
+            await write_status()
+    except Stale:
+        result.stale = True  # decided on an old version: do none of it; the newer version triggers a pass
+        return result
     await asyncio.gather(*(kube.delete(k, ns, n) for k, n in plan.deletes))
     await asyncio.gather(*(kube.stop_pod(ns, n) for n in plan.stops))
     # ConfigMap/Service before pods, so pods never start without their config (nor with another's).
@@ -81,7 +88,11 @@ async def apply_plan(
     await asyncio.gather(*(guarded(kube.apply(c, uid)) for c in plan.applies))
 
     if not plan.status_first:
-        await write_status()
+        try:
+            await write_status()
+        except Stale:
+            result.stale = True  # children are idempotent; the next pass re-plans from the new version
+            return result
     if post_event is not None:
         for ev in plan.events:
             await post_event(ev)

@@ -52,6 +52,13 @@ class Invalid(Exception):
     """The API server refused a child (422): a spec problem the user must fix."""
 
 
+class Stale(Exception):
+    """A write was based on an old version of the object (409 on its resourceVersion precondition)."""
+
+    def __init__(self, kind: str, name: str):
+        super().__init__(f"{kind} {name} changed since it was read")
+
+
 class Forbidden(Exception):
     """The API server forbade creating a child (403: a ResourceQuota, PodSecurity admission, RBAC)."""
 
@@ -209,9 +216,22 @@ class Kube:
         """Stop a pod but keep it (and its logs): the kubelet kills it after activeDeadlineSeconds."""
         await self.patch("Pod", namespace, name, {"spec": {"activeDeadlineSeconds": 1}})
 
-    async def patch_status(self, kind: str, namespace: str, name: str, status: Manifest) -> Manifest | None:
-        """Returns the object as the API server stored it (fresher than any watch-fed cache)."""
-        return await self.patch(kind, namespace, name, {"status": status}, sub="status")
+    async def patch_status(
+        self, kind: str, namespace: str, name: str, status: Manifest, resource_version: str | None = None
+    ) -> Manifest | None:
+        """Returns the object as the API server stored it (fresher than any watch-fed cache), or None when
+        it is gone. With `resource_version` the patch only applies to that version of the object: a plan
+        made from a stale cache, or from a ghost of a deleted object with the same name, raises Stale
+        (metadata.uid is not checked by the status subresource; the resourceVersion is)."""
+        patch: Manifest = {"status": status}
+        if resource_version:
+            patch["metadata"] = {"resourceVersion": resource_version}
+        try:
+            return await self.patch(kind, namespace, name, patch, sub="status")
+        except ApiException as e:
+            if resource_version and e.status == 409:
+                raise Stale(kind, name) from e
+            raise
 
     async def pvc_access_modes(self, namespace: str, claim: str) -> list[str] | None:
         pvc = await self.get("PersistentVolumeClaim", namespace, claim)
