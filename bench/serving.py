@@ -15,6 +15,11 @@ p50/p99 latency, errors, the mean instances per forward pass (the server's ``tau
 histogram) and the mean time a request spends inside the server app (``server_mean_ms``, from
 ``tauon_server_request_duration_seconds``; it excludes uvicorn's HTTP parsing and the client).
 
+Also measured in the same run: the raw model's batch-32 forward rate (tokenization included, same
+threads, in this process, no server), and the ratios issue 15 asks for: a lone client with batching on
+vs off (adaptive batching: target >= 0.95), and 32 clients with batching vs the raw batch-32 rate
+(target >= 0.9).
+
 Writes bench/results/serving.json and bench/results/serving.png. The client runs on the same machine
 as the server, so it competes for the same CPUs; the JSON records the machine and its load average.
 """
@@ -188,6 +193,29 @@ async def closed_loop(url: str, concurrency: int, duration: float) -> dict[str, 
     }
 
 
+def raw_forward_rate(model_dir: Path, threads: int, duration: float, batch: int = 32) -> float:
+    """Instances/s of the bare model: tokenize + forward + softmax on batches of ``batch`` texts."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.set_num_threads(threads)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    texts = [TEXTS[i % len(TEXTS)] for i in range(batch)]
+
+    def once() -> None:
+        enc = tok(texts, padding=True, truncation=True, return_tensors="pt")
+        torch.softmax(model(**enc).logits.float(), dim=-1).tolist()
+
+    with torch.inference_mode():
+        once()
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < duration:
+            once()
+            n += 1
+        return batch * n / (time.perf_counter() - t0)
+
+
 def machine() -> dict[str, Any]:
     import torch
 
@@ -308,6 +336,20 @@ def main() -> int:
                 results["runs"][mode] = runs
             finally:
                 stop_server(proc)
+        raw = raw_forward_rate(model, args.threads, args.duration)
+    results["raw_batch32_instances_per_s"] = round(raw, 1)
+    by_c = {
+        mode: {r["concurrency"]: r["requests_per_s"] for r in runs} for mode, runs in results["runs"].items()
+    }
+    lo, hi = min(levels), max(levels)
+    if by_c["no-batching"].get(lo):
+        results["lone_client_batching_vs_off"] = round(by_c["batching"][lo] / by_c["no-batching"][lo], 3)
+    results["max_clients_batching_vs_raw_batch32"] = round(by_c["batching"][hi] / raw, 3)
+    print(
+        f"raw batch-32 forward: {raw:.1f} instances/s; lone client on/off: "
+        f"{results.get('lone_client_batching_vs_off')}; {hi} clients vs raw: "
+        f"{results['max_clients_batching_vs_raw_batch32']}"
+    )
     results["total_bench_seconds"] = round(time.monotonic() - t_start, 1)
     json_path = args.results_dir / f"{args.output_name}.json"
     png_path = args.results_dir / f"{args.output_name}.png"

@@ -453,3 +453,27 @@ def test_full_queue_is_429_with_retry_after() -> None:
         assert llm.sampling(parse_completion(COMPLETION, D), 62).max_tokens == 2  # default capped by room
 
     asyncio.run(go())
+
+
+def test_a_failing_prefill_fails_only_the_joining_sequences() -> None:
+    class Broken(FakeBackend):
+        fail = False
+
+        def prefill(self, seqs: Sequence[Sequence_]) -> list[int]:
+            if self.fail:
+                raise RuntimeError("out of memory")
+            return super().prefill(seqs)
+
+    be = Broken()
+    s = Scheduler(be, max_running=4, max_waiting=10)
+    ok = _seq(5)
+    s.submit(ok)
+    s.step()
+    be.fail = True
+    events: list[Event] = []
+    bad = _seq(5, events)
+    s.submit(bad)
+    s.step()
+    assert bad.finish_reason == "error" and events[-1].error == "RuntimeError: out of memory"
+    _run(s)
+    assert ok.finish_reason == "length" and len(ok.generated) == 5

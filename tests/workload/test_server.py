@@ -343,7 +343,9 @@ def test_metadata_and_health_endpoints(clf_server: Server) -> None:
     assert meta["outputs"][1]["shape"] == [-1, 2]
     assert httpx.get(f"{u}/v2/models/{NAME}/ready").json() == {"name": NAME, "ready": True}
     assert httpx.get(f"{u}/v1/models/{NAME}").json() == {"name": NAME, "ready": True}
-    assert httpx.get(f"{u}/v1/models").json() == {"models": [NAME]}
+    listing = httpx.get(f"{u}/v1/models").json()  # KServe V1's body plus OpenAI's list keys
+    assert listing["models"] == [NAME] and listing["object"] == "list"
+    assert [m["id"] for m in listing["data"]] == [NAME]
     assert httpx.get(f"{u}/v2/models/other/ready").status_code == 404
 
 
@@ -421,6 +423,10 @@ MALFORMED: list[tuple[str, str, str, Any, dict[str, str], int, str]] = [
     ("v2-wrong-datatype", "POST", V2, _v2_input(datatype="FP32"), JSON, 400, "inputs[0].datatype must be BYTES"),
     ("v2-wrong-shape", "POST", V2, _v2_input(shape=[3]), JSON, 400, "inputs[0].shape [3] describes 3 elements"),
     ("v2-shape-not-ints", "POST", V2, _v2_input(shape=["2"]), JSON, 400, "inputs[0].shape must be"),
+    ("v2-shape-rank", "POST", V2, _v2_input(shape=[1] * 9), JSON, 400, "inputs[0].shape has rank 9"),
+    ("v2-shape-huge-dim", "POST", V2, _v2_input(shape=[10**30, 0]), JSON, 400, "no dimension may exceed"),
+    ("v2-5000-digit-int", "POST", V2, b'{"inputs": [{"shape": [' + b"7" * 5000 + b"]}]}", JSON, 400,
+     "not valid JSON"),
     ("v2-non-string-data", "POST", V2, _v2_input(data=["a", 7]), JSON, 400, "inputs[0].data[1] must be a string"),
     ("v2-empty-data", "POST", V2, _v2_input(data=[], shape=[0]), JSON, 400, "inputs[0].data must not be empty"),
     ("v2-missing-data", "POST", V2, {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1]}]}, JSON, 400,

@@ -168,14 +168,7 @@ class LLMService:
         params = self.sampling(req, len(ids))
         seq = self.submit(ids, params)
         rid = new_id(kind)
-        cancelled = False
-
-        def on_disconnect() -> None:
-            nonlocal cancelled
-            cancelled = True
-            seq.cancel()
-
-        watcher: asyncio.Task[None] | None = asyncio.create_task(watch_disconnect(request, on_disconnect))
+        watcher: asyncio.Task[None] | None = asyncio.create_task(watch_disconnect(request, seq.cancel))
         try:
             first = await seq.next_event()
             _raise_for(first)

@@ -196,13 +196,6 @@ def parse_v2_infer(body: Any, limits: Limits, output_names: Sequence[str]) -> V2
         )
     if len(shape) > MAX_SHAPE_RANK:
         raise RequestError(400, f"{where}.shape has rank {len(shape)}; at most {MAX_SHAPE_RANK} dimensions")
-    for k, d in enumerate(shape):
-        if d > limits.max_instances:
-            raise RequestError(
-                400,
-                f"{where}.shape[{k}] is {_short(d, 24)}; no dimension may exceed {limits.max_instances} "
-                "(--max-instances)",
-            )
 
     if "data" not in inp:
         raise RequestError(400, f"{where}.data is required (a list of strings)")
@@ -210,6 +203,13 @@ def parse_v2_infer(body: Any, limits: Limits, output_names: Sequence[str]) -> V2
     if not isinstance(data, list):
         raise RequestError(400, f"{where}.data must be a list of strings, got {_type_name(data)}")
     _check_count(len(data), f"{where}.data", limits)
+    for k, d in enumerate(shape):  # bounded before the product: no big-int arithmetic on the event loop
+        if d > limits.max_instances:
+            raise RequestError(
+                400,
+                f"{where}.shape[{k}] is {_short(d, 24)}; no dimension may exceed {limits.max_instances} "
+                "(--max-instances)",
+            )
 
     elements = 1
     for d in shape:

@@ -233,7 +233,14 @@ class Scheduler:
             self._drop(lambda s: s.done, None)
         admitted = self._admit()
         if admitted:
-            first = self.backend.prefill(admitted)
+            try:
+                first = self.backend.prefill(admitted)
+            except Exception as exc:  # the batch is untouched: only the joining sequences fail
+                log.exception("prefill of %d sequences failed", len(admitted))
+                for seq in admitted:
+                    self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
+                self._report_gauges()
+                return
             self.running.extend(admitted)
             now = time.monotonic()
             for seq, tok in zip(admitted, first, strict=True):
