@@ -143,3 +143,37 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     if device.type == "cuda":
         kwargs["device_ids"] = [device.index]
     return DDP(model, **kwargs)
+
+
+def _local_bytes(t: Any) -> int:
+    from torch.distributed.tensor import DTensor
+
+    if t is None or not isinstance(t, torch.Tensor):
+        return 0
+    if isinstance(t, DTensor):
+        t = t.to_local()
+    return int(t.numel() * t.element_size())
+
+
+def local_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """What this rank holds of the training state after an optimizer step: parameters, optimizer state,
+    and gradients (the size of the trainable parameters: they exist from backward to ``zero_grad``)."""
+    params = sum(_local_bytes(p) for p in model.parameters())
+    grads = sum(_local_bytes(p) for p in model.parameters() if p.requires_grad)
+    optim = sum(_local_bytes(v) for st in optimizer.state.values() for v in st.values())
+    return {"params": params, "grads": grads, "optimizer": optim, "total": params + grads + optim}
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process (Linux)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def peak_rss_bytes() -> int:
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

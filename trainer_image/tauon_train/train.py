@@ -595,7 +595,9 @@ def _run(cfg: JobConfig, d: dist.DistEnv, stop: StopFlag, t0: float, metrics: Tr
     _quiet_libraries(d)
     seed_everything(hp.seed)
     prep = prepare(cfg, d)  # permanent errors surface here, before any rendezvous
+    rss_before = strategy_mod.rss_bytes()
     s = setup_model(prep, d)
+    _memory_report(d, loadRssBefore=rss_before, loadPeakRss=strategy_mod.peak_rss_bytes())
     _claim_output(prep, d, s.device)
     log(
         d,
@@ -702,6 +704,8 @@ def _train_and_finish(
             t_step = time.monotonic()
             loss_acc, n_samples, n_tokens = _train_step(s, prep, collate, group, scaler, causal)
             _trace(d, state.step + 1, state.epoch, group)
+            if state.step == resumed_from:  # the first step of this process: optimizer state exists now
+                _memory_report(d, stateBytes=strategy_mod.local_state_bytes(s.raw_model, s.optimizer))
             done_mb += len(group)
             state.step += 1
             state.sample_pos = data.position_after(start, done_mb, n, W, B)
@@ -766,6 +770,16 @@ def _train_and_finish(
         log(d, f"done: {m}")
     dist.barrier(d, device)
     return EXIT_OK
+
+
+def _memory_report(d: dist.DistEnv, **values: Any) -> None:
+    """``$TAUON_MEMORY_REPORT=PATH``: merge ``values`` into ``PATH.rank<R>.json`` (bench/memory.py)."""
+    path = os.environ.get("TAUON_MEMORY_REPORT", "")
+    if not path:
+        return
+    f = f"{path}.rank{d.rank}.json"
+    old = json.loads(open(f, encoding="utf-8").read()) if os.path.exists(f) else {}
+    atomic_write_json(f, {**old, **values})
 
 
 def _trace(d: dist.DistEnv, step: int, epoch: int, group: list[list[int]]) -> None:
