@@ -54,7 +54,7 @@ class Runtime:
     def trigger(self, controller: str, namespace: str, name: str) -> None:
         self.queue.trigger(controller, namespace, name)
 
-    async def apply(self, controller: str, kind: str, body: dict[str, Any], plan: Plan) -> None:
+    async def apply(self, controller: str, kind: str, body: dict[str, Any], plan: Plan) -> ApplyResult:
         """Apply a non-empty plan for one object; remember what the API server said for the next pass."""
         assert self.kube is not None
         meta = body["metadata"]
@@ -90,6 +90,7 @@ class Runtime:
         again = self._remember_forbidden(key, plan, result) or again
         if again:
             self.trigger(*key)
+        return result
 
     def _remember_forbidden(self, key: Key, plan: Plan, result: ApplyResult) -> bool:
         """403s on create are kept until a pass creates without one; True when they are new."""

@@ -53,8 +53,8 @@ async def reconcile_object(ctl: Controller[T], namespace: str, name: str) -> Non
         plan = await ctl.plan(obj, body, body["metadata"]["uid"], now)
     if plan.is_empty():
         return
-    await RT.apply(ctl.name, ctl.kind, body, plan)
-    if ctl.after is not None:
+    result = await RT.apply(ctl.name, ctl.kind, body, plan)
+    if ctl.after is not None and not result.stale:  # a stale plan did nothing: nothing to count
         ctl.after(body, plan)
 
 
