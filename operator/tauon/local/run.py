@@ -208,7 +208,8 @@ def serve_inferenceservice(
     log = runs / f"{isvc.metadata.name}-server.log"
     proc = lp.start(prep, log)
     url = f"http://127.0.0.1:{port}"
-    console.print(f"serving [cyan]{isvc.metadata.name}[/] ({' '.join(prep.argv[1:])}); logs in {log}")
+    model = prep.argv[prep.argv.index("--model") + 1]
+    console.print(f"serving [cyan]{isvc.metadata.name}[/] from {model}; logs in {log}")
     try:
         deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline and proc.poll() is None:
