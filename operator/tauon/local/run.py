@@ -193,9 +193,8 @@ def prepare_server(isvc: InferenceService, runs: Path, port: int | None) -> lp.P
 def serve_inferenceservice(
     isvc: InferenceService, runs: Path, port: int | None, ready_timeout: float = 300
 ) -> int:
-    runs = runs.resolve()
     try:
-        prep = prepare_server(isvc, runs, port)
+        prep = prepare_server(isvc, runs.resolve(), port)
     except lp.Unsupported as e:
         console.print(f"[red]{e}[/]")
         return 1
