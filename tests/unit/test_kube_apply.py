@@ -169,3 +169,45 @@ async def test_stale_or_ghost_body_writes_nothing(api: tuple[FakeApiServer, Kube
     result = await apply_plan(kube, "FineTuneJob", JOB, plan, post)
     assert result.stale and fake.calls("PATCH") == [f"PATCH {path}"], "a stale plan must not stop pods"
     assert posted == []
+
+
+async def test_namespace_being_deleted_gets_no_creates_status_or_events(
+    api: tuple[FakeApiServer, Kube],
+) -> None:
+    fake, kube = api
+    fake.rules[("POST", f"/api/v1/namespaces/{NS}/configmaps")] = (
+        403,
+        {
+            "kind": "Status",
+            "reason": "Forbidden",
+            "message": f"configmaps is forbidden: unable to create new content in namespace {NS} because it is being terminated",
+            "details": {"causes": [{"reason": "NamespaceTerminating"}]},
+        },
+    )
+    posted: list[Any] = []
+
+    async def post(ev: Any) -> None:
+        posted.append(ev)
+
+    plan = Plan(
+        creates=[child("ConfigMap", "ft-config"), child("Pod", "ft-r1-node-0")],
+        status={"phase": "Restarting"},
+    )
+    plan.events.append(Event("Warning", "Restarting", "gang restarts"))
+    result = await apply_plan(kube, "FineTuneJob", JOB, plan, post)
+    assert result.namespace_terminating
+    assert fake.calls("POST") == [f"POST /api/v1/namespaces/{NS}/configmaps"], (
+        "no pod create after the refusal"
+    )
+    assert fake.calls("PATCH") == [] and posted == []
+
+
+def test_runtime_skips_a_terminating_namespace_for_a_while() -> None:
+    from tauon.handlers.runtime import Runtime
+
+    rt = Runtime(terminating_recheck_seconds=3600)
+    assert not rt.namespace_terminating(NS)
+    rt.terminating[NS] = time.monotonic()
+    assert rt.namespace_terminating(NS) and not rt.namespace_terminating("other")
+    rt.terminating_recheck_seconds = 0  # checked again later: the namespace may have been re-created
+    assert not rt.namespace_terminating(NS) and NS not in rt.terminating

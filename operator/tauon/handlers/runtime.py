@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -50,6 +51,9 @@ class Runtime:
     # objects as our own status writes returned them: fresher than the watch until it catches up
     written: dict[Key, dict[str, Any]] = field(default_factory=dict)
     periodic: asyncio.Task[None] | None = None
+    # namespace -> monotonic time the API server said it is being deleted (checked again after a while)
+    terminating: dict[str, float] = field(default_factory=dict)
+    terminating_recheck_seconds: float = 60.0
 
     def trigger(self, controller: str, namespace: str, name: str) -> None:
         self.queue.trigger(controller, namespace, name)
@@ -75,6 +79,9 @@ class Runtime:
             )
 
         result = await apply_plan(self.kube, kind, body, plan, post)
+        if result.namespace_terminating:
+            self.terminating[meta["namespace"]] = time.monotonic()
+            log.info("namespace %s is being deleted: not reconciling there", meta["namespace"])
         if result.stale:  # planned from an old version: the watch delivers the new one and triggers
             log.debug("%s %s/%s changed while planning; re-planning from the new version", kind, *key[1:])
         if result.written is not None:
@@ -142,6 +149,16 @@ class Runtime:
             return mine
         self.written.pop(key, None)
         return body
+
+    def namespace_terminating(self, namespace: str) -> bool:
+        """Whether a create there was refused lately because the namespace is being deleted."""
+        since = self.terminating.get(namespace)
+        if since is None:
+            return False
+        if time.monotonic() - since >= self.terminating_recheck_seconds:
+            del self.terminating[namespace]  # try again: it may be gone and re-created
+            return False
+        return True
 
     def forget(self, key: Key) -> None:
         """The object is gone: drop what was remembered about it."""

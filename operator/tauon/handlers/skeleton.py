@@ -1,6 +1,6 @@
 """The one reconcile both kinds go through:
 
-  live body from the index -> freshest (our own status write) -> skip if being deleted -> parse
+  namespace not being deleted -> live body from the index -> freshest (our own status write) -> skip if being deleted -> parse
   (failure: Failed / InvalidSpec, once) -> observe children -> pure planner -> apply the plan.
 
 A kind plugs in with a `Controller`: its index, its parse, how it observes, how it plans, and what it
@@ -37,6 +37,8 @@ class Controller(Generic[T]):
 
 async def reconcile_object(ctl: Controller[T], namespace: str, name: str) -> None:
     key = (ctl.name, namespace, name)
+    if RT.namespace_terminating(namespace):
+        return  # no creates, no status, no events, no restarts counted while it is being deleted
     live = RT.indexes.live(ctl.index, (namespace, name))
     if live is None:
         return

@@ -1,6 +1,7 @@
 """Apply a Plan. Status first when the plan says so (new attempts, terminal transitions: a crash must
 never double-count a restart or turn a terminal failure into a restart), otherwise children first and
-status last (a crash never records what was not done). Status writes carry the resourceVersion the
+status last (a crash never records what was not done). In a namespace being deleted nothing is created
+and no status or event is written once the API server says so. Status writes carry the resourceVersion the
 plan was made from: a stale or ghost body writes nothing (and, status first, does nothing). No pod is created while a non-pod child (the
 job's ConfigMap, its Service) is in conflict or refused: pods must never start with a foreign config."""
 
@@ -10,7 +11,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from tauon.kube.client import Conflict, Forbidden, Invalid, Kube, Stale
+from tauon.kube.client import Conflict, Forbidden, Invalid, Kube, NamespaceTerminating, Stale
 from tauon.reconcile.plan import Event, Plan
 
 Manifest = dict[str, Any]
@@ -40,6 +41,7 @@ class ApplyResult:
         self.written: Manifest | None = None  # the object after our status write
         self.skipped_pods: int = 0  # pods not created because a non-pod child failed
         self.stale = False  # the object changed since the plan was made: nothing after that was done
+        self.namespace_terminating = False  # creates refused: the namespace is being deleted
 
 
 async def apply_plan(
@@ -65,6 +67,8 @@ async def apply_plan(
             result.invalid.append(str(e))
         except Forbidden as e:
             result.forbidden.append(e)
+        except NamespaceTerminating:
+            result.namespace_terminating = True
         else:
             return True
         return False
@@ -86,6 +90,8 @@ async def apply_plan(
     else:
         result.skipped_pods = len(pods)
     await asyncio.gather(*(guarded(kube.apply(c, uid)) for c in plan.applies))
+    if result.namespace_terminating:
+        return result  # the namespace controller is removing everything: no status, no events
 
     if not plan.status_first:
         try:

@@ -52,6 +52,14 @@ class Invalid(Exception):
     """The API server refused a child (422): a spec problem the user must fix."""
 
 
+class NamespaceTerminating(Exception):
+    """The namespace is being deleted: nothing can be created there any more."""
+
+    def __init__(self, namespace: str):
+        super().__init__(f"namespace {namespace} is being deleted")
+        self.namespace = namespace
+
+
 class Stale(Exception):
     """A write was based on an old version of the object (409 on its resourceVersion precondition)."""
 
@@ -149,10 +157,7 @@ class Kube:
             if e.status == 422:
                 raise Invalid(f"{kind} {meta['name']}: {_reason(e)}") from e
             if namespace_terminating(e):
-                log.debug(
-                    "not creating %s %s: namespace %s is being deleted", kind, meta["name"], meta["namespace"]
-                )
-                return
+                raise NamespaceTerminating(meta["namespace"]) from e
             if e.status == 403:
                 raise Forbidden(kind, meta["name"], _reason(e)) from e
             raise
@@ -175,7 +180,7 @@ class Kube:
             if e.status == 422:
                 raise Invalid(f"{kind} {meta['name']}: {_reason(e)}") from e
             if namespace_terminating(e):
-                return
+                raise NamespaceTerminating(meta["namespace"]) from e
             raise
 
     async def delete(
