@@ -57,7 +57,7 @@ def job_json(spec: dict[str, Any], out: Path, epochs: int | None) -> dict[str, A
         "method": {"type": "full"},
         "hyperparameters": hp,
         "parallelism": spec.get("parallelism", {}),
-        "output": {"storage": "", "path": str(out), "checkpointEverySteps": 10_000},
+        "output": {"path": str(out), "checkpointEverySteps": 10_000},
     }
 
 
