@@ -225,8 +225,11 @@ def cmd_wait(args: argparse.Namespace) -> int:
     try:
         try:
             job = client.job(args.name)
-        except NotFound:
-            svc = client.service(args.name)  # NotFound names the InferenceService when neither exists
+        except NotFound as e:
+            try:
+                svc = client.service(args.name)
+            except NotFound:
+                raise NotFound("FineTuneJob or InferenceService", args.name, e.where) from None
             st = svc.wait_ready(timeout=args.timeout)
             print(f"InferenceService {args.name} Ready ({st.ready_replicas}/{st.replicas} replicas)")
             return 0
@@ -245,9 +248,12 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    client = _client(args)
+    from tauon.client import InferenceServiceHandle
+    from tauon.client.url import UrlBackend
+
+    client: Any = UrlBackend(args.url) if args.url else _client(args)
     try:
-        svc = client.service(args.isvc)
+        svc = InferenceServiceHandle(client, args.isvc) if args.url else client.service(args.isvc)
         svc.wait_ready(timeout=args.timeout)
         messages: list[dict[str, str]] = []
         if args.system:
@@ -293,6 +299,9 @@ def add_sdk_commands(sub: Any) -> None:
     ch.add_argument("--system", default=None, help="a system message")
     ch.add_argument("--max-tokens", type=int, default=256)
     ch.add_argument("--timeout", type=float, default=600, help="seconds to wait for Ready")
+    ch.add_argument(
+        "--url", default=None, help="a model server's base URL instead (e.g. from tauon run --local)"
+    )
     _cluster_args(ch)
     ch.set_defaults(func=cmd_chat)
 

@@ -3,6 +3,8 @@ serves the result and predicts, in one test; bad use gets clear errors."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from tests.kube import REPO
 pytestmark = [pytest.mark.e2e]
 DATA = REPO / "examples" / "data" / "sentiment.jsonl"
 MINILM = "hf://sentence-transformers/all-MiniLM-L6-v2"
+TAUON = str(Path(sys.executable).parent / "tauon")
 
 
 def test_fine_tune_then_serve_and_predict(tmp_path: Path):
@@ -120,4 +123,14 @@ def test_pretrain_tiny_causal_lm_then_chat(tmp_path: Path):
         pieces = list(svc.chat(messages, stream=True, max_tokens=6, temperature=0))
         assert "".join(pieces) == full  # streaming yields the same greedy answer, piece by piece
         assert isinstance(svc.complete("the cat", max_tokens=4, temperature=0), str)
+        # `tauon chat` on the same code: an interactive streaming prompt (here fed from stdin)
+        r = subprocess.run(
+            [TAUON, "chat", "tiny-llama", "--url", svc.url, "--max-tokens", "6"],
+            input="hello\n",
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 0, r.stderr
+        assert "chatting with tiny-llama" in r.stderr and r.stdout.startswith("> ")
         svc.delete()

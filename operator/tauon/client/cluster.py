@@ -212,7 +212,7 @@ class ClusterBackend:
         (a restarted gang's new pods are followed too)."""
         if self.get("FineTuneJob", name) is None:
             raise NotFound("FineTuneJob", name, self.where)
-        out: queue.Queue[object] = queue.Queue(maxsize=10000)
+        out: queue.Queue[object] = queue.Queue()  # unbounded: a reader that stops never blocks the streams
         fut = asyncio.run_coroutine_threadsafe(self._stream_job(name, follow, out), self._loop.loop)
         try:
             while True:

@@ -1,0 +1,45 @@
+"""A model server at a known URL (e.g. one started by `tauon run --local`), as an InferenceService handle's
+backend: `tauon chat NAME --url URL`, or `InferenceServiceHandle(UrlBackend(url), name)` in Python."""
+
+from __future__ import annotations
+
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+from tauon.client.errors import TauonError
+
+
+class UrlBackend:
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        self.namespace = "default"
+        self.where = self.url
+
+    def _ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/v2/health/ready", timeout=2) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
+    def get(self, kind: str, name: str) -> dict[str, Any] | None:
+        ready = "True" if self._ready() else "False"
+        status: dict[str, Any] = {"phase": "Ready" if ready == "True" else "Pending", "url": self.url}
+        status["conditions"] = [{"type": "Ready", "status": ready, "reason": "Probed"}]
+        return {"kind": kind, "metadata": {"name": name}, "status": status}
+
+    def endpoint(self, name: str) -> str:
+        return self.url
+
+    def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        raise TauonError(f"a model server at {self.url} cannot create objects")
+
+    def delete(self, kind: str, name: str) -> None:
+        raise TauonError(f"a model server at {self.url} is not deleted through tauon")
+
+    def logs(self, name: str, follow: bool) -> Iterator[str]:
+        raise TauonError(f"a model server at {self.url} has no FineTuneJob logs")
+
+    def close(self) -> None:
+        return None
