@@ -4,6 +4,7 @@ both kinds, the bounded /progress read, message caps, and the wiring rules (ids,
 from __future__ import annotations
 
 import ast
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -205,3 +206,53 @@ def test_progress_backoff_doubles_and_resets() -> None:
     b.ok(key)
     assert b.ready(key, 0)
 
+
+# -- index projections ---------------------------------------------------------------------------------
+
+
+def _same_plan_with_projected_pods(sim: Any) -> None:
+    from tauon.reconcile.finetunejob import reconcile
+
+    full = sim.observed()
+    projected = sim.observed()
+    projected.pods = [ix.project_pod(p) for p in projected.pods]
+    projected.config_map = ix.project_owned(projected.config_map) if projected.config_map else None
+    projected.service = ix.project_owned(projected.service) if projected.service else None
+    assert reconcile(sim.job, projected, sim.now, sim.cfg) == reconcile(sim.job, full, sim.now, sim.cfg)
+
+
+def test_pod_projection_keeps_what_the_planner_reads() -> None:
+    from tests.unit.test_reconcile_finetunejob import Sim
+
+    sim = Sim({"runPolicy": {"backoffLimit": 1}})
+    _same_plan_with_projected_pods(sim)
+    sim.step()
+    _same_plan_with_projected_pods(sim)
+    sim.start()
+    _same_plan_with_projected_pods(sim)
+    sim.step()
+    sim.fail(1, message='{"retryable": true, "reason": "OOM", "message": "x"}')
+    _same_plan_with_projected_pods(sim)
+    sim.step()  # restart: attempt 1
+    sim.step()  # its pods
+    sim.delete(0)
+    _same_plan_with_projected_pods(sim)
+    pod = next(iter(sim.pods.values()))
+    full, small = json.dumps(pod), json.dumps(ix.project_pod(pod))
+    assert len(small) * 3 < len(full), (len(small), len(full))
+
+
+def test_deployment_projection_keeps_rollout_fields() -> None:
+    from tauon.reconcile.inferenceservice import deployment_rollout, needs_apply
+    from tests.unit.test_reconcile_inferenceservice import World, isvc_body
+
+    w = World(isvc_body(replicas=2))
+    w.step()
+    w.roll_out("sentiment-predictor")
+    dep = w.dep("sentiment-predictor")
+    assert dep is not None
+    small = ix.project_deployment(dep)
+    assert "template" not in small["spec"]
+    assert deployment_rollout("d", small, False) == deployment_rollout("d", dep, False)
+    desired = w.objects[("Deployment", "sentiment-predictor")]
+    assert needs_apply(desired, small) == needs_apply(desired, dep) is False

@@ -35,14 +35,18 @@ _backoff = progress.Backoff()
 
 @kopf.index(GROUP, VERSION, PLURAL, id=ix.FTJ)
 def index_jobs(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> object:
-    return {(namespace or "", name): dict(body)}
+    return {(namespace or "", name): ix.project_object(body)}
 
 
 @kopf.index("pods", labels=CHILD, id=ix.FTJ_PODS)
+def index_pods(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> object:
+    return {(namespace or "", labels[LABEL_JOB]): ix.project_pod(body)}
+
+
 @kopf.index("configmaps", labels=CHILD, id=ix.FTJ_CONFIGMAPS)
 @kopf.index("services", labels=CHILD, id=ix.FTJ_SERVICES)
 def index_children(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> object:
-    return {(namespace or "", labels[LABEL_JOB]): dict(body)}
+    return {(namespace or "", labels[LABEL_JOB]): ix.project_owned(body)}
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)

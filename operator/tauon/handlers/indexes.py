@@ -25,6 +25,71 @@ ISVC_HPAS: Final = "tauon_inferenceservice_hpas"
 ALL: Final = (FTJ, FTJ_PODS, FTJ_CONFIGMAPS, FTJ_SERVICES, ISVC, ISVC_DEPLOYMENTS, ISVC_SERVICES, ISVC_HPAS)
 
 
+# -- projections: what the planners read of each child, not whole bodies -----------------------------
+# A pod body is tens of KiB (env, volumes, managedFields); an operator indexing thousands of them would
+# run out of memory. Indexes keep only the fields below (the planners and tauon.reconcile.pods read no
+# others); the reconciled objects themselves are kept whole but for managedFields.
+
+_META = (
+    "name",
+    "namespace",
+    "uid",
+    "generation",
+    "resourceVersion",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "labels",
+    "annotations",
+    "ownerReferences",
+)
+_POD_SPEC = ("nodeName", "activeDeadlineSeconds")
+_POD_STATUS = ("phase", "reason", "message", "podIP", "conditions", "containerStatuses", "startTime")
+_CONTAINER_STATUS = ("name", "state", "lastState", "ready", "restartCount")
+
+
+def _meta(body: Mapping[str, Any]) -> Manifest:
+    meta = body.get("metadata") or {}
+    return {k: meta[k] for k in _META if k in meta}
+
+
+def project_object(body: Mapping[str, Any]) -> Manifest:
+    """A FineTuneJob / InferenceService: everything but managedFields (the planner parses it whole)."""
+    out = dict(body)
+    out["metadata"] = {k: v for k, v in (body.get("metadata") or {}).items() if k != "managedFields"}
+    return out
+
+
+def project_pod(body: Mapping[str, Any]) -> Manifest:
+    spec = body.get("spec") or {}
+    status = dict(body.get("status") or {})
+    out_status = {k: status[k] for k in _POD_STATUS if k in status}
+    if "containerStatuses" in out_status:
+        out_status["containerStatuses"] = [
+            {k: cs[k] for k in _CONTAINER_STATUS if k in cs} for cs in out_status["containerStatuses"] or []
+        ]
+    return {
+        "kind": "Pod",
+        "metadata": _meta(body),
+        "spec": {k: spec[k] for k in _POD_SPEC if k in spec},
+        "status": out_status,
+    }
+
+
+def project_deployment(body: Mapping[str, Any]) -> Manifest:
+    spec = body.get("spec") or {}
+    return {
+        "kind": "Deployment",
+        "metadata": _meta(body),
+        "spec": {"replicas": spec["replicas"]} if "replicas" in spec else {},
+        "status": dict(body.get("status") or {}),
+    }
+
+
+def project_owned(body: Mapping[str, Any]) -> Manifest:
+    """ConfigMaps, Services, HPAs: only who owns them and their annotations matter."""
+    return {"kind": body.get("kind"), "metadata": _meta(body)}
+
+
 def _rv(obj: Manifest) -> int:
     try:
         return int((obj.get("metadata") or {}).get("resourceVersion") or 0)

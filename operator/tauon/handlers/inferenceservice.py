@@ -31,14 +31,18 @@ HPAS = "horizontalpodautoscalers.v2.autoscaling"
 
 @kopf.index(GROUP, VERSION, PLURAL, id=ix.ISVC)
 def index_services(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> object:
-    return {(namespace or "", name): dict(body)}
+    return {(namespace or "", name): ix.project_object(body)}
 
 
 @kopf.index("deployments", labels=CHILD, id=ix.ISVC_DEPLOYMENTS)
+def index_deployments(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> object:
+    return {(namespace or "", labels[LABEL_ISVC]): ix.project_deployment(body)}
+
+
 @kopf.index("services", labels=CHILD, id=ix.ISVC_SERVICES)
 @kopf.index(HPAS, labels=CHILD, id=ix.ISVC_HPAS)
 def index_children(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> object:
-    return {(namespace or "", labels[LABEL_ISVC]): dict(body)}
+    return {(namespace or "", labels[LABEL_ISVC]): ix.project_owned(body)}
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
