@@ -211,3 +211,13 @@ def test_runtime_skips_a_terminating_namespace_for_a_while() -> None:
     assert rt.namespace_terminating(NS) and not rt.namespace_terminating("other")
     rt.terminating_recheck_seconds = 0  # checked again later: the namespace may have been re-created
     assert not rt.namespace_terminating(NS) and NS not in rt.terminating
+
+
+async def test_ghost_found_gone_does_nothing_else(api: tuple[FakeApiServer, Kube]) -> None:
+    fake, kube = api
+    path = f"/apis/tauon.dev/v1alpha1/namespaces/{NS}/finetunejobs/ft/status"
+    fake.rules[("PATCH", path)] = (404, {"kind": "Status", "reason": "NotFound"})
+    plan = Plan(stops=["ft-r0-node-1"], status={"phase": "Failed"}, status_first=True, delete_self=True)
+    result = await apply_plan(kube, "FineTuneJob", JOB, plan)
+    assert result.gone
+    assert fake.calls() == [f"PATCH {path}"], "a ghost must not stop pods or delete by name"

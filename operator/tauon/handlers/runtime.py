@@ -54,6 +54,8 @@ class Runtime:
     # namespace -> monotonic time the API server said it is being deleted (checked again after a while)
     terminating: dict[str, float] = field(default_factory=dict)
     terminating_recheck_seconds: float = 60.0
+    # uids of objects found gone while an index still held them (ghosts after a watch re-list)
+    gone: set[str] = field(default_factory=set)
 
     def trigger(self, controller: str, namespace: str, name: str) -> None:
         self.queue.trigger(controller, namespace, name)
@@ -82,6 +84,9 @@ class Runtime:
         if result.namespace_terminating:
             self.terminating[meta["namespace"]] = time.monotonic()
             log.info("namespace %s is being deleted: not reconciling there", meta["namespace"])
+        if result.gone:
+            self.gone.add(meta["uid"])
+            log.info("%s %s/%s no longer exists: ignoring what the index still holds", kind, *key[1:])
         if result.stale:  # planned from an old version: the watch delivers the new one and triggers
             log.debug("%s %s/%s changed while planning; re-planning from the new version", kind, *key[1:])
         if result.written is not None:

@@ -1,6 +1,7 @@
 """The one reconcile both kinds go through:
 
-  namespace not being deleted -> live body from the index -> freshest (our own status write) -> skip if being deleted -> parse
+  namespace not being deleted -> live body from the index -> freshest (our own status write)
+  -> skip if being deleted or known gone (a ghost an index kept after a re-list) -> parse
   (failure: Failed / InvalidSpec, once) -> observe children -> pure planner -> apply the plan.
 
 A kind plugs in with a `Controller`: its index, its parse, how it observes, how it plans, and what it
@@ -43,7 +44,7 @@ async def reconcile_object(ctl: Controller[T], namespace: str, name: str) -> Non
     if live is None:
         return
     body = RT.freshest(key, live)
-    if body["metadata"].get("deletionTimestamp"):
+    if body["metadata"].get("deletionTimestamp") or body["metadata"].get("uid") in RT.gone:
         return
     now = dt.datetime.now(dt.UTC)
     try:

@@ -42,6 +42,7 @@ class ApplyResult:
         self.skipped_pods: int = 0  # pods not created because a non-pod child failed
         self.stale = False  # the object changed since the plan was made: nothing after that was done
         self.namespace_terminating = False  # creates refused: the namespace is being deleted
+        self.gone = False  # the object no longer exists (its status write found nothing)
 
 
 async def apply_plan(
@@ -57,6 +58,7 @@ async def apply_plan(
             if patch:
                 rv = meta.get("resourceVersion")
                 result.written = await kube.patch_status(kind, ns, name, patch, resource_version=rv)
+                result.gone = result.written is None  # 404: a ghost a cache still held
 
     async def guarded(coro: Awaitable[None]) -> bool:
         try:
@@ -78,6 +80,8 @@ async def apply_plan(
             await write_status()
     except Stale:
         result.stale = True  # decided on an old version: do none of it; the newer version triggers a pass
+        return result
+    if result.gone:
         return result
     await asyncio.gather(*(kube.delete(k, ns, n) for k, n in plan.deletes))
     await asyncio.gather(*(kube.stop_pod(ns, n) for n in plan.stops))
