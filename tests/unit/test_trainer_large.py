@@ -192,3 +192,11 @@ def test_the_shipped_tokenizer_has_special_tokens_and_a_chat_template() -> None:
     assert tok.decode(tok("Mulch keeps the soil cool.").input_ids, skip_special_tokens=True) == (
         "Mulch keeps the soil cool."
     )
+
+
+def test_attempt_comes_from_the_pod_environment() -> None:
+    assert out_mod.current_attempt(0, {"TAUON_ATTEMPT": "3"}) == 3
+    assert out_mod.current_attempt(2, {}) == 2
+    assert out_mod.current_attempt(4, {"TAUON_ATTEMPT": "1"}) == 4
+    with pytest.raises(PermanentError):
+        out_mod.current_attempt(0, {"TAUON_ATTEMPT": "x"})

@@ -189,6 +189,18 @@ def test_output_of_another_job_is_refused_and_untouched(tmp_path: Path) -> None:
     assert _tree(out) == before
 
 
+def test_a_stale_attempt_stops_without_writing(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".tauon-owner.json").write_text(json.dumps({"uid": "uid-tiny", "job": "default/x", "attempt": 3}))
+    before = _tree(out)
+    p = launch(tmp_path, llama_job(out, "ddp"), 0, TAUON_ATTEMPT="2", TAUON_JOB_UID="uid-tiny")
+    assert p.returncode == 1, p.stderr[-3000:]
+    t = termination(tmp_path)
+    assert t["retryable"] is True and t["reason"] == "AttemptSuperseded"
+    assert _tree(out) == before
+
+
 def test_uid_mismatch_and_output_outside_its_mount_are_refused(tmp_path: Path) -> None:
     out = tmp_path / "out"
     p = launch(tmp_path / "a", llama_job(out, "ddp"), 0, TAUON_JOB_UID="uid-someone-else")

@@ -131,7 +131,7 @@ def test_two_ranks_learn_sentiment(tmp_path: Path) -> None:
     assert ck == ["step-20", "step-30"], ck
     assert all((out / "checkpoints" / c / "complete").is_file() for c in ck)
     # the final model is plain Hugging Face and classifies
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".tauon-owner.json"]
     preds = _predict_seq_cls(
         out / "model",
         ["Absolutely fantastic, I love it. Five stars.", "It broke after two days. Total waste of money."],

@@ -54,6 +54,21 @@ def check_uid(config_uid: str, env: dict[str, str] | None = None) -> None:
         )
 
 
+def current_attempt(config_attempt: int, env: dict[str, str] | None = None) -> int:
+    """The gang attempt of this pod: ``$TAUON_ATTEMPT`` (set per pod by the operator; the job's ConfigMap
+    is shared by all attempts), else job.json's ``attempt``."""
+    e = os.environ if env is None else env
+    raw = (e.get("TAUON_ATTEMPT") or "").strip()
+    if raw:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise PermanentError(INVALID_OUTPUT, f"TAUON_ATTEMPT must be an integer, got {raw!r}") from None
+        if value >= 0:
+            return max(value, config_attempt)
+    return config_attempt
+
+
 def check_output_path(raw: str, mount: str | None) -> str:
     """The real output directory; refuses ``.``/``..``/empty segments and any path (symlinks included)
     that resolves outside ``mount`` (the volume mounted for it) when that is known."""

@@ -149,7 +149,8 @@ class Prepared:
     train_ds: Any
     val_ds: Any  # None when there is no validation split
     max_len: int
-    output: str
+    output: str  # the real output directory
+    attempt: int  # this pod's gang attempt (fences writers of the output)
 
 
 @dataclass
@@ -198,6 +199,7 @@ def prepare(cfg: JobConfig, d: dist.DistEnv) -> Prepared:
     """Everything that can fail permanently, done on every rank before any process group exists."""
     out_mod.check_uid(cfg.uid)
     output = out_mod.check_output_path(cfg.output.path, output_mount(cfg))
+    attempt = out_mod.current_attempt(cfg.attempt)
     model_dir = resolve_model_dir(cfg.model.path) if cfg.model.path else ""
     tokenizer = load_tokenizer_for(cfg, model_dir)
     hf_config = build_hf_config(cfg, model_dir, tokenizer)
@@ -207,7 +209,7 @@ def prepare(cfg: JobConfig, d: dist.DistEnv) -> Prepared:
         log(d, f"warning: maxSeqLength {max_len} > model limit {limit}; using {limit}")
         max_len = limit
     train_ds, val_ds = data.build_datasets(cfg, tokenizer, max_len)
-    return Prepared(cfg, tokenizer, hf_config, model_dir, train_ds, val_ds, max_len, output)
+    return Prepared(cfg, tokenizer, hf_config, model_dir, train_ds, val_ds, max_len, output, attempt)
 
 
 def _config_limit(hf_config: Any, tokenizer: Any) -> int | None:
@@ -422,11 +424,11 @@ def app_state(s: Setup, lora: bool) -> dict[str, Any]:
 
 
 def save_checkpoint(
-    s: Setup, state: ckpt.TrainState, output: str, cfg: JobConfig, d: dist.DistEnv, lora: bool
+    s: Setup, state: ckpt.TrainState, output: str, attempt: int, d: dist.DistEnv, lora: bool
 ) -> None:
     """Every rank writes its shards into rank 0's temp dir; rank 0 commits after a barrier."""
     ckdir = ckpt.checkpoints_dir(output)
-    fence_ok = dist.broadcast_object(d, _fence_status(output, cfg.attempt) if d.is_main else None)
+    fence_ok = dist.broadcast_object(d, _fence_status(output, attempt) if d.is_main else None)
     if fence_ok is not None:
         raise out_mod.Superseded(fence_ok)
     tmp = dist.broadcast_object(d, ckpt.new_tmp_dir(ckdir, state.step) if d.is_main else None)
@@ -556,7 +558,7 @@ def _claim_output(prep: Prepared, d: dist.DistEnv, device: torch.device) -> None
     result: tuple[str, str, str] | None = None
     if d.is_main:
         try:
-            out_mod.claim(prep.output, cfg.uid, f"{cfg.namespace}/{cfg.name}", cfg.attempt)
+            out_mod.claim(prep.output, cfg.uid, f"{cfg.namespace}/{cfg.name}", prep.attempt)
             for what in out_mod.clean_stale(prep.output):
                 log(d, f"output: {what}")
             removed = ckpt.remove_stale(ckpt.checkpoints_dir(prep.output))
@@ -685,7 +687,7 @@ def _train_and_finish(
     def save() -> None:
         nonlocal last_saved
         t = time.monotonic()
-        save_checkpoint(s, state, prep.output, cfg, d, lora)
+        save_checkpoint(s, state, prep.output, prep.attempt, d, lora)
         last_saved = state.step
         if metrics:
             metrics.checkpoints.inc()
@@ -748,7 +750,7 @@ def _train_and_finish(
 
     ev = evaluate(model, prep.val_ds, collate, eval_bs, causal, d, device, prec)
     log(d, f"final eval: loss={_fmt(ev.loss)} accuracy={_fmt(ev.accuracy)} perplexity={_fmt(ev.perplexity)}")
-    fence = dist.broadcast_object(d, _fence_status(prep.output, cfg.attempt) if d.is_main else None)
+    fence = dist.broadcast_object(d, _fence_status(prep.output, prep.attempt) if d.is_main else None)
     if fence is not None:
         raise out_mod.Superseded(fence)
     out_dtype = torch.bfloat16 if prec.name == "bf16" else torch.float32
