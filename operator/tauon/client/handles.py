@@ -231,6 +231,12 @@ def split_outputs(outputs: list[Manifest], n: int) -> list[dict[str, Any]]:
     return rows
 
 
+def _duration(seconds: int) -> str:
+    m, s = divmod(max(0, int(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
 def _interactive() -> bool:
     if "ipykernel" in sys.modules:
         return True
@@ -251,7 +257,7 @@ class _ProgressBar:
         if not self.show:
             return self
         try:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, Progress, TextColumn
         except ImportError:
             return self
         self.rich = Progress(
@@ -259,12 +265,12 @@ class _ProgressBar:
             BarColumn(),
             TextColumn("{task.completed}/{task.total} steps"),
             TextColumn("loss {task.fields[loss]}"),
+            TextColumn("ETA {task.fields[eta]}"),
             TextColumn("{task.fields[phase]}"),
-            TimeRemainingColumn(),
             transient=False,
         )
         self.rich.__enter__()
-        self.task = self.rich.add_task(self.name, total=None, loss="-", phase="Pending")
+        self.task = self.rich.add_task(self.name, total=None, loss="-", eta="-", phase="Pending")
         return self
 
     def update(self, status: FineTuneJobStatus) -> None:
@@ -272,12 +278,18 @@ class _ProgressBar:
             return
         p = status.progress
         loss = f"{p.loss:.4f}" if p.loss is not None else "-"
+        eta = _duration(p.eta_seconds) if p.eta_seconds is not None and status.phase == "Running" else "-"
         if self.rich is not None:
             self.rich.update(
-                self.task, completed=p.step, total=p.total_steps or None, loss=loss, phase=status.phase
+                self.task,
+                completed=p.step,
+                total=p.total_steps or None,
+                loss=loss,
+                eta=eta,
+                phase=status.phase,
             )
             return
-        eta = f", ETA {p.eta_seconds}s" if p.eta_seconds is not None else ""
+        eta = f", ETA {eta}" if eta != "-" else ""
         line = f"{self.name}: {status.phase} step {p.step}/{p.total_steps} loss {loss}{eta}"
         if line != self.last:
             print(line, file=sys.stderr, flush=True)
