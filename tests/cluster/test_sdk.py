@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tauon.client import Client, NotFound, NotReady
+from tauon.client import Client, JobFailed, NotFound, NotReady
 from tauon.client.cluster import ANN_LOG_FILE
 from tests.cluster.conftest import Operator
 from tests.kube import REPO, Cluster, condition, wait_until
@@ -23,6 +23,7 @@ NODE = "tauon-node-sdk"
 DATA = REPO / "examples" / "data" / "sentiment.jsonl"
 MINILM = "hf://sentence-transformers/all-MiniLM-L6-v2"
 PROCESS_NODE = {"tauon.dev/node-agent": "process"}
+TAUON = str(Path(sys.executable).parent / "tauon")
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +92,12 @@ def test_sdk_trains_streams_logs_serves_and_deletes(
         assert status.output.metrics["worldSize"] == 2
         assert status.progress.step == status.progress.total_steps > 0
 
+        kube = ["--kubeconfig", str(cluster.kubeconfig), "-n", namespace]
+        waited = subprocess.run([TAUON, "wait", "sdk", *kube], capture_output=True, text=True, timeout=120)
+        assert waited.returncode == 0 and "FineTuneJob sdk Succeeded" in waited.stdout, waited.stderr
+        cli_logs = subprocess.run([TAUON, "logs", "sdk", *kube], capture_output=True, text=True, timeout=120)
+        assert cli_logs.returncode == 0 and cli_logs.stdout.startswith("[rank 0] "), cli_logs.stderr
+
         svc = client.serve("sdk", fine_tune_job=job, node_selector=PROCESS_NODE)
         svc.wait_ready(timeout=300)
         preds = svc.predict(["I loved every minute of it", "terrible, broke after a day"])
@@ -112,3 +119,36 @@ def test_sdk_trains_streams_logs_serves_and_deletes(
         assert any("tauon-progress" in line for line in streamed if line.startswith("[rank 0] "))
     finally:
         client.close()
+
+
+def test_sdk_waiting_on_a_failed_job_raises_its_reason(
+    cluster: Cluster, operator: Operator, node: Path, namespace: str, tmp_path: Path
+):
+    with Client(kubeconfig=str(cluster.kubeconfig), namespace=namespace) as client:
+        job = client.fine_tune(
+            "broken",
+            model=MINILM,
+            dataset=str(tmp_path / "missing.jsonl"),
+            num_labels=2,
+            num_nodes=2,
+            nproc_per_node=1,
+            output=f"file://{tmp_path / 'out'}",
+            node_selector=PROCESS_NODE,
+            run_policy={"backoff_limit": 1, "schedule_timeout_seconds": 60},
+        )
+        with pytest.raises(JobFailed) as e:
+            job.wait(timeout=300, progress=False)
+        assert e.value.reason == "PermanentError"
+        assert "DatasetNotFound" in e.value.message and "missing.jsonl" in e.value.message
+        with pytest.raises(NotReady, match="it is Failed"):
+            client.serve("broken", fine_tune_job="broken", node_selector=PROCESS_NODE)
+        kube = ["--kubeconfig", str(cluster.kubeconfig), "-n", namespace]
+        r = subprocess.run([TAUON, "wait", "broken", *kube], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1
+        assert r.stderr.startswith("tauon: FineTuneJob 'broken' failed: PermanentError: ")
+        r = subprocess.run([TAUON, "wait", "nope", *kube], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1
+        assert (
+            r.stderr
+            == f"tauon: FineTuneJob or InferenceService 'nope' not found in namespace '{namespace}'\n"
+        )

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tauon.api import FineTuneJob, InferenceService
-from tauon.client import Client, ClusterUnreachable, SpecError, build
+from tauon.client import Client, ClusterUnreachable, NotFound, SpecError, build
 from tauon.client.handles import split_outputs
 from tauon.client.local import failure
 from tauon.client.logs import merge_files
@@ -359,3 +359,18 @@ def test_cli_reports_bad_use_in_one_line(tmp_path: Path, capsys: pytest.CaptureF
     assert (
         capsys.readouterr().err == f"tauon: FineTuneJob 'nope' not found in local run directory {tmp_path}\n"
     )
+
+
+def test_a_finished_local_run_is_found_again(tmp_path: Path):
+    out = tmp_path / "done"
+    (out / "model").mkdir(parents=True)
+    (out / "metrics.json").write_text('{"evalAccuracy": 0.9, "steps": 30}')
+    (out / "progress.json").write_text('{"step": 30, "totalSteps": 30, "percent": 100.0, "loss": 0.3}')
+    with Client(local=True, workdir=tmp_path) as client:
+        job = client.job("done")
+        status = job.wait(timeout=5, progress=False)
+        assert status.phase == "Succeeded" and status.progress.percent == 100
+        assert job.metrics == {"evalAccuracy": 0.9, "steps": 30}
+        assert job.model_uri == f"file://{out / 'model'}"
+        with pytest.raises(NotFound, match="FineTuneJob 'missing' not found in local run directory"):
+            client.serve("svc", fine_tune_job="missing")

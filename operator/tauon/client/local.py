@@ -158,13 +158,14 @@ class LocalBackend:
         if run is None:
             if not (out / "metrics.json").exists() or not (out / "model").is_dir():
                 return None
+            # finished by an earlier process: what it ran is in the manifest it handed to `tauon run`
+            saved = _read_json(self.workdir / ".sdk" / f"{name}.finetunejob.yaml") or {}
             manifest: Manifest = {
                 "apiVersion": "tauon.dev/v1alpha1",
                 "kind": "FineTuneJob",
                 "metadata": {"name": name, "namespace": self.namespace},
-                "spec": _read_json(self.workdir / ".sdk" / f"{name}.finetunejob.yaml") or {},
+                "spec": saved.get("spec", {}),
             }
-            manifest["spec"] = manifest["spec"].get("spec", {})
             code: int | None = 0
         else:
             manifest = dict(run.manifest)
