@@ -320,6 +320,17 @@ def test_checkpoint_keeps_newest_two_and_resaves_atomically(tmp_path: Path) -> N
     assert (ckdir / "step-8" / "complete").is_file()
 
 
+def test_quarantined_checkpoint_is_skipped_then_removed(tmp_path: Path) -> None:
+    _save(tmp_path, 2)
+    bad = _save(tmp_path, 4)
+    ckdir = ckpt.checkpoints_dir(str(tmp_path))
+    moved = ckpt.quarantine(bad)
+    assert os.path.basename(moved).startswith(".corrupt-step-4-")
+    assert ckpt.latest_complete(ckdir) == (2, os.path.join(ckdir, "step-2"))
+    assert ckpt.remove_stale(ckdir) == [os.path.basename(moved)]
+    assert sorted(os.listdir(ckdir)) == ["step-2"]
+
+
 def test_validate_finds_truncated_and_missing_shards(tmp_path: Path) -> None:
     path = Path(_save(tmp_path, 4))
     shard = next((path / "dcp").glob("*.distcp"))

@@ -100,7 +100,7 @@ def remove_stale(ckdir: str) -> list[str]:
         return removed
     for name in names:
         path = os.path.join(ckdir, name)
-        stale = name.startswith(".tmp-") or name.startswith(".old-")
+        stale = name.startswith((".tmp-", ".old-", ".corrupt-"))
         if stale or (_STEP_RE.match(name) and not os.path.isfile(os.path.join(path, COMPLETE))):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(name)
@@ -221,6 +221,16 @@ def load_shards(path: str, app_state: dict[str, Any]) -> None:
     from torch.distributed.checkpoint.filesystem import FileSystemReader
 
     state_dict_loader.load(app_state, storage_reader=FileSystemReader(os.path.join(path, DCP_DIR)))
+
+
+def quarantine(path: str) -> str:
+    """Move a checkpoint that failed to load out of the way (``.corrupt-step-N-*``, removed at the next
+    start), so the restart falls back to the previous one instead of failing on it forever."""
+    parent, name = os.path.split(path)
+    dest = os.path.join(parent, f".corrupt-{name}-{secrets.token_hex(4)}")
+    os.rename(path, dest)
+    fsync_dir(parent)
+    return dest
 
 
 def load_rng(path: str, rank: int) -> dict[str, Any] | None:

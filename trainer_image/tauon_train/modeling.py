@@ -9,6 +9,11 @@
 3. the hub, with ``$HF_TOKEN`` when set, unless ``HF_HUB_OFFLINE=1``.
 
 Not found -> ``PermanentError("ModelNotFound")``; found but not loadable -> ``InvalidModel``.
+
+``init: scratch`` builds the model from ``model.config`` (``AutoConfig.for_model``) with a seeded random
+initialization; a config transformers rejects -> ``InvalidModelConfig``. Every rank builds the model's
+skeleton on the meta device (``build_on_meta``); only global rank 0 holds real full weights
+(``load_full_model``), which train.py broadcasts into each rank's part.
 """
 
 from __future__ import annotations
@@ -226,24 +231,3 @@ def apply_lora(model: Any, lora: LoraConfig, task: str) -> Any:
         return get_peft_model(model, pcfg)
     except ValueError as e:
         raise PermanentError(INVALID_CONFIG, f"method.lora.targetModules: {e}") from None
-
-
-def max_positions(model: Any, tokenizer: Any) -> int | None:
-    limits = []
-    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        v = getattr(model.config, attr, None)
-        if isinstance(v, int) and v > 0:
-            limits.append(v)
-    tml = getattr(tokenizer, "model_max_length", None)
-    if isinstance(tml, int) and 0 < tml < 1_000_000:
-        limits.append(tml)
-    return min(limits) if limits else None
-
-
-def trainable_state_dict(model: Any) -> dict[str, Any]:
-    """The trainable part of the (unwrapped) model: everything for full fine-tuning, adapters for LoRA."""
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    sd = model.state_dict()
-    if len(names) == sum(1 for _ in model.parameters()):
-        return {k: v.detach().cpu().clone() for k, v in sd.items()}
-    return {k: v.detach().cpu().clone() for k, v in sd.items() if k in names}

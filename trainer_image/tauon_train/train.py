@@ -3,10 +3,13 @@
     torchrun --nnodes N --nproc-per-node P ... -m tauon_train.train --config /etc/tauon/job.json
     python -m tauon_train.train --config job.json          # single process (no torchrun env)
 
-Order of work: parse the config, load and validate the dataset, resolve and load the model (all before
-``init_process_group``, so a permanent error costs no rendezvous and every rank fails the same way),
-then DDP training with resume from the newest complete checkpoint, evaluation before and after, and the
-final Hugging Face model. See trainer_image/README.md for the files it writes and the exit codes.
+Order of work: check the uid and output path, parse the config, load the tokenizer, model config and
+dataset (all before ``init_process_group``, so a permanent error costs no rendezvous and every rank fails
+the same way); then rank 0 loads the weights, every rank builds the model on the meta device, shards it
+(FSDP2) or replicates it (DDP) and receives rank 0's weights; rank 0 claims the output (owner file,
+attempt fence); training resumes from the newest loadable DCP checkpoint; evaluation before and after;
+the final Hugging Face model (safetensors) is gathered to rank 0 and swapped in atomically. See
+trainer_image/README.md for the files it writes and the exit codes.
 """
 
 from __future__ import annotations
@@ -468,7 +471,15 @@ def resume(s: Setup, output: str, cfg: JobConfig, d: dist.DistEnv, lora: bool) -
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     st = app_state(s, lora)
-    ckpt.load_shards(path, st)
+    try:
+        ckpt.load_shards(path, st)  # DCP gathers errors: every rank raises together
+    except Exception as e:
+        moved = ckpt.quarantine(path) if d.is_main else ""
+        dist.barrier(d, s.device)
+        raise RuntimeError(
+            f"checkpoint {path} failed to load ({type(e).__name__}: {e}); moved aside to {moved or 'a .corrupt- dir'}"
+            "; the restart resumes from the previous checkpoint"
+        ) from e
     set_state_dict(
         s.raw_model,
         s.optimizer,
