@@ -311,6 +311,7 @@ class Tracker:
     running: dict[str, dict[str, float]] = field(default_factory=dict)
     n_created: int = 0
     n_running: int = 0
+    watch_restarts: int = 0
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
     def see(self, obj: dict[str, Any], now: float) -> None:
@@ -330,20 +331,47 @@ class Tracker:
 
 
 async def watch_pods(http: aiohttp.ClientSession, server: str, ns: str, tracker: Tracker) -> None:
-    url = f"{server}/api/v1/namespaces/{ns}/pods?watch=true&timeoutSeconds=7200"
-    async with http.get(url, timeout=aiohttp.ClientTimeout(total=None, sock_read=None)) as resp:
-        resp.raise_for_status()
-        tracker.ready.set()
-        buf = b""
-        async for chunk in resp.content.iter_any():
+    """List, then watch from the list's resourceVersion; a watch that ends or fails (the API server drops a
+    watcher that falls behind) is counted and resumed by listing again, so no pod is ever missed (pods
+    first seen by a re-list are timed at the re-list: an overestimate, and `watch_restarts` says so)."""
+    base = f"{server}/api/v1/namespaces/{ns}/pods"
+    forever = aiohttp.ClientTimeout(total=None, sock_read=None)
+    while True:
+        try:
+            async with http.get(base) as resp:
+                resp.raise_for_status()
+                listed = await resp.json()
             now = time.monotonic()
-            buf += chunk
-            *lines, buf = buf.split(b"\n")
-            for line in lines:
-                if line.strip():
-                    ev = json.loads(line)
-                    if ev.get("type") in ("ADDED", "MODIFIED"):
-                        tracker.see(ev["object"], now)
+            for obj in listed["items"]:
+                tracker.see(obj, now)
+            rv = listed["metadata"]["resourceVersion"]
+            url = f"{base}?watch=true&allowWatchBookmarks=true&timeoutSeconds=3600&resourceVersion={rv}"
+            async with http.get(url, timeout=forever) as resp:
+                resp.raise_for_status()
+                tracker.ready.set()
+                await _consume(resp, tracker)
+        except asyncio.CancelledError:
+            raise
+        except (aiohttp.ClientError, ValueError, KeyError) as e:
+            log(f"pod watch on {ns} failed ({type(e).__name__}: {e}); listing again")
+            await asyncio.sleep(0.5)
+        tracker.watch_restarts += 1
+
+
+async def _consume(resp: aiohttp.ClientResponse, tracker: Tracker) -> None:
+    buf = b""
+    async for chunk in resp.content.iter_any():
+        now = time.monotonic()
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            if not line.strip():
+                continue
+            ev = json.loads(line)
+            if ev.get("type") in ("ADDED", "MODIFIED"):
+                tracker.see(ev["object"], now)
+            elif ev.get("type") == "ERROR":
+                return
 
 
 # --- operator process and its footprint ------------------------------------------------------------------
@@ -483,10 +511,17 @@ async def submit_at_rate(names: list[str], rate: float, submit: Any, submitted: 
 
 async def wait_running(tracker: Tracker, names: list[str], pods: int, limit_s: float) -> bool:
     deadline = time.monotonic() + limit_s
+    last_log = time.monotonic()
     while time.monotonic() < deadline:
         if all(len(tracker.running.get(n, {})) >= pods for n in names):
             return True
+        if time.monotonic() - last_log > 15:
+            last_log = time.monotonic()
+            log(
+                f"  {tracker.n_created} pods created, {tracker.n_running} running (want {len(names) * pods} more)"
+            )
         await asyncio.sleep(0.25)
+    log(f"  gave up after {limit_s:.0f}s: {tracker.n_created} pods created, {tracker.n_running} running")
     return False
 
 
@@ -515,6 +550,7 @@ def phase_figures(
         "submit_span_s": round(max(submitted[n] for n in names) - start, 2),
         "first_submit_to_last_pod_created_s": round(span, 2),
         "first_submit_to_last_pod_running_s": round(max(all_running) - start, 2) if all_running else None,
+        "watch_restarts": tracker.watch_restarts,
         "cdf_running_s": sorted(round(x, 3) for x in running),
         "cdf_created_s": sorted(round(x, 3) for x in created),
     }
@@ -881,7 +917,7 @@ def parse_args() -> argparse.Namespace:
         "--max-pods", type=int, default=2000, help="memory curve: grow to this many pods (10000: 10k)"
     )
     p.add_argument("--converged-seconds", type=float, default=60.0)
-    p.add_argument("--phase-timeout", type=float, default=600.0, help="seconds to wait for all pods Running")
+    p.add_argument("--phase-timeout", type=float, default=300.0, help="seconds to wait for all pods Running")
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--state-dir", type=Path, default=None, help="control plane state (default: a temp dir)")
     p.add_argument("--output-name", default="scale", help="bench/results/NAME.json and NAME.png")
