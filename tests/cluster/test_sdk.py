@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ TAUON = str(Path(sys.executable).parent / "tauon")
 
 
 @pytest.fixture(scope="module")
-def node(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory):
+def node(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     root = tmp_path_factory.mktemp("node")
     log = open(root / "node.log", "ab")
     proc = subprocess.Popen(
@@ -52,7 +53,7 @@ def node(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory):
 
 def test_sdk_trains_streams_logs_serves_and_deletes(
     cluster: Cluster, operator: Operator, node: Path, namespace: str, tmp_path: Path
-):
+) -> None:
     client = Client(kubeconfig=str(cluster.kubeconfig), namespace=namespace)
     try:
         with pytest.raises(NotFound, match="FineTuneJob 'nope' not found"):
@@ -123,7 +124,7 @@ def test_sdk_trains_streams_logs_serves_and_deletes(
 
 def test_sdk_waiting_on_a_failed_job_raises_its_reason(
     cluster: Cluster, operator: Operator, node: Path, namespace: str, tmp_path: Path
-):
+) -> None:
     with Client(kubeconfig=str(cluster.kubeconfig), namespace=namespace) as client:
         job = client.fine_tune(
             "broken",

@@ -18,7 +18,7 @@ MINILM = "hf://sentence-transformers/all-MiniLM-L6-v2"
 TAUON = str(Path(sys.executable).parent / "tauon")
 
 
-def test_fine_tune_then_serve_and_predict(tmp_path: Path):
+def test_fine_tune_then_serve_and_predict(tmp_path: Path) -> None:
     with Client(local=True, workdir=tmp_path) as client:
         job = client.fine_tune(
             "sentiment",
@@ -59,7 +59,7 @@ def test_fine_tune_then_serve_and_predict(tmp_path: Path):
             svc.status()
 
 
-def test_failed_job_raises_with_reason_and_cannot_be_served(tmp_path: Path):
+def test_failed_job_raises_with_reason_and_cannot_be_served(tmp_path: Path) -> None:
     with Client(local=True, workdir=tmp_path) as client:
         with pytest.raises(NotFound, match="FineTuneJob 'nope' not found"):
             client.job("nope")
@@ -97,7 +97,7 @@ TINY_LLAMA = {
 }
 
 
-def test_pretrain_tiny_causal_lm_then_chat(tmp_path: Path):
+def test_pretrain_tiny_causal_lm_then_chat(tmp_path: Path) -> None:
     with Client(local=True, workdir=tmp_path) as client:
         job = client.pretrain(
             "tiny-llama",

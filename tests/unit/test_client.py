@@ -20,11 +20,12 @@ DATA = Path(__file__).resolve().parents[2] / "examples" / "data" / "sentiment.js
 MINILM = "hf://sentence-transformers/all-MiniLM-L6-v2"
 
 
-def roundtrip(model: Any, doc: dict[str, Any]) -> dict[str, Any]:
-    return build.manifest(model.model_validate(doc))
+def roundtrip(model: type[FineTuneJob] | type[InferenceService], doc: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = build.manifest(model.model_validate(doc))
+    return out
 
 
-def test_fine_tune_builds_the_hand_written_manifest():
+def test_fine_tune_builds_the_hand_written_manifest() -> None:
     job = build.finetunejob(
         "sentiment",
         model=MINILM,
@@ -76,7 +77,7 @@ def test_fine_tune_builds_the_hand_written_manifest():
     assert job.dump() == FineTuneJob.model_validate(hand).dump()
 
 
-def test_lora_and_causal_lm_defaults():
+def test_lora_and_causal_lm_defaults() -> None:
     job = build.finetunejob(
         "chat",
         model="file:///models/tiny",
@@ -98,7 +99,7 @@ def test_lora_and_causal_lm_defaults():
     assert build.manifest(job) == hand == roundtrip(FineTuneJob, hand)
 
 
-def test_serve_builds_the_hand_written_manifest():
+def test_serve_builds_the_hand_written_manifest() -> None:
     isvc = build.inferenceservice(
         "sentiment",
         fine_tune_job="sentiment",
@@ -136,7 +137,7 @@ def test_serve_builds_the_hand_written_manifest():
         ({"learnig_rate": 1e-4}, "learnig_rate"),
     ],
 )
-def test_validation_errors_name_the_field(kwargs: dict[str, Any], field: str):
+def test_validation_errors_name_the_field(kwargs: dict[str, Any], field: str) -> None:
     args: dict[str, Any] = {
         "model": MINILM,
         "dataset": "pvc://data/train.jsonl",
@@ -150,7 +151,7 @@ def test_validation_errors_name_the_field(kwargs: dict[str, Any], field: str):
     assert field in str(e.value)
 
 
-def test_bad_names_and_ambiguous_models_are_refused():
+def test_bad_names_and_ambiguous_models_are_refused() -> None:
     with pytest.raises(SpecError, match="metadata.name"):
         build.finetunejob("Bad_Name", model=MINILM, dataset="pvc://d/x", num_labels=2, output="pvc://o/x")
     with pytest.raises(SpecError, match="exactly one of fine_tune_job= and source="):
@@ -159,22 +160,22 @@ def test_bad_names_and_ambiguous_models_are_refused():
         build.inferenceservice("s", source="hf://o/m", autoscaling={"min_replicas": 1})
 
 
-def test_cluster_fine_tune_needs_an_output():
+def test_cluster_fine_tune_needs_an_output() -> None:
     client = Client(local=True, workdir="/nonexistent-tauon-test")
-    client._backend.default_output = None  # type: ignore[attr-defined]
+    client._backend.default_output = None  # a backend without a default output: a cluster
     with pytest.raises(SpecError, match="spec.output.storage"):
         client.build_fine_tune("x", model=MINILM, dataset="pvc://d/x", num_labels=2)
     client.close()
 
 
-def test_local_default_output_is_the_run_directory(tmp_path: Path):
+def test_local_default_output_is_the_run_directory(tmp_path: Path) -> None:
     client = Client(local=True, workdir=tmp_path)
     job = client.build_fine_tune("x", model=MINILM, dataset=str(DATA), num_labels=2)
     assert job.spec.output.storage == f"file://{tmp_path / 'x'}"
     client.close()
 
 
-def test_unreachable_cluster_is_one_line(tmp_path: Path):
+def test_unreachable_cluster_is_one_line(tmp_path: Path) -> None:
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(
         "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
@@ -192,7 +193,7 @@ def test_unreachable_cluster_is_one_line(tmp_path: Path):
         Client(kubeconfig=str(tmp_path / "absent"))
 
 
-def test_v2_outputs_are_split_per_instance():
+def test_v2_outputs_are_split_per_instance() -> None:
     outputs = [
         {"name": "label", "datatype": "INT64", "shape": [2], "data": [1, 0]},
         {"name": "probabilities", "datatype": "FP32", "shape": [2, 2], "data": [0.1, 0.9, 0.8, 0.2]},
@@ -203,7 +204,7 @@ def test_v2_outputs_are_split_per_instance():
     ]
 
 
-def test_local_failure_carries_the_termination_reason():
+def test_local_failure_carries_the_termination_reason() -> None:
     stderr = (
         "tauon training broken: 2 node(s)\n"
         'rank 1 failed with exit code 1: {"retryable": false, "reason": "DatasetNotFound", '
@@ -214,7 +215,7 @@ def test_local_failure_carries_the_termination_reason():
     assert failure("tauon: job.yaml: spec.x: bad\n", 1) == ("InvalidSpec", "spec.x: bad")
 
 
-def test_merged_logs_prefix_every_rank(tmp_path: Path):
+def test_merged_logs_prefix_every_rank(tmp_path: Path) -> None:
     (tmp_path / "node-0.log").write_text("a\nb\n")
     (tmp_path / "node-1.log").write_text("c\npartial")
     files = {0: tmp_path / "node-0.log", 1: tmp_path / "node-1.log"}
@@ -232,7 +233,7 @@ class _Blocker:
         return None
 
 
-def test_client_imports_no_torch():
+def test_client_imports_no_torch() -> None:
     saved = dict(sys.modules)
     blocker = _Blocker()
     try:
@@ -249,7 +250,7 @@ def test_client_imports_no_torch():
         sys.modules.update(saved)
 
 
-def test_local_progress_is_published_as_the_operator_does():
+def test_local_progress_is_published_as_the_operator_does() -> None:
     from tauon.api.finetunejob import Progress
     from tauon.client.local import progress
 
@@ -267,7 +268,7 @@ TINY_LLAMA = {
 }
 
 
-def test_pretrain_builds_the_hand_written_manifest(tmp_path: Path):
+def test_pretrain_builds_the_hand_written_manifest(tmp_path: Path) -> None:
     client = Client(local=True, workdir=tmp_path)
     job = client.build_fine_tune(
         "tiny",
@@ -316,7 +317,7 @@ def test_pretrain_builds_the_hand_written_manifest(tmp_path: Path):
         ({"strategy": "zero3"}, "spec.parallelism.strategy"),
     ],
 )
-def test_pretrain_errors_name_the_field(kwargs: dict[str, Any], field: str):
+def test_pretrain_errors_name_the_field(kwargs: dict[str, Any], field: str) -> None:
     args: dict[str, Any] = {
         "model": None,
         "init": "scratch",
@@ -332,7 +333,7 @@ def test_pretrain_errors_name_the_field(kwargs: dict[str, Any], field: str):
     assert field in e.value.fields, e.value.fields
 
 
-def test_serve_runtime_and_generation():
+def test_serve_runtime_and_generation() -> None:
     isvc = build.inferenceservice(
         "llm", source="pvc://models/tiny", runtime="tauon", generation={"max_new_tokens": 16}
     )
@@ -349,7 +350,7 @@ def test_serve_runtime_and_generation():
     assert build.manifest(isvc) == hand == roundtrip(InferenceService, hand)
 
 
-def test_cli_reports_bad_use_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+def test_cli_reports_bad_use_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from tauon.cli import main
 
     assert main(["wait", "x", "--kubeconfig", str(tmp_path / "absent")]) == 1
@@ -361,7 +362,7 @@ def test_cli_reports_bad_use_in_one_line(tmp_path: Path, capsys: pytest.CaptureF
     )
 
 
-def test_a_finished_local_run_is_found_again(tmp_path: Path):
+def test_a_finished_local_run_is_found_again(tmp_path: Path) -> None:
     out = tmp_path / "done"
     (out / "model").mkdir(parents=True)
     (out / "metrics.json").write_text('{"evalAccuracy": 0.9, "steps": 30}')
