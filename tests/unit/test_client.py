@@ -375,3 +375,13 @@ def test_a_finished_local_run_is_found_again(tmp_path: Path) -> None:
         assert job.model_uri == f"file://{out / 'model'}"
         with pytest.raises(NotFound, match="FineTuneJob 'missing' not found in local run directory"):
             client.serve("svc", fine_tune_job="missing")
+
+
+def test_chat_without_openai_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tauon.client import InferenceServiceHandle, MissingDependency
+    from tauon.client.url import UrlBackend
+
+    monkeypatch.setitem(sys.modules, "openai", None)  # `import openai` raises ImportError
+    svc = InferenceServiceHandle(UrlBackend("http://127.0.0.1:9"), "llm")
+    with pytest.raises(MissingDependency, match="needs the 'openai' package: pip install openai"):
+        svc.chat("hi")

@@ -211,7 +211,10 @@ class ClusterBackend:
         """Merged logs of the job's current attempt, `[rank N]` prefixed; with follow, until the job ends
         (a restarted gang's new pods are followed too)."""
         if self.get("FineTuneJob", name) is None:
-            raise NotFound("FineTuneJob", name, self.where)
+            raise NotFound("FineTuneJob", name, self.where)  # now, not when the lines are first read
+        return self._lines(name, follow)
+
+    def _lines(self, name: str, follow: bool) -> Iterator[str]:
         out: queue.Queue[object] = queue.Queue()  # unbounded: a reader that stops never blocks the streams
         fut = asyncio.run_coroutine_threadsafe(self._stream_job(name, follow, out), self._loop.loop)
         try:

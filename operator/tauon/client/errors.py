@@ -63,7 +63,5 @@ class Forbidden(TauonError):
 
 
 class MissingDependency(TauonError, ImportError):
-    def __init__(self, package: str, purpose: str, extra: str):
-        super().__init__(
-            f"{purpose} needs the {package!r} package: pip install 'tauon[{extra}]' (or {package})"
-        )
+    def __init__(self, package: str, purpose: str):
+        super().__init__(f"{purpose} needs the {package!r} package: pip install {package}")

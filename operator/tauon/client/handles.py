@@ -182,7 +182,7 @@ class InferenceServiceHandle:
         try:
             import openai
         except ImportError:
-            raise MissingDependency("openai", "chat()/complete()/openai_client()", "dev") from None
+            raise MissingDependency("openai", "chat()/complete()/openai_client()") from None
         kwargs.setdefault("api_key", "unused")
         return openai.OpenAI(base_url=f"{self.url}/openai/v1", **kwargs)
 
