@@ -1475,3 +1475,104 @@ def test_conflict_found_after_creation_started_is_announced() -> None:
     sim.conflicts = ["ConfigMap/ft-config"]
     plan = sim.step()
     assert reasons(plan) == [("Warning", "ResourceConflict")]
+
+
+# ----------------------------------------------------------------- status.resolved.strategy (rank 0 reports)
+
+
+def test_resolved_strategy_from_progress_written_once() -> None:
+    sim = Sim({"numNodes": 2})
+    sim.run_gang()
+    sim.progress = {
+        "step": 1,
+        "totalSteps": 10,
+        "updatedAt": iso(sim.now),
+        "resolved": {"strategy": "fsdp", "estimateBytes": 3_000_000_000, "deviceMemoryBytes": 80 * 2**30},
+    }
+    plan = sim.step(1)
+    assert plan.status is not None
+    assert plan.status["resolved"]["strategy"] == "fsdp"
+    assert plan.status["resolved"]["estimate"] == {
+        "stateBytesPerRank": 3_000_000_000,
+        "deviceMemoryBytes": 80 * 2**30,
+    }
+    assert sim.st.progress.step == 1  # the report is still taken as progress
+    # a later report (e.g. after a restart at another world size) never overwrites it
+    sim.progress = {
+        "step": 2,
+        "totalSteps": 10,
+        "updatedAt": iso(sim.now + timedelta(seconds=5)),
+        "resolved": {"strategy": "ddp", "estimateBytes": 5},
+    }
+    sim.step(5)
+    assert sim.st.resolved.strategy == "fsdp"
+    assert (
+        sim.st.resolved.estimate is not None
+        and sim.st.resolved.estimate.state_bytes_per_rank == 3_000_000_000
+    )
+    assert sim.step(5).is_empty()  # converged: nothing to write
+
+
+@pytest.mark.parametrize(
+    "resolved",
+    [
+        {"strategy": "zero3", "estimateBytes": 10},
+        {"strategy": 1},
+        "fsdp",
+        None,
+        [],
+    ],
+)
+def test_unusable_resolved_reports_are_ignored(resolved: Any) -> None:
+    sim = Sim({"numNodes": 1})
+    sim.run_gang()
+    sim.progress = {"step": 3, "totalSteps": 10, "updatedAt": iso(sim.now), "resolved": resolved}
+    sim.step(1)
+    assert sim.st.resolved.strategy is None and sim.st.resolved.estimate is None
+    assert sim.st.progress.step == 3
+
+
+@pytest.mark.parametrize("bad", [10**30, -5, 0, 1.5, "123", True, float("nan")])
+def test_resolved_estimate_values_are_bounded(bad: Any) -> None:
+    sim = Sim({"numNodes": 1})
+    sim.run_gang()
+    sim.progress = {
+        "step": 3,
+        "totalSteps": 10,
+        "updatedAt": iso(sim.now),
+        "resolved": {"strategy": "ddp", "estimateBytes": bad, "deviceMemoryBytes": bad},
+    }
+    plan = sim.step(1)
+    assert sim.st.resolved.strategy == "ddp"
+    assert sim.st.resolved.estimate is None  # nothing usable: no estimate rather than a wrong one
+    assert plan.status is not None
+    json.dumps(plan.status, allow_nan=False)  # a valid status patch
+
+
+def test_resolved_strategy_from_termination_message() -> None:
+    sim = Sim({"numNodes": 1})
+    sim.run_gang()
+    sim.succeed(
+        0, message={"metrics": {"trainLoss": 0.1}, "resolved": {"strategy": "ddp", "estimateBytes": 4096}}
+    )
+    sim.step(1)
+    assert sim.st.phase == "Succeeded"
+    assert sim.st.resolved.strategy == "ddp"
+    assert sim.st.resolved.estimate is not None
+    assert (sim.st.resolved.estimate.state_bytes_per_rank, sim.st.resolved.estimate.device_memory_bytes) == (
+        4096,
+        None,
+    )
+    assert sim.step(10).is_empty()
+
+
+def test_strategy_resolution_never_touches_the_config_map() -> None:
+    """The ConfigMap is immutable and shared by every attempt: reports change status only."""
+    sim = Sim({"numNodes": 2})
+    sim.run_gang()
+    cm = copy.deepcopy(sim.config_map)
+    sim.progress = {"step": 1, "totalSteps": 4, "updatedAt": iso(sim.now), "resolved": {"strategy": "fsdp"}}
+    plan = sim.step(1)
+    assert all(c["kind"] != "ConfigMap" for c in plan.creates + plan.applies)
+    assert sim.config_map == cm
+    assert sim.st.resolved.strategy == "fsdp" and sim.st.resolved.estimate is None

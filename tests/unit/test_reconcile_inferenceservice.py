@@ -268,7 +268,11 @@ def test_job_succeeded_deployment_appears_and_becomes_ready() -> None:
     w.jobs["ft"] = ftj("ft", "Succeeded", storage="pvc://models/ft-out/")
     plan = w.step()
     assert applied(plan) == ["Service/sentiment", "Deployment/sentiment-predictor"]
-    assert w.status["model"] == {"source": "pvc://models/ft-out/model", "fineTuneJob": "ft"}
+    assert w.status["model"] == {
+        "source": "pvc://models/ft-out/model",
+        "fineTuneJob": "ft",
+        "task": "sequence-classification",
+    }
     assert w.cs("ModelReady") == ("True", "ModelResolved")
     assert events(plan) == [("Normal", "ModelResolved")]
     dep = w.dep(PRED)
@@ -290,7 +294,11 @@ def test_model_kept_after_job_deletion() -> None:
     del w.jobs["ft"]
     plans = w.converge()
     assert all(p.applies == [] and p.deletes == [] for p in plans)
-    assert w.status["model"] == {"source": "pvc://models/ft-ft/model", "fineTuneJob": "ft"}
+    assert w.status["model"] == {
+        "source": "pvc://models/ft-ft/model",
+        "fineTuneJob": "ft",
+        "task": "sequence-classification",
+    }
     assert w.cs("ModelReady") == ("True", "ModelResolved")
     assert w.status["phase"] == "Ready"
     assert events(plans) == []
@@ -307,7 +315,11 @@ def test_new_ref_keeps_old_model_serving_until_resolved() -> None:
     dep = w.dep(PRED)
     assert dep is not None and dep["spec"]["replicas"] == 2
     assert dep["spec"]["template"]["spec"]["containers"][0]["args"][1] == "/mnt/tauon/pvc/models/ft-ft/model"
-    assert w.status["model"] == {"source": "pvc://models/ft-ft/model", "fineTuneJob": "ft"}
+    assert w.status["model"] == {
+        "source": "pvc://models/ft-ft/model",
+        "fineTuneJob": "ft",
+        "task": "sequence-classification",
+    }
     assert w.cs("ModelReady") == ("False", "WaitingForFineTuneJob")
     assert w.status["phase"] == "Pending"
     w.jobs["ft2"] = ftj("ft2", "Succeeded")
@@ -731,3 +743,87 @@ def test_both_planners_share_one_context() -> None:
     from tauon.reconcile.context import Context
 
     assert F.Ctx.__origin__ is Context and I.Ctx.__origin__ is Context  # type: ignore[attr-defined]
+
+
+# -- runtime and OpenAI status (the served task reaches the renderer and the status) ---------------------
+
+
+def llm_job(name: str = "ft", phase: str = "Succeeded") -> Manifest:
+    job = ftj(name, phase)
+    job["spec"]["model"] = {"source": "hf://org/tiny-llama", "task": "causal-lm"}
+    return job
+
+
+LLM_REF = {"fineTuneJobRef": {"name": "ft"}}  # no task: the job's is served
+
+
+def test_job_task_reaches_renderer_and_status() -> None:
+    w = World(isvc_body(model=LLM_REF), [llm_job()], auto_ready=True)
+    plans = w.converge()
+    assert w.status["model"] == {
+        "source": "pvc://models/ft-ft/model",
+        "fineTuneJob": "ft",
+        "task": "causal-lm",
+    }
+    args = w.dep(PRED)["spec"]["template"]["spec"]["containers"][0]["args"]  # type: ignore[index]
+    assert args[args.index("--task") + 1] == "causal-lm"
+    assert w.status["resolved"] == {"runtime": "tauon"}  # no GPUs: auto -> tauon
+    assert w.status["openai"] == {"baseURL": "http://sentiment.ml.svc.cluster.local/v1", "model": NAME}
+    assert plans[-1].is_empty()
+    assert w.step(advance=60).is_empty()  # converged: zero writes
+
+
+def test_task_kept_after_job_deletion() -> None:
+    w = World(isvc_body(model=LLM_REF), [llm_job()], auto_ready=True)
+    w.converge()
+    del w.jobs["ft"]
+    plans = w.converge()
+    assert all(p.applies == [] and p.events == [] for p in plans)
+    assert w.status["model"]["task"] == "causal-lm"
+    assert w.status["openai"]["model"] == NAME
+
+
+def test_gpus_and_causal_lm_resolve_to_vllm() -> None:
+    gpu = {"limits": {"nvidia.com/gpu": "1"}}
+    w = World(isvc_body(model=LLM_REF, resources=gpu), [llm_job()], auto_ready=True)
+    w.converge()
+    assert w.status["resolved"] == {"runtime": "vllm"}
+    assert w.status["openai"]["baseURL"].endswith("/v1")
+
+
+def test_classifier_has_no_openai_status() -> None:
+    w = World(isvc_body(model={"source": "pvc://models/minilm", "task": "sequence-classification"}))
+    w.converge()
+    assert w.status["resolved"] == {"runtime": "tauon"}
+    assert "openai" not in w.status or w.status["openai"] == {}
+    assert w.status["model"]["task"] == "sequence-classification"
+
+
+def test_explicit_vllm_sets_openai_without_a_known_task() -> None:
+    w = World(isvc_body(runtime="vllm", resources={"limits": {"nvidia.com/gpu": "1"}}))
+    w.converge()
+    assert w.status["resolved"] == {"runtime": "vllm"}
+    assert w.status["openai"] == {"baseURL": "http://sentiment.ml.svc.cluster.local/v1", "model": NAME}
+
+
+def test_openai_cleared_when_task_changes() -> None:
+    w = World(isvc_body(model={"source": "pvc://models/llm", "task": "causal-lm"}))
+    w.converge()
+    assert w.status["openai"]["model"] == NAME
+    w.set_spec(model={"source": "pvc://models/minilm", "task": "sequence-classification"})
+    w.converge()
+    assert not (w.status.get("openai") or {})
+
+
+def test_canary_task_remembered_on_its_deployment() -> None:
+    canary = {"model": {"fineTuneJobRef": {"name": "ft2"}}, "trafficPercent": 50}
+    w = World(
+        isvc_body(model=LLM_REF, replicas=2, canary=canary), [llm_job(), llm_job("ft2")], auto_ready=True
+    )
+    w.converge()
+    can = w.dep(CAN)
+    assert can is not None
+    assert can["metadata"]["annotations"]["tauon.dev/model-task"] == "causal-lm"
+    del w.jobs["ft2"]
+    plans = w.converge()
+    assert all(p.applies == [] for p in plans)  # the remembered location (with its task) renders the same

@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from tauon.api.finetunejob import FineTuneJob, FineTuneJobStatus, LastFailure, Output, Progress
+from tauon.api.finetunejob import (
+    FineTuneJob,
+    FineTuneJobStatus,
+    LastFailure,
+    Output,
+    Progress,
+    StrategyEstimate,
+)
 from tauon.reconcile import pods as P
 from tauon.reconcile.conditions import is_true
 from tauon.reconcile.context import Context, summarise
@@ -146,8 +153,9 @@ def _pvc_problem(job: FineTuneJob, pvcs: dict[str, list[str]]) -> str | None:
 
 def bounded_progress(report: dict[str, Any]) -> Progress | None:
     """A Progress from rank 0's report, or None when any field is unusable (NaN, infinite, huge)."""
-    # percent is ours to compute (an integer for the printer column); the trainer may send a float
-    fields = {k: v for k, v in report.items() if k != "percent"}
+    # percent is ours to compute (an integer for the printer column); the trainer may send a float;
+    # "resolved" is read by take_resolved
+    fields = {k: v for k, v in report.items() if k not in ("percent", "resolved")}
     for v in fields.values():
         if isinstance(v, bool):
             continue
@@ -159,6 +167,29 @@ def bounded_progress(report: dict[str, Any]) -> Progress | None:
         return Progress.model_validate(fields)
     except (ValueError, OverflowError):
         return None
+
+
+def _bounded_bytes(v: Any) -> int | None:
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= MAX_PROGRESS_INT:
+        return None
+    return v
+
+
+def take_resolved(st: FineTuneJobStatus, report: Any) -> None:
+    """status.resolved.strategy (and its estimate) from what rank 0 reported (`"resolved": {"strategy":
+    "ddp" | "fsdp", "estimateBytes": N, "deviceMemoryBytes": N}` in /progress or the termination message).
+    Written once and never overwritten: a later attempt's report (another world size) changes nothing.
+    Anything else (unknown strategy, non-integers, huge values) is ignored."""
+    if st.resolved.strategy is not None or not isinstance(report, dict):
+        return
+    strategy = report.get("strategy")
+    if strategy not in ("ddp", "fsdp"):
+        return
+    state = _bounded_bytes(report.get("estimateBytes", report.get("stateBytesPerRank")))
+    device = _bounded_bytes(report.get("deviceMemoryBytes"))
+    st.resolved.strategy = strategy
+    if state is not None or device is not None:
+        st.resolved.estimate = StrategyEstimate(state_bytes_per_rank=state, device_memory_bytes=device)
 
 
 # -- policy steps, in order ----------------------------------------------------------------------------
@@ -184,6 +215,7 @@ def step_cleanup_and_progress(ctx: Ctx, p: Pass) -> bool:
     report = p.observed.progress
     if not report:
         return NEXT
+    take_resolved(ctx.st, report.get("resolved"))
     new = bounded_progress(report)
     if new is None:
         return NEXT
@@ -507,6 +539,7 @@ def _success_output(ctx: Ctx, cur: list[Manifest]) -> None:
         msg = P.termination_message(rank0, CONTAINER) or {}
         if isinstance(msg.get("metrics"), dict):
             metrics = msg["metrics"]
+        take_resolved(ctx.st, msg.get("resolved"))
     ctx.st.output = Output(model=f"{storage}/model", metrics=metrics or ctx.st.output.metrics)
     if ctx.st.progress.total_steps:
         ctx.st.progress.step = ctx.st.progress.total_steps

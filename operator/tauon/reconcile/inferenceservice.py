@@ -45,19 +45,22 @@ from tauon.reconcile.plan import Plan
 from tauon.render.common import InvalidSpec
 from tauon.render.config import OperatorConfig
 from tauon.render.inferenceservice import (
-    ANN_FINE_TUNE_JOB,
-    ANN_MODEL_SOURCE,
     ANN_SPEC_HASH,
     ModelLocation,
     Models,
     canary_name,
     effective_percent,
-    model_path,
+    job_model_location,
+    location_from_annotations,
+    openai_base_url,
     predictor_name,
     render,
     render_deployment,
     replica_plan,
+    resolve_runtime,
     selector,
+    served_model_name,
+    served_task,
     url,
 )
 
@@ -140,12 +143,11 @@ def resolve_model(
             "waiting", "WaitingForFineTuneJob", f"FineTuneJob {job} is {state}; waiting for it to succeed"
         )
     try:
-        source = model_path(body)
+        loc = job_model_location(body)  # carries the job's task to the renderer (runtime, server args)
     except InvalidSpec as e:
         return Resolution("waiting", "ModelNotFound", str(e))
-    return Resolution(
-        "ready", "ModelResolved", f"{what} {source} from FineTuneJob {job}", ModelLocation(source, job)
-    )
+    loc = ModelLocation(loc.source, job, loc.task)
+    return Resolution("ready", "ModelResolved", f"{what} {loc.source} from FineTuneJob {job}", loc)
 
 
 def _annotations(obj: Manifest | None) -> dict[str, str]:
@@ -155,9 +157,7 @@ def _annotations(obj: Manifest | None) -> dict[str, str]:
 
 
 def _remembered_on(dep: Manifest | None) -> ModelLocation | None:
-    anns = _annotations(dep)
-    src = anns.get(ANN_MODEL_SOURCE)
-    return ModelLocation(src, anns.get(ANN_FINE_TUNE_JOB)) if src else None
+    return location_from_annotations(_annotations(dep))
 
 
 def needs_apply(desired: Manifest, observed: Manifest | None) -> bool:
@@ -228,7 +228,11 @@ class Pass:
 def step_main_model(ctx: Ctx, p: Pass) -> None:
     """ModelReady for spec.model; status.model remembers the resolved location."""
     st = ctx.st
-    stored = ModelLocation(st.model.source, st.model.fine_tune_job) if st.model.source is not None else None
+    stored = (
+        ModelLocation(st.model.source, st.model.fine_tune_job, st.model.task)
+        if st.model.source is not None
+        else None
+    )
     main = resolve_model(ctx.obj.spec.model, p.observed.fine_tune_jobs, stored)
     if p.observed.refused:  # the spec cannot work as written: Failed/InvalidSpec until it changes
         msg = "the API server refused a child: " + summarise(p.observed.refused, "more refused")
@@ -238,8 +242,11 @@ def step_main_model(ctx: Ctx, p: Pass) -> None:
         if err is not None:
             main = Resolution("failed", "InvalidSpec", err)
     if main.state == "ready" and main.location is not None:
-        changed = stored != main.location
-        st.model = ResolvedModel(source=main.location.source, fine_tune_job=main.location.fine_tune_job)
+        loc = main.location
+        changed = stored is None or (stored.source, stored.fine_tune_job) != (loc.source, loc.fine_tune_job)
+        # the served task when known: spec.model.task, else the job's (carried by the location)
+        task = served_task(ctx.obj.spec.model, loc)
+        st.model = ResolvedModel(source=loc.source, fine_tune_job=loc.fine_tune_job, task=task)
         if ctx.cond(MODEL_READY, True, main.reason, main.message) or changed:
             ctx.event("Normal", "ModelResolved", f"serving {main.message}")
     else:
@@ -370,7 +377,28 @@ def step_replicas_and_phase(ctx: Ctx, p: Pass) -> None:
         st.phase = "NotReady"
 
 
-STEPS = (step_main_model, step_canary_model, step_children, step_readiness, step_replicas_and_phase)
+def step_serving_status(ctx: Ctx, p: Pass) -> None:
+    """status.resolved.runtime, and status.openai for causal LMs (or vllm): how to call the service."""
+    isvc, st = ctx.obj, ctx.st
+    task = served_task(isvc.spec.model, p.serving)
+    runtime = resolve_runtime(isvc, task)
+    st.resolved.runtime = runtime
+    if task == "causal-lm" or runtime == "vllm":
+        st.openai.base_url = openai_base_url(isvc, p.cfg)
+        st.openai.model = served_model_name(isvc)
+    else:
+        st.openai.base_url = None
+        st.openai.model = None
+
+
+STEPS = (
+    step_main_model,
+    step_canary_model,
+    step_children,
+    step_readiness,
+    step_replicas_and_phase,
+    step_serving_status,
+)
 
 
 def reconcile(isvc: InferenceService, observed: Observed, now: datetime, cfg: OperatorConfig) -> Plan:
