@@ -5,7 +5,9 @@ Layout under the work directory (default ./runs, the same as `tauon run --local`
   <workdir>/<job>/               the FineTuneJob's output: model/, checkpoints/, metrics.json, progress.json, logs/
   <workdir>/.sdk/<name>.yaml     the manifest handed to `tauon run`
   <workdir>/.sdk/<name>.stderr   what `tauon run` printed (the failure summary of a failed gang)
-A finished run left in the work directory is found again by a later Client (status Succeeded).
+A finished run left in the work directory is found again by a later Client (status Succeeded); an
+unfinished one is resumed from its latest checkpoint by the next fine_tune of that name, as the operator
+resumes a restarted gang. delete() removes a job's run directory.
 """
 
 from __future__ import annotations
