@@ -522,7 +522,7 @@ def test_readiness_then_graceful_sigterm_drains_in_flight_request(models: Models
     with running_server(
         models.classifier,
         tmp_path,
-        "--max-latency-ms=3000",  # a lone request waits in the queue for up to 3 s: it is in flight
+        "--max-latency-ms=3000",  # a request queued behind a running pass waits up to 3 s: it is in flight
         env={"TAUON_LOAD_DELAY_SECONDS": "2"},
     ) as server:
         u = server.url
@@ -535,20 +535,29 @@ def test_readiness_then_graceful_sigterm_drains_in_flight_request(models: Models
         wait_ready(server)
         assert metric(scrape(server), "tauon_server_model_ready") == 1.0
 
-        with ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(httpx.post, f"{u}{V1}", json={"instances": ["in flight"]}, timeout=30)
+        with ThreadPoolExecutor(2) as pool:
+            # Adaptive batching runs a request that finds the model idle at once; one that arrives while a
+            # pass runs waits in the queue. So: a slow pass first, then the in-flight request, then SIGTERM
+            # while both are in flight. (That draining does not wait for the window is tested on the
+            # batcher itself in tests/unit/test_serve.py.)
+            slow = {"instances": [" ".join(["a long sentence to keep the model busy"] * 40)] * 16}
+            busy = pool.submit(httpx.post, f"{u}{V1}", json=slow, timeout=120)
+            time.sleep(0.3)
+            pending = pool.submit(httpx.post, f"{u}{V1}", json={"instances": ["in flight"]}, timeout=120)
             _wait(
                 lambda: metric(scrape(server), "tauon_server_queue_depth") == 1.0,
-                10,
+                30,
                 "queued request",
                 server,
             )
-            t0 = time.monotonic()
+            assert not busy.done(), "the slow pass ended before the request queued: make it slower"
             server.proc.send_signal(signal.SIGTERM)
-            response = pending.result(timeout=30)
+            assert busy.result(timeout=120).status_code == 200
+            t0 = time.monotonic()
+            response = pending.result(timeout=60)
         assert response.status_code == 200, response.text
         assert len(response.json()["predictions"]) == 1
-        assert time.monotonic() - t0 < 2.5, "draining should flush the queue at once, not wait for the window"
+        assert time.monotonic() - t0 < 2.5, "draining should run the queue at once after the running pass"
         assert server.proc.wait(timeout=30) == 0, server.log()
         assert "draining" in server.log()
 
@@ -573,7 +582,9 @@ def test_causal_lm_generation(servers: Servers) -> None:
     r = httpx.post(f"{u}{V1}", json={"instances": ["hello world", {"text": "the cat"}]}, timeout=60)
     assert r.status_code == 200, r.text
     preds = r.json()["predictions"]
-    assert len(preds) == 2 and all(isinstance(p["generatedText"], str) and p["generatedText"] for p in preds)
+    # A random model may pick EOS first (an empty answer); at least one of the two generates text.
+    assert len(preds) == 2 and all(isinstance(p["generatedText"], str) for p in preds)
+    assert any(p["generatedText"] for p in preds)
     r2 = httpx.post(f"{u}{V2}", json=v2_body(["hello world"]), timeout=60)
     assert r2.status_code == 200, r2.text
     (out,) = r2.json()["outputs"]
