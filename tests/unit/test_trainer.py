@@ -285,7 +285,7 @@ def _save(out: Path, step: int) -> str:
     ckdir = ckpt.checkpoints_dir(str(out))
     tmp = ckpt.new_tmp_dir(ckdir, step)
     ckpt.write_shards(tmp, {"model": {"w": torch.full((2,), float(step))}}, 0, ckpt.capture_rng())
-    return ckpt.commit(tmp, ckdir, st)
+    return str(ckpt.commit(tmp, ckdir, st))
 
 
 def test_checkpoint_selection_ignores_incomplete_and_temporary(tmp_path: Path) -> None:

@@ -205,7 +205,7 @@ def _in_process(config: Path) -> int:
     """Run the trainer inside the test process (single process: no torchrun env)."""
     from tauon_train.train import main
 
-    return main(["--config", str(config)])
+    return int(main(["--config", str(config)]))
 
 
 def test_lora_sequence_classification_saves_merged_model_and_adapter(
