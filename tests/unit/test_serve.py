@@ -343,3 +343,33 @@ async def test_batcher_close_drains_queue_and_refuses_new_work() -> None:
     assert depths[-1] == 0
     with pytest.raises(BatcherClosed):
         await b.submit(["late"])
+
+
+async def test_a_request_whose_client_disconnected_is_dropped_before_its_pass() -> None:
+    """Issue 13: the server awaits each request with ``until_disconnect``; a client that goes away while
+    its request is queued behind a running pass gets nothing computed."""
+    from tauon_serve.llm import ClientGone, until_disconnect
+
+    class GoneClient:
+        def __init__(self) -> None:
+            self.gone = asyncio.Event()
+
+        async def receive(self) -> dict[str, Any]:
+            await self.gone.wait()
+            return {"type": "http.disconnect"}
+
+    rec = _Recorder(delay=0.2)
+    b: DynamicBatcher[str, str] = DynamicBatcher(rec, max_batch_size=32, max_latency_s=0.01)
+    b.start()
+    busy = asyncio.ensure_future(b.submit(["busy"]))
+    await asyncio.sleep(0.02)
+    client = GoneClient()
+    waiting = asyncio.ensure_future(until_disconnect(client, b.submit(["abandoned"])))  # type: ignore[arg-type]
+    stays = asyncio.ensure_future(until_disconnect(GoneClient(), b.submit(["kept"])))  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)
+    client.gone.set()
+    with pytest.raises(ClientGone):
+        await waiting
+    assert await busy == ["BUSY"] and await stays == ["KEPT"]
+    await b.close()
+    assert rec.batches == [["busy"], ["kept"]]
