@@ -17,7 +17,7 @@ import pytest
 
 from tauon.api.common import Condition
 from tauon.api.finetunejob import FineTuneJob, FineTuneJobStatus
-from tauon.reconcile.finetunejob import Observed, phase_of, reconcile
+from tauon.reconcile.finetunejob import Observed, next_attempt_at, phase_of, reconcile
 from tauon.reconcile.plan import Plan
 from tauon.render.config import OperatorConfig
 
@@ -97,6 +97,7 @@ class Sim:
         self.refused: list[str] = []
         self.forbidden: list[str] = []
         self.quota_exceeded = False
+        self.refuse: set[str] = set()  # pod names the API server refuses to create (403)
         self.events: list[tuple[str, str, str]] = []
         self.node_seq = 0
 
@@ -161,8 +162,8 @@ class Sim:
         for child in plan.creates:
             kind, name = child["kind"], child["metadata"]["name"]
             if kind == "Pod":
-                if name in self.pods:
-                    continue  # 409: already there
+                if name in self.pods or name in self.refuse:
+                    continue  # 409: already there; or refused
                 pod = copy.deepcopy(child)
                 pod["metadata"]["creationTimestamp"] = iso(self.now)
                 pod["metadata"]["uid"] = f"pod-uid-{name}"
@@ -282,6 +283,12 @@ class Sim:
     def gc(self) -> None:
         """Terminating pods finish terminating."""
         self.pods = {n: p for n, p in self.pods.items() if not p["metadata"].get("deletionTimestamp")}
+
+    def wait_backoff(self) -> None:
+        """Let the restart backoff run out (the next gang is created after it)."""
+        at = next_attempt_at(self.st)
+        if at is not None and at > self.now:
+            self.now = at
 
     def run_gang(self) -> None:
         """Create the current attempt's gang, schedule and start it; the job is Running after this."""
@@ -653,6 +660,7 @@ def test_disruptions_never_exhaust_the_backoff_limit() -> None:
         sim.step()
         sim.step()
         sim.gc()
+        sim.wait_backoff()
     assert (sim.st.restarts, sim.st.restarts_count_towards_limit, sim.st.attempt) == (5, 0, 5)
     assert not sim.is_true("Failed")
 
@@ -729,6 +737,7 @@ def test_backoff_limit_exhaustion(limit: int) -> None:
         assert not sim.is_true("Failed")
         sim.step()
         sim.gc()
+        sim.wait_backoff()
     sim.run_gang()
     sim.fail(1, exit_code=2)
     plan = sim.step()
@@ -757,6 +766,7 @@ def test_disruptions_and_failures_mixed() -> None:
     assert not sim.is_true("Failed") and sim.st.restarts == 2
     sim.step()
     sim.gc()
+    sim.wait_backoff()
     sim.run_gang()
     sim.fail(0)
     sim.step()
@@ -798,14 +808,14 @@ def test_startup_timeout_without_waiting_error() -> None:
 
 
 def test_startup_timeout_counts_from_when_the_gang_was_fully_scheduled() -> None:
-    # rank 0 is placed at once; rank 1 waits 700 s for room (schedule timeout: keep waiting)
-    sim = Sim({"runPolicy": {"scheduleTimeoutSeconds": 300, "startupTimeoutSeconds": 600}})
+    # rank 0 is placed at once; rank 1 waits 700 s for room (within the schedule timeout)
+    sim = Sim({"runPolicy": {"scheduleTimeoutSeconds": 800, "startupTimeoutSeconds": 600}})
     sim.step()
     sim.schedule(0)
     sim.start(0)
     sim.step(1)
     sim.step(700)
-    assert sim.cond("Created").reason == "Unschedulable"  # type: ignore[union-attr]
+    assert sim.cond("Created").reason == "PodsCreated"  # type: ignore[union-attr]
     sim.schedule(1)  # pulling its image now: phase Pending
     sim.step(1)
     assert not sim.is_true("Failed"), sim.cond("Failed")
@@ -818,14 +828,14 @@ def test_startup_timeout_counts_from_when_the_gang_was_fully_scheduled() -> None
 
 
 def test_schedule_timeout_warns_once_and_keeps_waiting() -> None:
+    """Nothing scheduled holds nothing: the gang keeps waiting (a partial one is released, below)."""
     sim = Sim({"numNodes": 4, "runPolicy": {"scheduleTimeoutSeconds": 300}})
     sim.step()
     sim.step(1)
-    sim.schedule(0, 1)
     assert sim.step(298).is_empty()
     plan = sim.step(1)  # 300 s after the pods were created
     assert reasons(plan) == [("Warning", "Unschedulable")]
-    assert "2/4" in plan.events[0].message
+    assert "0/4" in plan.events[0].message
     created = sim.cond("Created")
     assert created is not None and created.status == "True" and created.reason == "Unschedulable"
     assert created.last_transition_time == T0 + timedelta(seconds=1)  # status did not flip
@@ -835,7 +845,7 @@ def test_schedule_timeout_warns_once_and_keeps_waiting() -> None:
         plan = sim.step(600)
         assert plan.events == [] and not sim.is_true("Failed")
         assert plan.is_empty()
-    sim.schedule(2, 3)
+    sim.schedule()
     sim.step(1)
     assert sim.cond("Created").reason == "GangScheduled"  # type: ignore[union-attr]
     sim.start()
@@ -1576,3 +1586,128 @@ def test_strategy_resolution_never_touches_the_config_map() -> None:
     assert all(c["kind"] != "ConfigMap" for c in plan.creates + plan.applies)
     assert sim.config_map == cm
     assert sim.st.resolved.strategy == "fsdp" and sim.st.resolved.estimate is None
+
+
+# ------------------------------------------------------------- backoff between attempts, partial gangs
+
+
+def test_restart_delay_doubles_and_is_capped() -> None:
+    from tauon.reconcile.finetunejob import BACKOFF_MAX_SECONDS, restart_delay
+
+    got = [int(restart_delay(n).total_seconds()) for n in range(0, 10)]
+    assert got == [0, 0, 10, 20, 40, 80, 160, 300, 300, 300]
+    assert restart_delay(10**6).total_seconds() == BACKOFF_MAX_SECONDS
+
+
+def test_repeated_disruptions_back_off_exponentially() -> None:
+    sim = Sim({"numNodes": 2})
+    waits = []
+    for _ in range(4):
+        sim.run_gang()
+        sim.delete(0)
+        sim.step()  # restart: the old gang is deleted
+        sim.gc()
+        failed_at = sim.st.last_failure.time  # type: ignore[union-attr]
+        at = next_attempt_at(sim.st)
+        assert at is not None
+        waits.append(int((at - failed_at).total_seconds()))  # type: ignore[operator]
+        if at > sim.now:
+            plan = sim.step(int((at - sim.now).total_seconds()) - 1)
+            assert created_pods(plan) == [] and plan.events == []  # still backing off: no writes
+            assert sim.is_true("Restarting")
+        sim.wait_backoff()
+    assert waits == [0, 10, 20, 40]
+    assert (sim.st.restarts, sim.st.restarts_count_towards_limit) == (4, 0)
+    assert "backoff" in sim.cond("Restarting").message  # type: ignore[union-attr]
+
+
+def test_resume_after_a_failure_does_not_wait_for_the_backoff() -> None:
+    sim = Sim({"numNodes": 1})
+    for _ in range(2):
+        sim.run_gang()
+        sim.delete(0)
+        sim.step()
+        sim.gc()
+        sim.wait_backoff()
+    sim.run_gang()
+    sim.delete(0)
+    sim.step()
+    sim.gc()
+    sim.set_spec(suspend=True)
+    sim.step(1)
+    sim.set_spec(suspend=False)
+    sim.step(1)  # resumed: start_time moves past the failure
+    assert created_pods(sim.step(1)) == [pod_name(sim.st.attempt, 0)]
+
+
+@pytest.mark.parametrize(
+    ("message", "counts"),
+    [
+        ('Usage of EmptyDir volume "dshm" exceeds the limit "8Gi". ', True),
+        ('Container trainer exceeded its local ephemeral storage limit "1Gi". ', True),
+        ("Pod ephemeral local storage usage exceeds the total limit of containers 2Gi. ", True),
+        ("The node was low on resource: memory. ", False),
+    ],
+)
+def test_self_caused_evictions_count_toward_the_limit(message: str, counts: bool) -> None:
+    sim = Sim({"numNodes": 2, "runPolicy": {"backoffLimit": 3}})
+    sim.run_gang()
+    sim.fail(0, exit_code=137, pod_reason="Evicted")
+    sim.pod(0)["status"]["message"] = message
+    sim.step()
+    assert sim.st.restarts == 1
+    assert sim.st.restarts_count_towards_limit == (1 if counts else 0)
+
+
+def test_partial_gang_released_after_schedule_timeout() -> None:
+    sim = Sim({"numNodes": 4, "runPolicy": {"scheduleTimeoutSeconds": 300, "backoffLimit": 0}})
+    sim.step()
+    sim.step()
+    sim.schedule(0, 1)  # two pods hold their nodes, two cannot be placed
+    assert sim.step(299).is_empty()
+    plan = sim.step(1)
+    assert reasons(plan) == [("Warning", "GangReleased")]
+    assert deleted_pods(plan) == sorted(pod_name(0, i) for i in range(4))
+    assert plan.status_first is True
+    assert plan.observations == {"restart": "unschedulable"}
+    assert (sim.st.attempt, sim.st.restarts, sim.st.restarts_count_towards_limit) == (1, 1, 0)
+    assert sim.st.last_failure is not None and sim.st.last_failure.reason == "Unschedulable"
+    assert sim.st.last_failure.pod == pod_name(0, 2)
+    assert sim.cond("Restarting").reason == "GangReleased"  # type: ignore[union-attr]
+    assert not sim.is_true("Failed")  # a release never uses up backoffLimit
+    sim.gc()
+    plan = sim.step(1)  # first release: the next gang is created at once
+    assert created_pods(plan) == [pod_name(1, i) for i in range(4)]
+    # partial again: released again, and now the next gang waits 10 s
+    sim.schedule(0)
+    sim.step(300)
+    assert sim.st.attempt == 2 and sim.st.restarts == 2
+    sim.gc()
+    assert created_pods(sim.step(9)) == []
+    assert created_pods(sim.step(1)) == [pod_name(2, i) for i in range(4)]
+
+
+def test_partial_gang_with_forbidden_creates_released_with_quota_reason() -> None:
+    sim = Sim({"numNodes": 4, "runPolicy": {"scheduleTimeoutSeconds": 120}})
+    sim.refuse = {pod_name(0, 2), pod_name(0, 3)}  # the API server refuses them (403: quota)
+    sim.step()
+    sim.forbidden = [f"Pod {pod_name(0, 2)}: exceeded quota: gpus", f"Pod {pod_name(0, 3)}: exceeded quota"]
+    sim.quota_exceeded = True
+    sim.schedule(0, 1)
+    plan = sim.step(1)
+    assert sim.cond("Created").reason == "QuotaExceeded"  # type: ignore[union-attr]
+    assert reasons(plan) == [("Warning", "QuotaExceeded")]
+    plan = sim.step(119)
+    assert reasons(plan) == [("Warning", "GangReleased")]
+    assert deleted_pods(plan) == [pod_name(0, 0), pod_name(0, 1)]
+    assert sim.st.last_failure.reason == "QuotaExceeded"  # type: ignore[union-attr]
+    assert "QuotaExceeded" in plan.events[0].message and len(plan.events[0].message) <= 1024
+
+
+def test_a_fully_scheduled_gang_is_never_released() -> None:
+    sim = Sim({"numNodes": 2, "runPolicy": {"scheduleTimeoutSeconds": 60, "startupTimeoutSeconds": 6000}})
+    sim.step()
+    sim.schedule()
+    for _ in range(3):
+        plan = sim.step(100)
+        assert plan.deletes == [] and sim.st.attempt == 0

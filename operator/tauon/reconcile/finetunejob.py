@@ -45,6 +45,10 @@ from tauon.render.finetunejob import (
 Manifest = dict[str, Any]
 RWX = "ReadWriteMany"
 ROX = "ReadOnlyMany"
+# Backoff between gang attempts (pure: from status.restarts and status.lastFailure.time): the first
+# restart is immediate (one lost node should cost nothing), then 10 s doubling per restart, capped at 5 min.
+BACKOFF_BASE_SECONDS = 10
+BACKOFF_MAX_SECONDS = 300
 # Progress values are bounded so a rank 0 reporting nonsense cannot make every status patch invalid.
 MAX_PROGRESS_INT = 2**53 - 1  # exact in JSON numbers everywhere
 MAX_PROGRESS_FLOAT = 1e15
@@ -190,6 +194,24 @@ def take_resolved(st: FineTuneJobStatus, report: Any) -> None:
     st.resolved.strategy = strategy
     if state is not None or device is not None:
         st.resolved.estimate = StrategyEstimate(state_bytes_per_rank=state, device_memory_bytes=device)
+
+
+def restart_delay(restarts: int) -> timedelta:
+    """How long the gang of the next attempt waits after the failure that caused restart `restarts`."""
+    if restarts <= 1:
+        return timedelta(0)
+    return timedelta(seconds=min(BACKOFF_MAX_SECONDS, BACKOFF_BASE_SECONDS * 2 ** min(restarts - 2, 30)))
+
+
+def next_attempt_at(st: FineTuneJobStatus) -> datetime | None:
+    """When the current attempt's gang may be created (None: now). A resume after the failure does not
+    wait (start_time moved past it)."""
+    lf = st.last_failure
+    if st.restarts == 0 or lf is None or lf.time is None:
+        return None
+    if st.start_time is not None and st.start_time > lf.time:
+        return None
+    return lf.time + restart_delay(st.restarts)
 
 
 # -- policy steps, in order ----------------------------------------------------------------------------
@@ -361,6 +383,9 @@ def _restart(ctx: Ctx, p: Pass, first: P.Failure) -> bool:
         + (f", exit code {first.exit_code}" if first.exit_code is not None else "")
         + ")"
     )
+    delay = restart_delay(st.restarts)
+    if delay:
+        msg += f"; backoff: the new gang starts {int(delay.total_seconds())}s after the failure"
     ctx.cond("Restarting", True, "PodDisrupted" if first.disruption else "PodFailed", msg)
     ctx.cond("Running", False, "Restarting", "")
     ctx.event("Warning", "Restarting", msg)  # a new attempt
@@ -388,6 +413,57 @@ def step_success(ctx: Ctx, p: Pass) -> bool:
     ctx.cond("Restarting", False, "Succeeded")
     st.completion_time = st.completion_time or ctx.now
     _success_output(ctx, p.cur)
+    return DONE
+
+
+def step_backoff(ctx: Ctx, p: Pass) -> bool:
+    """After a restart the next gang waits its backoff (restart_delay) before any pod is created."""
+    if p.cur:
+        return NEXT
+    at = next_attempt_at(ctx.st)
+    if at is None or ctx.now >= at:
+        return NEXT
+    p.counted = []
+    return DONE  # the periodic pass re-plans; nothing to write while waiting
+
+
+def step_release_partial(ctx: Ctx, p: Pass) -> bool:
+    """A partial gang (some pods scheduled, others refused or unschedulable) past scheduleTimeoutSeconds
+    holds accelerators nobody can use: delete it as a new attempt (a restart that does not count toward
+    backoffLimit); the next gang is created after the backoff (restart_delay)."""
+    n = ctx.obj.spec.num_nodes
+    live = [pod for pod in p.cur if not P.deleting(pod)]
+    scheduled = [pod for pod in live if P.scheduled(pod)]
+    if not scheduled or (len(live) == n and len(scheduled) == n):
+        return NEXT
+    timeout = ctx.obj.spec.run_policy.schedule_timeout_seconds
+    if ctx.now - _created_at(ctx, p) < timedelta(seconds=timeout):
+        return NEXT
+    st = ctx.st
+    names = {P.name(pod) for pod in scheduled}
+    waiting = sorted(pod_name(ctx.obj.metadata.name, st.attempt, i) for i in range(n))
+    waiting = [w for w in waiting if w not in names]
+    o = p.observed
+    reason = "QuotaExceeded" if o.quota_exceeded else "CreateFailed" if o.forbidden else "Unschedulable"
+    msg = (
+        f"gang of attempt {st.attempt} not fully placed after {timeout}s ({len(scheduled)}/{n} pods "
+        f"scheduled; {summarise(waiting, 'more waiting')} {reason}): releasing its pods"
+    )
+    st.last_failure = LastFailure(
+        pod=waiting[0] if waiting else None, reason=reason, message=msg, time=ctx.now
+    )
+    st.attempt += 1
+    st.restarts += 1
+    delay = restart_delay(st.restarts)
+    if delay:
+        msg += f"; the next gang starts in {int(delay.total_seconds())}s"
+    ctx.cond("Restarting", True, "GangReleased", msg)
+    ctx.cond("Running", False, "Restarting", "")
+    ctx.event("Warning", "GangReleased", msg)
+    _delete_pods(ctx, p.cur)
+    ctx.plan.status_first = True
+    ctx.plan.observations["restart"] = "unschedulable"
+    p.counted = []
     return DONE
 
 
@@ -510,6 +586,8 @@ STEPS: tuple[Step, ...] = (
     step_deadline,
     step_gang_failure,
     step_success,
+    step_backoff,
+    step_release_partial,
     step_create,
     step_create_forbidden,
     step_scheduling,

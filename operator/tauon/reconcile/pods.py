@@ -19,6 +19,15 @@ DISRUPTION_REASONS = {
     "NodeShutdown",
     "UnexpectedAdmissionError",
 }
+# Kubelet eviction messages for a pod that went over its OWN limits (ephemeral storage, an emptyDir such
+# as /dev/shm with a sizeLimit): the trainer caused it, so it is a failure (counts toward backoffLimit),
+# not a disruption that would restart forever. Node-pressure evictions ("The node was low on resource")
+# stay disruptions.
+SELF_EVICTION_MARKERS = (
+    "exceeds the limit",
+    "exceeded its local ephemeral storage limit",
+    "exceeds the total limit",
+)
 WAITING_STARTUP_ERRORS = {
     "ErrImagePull",
     "ImagePullBackOff",
@@ -109,6 +118,13 @@ def termination_message(pod: Manifest, container: str) -> dict[str, Any] | None:
     return msg if isinstance(msg, dict) else None
 
 
+def self_evicted(pod: Manifest) -> bool:
+    """Evicted by the kubelet for exceeding its own limits (see SELF_EVICTION_MARKERS)."""
+    st = pod.get("status", {}) or {}
+    message = str(st.get("message") or "")
+    return st.get("reason") == "Evicted" and any(m in message for m in SELF_EVICTION_MARKERS)
+
+
 @dataclass(frozen=True)
 class Failure:
     pod: str
@@ -141,8 +157,10 @@ def classify(pod: Manifest, container: str, now: datetime) -> Failure | None:
         message = str(msg.get("message") or term.get("message") or st.get("message") or "")
         # deleted by someone else, then killed by the kubelet (exit 143/137): still a disruption
         killed_by_deletion = deleted_at is not None and (finished_at is None or finished_at >= deleted_at)
-        disruption = (not permanent) and (
-            is_disruption_cond or st.get("reason") in DISRUPTION_REASONS or killed_by_deletion
+        disruption = (
+            (not permanent)
+            and not self_evicted(pod)
+            and (is_disruption_cond or st.get("reason") in DISRUPTION_REASONS or killed_by_deletion)
         )
         exit_code = term.get("exitCode")
         return Failure(
