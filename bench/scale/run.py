@@ -491,24 +491,6 @@ def writes(d: dict[str, int]) -> int:
 # --- one phase: submit jobs at a fixed rate, wait until every pod runs ------------------------------------
 
 
-async def submit_at_rate(names: list[str], rate: float, submit: Any, submitted: dict[str, float]) -> None:
-    t0 = time.monotonic()
-    tasks = []
-
-    async def one(name: str) -> None:
-        submitted[name] = time.monotonic()
-        await submit(name)
-
-    for i, name in enumerate(names):
-        delay = t0 + i / rate - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(name)))
-    for r in await asyncio.gather(*tasks, return_exceptions=True):
-        if isinstance(r, BaseException):
-            raise r
-
-
 async def wait_running(tracker: Tracker, names: list[str], pods: int, limit_s: float) -> bool:
     deadline = time.monotonic() + limit_s
     last_log = time.monotonic()
@@ -556,6 +538,14 @@ def phase_figures(
     }
 
 
+PATHS = {
+    "Pod": "/api/v1/namespaces/{ns}/pods",
+    "ConfigMap": "/api/v1/namespaces/{ns}/configmaps",
+    "Service": "/api/v1/namespaces/{ns}/services",
+    "FineTuneJob": GROUP_PATH + "/namespaces/{ns}/finetunejobs",
+}
+
+
 class Api:
     """Raw REST through kubernetes_asyncio's ApiClient, as the operator's tauon.kube layer calls it."""
 
@@ -563,10 +553,8 @@ class Api:
         self.api = api
 
     async def create(self, manifest: dict[str, Any]) -> None:
-        kind, ns = manifest["kind"], manifest["metadata"]["namespace"]
-        plural = {"Pod": "pods", "ConfigMap": "configmaps", "Service": "services"}[kind]
         await self.api.call_api(
-            f"/api/v1/namespaces/{ns}/{plural}",
+            PATHS[manifest["kind"]].format(ns=manifest["metadata"]["namespace"]),
             "POST",
             header_params={"Content-Type": "application/json", "Accept": "application/json"},
             body=manifest,
@@ -586,6 +574,74 @@ async def plain_client(kubeconfig: Path) -> Any:
     return client.ApiClient(cfg)
 
 
+# --- the submitter: its own process (like the operator), so the watch here is never starved by it ---------
+
+
+async def submitter(spec: dict[str, Any]) -> dict[str, float]:
+    """Create each job at its slot of a fixed rate, once everything is rendered and the client is ready
+    (times are CLOCK_MONOTONIC, shared by all processes here). mode 'operator': the FineTuneJob; mode 'plain': its rendered children (ConfigMap and
+    Service, then the pods, concurrently: the order the operator uses). Returns name -> submit time."""
+    ns, names, pods = spec["namespace"], spec["names"], spec["pods_per_job"]
+    if spec["mode"] == "plain":
+        work = {n: rendered_children(n, ns, pods) for n in names}
+    else:
+        work = {n: [job_manifest(n, ns, pods)] for n in names}
+    api = await plain_client(Path(spec["kubeconfig"]))
+    raw, submitted = Api(api), {}
+
+    async def one(name: str) -> None:
+        submitted[name] = time.monotonic()
+        children = work[name]
+        await asyncio.gather(*(raw.create(c) for c in children if c["kind"] != "Pod"))
+        await asyncio.gather(*(raw.create(c) for c in children if c["kind"] == "Pod"))
+
+    tasks, start = [], time.monotonic()
+    try:
+        for i, name in enumerate(names):
+            delay = start + i / spec["rate"] - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(name)))
+        await asyncio.gather(*tasks)
+    finally:
+        await api.close()
+    return submitted
+
+
+def submitter_main(spec_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text())
+    submitted = asyncio.run(submitter(spec))
+    Path(spec["out"]).write_text(json.dumps(submitted))
+    return 0
+
+
+async def submit_at_rate(
+    ctx: Ctx, mode: str, kubeconfig: Path, ns: str, names: list[str]
+) -> dict[str, float]:
+    """Run the submitter process; returns name -> submit time."""
+    d = Path(tempfile.mkdtemp(prefix="submit-", dir=ctx.plane.dir))
+    spec = {
+        "mode": mode,
+        "kubeconfig": str(kubeconfig),
+        "namespace": ns,
+        "names": names,
+        "pods_per_job": ctx.args.pods_per_job,
+        "rate": ctx.args.rate,
+        "out": str(d / "submitted.json"),
+    }
+    (d / "spec.json").write_text(json.dumps(spec))
+    proc = await asyncio.create_subprocess_exec(sys.executable, __file__, "--submitter", str(d / "spec.json"))
+    try:
+        rc = await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    if rc != 0:
+        raise SystemExit(f"submitter ({mode}, {ns}) exited {rc}")
+    return {k: float(v) for k, v in json.loads((d / "submitted.json").read_text()).items()}
+
+
 # --- the run ---------------------------------------------------------------------------------------------
 
 
@@ -602,22 +658,11 @@ async def run_baseline(ctx: Ctx, names: list[str]) -> dict[str, Any]:
     tracker = Tracker()
     watcher = asyncio.create_task(watch_pods(ctx.http, ctx.plane.server, ns, tracker))
     await asyncio.wait_for(tracker.ready.wait(), 30)
-    api = await plain_client(ctx.plane.kubeconfigs["bench-plain"])
-    raw = Api(api)
-    manifests = {n: rendered_children(n, ns, a.pods_per_job) for n in names}
-
-    async def submit(name: str) -> None:
-        children = manifests[name]
-        await asyncio.gather(*(raw.create(c) for c in children if c["kind"] != "Pod"))
-        await asyncio.gather(*(raw.create(c) for c in children if c["kind"] == "Pod"))
-
     before = await requests_by_user(ctx.http, ctx.plane.server)
-    submitted: dict[str, float] = {}
     try:
-        await submit_at_rate(names, a.rate, submit, submitted)
+        submitted = await submit_at_rate(ctx, "plain", ctx.plane.kubeconfigs["bench-plain"], ns, names)
         ok = await wait_running(tracker, names, a.pods_per_job, a.phase_timeout)
     finally:
-        await api.close()
         watcher.cancel()
     after = await requests_by_user(ctx.http, ctx.plane.server)
     fig = phase_figures(tracker, names, a.pods_per_job, submitted)
@@ -635,15 +680,6 @@ async def delete_namespace(ctx: Ctx, ns: str, limit_s: float) -> float:
                 return time.monotonic() - t0
         await asyncio.sleep(1)
     raise SystemExit(f"namespace {ns} still there after {limit_s}s")
-
-
-async def create_ftj(ctx: Ctx, ns: str, name: str) -> None:
-    body = job_manifest(name, ns, ctx.args.pods_per_job)
-    async with ctx.http.post(
-        f"{ctx.plane.server}{GROUP_PATH}/namespaces/{ns}/finetunejobs", json=body
-    ) as resp:
-        if resp.status not in (200, 201):
-            raise SystemExit(f"creating FineTuneJob {name}: {resp.status} {await resp.text()}")
 
 
 async def jobs_running(ctx: Ctx, ns: str, want: int, limit_s: float) -> bool:
@@ -671,8 +707,7 @@ async def run_operator(ctx: Ctx, names: list[str], extra: list[str]) -> dict[str
     try:
         cpu0 = op.usage()[1]
         req0, w0 = await requests_by_user(ctx.http, ctx.plane.server), op.metrics()
-        submitted: dict[str, float] = {}
-        await submit_at_rate(names, a.rate, lambda n: create_ftj(ctx, ns, n), submitted)
+        submitted = await submit_at_rate(ctx, "operator", ctx.plane.kubeconfig, ns, names)
         ok = await wait_running(tracker, names, a.pods_per_job, a.phase_timeout)
         ok = await jobs_running(ctx, ns, len(names), a.phase_timeout) and ok
         cpu1 = op.usage()[1]
@@ -686,7 +721,7 @@ async def run_operator(ctx: Ctx, names: list[str], extra: list[str]) -> dict[str
         )
         out["operator"] = fig
         log(f"operator phase: {summary(fig)}; converged window {a.converged_seconds}s")
-        out["converged"] = await converged_window(ctx, a.converged_seconds)
+        out["converged"] = await converged_window(ctx, ns, a.converged_seconds)
         if extra:
             out["memory_curve_phase"] = await grow(ctx, ns, tracker, extra, names)
         await asyncio.sleep(5)
@@ -704,16 +739,22 @@ async def run_operator(ctx: Ctx, names: list[str], extra: list[str]) -> dict[str
     return out
 
 
-async def converged_window(ctx: Ctx, seconds: float) -> dict[str, Any]:
+async def converged_window(ctx: Ctx, ns: str, seconds: float) -> dict[str, Any]:
     op = ctx.op
     assert op is not None
     await asyncio.sleep(5)  # the last status writes and events land
+    jobs0 = await list_jobs(ctx, ns)
     cpu0, req0, w0 = op.usage()[1], await requests_by_user(ctx.http, ctx.plane.server), op.metrics()
     t0 = time.monotonic()
     await asyncio.sleep(seconds)
     cpu1, req1, w1 = op.usage()[1], await requests_by_user(ctx.http, ctx.plane.server), op.metrics()
     span = time.monotonic() - t0
+    jobs1 = await list_jobs(ctx, ns)
     d = delta(req1["bench-operator"], req0["bench-operator"])
+    changed: dict[str, int] = {}
+    for key, obj in jobs1.items():
+        for path in changed_paths((jobs0.get(key) or {}).get("status"), obj.get("status"), "status"):
+            changed[path] = changed.get(path, 0) + 1
     return {
         "window_s": round(span, 1),
         "requests_by_verb": d,
@@ -721,7 +762,30 @@ async def converged_window(ctx: Ctx, seconds: float) -> dict[str, Any]:
         "writes_per_minute": round(writes(d) * 60 / span, 2),
         "tauon_api_writes": delta(w1, w0),
         "operator_cpu_s": round(cpu1 - cpu0, 2),
+        "finetunejob_status_fields_changed": dict(sorted(changed.items())),  # path -> jobs
     }
+
+
+async def list_jobs(ctx: Ctx, ns: str) -> dict[str, dict[str, Any]]:
+    async with ctx.http.get(f"{ctx.plane.server}{GROUP_PATH}/namespaces/{ns}/finetunejobs") as resp:
+        resp.raise_for_status()
+        return {it["metadata"]["name"]: it for it in (await resp.json())["items"]}
+
+
+def changed_paths(old: Any, new: Any, prefix: str) -> list[str]:
+    """Dotted paths that differ (conditions compared by type), to say what a converged write changed."""
+    if (
+        isinstance(old, list)
+        and isinstance(new, list)
+        and all(isinstance(x, dict) and "type" in x for x in old + new)
+    ):
+        old, new = {x["type"]: x for x in old}, {x["type"]: x for x in new}
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in sorted(old.keys() | new.keys()):
+            out += changed_paths(old.get(k), new.get(k), f"{prefix}.{k}")
+        return out
+    return [] if old == new else [prefix]
 
 
 async def grow(ctx: Ctx, ns: str, tracker: Tracker, extra: list[str], first: list[str]) -> dict[str, Any]:
@@ -729,8 +793,7 @@ async def grow(ctx: Ctx, ns: str, tracker: Tracker, extra: list[str], first: lis
     assert op is not None
     log(f"memory curve: {len(extra)} more jobs up to {(len(first) + len(extra)) * a.pods_per_job} pods")
     cpu0 = op.usage()[1]
-    submitted: dict[str, float] = {}
-    await submit_at_rate(extra, a.rate, lambda n: create_ftj(ctx, ns, n), submitted)
+    submitted = await submit_at_rate(ctx, "operator", ctx.plane.kubeconfig, ns, extra)
     ok = await wait_running(tracker, extra, a.pods_per_job, a.phase_timeout)
     ok = await jobs_running(ctx, ns, len(first) + len(extra), a.phase_timeout) and ok
     fig = phase_figures(tracker, extra, a.pods_per_job, submitted)
@@ -943,6 +1006,8 @@ async def amain(ctx_args: argparse.Namespace, plane: Plane, op: Operator) -> dic
 
 
 def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "--submitter":
+        return submitter_main(sys.argv[2])
     a = parse_args()
     signal.signal(signal.SIGTERM, _raise_exit)
     signal.signal(signal.SIGHUP, _raise_exit)
