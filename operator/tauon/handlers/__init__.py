@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 import kopf
 
-from tauon.handlers import finetunejob, inferenceservice, progress
+from tauon.handlers import finetunejob, inferenceservice, leader, progress
 from tauon.handlers.runtime import RT
 from tauon.kube.client import Kube, load_config
 
@@ -36,7 +36,21 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         log.warning(
             "%s is set: reading /progress at the address pods publish (dev only)", progress.DEV_FLAG_ENV
         )
+    RT.elector = leader.from_env(RT.kube, on_elected=_trigger_all)
+    if RT.elector is not None:
+        log.warning(
+            "leader election on: Lease %s/%s as %s", RT.elector.namespace, RT.elector.name, RT.elector.me
+        )
+        RT.elector_task = asyncio.get_running_loop().create_task(RT.elector.run())
     RT.periodic = asyncio.get_running_loop().create_task(_periodic())
+
+
+def _trigger_all() -> None:
+    """Just elected: reconcile everything now rather than at the next periodic pass."""
+    for ns, name in finetunejob.all_keys():
+        RT.trigger(finetunejob.CONTROLLER, ns, name)
+    for ns, name in inferenceservice.all_keys():
+        RT.trigger(inferenceservice.CONTROLLER, ns, name)
 
 
 @kopf.on.cleanup()
@@ -69,7 +83,7 @@ async def _periodic() -> None:
                 for ns, name in inferenceservice.all_keys():
                     RT.trigger(inferenceservice.CONTROLLER, ns, name)
                 inferenceservice.update_phase_gauge()
-                if loop.time() - last_progress >= RT.progress_period_seconds:
+                if RT.leading() and loop.time() - last_progress >= RT.progress_period_seconds:
                     last_progress = loop.time()
                     await finetunejob.fetch_progress(session)
             except asyncio.CancelledError:

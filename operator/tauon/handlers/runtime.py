@@ -15,6 +15,7 @@ import kopf
 
 from tauon import metrics
 from tauon.handlers.indexes import Indexes
+from tauon.handlers.leader import Elector
 from tauon.handlers.workqueue import WorkQueue
 from tauon.kube.apply import ApplyResult, apply_plan
 from tauon.kube.client import Kube, owned_by
@@ -56,6 +57,13 @@ class Runtime:
     terminating_recheck_seconds: float = 60.0
     # uids of objects found gone while an index still held them (ghosts after a watch re-list)
     gone: set[str] = field(default_factory=set)
+    # leader election (None: this operator runs alone and always leads)
+    elector: Elector | None = None
+    elector_task: asyncio.Task[None] | None = None
+
+    def leading(self) -> bool:
+        """Whether this operator may write now (holds the Lease, or runs without election)."""
+        return self.elector is None or self.elector.leading()
 
     def trigger(self, controller: str, namespace: str, name: str) -> None:
         self.queue.trigger(controller, namespace, name)
@@ -178,9 +186,17 @@ class Runtime:
     async def stop(self) -> None:
         if self.periodic is not None:
             self.periodic.cancel()
+        if self.elector_task is not None:
+            self.elector_task.cancel()
+            await asyncio.gather(self.elector_task, return_exceptions=True)
         await self.queue.stop()
         if self.periodic is not None:
             await asyncio.gather(self.periodic, return_exceptions=True)
+        if self.elector is not None:
+            try:
+                await self.elector.release()
+            except Exception as e:  # shutting down: the lease then expires on its own
+                log.warning("leader election: lease not released: %s", e)
         if self.kube is not None:
             await self.kube.close()
 

@@ -1,6 +1,6 @@
 """The one reconcile both kinds go through:
 
-  namespace not being deleted -> live body from the index -> freshest (our own status write)
+  leading (tauon.handlers.leader) -> namespace not being deleted -> live body from the index -> freshest (our own status write)
   -> skip if being deleted or known gone (a ghost an index kept after a re-list) -> parse
   (failure: Failed / InvalidSpec, once) -> observe children -> pure planner -> apply the plan.
 
@@ -38,6 +38,8 @@ class Controller(Generic[T]):
 
 async def reconcile_object(ctl: Controller[T], namespace: str, name: str) -> None:
     key = (ctl.name, namespace, name)
+    if not RT.leading():
+        return  # a follower observes only; the leader reconciles
     if RT.namespace_terminating(namespace):
         return  # no creates, no status, no events, no restarts counted while it is being deleted
     live = RT.indexes.live(ctl.index, (namespace, name))
@@ -54,7 +56,7 @@ async def reconcile_object(ctl: Controller[T], namespace: str, name: str) -> Non
         plan = invalid_spec_plan(ctl.kind, body, describe(e), now)
     else:
         plan = await ctl.plan(obj, body, body["metadata"]["uid"], now)
-    if plan.is_empty():
+    if plan.is_empty() or not RT.leading():  # leadership may have been lost while observing
         return
     result = await RT.apply(ctl.name, ctl.kind, body, plan)
     if ctl.after is not None and not result.stale:  # a stale plan did nothing: nothing to count

@@ -32,6 +32,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "HorizontalPodAutoscaler": ("/apis/autoscaling/v2", "horizontalpodautoscalers"),
     "FineTuneJob": ("/apis/tauon.dev/v1alpha1", "finetunejobs"),
     "InferenceService": ("/apis/tauon.dev/v1alpha1", "inferenceservices"),
+    "Lease": ("/apis/coordination.k8s.io/v1", "leases"),
 }
 POD_GROUPS = {
     "scheduling.volcano.sh/v1beta1": "/apis/scheduling.volcano.sh/v1beta1",
@@ -236,6 +237,26 @@ class Kube:
         except ApiException as e:
             if resource_version and e.status == 409:
                 raise Stale(kind, name) from e
+            raise
+
+    async def create_exclusive(self, manifest: Manifest) -> Manifest:
+        """Create; 409 (someone else created it first) raises Stale."""
+        meta = manifest["metadata"]
+        try:
+            return dict(await self._call("POST", path(manifest["kind"], meta["namespace"]), manifest))
+        except ApiException as e:
+            if e.status == 409:
+                raise Stale(manifest["kind"], meta["name"]) from e
+            raise
+
+    async def replace(self, manifest: Manifest) -> Manifest:
+        """PUT with the manifest's metadata.resourceVersion: 409 (changed since read) or 404 raise Stale."""
+        kind, meta = manifest["kind"], manifest["metadata"]
+        try:
+            return dict(await self._call("PUT", path(kind, meta["namespace"], meta["name"]), manifest))
+        except ApiException as e:
+            if e.status in (404, 409):
+                raise Stale(kind, meta["name"]) from e
             raise
 
     async def pvc_access_modes(self, namespace: str, claim: str) -> list[str] | None:
