@@ -60,6 +60,7 @@ def resolve_relative_sources(doc: dict[str, Any], base: Path) -> dict[str, Any]:
 
     spec = doc.get("spec") or {}
     fix(spec.get("model"), "source")
+    fix(spec.get("model"), "tokenizer")
     fix(spec.get("dataset"), "source")
     fix(spec.get("output"), "storage")
     fix((spec.get("canary") or {}).get("model"), "source")

@@ -260,6 +260,9 @@ class NodeAgent:
         run.ready = run.readiness is None
         self.runs[(ns, name)] = run
         annotations = {f"tauon.dev/{p}-address": f"127.0.0.1:{port}" for p, port in prep.ports.items()}
+        # There is no kubelet to serve pods/log: publish where the container's output goes (the SDK and
+        # `tauon logs` read it from there for pods on this dev node).
+        annotations["tauon.dev/log-file"] = str(root / "container.log")
         if annotations:
             try:
                 self.core.patch_namespaced_pod(name, ns, {"metadata": {"annotations": annotations}})
