@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -177,6 +178,11 @@ class HFBackend:
         return tokens
 
 
+def _deliver(items: list[tuple[asyncio.Queue[Event], Event]]) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)
+
+
 class AsyncSequence:
     """One request's sequence seen from the event loop: an async iterator of :class:`Event`."""
 
@@ -188,7 +194,7 @@ class AsyncSequence:
         self.finished = False
 
     def _on_event(self, event: Event) -> None:  # engine thread
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        self.engine.post(self.loop, self.queue, event)
 
     async def next_event(self) -> Event:
         event = await self.queue.get()
@@ -226,6 +232,26 @@ class GenerationEngine:
             max_queue_wait_s=max_queue_wait_s,
             metrics=metrics,
         )
+        self.scheduler.after_step = self.flush
+        self._pending: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[Event], Event]] = []
+        self._pending_lock = threading.Lock()
+
+    def post(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Event], event: Event) -> None:
+        """Queue an event for its sequence; the engine thread hands them over after each step."""
+        with self._pending_lock:
+            self._pending.append((loop, queue, event))
+        if threading.current_thread() is not self.scheduler.thread:
+            self.flush()  # not from a step (e.g. a test driving the scheduler by hand)
+
+    def flush(self) -> None:
+        with self._pending_lock:
+            pending, self._pending = self._pending, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Event], Event]]] = {}
+        for loop, queue, event in pending:
+            by_loop.setdefault(loop, []).append((queue, event))
+        for loop, items in by_loop.items():
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(_deliver, items)
 
     def start(self) -> None:
         self.scheduler.start()

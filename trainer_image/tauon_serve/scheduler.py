@@ -138,6 +138,9 @@ class Scheduler:
         self._stopped = False
         self._thread: threading.Thread | None = None
         self.steps = 0
+        # Called by the engine thread after every step (e.g. to hand the step's events to an event loop
+        # in one wake-up instead of one per sequence).
+        self.after_step: Callable[[], None] | None = None
 
     # -- called from any thread ------------------------------------------------------------------
 
@@ -156,6 +159,10 @@ class Scheduler:
         with self._lock:
             seq.cancelled = True
             self._wakeup.notify()
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        return self._thread
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="tauon-generate", daemon=True)
@@ -195,6 +202,9 @@ class Scheduler:
             except Exception as exc:  # a model error fails the batch, never the server
                 log.exception("generation step failed")
                 self._fail_all(f"{type(exc).__name__}: {exc}")
+            finally:
+                if self.after_step is not None:
+                    self.after_step()
 
     def _fail_all(self, message: str) -> None:
         rows = list(range(len(self.running)))
