@@ -1,6 +1,6 @@
 """Control-plane scale benchmark: the operator against a plain script creating the same pods, same run.
 
-    .venv/bin/python bench/scale/run.py [--nodes 50] [--jobs 200] [--pods-per-job 4] [--rate 5]
+    .venv/bin/python bench/scale/run.py [--nodes 50] [--jobs 200] [--pods-per-job 4] [--rate 20]
                                         [--max-pods 2000] [--converged-seconds 60]
 
 Starts its own control plane (hack/cluster/cluster.py, in a temporary state directory) with --nodes extra
@@ -500,7 +500,7 @@ async def wait_running(tracker: Tracker, names: list[str], pods: int, limit_s: f
         if time.monotonic() - last_log > 15:
             last_log = time.monotonic()
             log(
-                f"  {tracker.n_created} pods created, {tracker.n_running} running (want {len(names) * pods} more)"
+                f"  {tracker.n_created} pods created, {tracker.n_running} running in the namespace ({len(names) * pods} in this phase)"
             )
         await asyncio.sleep(0.25)
     log(f"  gave up after {limit_s:.0f}s: {tracker.n_created} pods created, {tracker.n_running} running")
@@ -742,7 +742,7 @@ async def run_operator(ctx: Ctx, names: list[str], extra: list[str]) -> dict[str
 async def converged_window(ctx: Ctx, ns: str, seconds: float) -> dict[str, Any]:
     op = ctx.op
     assert op is not None
-    await asyncio.sleep(5)  # the last status writes and events land
+    settle_s = await settle(op)
     jobs0 = await list_jobs(ctx, ns)
     cpu0, req0, w0 = op.usage()[1], await requests_by_user(ctx.http, ctx.plane.server), op.metrics()
     t0 = time.monotonic()
@@ -756,6 +756,7 @@ async def converged_window(ctx: Ctx, ns: str, seconds: float) -> dict[str, Any]:
         for path in changed_paths((jobs0.get(key) or {}).get("status"), obj.get("status"), "status"):
             changed[path] = changed.get(path, 0) + 1
     return {
+        "settled_after_s": settle_s,
         "window_s": round(span, 1),
         "requests_by_verb": d,
         "requests_per_minute": round(sum(d.values()) * 60 / span, 2),
@@ -764,6 +765,21 @@ async def converged_window(ctx: Ctx, ns: str, seconds: float) -> dict[str, Any]:
         "operator_cpu_s": round(cpu1 - cpu0, 2),
         "finetunejob_status_fields_changed": dict(sorted(changed.items())),  # path -> jobs
     }
+
+
+async def settle(op: Operator, quiet_s: float = 10, limit_s: float = 180) -> float | None:
+    """Wait until the operator has written nothing for quiet_s (it may still be catching up with the watch
+    events of the last pods); None if it never went quiet within limit_s (the window then starts anyway)."""
+    t0 = time.monotonic()
+    last, last_change = sum(op.metrics().values()), time.monotonic()
+    while time.monotonic() - t0 < limit_s:
+        await asyncio.sleep(1)
+        now = sum(op.metrics().values())
+        if now != last:
+            last, last_change = now, time.monotonic()
+        elif time.monotonic() - last_change >= quiet_s:
+            return round(time.monotonic() - t0, 1)
+    return None
 
 
 async def list_jobs(ctx: Ctx, ns: str) -> dict[str, dict[str, Any]]:
@@ -975,7 +991,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--nodes", type=int, default=50, help="kwok CPU nodes added for the benchmark")
     p.add_argument("--jobs", type=int, default=200, help="FineTuneJobs in the measured phase")
     p.add_argument("--pods-per-job", type=int, default=4, help="numNodes of each FineTuneJob")
-    p.add_argument("--rate", type=float, default=5.0, help="jobs submitted per second")
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=20.0,
+        help="jobs submitted per second (default: more than this machine can create)",
+    )
     p.add_argument(
         "--max-pods", type=int, default=2000, help="memory curve: grow to this many pods (10000: 10k)"
     )
