@@ -351,8 +351,11 @@ def setup_model(prep: Prepared, d: dist.DistEnv) -> Setup:
         f"strategy={strategy} ({why}); params={params} trainable={trainable} "
         f"replicated={strategy_mod.gib(est.replicated_bytes)} sharded={strategy_mod.gib(est.sharded_bytes)}",
     )
-    if cfg.parallelism.activation_checkpointing and not strategy_mod.enable_activation_checkpointing(model):
-        log(d, "warning: this model does not support activation checkpointing; ignored")
+    if cfg.parallelism.activation_checkpointing:
+        if strategy_mod.enable_activation_checkpointing(model):
+            log(d, "activation checkpointing: on (each block's activations are recomputed in backward)")
+        else:
+            log(d, "warning: this model does not support activation checkpointing; ignored")
 
     if strategy == "fsdp":
         strategy_mod.shard_fsdp(model, strategy_mod.device_mesh(device, d.world_size), _bf16(prec))
