@@ -4,7 +4,7 @@ PY ?= .venv/bin/python
 VENV_STAMP := .venv/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install demo test lint unit workload cluster-tests e2e crds cluster-up cluster-down e2e-kind bench
+.PHONY: install demo demo-llm test lint unit workload cluster-tests e2e crds cluster-up cluster-down e2e-kind bench
 
 $(VENV_STAMP): pyproject.toml
 	@command -v uv >/dev/null || python3 -m pip install -q uv==0.13.8
@@ -48,9 +48,15 @@ cluster-down:
 demo: install
 	$(PY) hack/demo.py
 
+demo-llm: install
+	$(PY) hack/demo_llm.py
+
 bench: install
 	$(PY) bench/trainer.py
 	$(PY) bench/serving.py
+	$(PY) bench/llm_serving.py
+	$(PY) bench/memory.py
+	$(PY) bench/scale/run.py
 
 e2e-kind:
 	bash hack/e2e-kind.sh
