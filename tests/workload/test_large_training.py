@@ -105,6 +105,10 @@ def test_fsdp_matches_ddp(tmp_path: Path, tiny_llama_dir: Path, method: str) -> 
         assert ("activation checkpointing: on" in stdout) == (strategy == "fsdp")
         m = metrics(out)
         assert m["strategy"] == strategy and m["resolved"]["strategy"] == strategy
+        # the keys the operator's take_resolved maps to status.resolved.estimate
+        assert m["resolved"]["estimateBytes"] == m["estimateBytes"] > 0
+        assert m["resolved"]["deviceMemoryBytes"] > 0
+        assert termination(out.parent)["resolved"] == m["resolved"]
         assert m["method"] == method and m["steps"] == 10
         assert (out / "model" / "model.safetensors").is_file()
     assert sorted(losses["ddp"]) == list(range(1, 11))

@@ -645,7 +645,14 @@ def _run(cfg: JobConfig, d: dist.DistEnv, stop: StopFlag, t0: float, metrics: Tr
 
 
 def _resolved(s: Setup) -> dict[str, Any]:
-    return {"strategy": s.strategy, "estimateBytes": s.estimate.replicated_bytes}
+    """What the operator maps to status.resolved (reconcile/finetunejob.py take_resolved): the strategy,
+    the replicated state per rank the ``auto`` estimate computed (``estimateBytes`` ->
+    estimate.stateBytesPerRank) and the device memory it compared against (``deviceMemoryBytes``; absent
+    when unknown)."""
+    r: dict[str, Any] = {"strategy": s.strategy, "estimateBytes": s.estimate.replicated_bytes}
+    if s.estimate.device_bytes > 0:
+        r["deviceMemoryBytes"] = s.estimate.device_bytes
+    return r
 
 
 def _train_and_finish(
