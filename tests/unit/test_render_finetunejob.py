@@ -1082,3 +1082,22 @@ def test_tauon_keys_in_pod_template_are_refused(kind: str) -> None:
     job = make_job({"podTemplate": {kind: {"tauon.dev/metrics-address": "10.0.0.1:80"}}})
     with pytest.raises(InvalidSpec, match=f"spec.podTemplate.{kind}: keys under tauon.dev/ are reserved"):
         render_attempt(job, CFG, 0)
+
+
+@pytest.mark.parametrize(
+    ("model", "output", "mount"),
+    [
+        ("pvc://models/minilm", "pvc://results/sentiment-ft", f"{PVC_ROOT}/results/sentiment-ft"),
+        # the output nested in the model's path on one claim shares the outer (writable) mount
+        ("pvc://store/base", "pvc://store/base/ft", f"{PVC_ROOT}/store/base"),
+        ("pvc://models/minilm", "pvc://results", f"{PVC_ROOT}/results"),
+    ],
+)
+def test_job_json_names_the_mount_that_holds_the_output(model: str, output: str, mount: str) -> None:
+    """The trainer refuses an output path resolving outside this mount (a symlink escape, `..`)."""
+    children = render_attempt(make_job({"model": {"source": model}, "output": {"storage": output}}), CFG, 0)
+    conf = config_of(children)
+    assert conf["output"]["mountPath"] == mount
+    mounts = {m["mountPath"] for m in pods_of(children)[0]["spec"]["containers"][0]["volumeMounts"]}
+    assert mount in mounts
+    assert conf["output"]["path"] == mount or conf["output"]["path"].startswith(mount + "/")

@@ -155,6 +155,16 @@ class Storage:
                 del hp["type"]
 
 
+def covering_mount(storage: Storage, path: str) -> str:
+    """The deepest mountPath of `storage` that contains `path` (the path itself when none does)."""
+    best = ""
+    for m in storage.mounts:
+        mp = str(m["mountPath"]).rstrip("/")
+        if (path == mp or path.startswith(mp + "/")) and len(mp) > len(best):
+            best = mp
+    return best or path
+
+
 def env_list(items: list[EnvVar]) -> list[Manifest]:
     return [e.dump() for e in items]
 

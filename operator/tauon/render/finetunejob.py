@@ -15,6 +15,7 @@ from tauon.render.common import (
     check_reserved_keys,
     child_meta,
     container_security,
+    covering_mount,
     env_list,
     gpu_count,
     merge_env,
@@ -134,7 +135,7 @@ def job_config(job: FineTuneJob, cfg: OperatorConfig) -> dict[str, object]:
     Top-level `uid` is the job's metadata.uid: the trainer refuses a config whose uid differs from
     TAUON_JOB_UID and records it as the output's owner. The attempt is not here (the ConfigMap is
     immutable and shared by all attempts): it comes from TAUON_ATTEMPT."""
-    _, paths = _storage(job, cfg)
+    storage, paths = _storage(job, cfg)
     spec = job.spec
     model = spec.model.dump()
     model.pop("tokenSecretRef", None)
@@ -157,6 +158,8 @@ def job_config(job: FineTuneJob, cfg: OperatorConfig) -> dict[str, object]:
     hp = spec.hyperparameters.model_dump(by_alias=True, mode="json")  # keep maxSteps: null
     output = spec.output.dump()
     output["path"] = paths["output"]
+    # The volume mount that holds the output: the trainer refuses a path that resolves outside it.
+    output["mountPath"] = covering_mount(storage, paths["output"])
     return {
         "name": job.metadata.name,
         "namespace": job.metadata.namespace,
