@@ -346,6 +346,9 @@ def test_metadata_and_health_endpoints(clf_server: Server) -> None:
     listing = httpx.get(f"{u}/v1/models").json()  # KServe V1's body plus OpenAI's list keys
     assert listing["models"] == [NAME] and listing["object"] == "list"
     assert [m["id"] for m in listing["data"]] == [NAME]
+    chat = {"model": NAME, "messages": [{"role": "user", "content": "hi"}]}
+    r = httpx.post(f"{u}/v1/chat/completions", json=chat)  # the OpenAI API serves causal LMs only
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     assert httpx.get(f"{u}/v2/models/other/ready").status_code == 404
 
 

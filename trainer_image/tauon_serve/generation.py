@@ -18,6 +18,7 @@ Sampling is per row: temperature 0 is greedy (argmax); otherwise temperature, to
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import threading
 from collections.abc import Sequence
@@ -223,7 +224,9 @@ class GenerationEngine:
         metrics: EngineMetrics | None = None,
     ) -> None:
         self.tokenizer = tokenizer
-        self.backend = HFBackend(model, tokenizer, device, max_model_length)
+        # The engine thread decodes with its own copy: a Rust tokenizer whose settings the event loop
+        # changes (truncation on/off) while another thread uses it raises "Already borrowed".
+        self.backend = HFBackend(model, copy.deepcopy(tokenizer), device, max_model_length)
         self.max_model_length = max_model_length
         self.scheduler = Scheduler(
             self.backend,
