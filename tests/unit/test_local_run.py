@@ -3,6 +3,7 @@ is started here; prepare_server only writes files under the runs directory)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -70,3 +71,21 @@ def test_missing_local_job_output_is_a_clear_error(tmp_path: Path) -> None:
 def test_pvc_source_is_refused(tmp_path: Path) -> None:
     with pytest.raises(Unsupported, match="pvc://"):
         prepare_server(isvc({"source": "pvc://models/m"}), tmp_path, None)
+
+
+def _threads_pod(name: str, limits: dict[str, str] | None = None) -> dict[str, Any]:
+    container: dict[str, Any] = {"name": name, "command": ["x"]}
+    if limits is not None:
+        container["resources"] = {"limits": limits}
+    return {"metadata": {"name": "p"}, "spec": {"containers": [container]}}
+
+
+def test_local_threads_follow_the_spec_and_give_a_lone_server_every_core() -> None:
+    from tauon.local.process import local_threads
+
+    cores = os.cpu_count() or 1
+    assert local_threads(_threads_pod("server"), {}) == cores
+    assert local_threads(_threads_pod("server", {"cpu": "3"}), {}) == 3
+    assert local_threads(_threads_pod("server", {"cpu": "1500m"}), {}) == 2
+    assert local_threads(_threads_pod("trainer"), {"NPROC_PER_NODE": "2"}) == 1  # ranks share the cores
+    assert local_threads(_threads_pod("trainer", {"cpu": "8"}), {"NPROC_PER_NODE": "2"}) == 4

@@ -13,6 +13,7 @@ It is a development and test tool, not a kubelet: no isolation, no images, no re
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -23,6 +24,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tauon.render.inferenceservice import CONTAINER as SERVER_CONTAINER
 
 Manifest = dict[str, Any]
 ADDRESS_VARS = ("PET_MASTER_ADDR", "MASTER_ADDR")
@@ -153,6 +156,7 @@ def prepare(pod: Manifest, configmaps: dict[str, Manifest], root: Path, ports: P
     for var in ADDRESS_VARS:
         if var in env:
             env[var] = "127.0.0.1"
+    env.setdefault("OMP_NUM_THREADS", str(local_threads(pod, env)))
     term = root / "termination-log"
     env["TAUON_TERMINATION_LOG"] = str(term)
     args = [rewrite(str(a)) for a in (c.get("command") or []) + (c.get("args") or [])]
@@ -161,6 +165,29 @@ def prepare(pod: Manifest, configmaps: dict[str, Manifest], root: Path, ports: P
     if not args:
         raise Unsupported(f"pod {meta['name']}: the container has no command (images are not run locally)")
     return Prepared(args, env, root, term, local_ports)
+
+
+def _cpu_quantity(value: object) -> float | None:
+    text = str(value).strip()
+    try:
+        return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+    except ValueError:
+        return None
+
+
+def local_threads(pod: Manifest, env: dict[str, str]) -> int:
+    """Threads for the pod's process(es), as a container would see them: its CPU limit split over its
+    processes when it has one; otherwise every core for a model server (alone, like a pod with no limit)
+    and one per training rank (the ranks of a local gang share this machine's cores)."""
+    c = _container(pod)
+    limit = _cpu_quantity(((c.get("resources") or {}).get("limits") or {}).get("cpu", ""))
+    nproc = env.get("NPROC_PER_NODE", "")
+    procs = max(1, int(nproc)) if nproc.isdigit() else 1
+    if limit is not None and limit > 0:
+        return max(1, math.ceil(limit / procs))
+    if c.get("name") == SERVER_CONTAINER:
+        return os.cpu_count() or 1
+    return 1
 
 
 def _replace_flag(args: list[str], flag: str, value: str) -> list[str]:
