@@ -4,7 +4,8 @@
 
 Same work as tauon's trainer for sequence classification: the same model, tokenizer, seeded split,
 dynamic padding, DistributedSampler order and AdamW + linear schedule; no eval, checkpoints, metrics,
-progress, gradient clipping or per-step all-reduce of statistics. Prints one JSON line on rank 0.
+progress or per-step all-reduce of statistics. Gradients are clipped to ``--clip`` (tauon's trainer
+clips to 1.0: equal work). Prints one JSON line on rank 0 (with each step's loss on rank 0).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--validation-split", type=float, default=0.1)
+    ap.add_argument("--clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
     a = ap.parse_args()
 
     random.seed(a.seed)
@@ -54,8 +56,14 @@ def main() -> None:
     ddp = DDP(model) if world > 1 else model
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, (a.steps - s) / a.steps))
-    sampler = torch.utils.data.distributed.DistributedSampler(
-        list(range(len(ids))), num_replicas=world, rank=rank, shuffle=True, seed=a.seed
+    sampler: torch.utils.data.distributed.DistributedSampler[int] = (
+        torch.utils.data.distributed.DistributedSampler(
+            list(range(len(ids))),  # type: ignore[arg-type]  # any sized sequence works
+            num_replicas=world,
+            rank=rank,
+            shuffle=True,
+            seed=a.seed,
+        )
     )
 
     def collate(idx: list[int]) -> dict[str, torch.Tensor]:
@@ -69,6 +77,7 @@ def main() -> None:
 
     step, epoch, samples = 0, 0, 0
     step_times: list[float] = []
+    losses: list[float] = []
     t0 = time.monotonic()
     while step < a.steps:
         sampler.set_epoch(epoch)
@@ -80,12 +89,15 @@ def main() -> None:
             batch = collate(idx[b : b + a.batch])
             loss = ddp(**batch).loss
             loss.backward()
+            if a.clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             samples += len(batch["labels"]) * world
             step += 1
             step_times.append(time.monotonic() - t_step)
+            losses.append(float(loss))
         epoch += 1
     seconds = time.monotonic() - t0
     if rank == 0:
@@ -97,6 +109,7 @@ def main() -> None:
             "samplesPerSecond": samples / seconds,
             "stepSecondsMedian": median,
             "loss": float(loss),
+            "losses": losses,
         }
         print("BARE_RESULT " + json.dumps(res), flush=True)
     if world > 1:

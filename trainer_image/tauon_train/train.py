@@ -186,6 +186,11 @@ class Setup:
     precision: Precision
     device: torch.device
     backend: str
+    trainable: list[torch.nn.Parameter] = field(default_factory=list)  # what clipping sees, built once
+
+    def __post_init__(self) -> None:
+        if not self.trainable:
+            self.trainable = [p for p in self.raw_model.parameters() if p.requires_grad]
 
 
 def output_mount(cfg: JobConfig) -> str | None:
@@ -818,9 +823,12 @@ def _trace(d: dist.DistEnv, step: int, epoch: int, group: list[list[int]]) -> No
 def _train_step(
     s: Setup, prep: Prepared, collate: Any, group: list[list[int]], scaler: Any, causal: bool
 ) -> tuple[float, int, int]:
-    """One optimizer step over ``group`` (this rank's micro-batches); gradients sync on the last one."""
+    """One optimizer step over ``group`` (this rank's micro-batches); gradients sync on the last one.
+
+    Lean: the token count comes from the batch while it is still on the host, the micro-batch losses are
+    summed on the device (float64, the same additions as on the host) and read back once per step."""
     model, device, prec = s.model, s.device, s.precision
-    loss_acc = 0.0
+    loss_acc: torch.Tensor | None = None
     n_samples = n_tokens = 0
     for k, mb in enumerate(group):
         cpu_batch = collate([prep.train_ds[i] for i in mb])
@@ -840,18 +848,19 @@ def _train_step(
                 out = model(**batch)
             loss = out.loss.float() / len(group)
             (scaler.scale(loss) if scaler else loss).backward()
-        loss_acc += float(loss.detach().double().cpu())
+        part = loss.detach().double()
+        loss_acc = part if loss_acc is None else loss_acc + part
         n_samples += len(mb)
     if scaler:
         scaler.unscale_(s.optimizer)
-    torch.nn.utils.clip_grad_norm_([p for p in s.raw_model.parameters() if p.requires_grad], MAX_GRAD_NORM)
+    torch.nn.utils.clip_grad_norm_(s.trainable, MAX_GRAD_NORM)
     if scaler:
         scaler.step(s.optimizer)
         scaler.update()
     else:
         s.optimizer.step()
     s.optimizer.zero_grad(set_to_none=True)
-    return loss_acc, n_samples, n_tokens
+    return (float(loss_acc.item()) if loss_acc is not None else 0.0), n_samples, n_tokens
 
 
 def _final_metrics(
