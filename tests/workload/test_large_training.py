@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,9 @@ from tests.workload.helpers import (
     PYTHON,
     TINY_LLAMA,
     TINY_TOKENIZER,
+    children_of,
     env,
+    kill_tree,
     llama_job,
     metrics,
     run,
@@ -249,3 +253,72 @@ def test_pretraining_from_scratch_lowers_the_loss(tmp_path: Path) -> None:
 
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     assert model.config.hidden_size == 64 and model.config.model_type == "llama"
+
+
+def _rank_pid(torchrun_pid: int, rank: int) -> int | None:
+    """The worker process of global rank ``rank`` under a torchrun we started (RANK in its environment)."""
+    for pid in children_of(torchrun_pid):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ and b"LOCAL_RANK=" + str(rank).encode() in environ:
+            return pid
+    return None
+
+
+def _model_tensors(out: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return dict(load_file(str(out / "model" / "model.safetensors")))
+
+
+def test_fsdp_rank_sigkill_resumes_into_the_uninterrupted_model(tmp_path: Path) -> None:
+    """Under fsdp on 2 ranks, SIGKILL one rank (rank 1) once checkpoint step-8 exists: torchrun tears the
+    gang down, the rerun resumes from the newest complete DCP checkpoint and trains the remaining steps on
+    the same data order; its final model equals an uninterrupted run's within 1e-5."""
+    over: dict[str, Any] = {
+        "hyperparameters": {"maxSteps": 40, "batchSizePerDevice": 2},
+        "output": {"checkpointEverySteps": 4},
+    }
+    out_a, out_b = tmp_path / "a" / "out", tmp_path / "b" / "out"
+    t0 = time.monotonic()
+    ok(launch(tmp_path / "a", llama_job(out_a, "fsdp", **over), 2))
+    t_ref = time.monotonic() - t0
+
+    e = env(tmp_path / "b")
+    (tmp_path / "b").mkdir()
+    cfg_b = write_job(tmp_path / "b" / "job.json", llama_job(out_b, "fsdp", **over))
+    proc = subprocess.Popen(
+        torchrun_cmd(cfg_b, 2), env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        marker = out_b / "checkpoints" / "step-8" / "complete"
+        deadline = time.monotonic() + 180
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert marker.exists(), "checkpoint step-8 never appeared"
+        victim = _rank_pid(proc.pid, 1)
+        assert victim is not None, "rank 1's process not found"
+        os.kill(victim, signal.SIGKILL)
+        assert proc.wait(timeout=120) != 0, "torchrun reported success after a rank was killed"
+    finally:
+        kill_tree(proc)  # whatever is left of the gang (nothing, normally)
+    assert not (out_b / "metrics.json").exists(), "run finished before the rank was killed"
+    steps_done = [int(p.name.split("-")[1]) for p in (out_b / "checkpoints").glob("step-*")]
+    assert 8 <= max(steps_done) < 40
+
+    res = ok(run(torchrun_cmd(cfg_b, 2), e, timeout=240))
+    assert "resuming from" in res
+    a, b = metrics(out_a), metrics(out_b)
+    assert a["resumedFromStep"] == 0 and 8 <= b["resumedFromStep"] < 40
+    assert a["steps"] == b["steps"] == 40 and b["strategy"] == "fsdp"
+    ta, tb = _model_tensors(out_a), _model_tensors(out_b)
+    assert sorted(ta) == sorted(tb)
+    worst = max(float((ta[k].double() - tb[k].double()).abs().max()) for k in ta)
+    print(
+        f"fsdp sigkill: reference {t_ref:.1f}s, resumed from step {b['resumedFromStep']}, max |diff| {worst:.2e}"
+    )
+    assert worst <= 1e-5, worst
+    assert abs(a["trainLoss"] - b["trainLoss"]) <= 1e-5, (a["trainLoss"], b["trainLoss"])

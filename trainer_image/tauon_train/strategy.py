@@ -124,14 +124,19 @@ def device_mesh(device: torch.device, world_size: int) -> Any:
 
 
 def shard_fsdp(model: nn.Module, mesh: Any, bf16: bool) -> nn.Module:
-    """``fully_shard`` every block, then the root (which takes the embeddings, norm and head)."""
+    """``fully_shard`` every block, then the root (which takes the embeddings, norm and head).
+
+    Blocks free their gathered parameters after forward and gather them again in backward, except the
+    last one: backward starts with it right after forward, so resharding it would only repeat its
+    all-gather (the root's parameters stay gathered between forward and backward in FSDP2 anyway)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     kwargs: dict[str, Any] = {"mesh": mesh}
     if bf16:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for block in transformer_blocks(model):
-        fully_shard(block, **kwargs)
+    blocks = transformer_blocks(model)
+    for i, block in enumerate(blocks):
+        fully_shard(block, reshard_after_forward=i < len(blocks) - 1, **kwargs)
     fully_shard(model, **kwargs)
     return model
 
