@@ -221,3 +221,51 @@ async def test_ghost_found_gone_does_nothing_else(api: tuple[FakeApiServer, Kube
     result = await apply_plan(kube, "FineTuneJob", JOB, plan)
     assert result.gone
     assert fake.calls() == [f"PATCH {path}"], "a ghost must not stop pods or delete by name"
+
+
+async def test_reconcile_from_a_plain_task_posts_its_event(api: tuple[FakeApiServer, Kube]) -> None:
+    """The work queue and the periodic pass run reconciles in plain asyncio tasks, outside any Kopf
+    handler: the Event must still reach the API server (as a core/v1 Event from component tauon)."""
+    from tauon.handlers.runtime import Runtime
+
+    fake, kube = api
+    rt = Runtime(kube=kube)
+    plan = Plan(status={"phase": "Succeeded"})
+    plan.events.append(Event("Normal", "Succeeded", "training finished"))
+    task = asyncio.get_running_loop().create_task(rt.apply("finetunejob", "FineTuneJob", JOB, plan))
+    result = await task
+    assert not result.stale and not result.namespace_terminating
+    events = [p for m, path, p in fake.requests if m == "POST" and path == f"/api/v1/namespaces/{NS}/events"]
+    assert len(events) == 1, fake.calls()
+    ev = events[0]
+    assert ev["involvedObject"] == {
+        "apiVersion": "tauon.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "name": "ft",
+        "namespace": NS,
+        "uid": "job-uid",
+        "resourceVersion": "41",
+    }
+    assert (ev["type"], ev["reason"], ev["message"]) == ("Normal", "Succeeded", "training finished")
+    assert ev["source"] == {"component": "tauon"} and ev["count"] == 1
+    assert ev["firstTimestamp"] == ev["lastTimestamp"] and ev["metadata"]["name"].startswith("ft.")
+
+
+async def test_event_into_a_terminating_namespace_stops_posting(api: tuple[FakeApiServer, Kube]) -> None:
+    from tauon.handlers.runtime import Runtime
+
+    fake, kube = api
+    fake.rules[("POST", f"/api/v1/namespaces/{NS}/events")] = (
+        403,
+        {
+            "kind": "Status",
+            "reason": "Forbidden",
+            "details": {"causes": [{"reason": "NamespaceTerminating"}]},
+        },
+    )
+    rt = Runtime(kube=kube)
+    plan = Plan(status={"phase": "Failed"})
+    plan.events += [Event("Warning", "A", "a"), Event("Warning", "B", "b")]
+    result = await rt.apply("finetunejob", "FineTuneJob", JOB, plan)
+    assert result.namespace_terminating and rt.namespace_terminating(NS)
+    assert fake.calls("POST") == [f"POST /api/v1/namespaces/{NS}/events"], "one refusal, then no more"

@@ -9,21 +9,20 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, cast
-
-import kopf
+from typing import Any
 
 from tauon import metrics
 from tauon.handlers.indexes import Indexes
 from tauon.handlers.leader import Elector
 from tauon.handlers.workqueue import WorkQueue
 from tauon.kube.apply import ApplyResult, apply_plan
-from tauon.kube.client import Kube, owned_by
+from tauon.kube.client import Kube, NamespaceTerminating, owned_by
 from tauon.reconcile.plan import Event, Plan
 from tauon.render.config import OperatorConfig
 
 log = logging.getLogger("tauon.operator")
 Key = tuple[str, str, str]  # (controller, namespace, name)
+API_VERSION = "tauon.dev/v1alpha1"  # of the objects tauon reconciles (FineTuneJob, InferenceService)
 
 
 def _observe(controller: str, ok: bool, seconds: float) -> None:
@@ -82,13 +81,27 @@ class Runtime:
             if n:
                 metrics.API_WRITES.labels(controller, verb).inc(n)
 
+        involved = {"apiVersion": API_VERSION, "kind": kind, **body}
+        terminating = False
+
         async def post(ev: Event) -> None:
-            # kopf.Body wraps the raw dict (kopf types it as the RawBody TypedDict): a narrow cast
-            kopf.event(
-                kopf.Body(cast("kopf.RawBody", body)), type=ev.type, reason=ev.reason, message=ev.message
-            )
+            # Our own client, not kopf.event: that needs Kopf's per-handler context, which reconciles run
+            # from the work queue or the periodic pass do not have. An Event is best effort: a failure is
+            # logged and never fails the reconcile that already did its work.
+            nonlocal terminating
+            if terminating:
+                return
+            assert self.kube is not None
+            try:
+                await self.kube.post_event(involved, ev.type, ev.reason, ev.message)
+            except NamespaceTerminating:
+                terminating = True
+            except Exception as e:
+                log.warning("%s %s/%s: event %s not posted: %s", kind, *key[1:], ev.reason, e)
 
         result = await apply_plan(self.kube, kind, body, plan, post)
+        if terminating:
+            result.namespace_terminating = True
         if result.namespace_terminating:
             self.terminating[meta["namespace"]] = time.monotonic()
             log.info("namespace %s is being deleted: not reconciling there", meta["namespace"])

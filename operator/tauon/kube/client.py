@@ -9,8 +9,10 @@ retried, instead of parking that object forever. Nothing here blocks the event l
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
+import uuid
 from typing import Any
 
 from kubernetes_asyncio import client, config
@@ -19,6 +21,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 log = logging.getLogger("tauon.kube")
 Manifest = dict[str, Any]
 FIELD_MANAGER = "tauon"
+COMPONENT = "tauon"  # Event source.component / reportingComponent
 REQUEST_TIMEOUT = 30.0  # seconds per API request, connecting included
 
 # kind -> (api prefix, plural)
@@ -259,11 +262,53 @@ class Kube:
                 raise Stale(kind, meta["name"]) from e
             raise
 
+    async def post_event(self, involved: Manifest, type: str, reason: str, message: str) -> None:
+        """Create a core/v1 Event about `involved` (a namespaced object: kind, apiVersion, metadata).
+        A namespace being deleted raises NamespaceTerminating; nothing is posted there."""
+        meta = involved["metadata"]
+        ns = meta["namespace"]
+        event = event_manifest(involved, type, reason, message, dt.datetime.now(dt.UTC))
+        try:
+            await self._call("POST", path("Event", ns), event)
+        except ApiException as e:
+            if namespace_terminating(e):
+                raise NamespaceTerminating(ns) from e
+            raise
+
     async def pvc_access_modes(self, namespace: str, claim: str) -> list[str] | None:
         pvc = await self.get("PersistentVolumeClaim", namespace, claim)
         if pvc is None:
             return None
         return list(pvc.get("spec", {}).get("accessModes") or [])
+
+
+def event_manifest(involved: Manifest, type: str, reason: str, message: str, now: dt.datetime) -> Manifest:
+    """A core/v1 Event (count 1, first = last timestamp) from the tauon component."""
+    meta = involved["metadata"]
+    stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    ref = {
+        "apiVersion": involved.get("apiVersion", ""),
+        "kind": involved.get("kind", ""),
+        "name": meta["name"],
+        "namespace": meta["namespace"],
+        "uid": meta.get("uid", ""),
+        "resourceVersion": meta.get("resourceVersion", ""),
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}", "namespace": meta["namespace"]},
+        "involvedObject": {k: v for k, v in ref.items() if v},
+        "type": type,
+        "reason": reason,
+        "message": message[:1024],
+        "source": {"component": COMPONENT},
+        "reportingComponent": COMPONENT,
+        "reportingInstance": COMPONENT,
+        "count": 1,
+        "firstTimestamp": stamp,
+        "lastTimestamp": stamp,
+    }
 
 
 def owned_by(obj: Manifest, uid: str) -> bool:
