@@ -269,3 +269,16 @@ async def test_event_into_a_terminating_namespace_stops_posting(api: tuple[FakeA
     result = await rt.apply("finetunejob", "FineTuneJob", JOB, plan)
     assert result.namespace_terminating and rt.namespace_terminating(NS)
     assert fake.calls("POST") == [f"POST /api/v1/namespaces/{NS}/events"], "one refusal, then no more"
+
+
+async def test_claim_access_modes_are_read_once_for_a_while(api: tuple[FakeApiServer, Kube]) -> None:
+    fake, kube = api
+    path = f"/api/v1/namespaces/{NS}/persistentvolumeclaims/data"
+    fake.rules[("GET", path)] = (200, {"spec": {"accessModes": ["ReadWriteMany"]}})
+    assert await kube.pvc_access_modes(NS, "data") == ["ReadWriteMany"]
+    assert await kube.pvc_access_modes(NS, "data") == ["ReadWriteMany"]
+    assert fake.calls("GET") == [f"GET {path}"], "the second pass reuses the answer"
+    fake.rules[("GET", f"/api/v1/namespaces/{NS}/persistentvolumeclaims/none")] = (404, {"kind": "Status"})
+    assert await kube.pvc_access_modes(NS, "none") is None
+    assert await kube.pvc_access_modes(NS, "none") is None
+    assert len(fake.calls("GET")) == 3, "a missing claim is not remembered: it may be created next"

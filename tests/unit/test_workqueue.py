@@ -126,3 +126,22 @@ async def test_stuck_for_reports_a_pass_beyond_its_deadline() -> None:
     await q.drain()
     assert seen and seen[0] > 0.1
     assert q.stuck_for() == 0.0
+
+
+async def test_delayed_trigger_gathers_a_burst_into_one_pass() -> None:
+    rec = Recorder()
+    rec.gate.set()
+    q = WorkQueue()
+    q.register("ftj", rec)
+    q.trigger("ftj", "ns", "a", delay=0.2)  # a pod event: wait for its siblings
+    await asyncio.sleep(0.05)
+    assert rec.calls == [] and q.busy() == 1, "nothing runs during the delay"
+    for _ in range(3):  # the rest of the gang's events, within the delay
+        q.trigger("ftj", "ns", "a", delay=0.2)
+    q.trigger("ftj", "ns", "a")  # an undelayed trigger meanwhile joins the same pass
+    await q.drain()
+    assert rec.calls == [("ns", "a")], "the burst made one pass"
+    q.trigger("ftj", "ns", "b")  # without a delay a pass starts at once
+    await asyncio.sleep(0)
+    assert rec.calls[-1] == ("ns", "b")
+    await q.drain()

@@ -73,7 +73,8 @@ async def _periodic() -> None:
     """Time-based rules (deadlines, timeouts, TTL) and progress refresh for every known object."""
     last_progress = 0.0
     loop = asyncio.get_running_loop()
-    async with aiohttp.ClientSession() as session:
+    # trust_env=False (aiohttp's default, stated): pod-IP traffic never goes through an HTTP(S)_PROXY
+    async with aiohttp.ClientSession(trust_env=False) as session:
         while True:
             await asyncio.sleep(RT.period_seconds)
             try:

@@ -28,6 +28,7 @@ GROUP, VERSION, PLURAL = "tauon.dev", "v1alpha1", "finetunejobs"
 CONTROLLER = "finetunejob"
 CHILD = {LABEL_JOB: kopf.PRESENT}
 _backoff = progress.Backoff()
+_reported: dict[ix.Key, str] = {}  # job -> the /progress failure last logged (logged once per change)
 
 # Index and watch handlers take every keyword Kopf passes (**kwargs) and name only what they use, with
 # the types of kopf's IndexingFn/WatchingFn protocols (namespace is None for cluster-scoped objects).
@@ -63,7 +64,7 @@ async def on_job(type: str, namespace: str | None, name: str, **kwargs: Any) -> 
 @kopf.on.event("pods", labels=CHILD)
 async def on_pod(namespace: str | None, labels: kopf.Labels, **kwargs: Any) -> None:
     RT.indexes.capture(kwargs)
-    RT.trigger(CONTROLLER, namespace or "", labels[LABEL_JOB])
+    RT.trigger(CONTROLLER, namespace or "", labels[LABEL_JOB], RT.child_coalesce_seconds)
 
 
 @kopf.on.event("configmaps", labels=CHILD)
@@ -152,13 +153,20 @@ async def fetch_progress(session: aiohttp.ClientSession) -> None:
             return  # not serving (yet): try again next period
         except progress.BadReport as e:
             _backoff.failed(key, loop.time(), RT.progress_period_seconds)
-            log.warning("FineTuneJob %s/%s: ignoring rank 0's /progress: %s", key[0], key[1], e)
+            if _reported.get(key) != str(e):
+                _reported[key] = str(e)
+                log.warning("FineTuneJob %s/%s: ignoring rank 0's /progress: %s", key[0], key[1], e)
             return
         _backoff.ok(key)
+        if _reported.pop(key, None) is not None:
+            log.info("FineTuneJob %s/%s: rank 0's /progress answers again", key[0], key[1])
         if data != RT.progress.get(key):
             RT.progress[key] = data
             RT.trigger(CONTROLLER, key[0], key[1])
 
+    running = {k for k, _ in jobs}
+    for gone in [k for k in _reported if k not in running]:
+        del _reported[gone]  # no longer running (or deleted): a new failure is logged again
     await asyncio.gather(*(one(k, b) for k, b in jobs))
 
 

@@ -38,6 +38,9 @@ class Runtime:
     kube: Kube | None = None
     period_seconds: float = 5.0
     progress_period_seconds: float = 10.0
+    # a pod event waits this long before its job's pass: a gang's pods change together (created,
+    # scheduled, started), and their events then make one pass and one status write, not one each
+    child_coalesce_seconds: float = 0.3
     # dev only (the process-backed node): read /progress at the address a pod annotation names
     trust_metrics_address: bool = False
     indexes: Indexes = field(default_factory=Indexes)
@@ -64,8 +67,8 @@ class Runtime:
         """Whether this operator may write now (holds the Lease, or runs without election)."""
         return self.elector is None or self.elector.leading()
 
-    def trigger(self, controller: str, namespace: str, name: str) -> None:
-        self.queue.trigger(controller, namespace, name)
+    def trigger(self, controller: str, namespace: str, name: str, delay: float = 0.0) -> None:
+        self.queue.trigger(controller, namespace, name, delay)
 
     async def apply(self, controller: str, kind: str, body: dict[str, Any], plan: Plan) -> ApplyResult:
         """Apply a non-empty plan for one object; remember what the API server said for the next pass."""

@@ -35,8 +35,10 @@ class WorkQueue:
     def register(self, controller: str, reconciler: Reconciler) -> None:
         self._reconcilers[controller] = reconciler
 
-    def trigger(self, controller: str, namespace: str, name: str) -> None:
-        """Reconcile soon; bursts of triggers for one object collapse into at most one extra pass."""
+    def trigger(self, controller: str, namespace: str, name: str, delay: float = 0.0) -> None:
+        """Reconcile soon; bursts of triggers for one object collapse into at most one extra pass. With
+        `delay`, an idle object waits that long first, so that a burst arriving within it (the watch
+        events of a gang's pods) is one pass, not one per event."""
         if controller not in self._reconcilers:
             raise KeyError(f"no reconciler registered for controller {controller!r}")
         key = (controller, namespace, name)
@@ -44,7 +46,7 @@ class WorkQueue:
             self._dirty.add(key)
             return
         self._running.add(key)
-        task = asyncio.get_running_loop().create_task(self._run(key))
+        task = asyncio.get_running_loop().create_task(self._run(key, delay))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -52,9 +54,11 @@ class WorkQueue:
         """Objects with a reconcile running or pending."""
         return len(self._running)
 
-    async def _run(self, key: Key) -> None:
+    async def _run(self, key: Key, delay: float = 0.0) -> None:
         controller, ns, name = key
         try:
+            if delay > 0:
+                await asyncio.sleep(delay)
             while True:
                 self._dirty.discard(key)
                 t0 = time.perf_counter()

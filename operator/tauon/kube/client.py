@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -23,6 +24,7 @@ Manifest = dict[str, Any]
 FIELD_MANAGER = "tauon"
 COMPONENT = "tauon"  # Event source.component / reportingComponent
 REQUEST_TIMEOUT = 30.0  # seconds per API request, connecting included
+PVC_CACHE_SECONDS = 10.0  # how long a claim's access modes are reused (they are immutable once bound)
 
 # kind -> (api prefix, plural)
 KINDS: dict[str, tuple[str, str]] = {
@@ -111,6 +113,7 @@ class Kube:
     def __init__(self, api: client.ApiClient | None = None, timeout: float = REQUEST_TIMEOUT):
         self.api = api or client.ApiClient()
         self.timeout = timeout
+        self._pvc_modes: dict[tuple[str, str], tuple[float, list[str]]] = {}
 
     async def close(self) -> None:
         await self.api.close()
@@ -276,10 +279,19 @@ class Kube:
             raise
 
     async def pvc_access_modes(self, namespace: str, claim: str) -> list[str] | None:
+        """A claim's access modes (None: no such claim). Found claims are remembered for
+        PVC_CACHE_SECONDS: every pass of every multi-node job on a shared claim would read it again."""
+        now = time.monotonic()
+        hit = self._pvc_modes.get((namespace, claim))
+        if hit is not None and now - hit[0] < PVC_CACHE_SECONDS:
+            return list(hit[1])
         pvc = await self.get("PersistentVolumeClaim", namespace, claim)
         if pvc is None:
+            self._pvc_modes.pop((namespace, claim), None)
             return None
-        return list(pvc.get("spec", {}).get("accessModes") or [])
+        modes = list(pvc.get("spec", {}).get("accessModes") or [])
+        self._pvc_modes[(namespace, claim)] = (now, modes)
+        return list(modes)
 
 
 def event_manifest(involved: Manifest, type: str, reason: str, message: str, now: dt.datetime) -> Manifest:
