@@ -210,7 +210,7 @@ def test_deleted_pod_restarts_without_counting(cluster: Cluster, operator, names
 
 
 def test_backoff_exhaustion(cluster: Cluster, operator, namespace: str):
-    ann = {"kwok.tauon.dev/exit-code": "1", "kwok.tauon.dev/exit-after-ms": "1500"}
+    ann = {"kwok.tauon.dev/exit-code": "1", "kwok.tauon.dev/exit-after-ms": "1500ms"}
     cluster.apply(job("backoff", nodes=2, annotations=ann, backoffLimit=1), "-n", namespace)
     st = wait_phase(cluster, namespace, "backoff", "Failed", timeout=90)
     assert condition(get_job(cluster, namespace, "backoff"), "Failed")["reason"] == "BackoffLimitExceeded"
@@ -275,7 +275,7 @@ def test_image_pull_error_hits_startup_timeout(cluster: Cluster, operator, names
 
 
 def test_success_then_ttl_deletes_job(cluster: Cluster, operator, namespace: str):
-    ann = {"kwok.tauon.dev/exit-code": "0", "kwok.tauon.dev/exit-after-ms": "1000"}
+    ann = {"kwok.tauon.dev/exit-code": "0", "kwok.tauon.dev/exit-after-ms": "1000ms"}
     cluster.apply(job("done", nodes=2, annotations=ann, ttlSecondsAfterFinished=3), "-n", namespace)
     st = wait_phase(cluster, namespace, "done", "Succeeded")
     assert st["output"]["model"] == "file:///tmp/tauon-test-out/done/model"
