@@ -1,4 +1,5 @@
-"""The periodic /progress read logs a failing rank 0 once per job and change, not every pass."""
+"""Handler wiring without a cluster: a failing rank 0 is logged once per job and change, and the echo of
+our own status write waits for the children that pass created."""
 
 from __future__ import annotations
 
@@ -80,3 +81,21 @@ async def test_a_failing_rank0_is_logged_once_per_change(
         assert "answers again" in caplog.records[-1].getMessage()
         await ftj.fetch_progress(session)  # 404 again after recovering: logged again
         assert len(warnings(caplog)) == 3
+
+
+async def test_the_echo_of_our_own_status_write_waits_for_the_children(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    triggered: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(RT, "trigger", lambda *a: triggered.append(a))
+    monkeypatch.setattr(RT, "indexes", Indexes())
+    mine = {"metadata": {"name": "ft", "namespace": "ns", "uid": "u", "resourceVersion": "7"}}
+    monkeypatch.setattr(RT, "written", {(ftj.CONTROLLER, "ns", "ft"): mine})
+    on_job: Any = ftj.on_job  # typed by kopf's decorator as its WatchingFn protocol
+    await on_job(type="MODIFIED", namespace="ns", name="ft", body=mine)
+    other = {"metadata": {**mine["metadata"], "resourceVersion": "8"}}  # someone else's change
+    await on_job(type="MODIFIED", namespace="ns", name="ft", body=other)
+    assert triggered == [
+        (ftj.CONTROLLER, "ns", "ft", RT.child_coalesce_seconds),
+        (ftj.CONTROLLER, "ns", "ft", 0.0),
+    ]

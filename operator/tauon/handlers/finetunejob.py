@@ -58,7 +58,10 @@ async def on_job(type: str, namespace: str | None, name: str, **kwargs: Any) -> 
     if type == "DELETED":
         RT.forget((CONTROLLER, ns, name))
         return
-    RT.trigger(CONTROLLER, ns, name)
+    # the echo of our own status write: the children that pass created are still on their way through
+    # their watches, so wait for them (and the pods' events) and make one pass of it all
+    echo = RT.own_write((CONTROLLER, ns, name), kwargs.get("body"))
+    RT.trigger(CONTROLLER, ns, name, RT.child_coalesce_seconds if echo else 0.0)
 
 
 @kopf.on.event("pods", labels=CHILD)

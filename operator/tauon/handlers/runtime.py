@@ -169,6 +169,14 @@ class Runtime:
             self.conflicts.pop(key, None)
         return still
 
+    def own_write(self, key: Key, body: Any) -> bool:
+        """Whether a watched body is the version our last status write of that object produced."""
+        mine = self.written.get(key)
+        if mine is None or body is None:
+            return False
+        rv = (body.get("metadata") or {}).get("resourceVersion")
+        return bool(rv) and rv == mine["metadata"].get("resourceVersion")
+
     def freshest(self, key: Key, body: dict[str, Any]) -> dict[str, Any]:
         mine = self.written.get(key)
         if mine is None or mine["metadata"].get("uid") != body["metadata"].get("uid"):
