@@ -145,18 +145,3 @@ async def test_delayed_trigger_gathers_a_burst_into_one_pass() -> None:
     await asyncio.sleep(0)
     assert rec.calls[-1] == ("ns", "b")
     await q.drain()
-
-
-async def test_a_delayed_trigger_during_a_pass_delays_the_extra_pass() -> None:
-    rec = Recorder()
-    q = WorkQueue()
-    q.register("ftj", rec)
-    q.trigger("ftj", "ns", "a")
-    await asyncio.sleep(0)
-    q.trigger("ftj", "ns", "a", delay=0.3)  # a pod event while the pass runs
-    rec.gate.set()
-    await asyncio.sleep(0.1)
-    assert rec.calls == [("ns", "a")], "the extra pass waits for the rest of the burst"
-    q.trigger("ftj", "ns", "a", delay=0.3)  # arrives within the wait: joins that pass
-    await q.drain()
-    assert rec.calls == [("ns", "a"), ("ns", "a")]

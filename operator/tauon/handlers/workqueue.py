@@ -30,7 +30,6 @@ class WorkQueue:
         self._started: dict[Key, float] = {}  # key -> monotonic start of its current pass
         self._running: set[Key] = set()
         self._dirty: set[Key] = set()
-        self._dirty_delay: dict[Key, float] = {}  # key -> delay asked by a trigger during its pass
         self._tasks: set[asyncio.Task[None]] = set()
 
     def register(self, controller: str, reconciler: Reconciler) -> None:
@@ -45,8 +44,6 @@ class WorkQueue:
         key = (controller, namespace, name)
         if key in self._running:
             self._dirty.add(key)
-            if delay > 0:  # the extra pass waits too (its burst is still arriving)
-                self._dirty_delay[key] = max(delay, self._dirty_delay.get(key, 0.0))
             return
         self._running.add(key)
         task = asyncio.get_running_loop().create_task(self._run(key, delay))
@@ -89,12 +86,8 @@ class WorkQueue:
                         self._observe(controller, ok, time.perf_counter() - t0)
                 if key not in self._dirty:
                     break
-                again = self._dirty_delay.pop(key, 0.0)
-                if again > 0:
-                    await asyncio.sleep(again)
         finally:
             self._running.discard(key)
-            self._dirty_delay.pop(key, None)
 
     def stuck_for(self) -> float:
         """Seconds the oldest running pass has run beyond its deadline (0 when none has)."""
