@@ -115,7 +115,7 @@ No wildcards; status only through /status.
 - apiGroups: [""]
   resources: ["persistentvolumeclaims"]
   verbs: ["get"]
-# Kubernetes Events (core/v1) posted by kopf.event, once per transition.
+# Kubernetes Events (core/v1) posted by the operator's own API client, once per transition.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
