@@ -155,7 +155,11 @@ def test_default_render_validates_on_the_server(cluster: Cluster, helm: Helm, na
         ["ServiceAccount", "Deployment", "Service", "ClusterRoleBinding"]
         + ["ClusterRole"] * 3  # the operator's, and the aggregated -edit/-view for users
         + ["CustomResourceDefinition"] * 2
+        + ["Role", "RoleBinding"]  # leader election: the Lease in the release namespace
     )
+    (lease_role,) = by_kind(docs, "Role")
+    assert lease_role["metadata"]["namespace"] == namespace
+    assert {r for rule in lease_role["rules"] for r in rule["resources"]} == {"leases"}
     server_dry_run(cluster, docs)
 
     # CRDs: identical to crds/ (the generated source of truth), kept on uninstall
@@ -237,9 +241,12 @@ def test_namespace_scoped_render_validates_on_the_server(cluster: Cluster, helm:
             },
         )
         assert not by_kind(docs, "CustomResourceDefinition")
-        roles = by_kind(docs, "Role")
+        # one Role/RoleBinding per watched namespace, plus the leader-election pair in the release namespace
+        roles = [r for r in by_kind(docs, "Role") if not r["metadata"]["name"].endswith("-leader-election")]
         assert sorted(r["metadata"]["namespace"] for r in roles) == sorted([namespace, other])
-        bindings = by_kind(docs, "RoleBinding")
+        bindings = [
+            b for b in by_kind(docs, "RoleBinding") if not b["metadata"]["name"].endswith("-leader-election")
+        ]
         assert sorted(b["metadata"]["namespace"] for b in bindings) == sorted([namespace, other])
         for b in bindings:
             assert b["subjects"] == [{"kind": "ServiceAccount", "name": "nsd-tauon", "namespace": namespace}]

@@ -56,7 +56,12 @@ def test_waits_for_running_job_then_serves_its_output(cluster: Cluster, operator
     st = cluster.get("tis", "served", namespace)["status"]
     assert st["phase"] == "Ready" and st["readyReplicas"] == 1
     assert st["url"] == f"http://served.{namespace}.svc.cluster.local"
-    assert st["model"] == {"source": "file:///tmp/tauon-test-out/train/model", "fineTuneJob": "train"}
+    assert st["model"] == {
+        "source": "file:///tmp/tauon-test-out/train/model",
+        "fineTuneJob": "train",
+        "task": "sequence-classification",  # the job's task, passed on to the server (--task)
+    }
+    assert st["resolved"] == {"runtime": "tauon"} and not (st.get("openai") or {}).get("baseURL")
     svc = cluster.get("service", "served", namespace)
     assert svc and svc["spec"]["selector"] == {"tauon.dev/inference-service": "served"}
 

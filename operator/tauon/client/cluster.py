@@ -300,6 +300,10 @@ class ClusterBackend:
             if log_file:  # a process-backed dev node: no kubelet to proxy to, the log is a local file
                 await self._tail_file(current, log_file, rank, follow, out)
                 return
+            phase = (current.get("status") or {}).get("phase")
+            if follow and phase in (None, "Pending"):
+                await asyncio.sleep(1)  # not started yet (a dev node publishes its log file at start)
+                continue
             await put(None, out.put, prefix(rank, f"<no logs: {resp.status} {text.strip()[:300]}>"))
             return
 
