@@ -1013,4 +1013,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Everything the run produces is written and fsynced by now. Skip the interpreter's teardown: C++
+    # destructors of torch's process-group and pool threads at exit can abort a rank that finished
+    # ("terminate called without an active exception", SIGABRT), and torchrun would then report a
+    # successful run as failed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
