@@ -542,7 +542,8 @@ class ChartOperator:
         bad = [
             line
             for line in log.splitlines()
-            if re.search(r"\b403\b|Forbidden|forbidden|Not enough permissions", line)
+            # (?<![,.]) keeps a log timestamp's milliseconds (",403") from matching
+            if re.search(r"(?<![,.])\b403\b|Forbidden|forbidden|Not enough permissions", line)
             # other tests' namespaces being deleted refuse new objects with a 403 too: not RBAC
             and "NamespaceTerminating" not in line
             and "because it is being terminated" not in line
