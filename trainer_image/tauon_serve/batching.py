@@ -12,7 +12,9 @@ Batching modes (exact semantics):
   are merged into one forward pass. Work that arrives while the model is idle runs at once (with
   whatever else is already queued); the window (``max_latency`` from the oldest queued instance, or
   until ``max_batch_size`` instances are queued) applies only to a backlog, i.e. to work that queued
-  while a forward pass was running.
+  while a forward pass was running. One exception keeps closed-loop clients together: right after a
+  pass of n > 1 instances, idle-model work waits (at most the window) for n instances, the clients of
+  that pass sending their next requests.
 * ``max_latency == 0``: no waiting and no merging across requests: a forward pass holds instances of
   exactly one request (at most ``max_batch_size`` of them; larger requests are split).
 * ``max_batch_size == 1``: every forward pass holds exactly one instance.
@@ -142,6 +144,11 @@ class DynamicBatcher(Generic[T, R]):
         self._task: asyncio.Task[None] | None = None
         self._backlog = False
         self._max_wait_s = max_queue_wait_s
+        self._last_items = 0  # instances in the last forward pass
+        self._last_end = float("-inf")  # loop time when it ended
+        # How long after a pass its clients count as "about to send again" (their next requests follow
+        # the responses by a round trip): ten windows, at least 50 ms.
+        self._recent_s = max(10 * max_latency_s, 0.05)
 
     @property
     def queued(self) -> int:
@@ -220,10 +227,12 @@ class DynamicBatcher(Generic[T, R]):
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            if self.merging and not self._draining and self._backlog:
-                # Adaptive: the window applies only to work that queued while the model was busy.
+            target = self._fill_target(loop.time()) if self.merging and not self._draining else 0
+            if target > self._queued:
+                # Adaptive: wait (up to the window from the oldest queued instance) only for work that
+                # is known to be coming: a backlog, or the clients of a multi-instance pass just ended.
                 deadline = self._queue[0].request.enqueued_at + self.max_latency_s
-                while self._queued < self.max_batch_size and not self._draining:
+                while self._queued < target and not self._draining:
                     remaining = deadline - loop.time()
                     if remaining <= 0:
                         break
@@ -241,11 +250,28 @@ class DynamicBatcher(Generic[T, R]):
             try:
                 await self._execute(batch)
                 self._backlog = True  # whatever is queued now arrived while the model was busy
+                self._last_items = sum(seg.size for seg in batch)
+                self._last_end = loop.time()
             except Exception as exc:  # a bug here must not leave requests hanging forever
                 log.exception("batcher failed")
                 for seg in batch:
                     if not seg.request.future.done():
                         seg.request.future.set_exception(exc)
+
+    def _fill_target(self, now: float) -> int:
+        """How many instances to wait for before the next pass (0: run what is queued at once).
+
+        A backlog (work that queued while a pass ran) waits for a full batch. Work that finds the model
+        idle runs at once, unless the last pass held several instances and ended moments ago: then its
+        clients are answering their responses with new requests, and running the first arrival alone
+        would split closed-loop load into alternating passes of 1 and n-1 instances. It waits for as
+        many as that pass held (never longer than the window). A lone client's passes hold one
+        instance, so it never waits."""
+        if self._backlog:
+            return self.max_batch_size
+        if self._last_items > 1 and now - self._last_end <= self._recent_s:
+            return min(self._last_items, self.max_batch_size)
+        return 0
 
     async def _run(self, items: list[T]) -> list[R]:
         loop = asyncio.get_running_loop()
