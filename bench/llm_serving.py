@@ -188,7 +188,8 @@ async def closed_loop(
 def run_mode(
     name: str, url: str, model: str, levels: list[int], args: argparse.Namespace
 ) -> list[dict[str, Any]]:
-    asyncio.run(closed_loop(url, model, 2, args.warmup, args.max_tokens))
+    # warm up at the highest concurrency: on a GPU the first passes of each new batch shape are slow
+    asyncio.run(closed_loop(url, model, max(levels), args.warmup, args.max_tokens))
     runs = []
     for c in levels:
         run = asyncio.run(closed_loop(url, model, c, args.duration, args.max_tokens))

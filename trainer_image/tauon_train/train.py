@@ -733,7 +733,13 @@ def _train_and_finish(
             loss_acc, n_samples, n_tokens = _train_step(s, prep, collate, group, scaler, causal)
             _trace(d, state.step + 1, state.epoch, group)
             if state.step == resumed_from:  # the first step of this process: optimizer state exists now
-                _memory_report(d, stateBytes=strategy_mod.local_state_bytes(s.raw_model, s.optimizer))
+                _memory_report(
+                    d,
+                    stateBytes=strategy_mod.local_state_bytes(s.raw_model, s.optimizer),
+                    peakGpuMemoryBytes=torch.cuda.max_memory_allocated(device)
+                    if device.type == "cuda"
+                    else None,
+                )
             done_mb += len(group)
             state.step += 1
             state.sample_pos = data.position_after(start, done_mb, n, W, B)
