@@ -65,17 +65,35 @@ async def on_job(type: str, namespace: str | None, name: str, **kwargs: Any) -> 
 
 
 @kopf.on.event("pods", labels=CHILD)
-async def on_pod(namespace: str | None, labels: kopf.Labels, **kwargs: Any) -> None:
+async def on_pod(namespace: str | None, name: str | None, labels: kopf.Labels, **kwargs: Any) -> None:
     RT.indexes.capture(kwargs)
-    RT.trigger(CONTROLLER, namespace or "", labels[LABEL_JOB], RT.child_coalesce_seconds)
+    owner = (CONTROLLER, namespace or "", labels[LABEL_JOB])
+    RT.expectations.observe(owner, ("Pod", name or ""))
+    RT.trigger(*owner, RT.child_coalesce_seconds)
 
 
 @kopf.on.event("configmaps", labels=CHILD)
+async def on_config_map(
+    type: str, namespace: str | None, name: str | None, labels: kopf.Labels, **kwargs: Any
+) -> None:
+    _child_event("ConfigMap", type, namespace or "", name or "", labels, kwargs)
+
+
 @kopf.on.event("services", labels=CHILD)
-async def on_child(type: str, namespace: str | None, labels: kopf.Labels, **kwargs: Any) -> None:
+async def on_service(
+    type: str, namespace: str | None, name: str | None, labels: kopf.Labels, **kwargs: Any
+) -> None:
+    _child_event("Service", type, namespace or "", name or "", labels, kwargs)
+
+
+def _child_event(
+    kind: str, type: str, ns: str, name: str, labels: kopf.Labels, kwargs: dict[str, Any]
+) -> None:
     RT.indexes.capture(kwargs)
+    owner = (CONTROLLER, ns, labels[LABEL_JOB])
+    RT.expectations.observe(owner, (kind, name))
     if type == "DELETED":
-        RT.trigger(CONTROLLER, namespace or "", labels[LABEL_JOB])
+        RT.trigger(*owner)
 
 
 def _owned(index: str, key: ix.Key, uid: str) -> list[dict[str, Any]]:
@@ -88,8 +106,15 @@ async def plan_job(job: FineTuneJob, body: dict[str, Any], uid: str, now: dt.dat
     key = (ns, name)
     cms = _owned(ix.FTJ_CONFIGMAPS, key, uid)
     svcs = _owned(ix.FTJ_SERVICES, key, uid)
+    pods = _owned(ix.FTJ_PODS, key, uid)
+    seen = [
+        (kind, P.name(b))
+        for kind, bodies in (("Pod", pods), ("ConfigMap", cms), ("Service", svcs))
+        for b in bodies
+    ]
     observed = Observed(
-        pods=_owned(ix.FTJ_PODS, key, uid),
+        pods=pods,
+        creating=RT.expectations.pending((CONTROLLER, ns, name), uid, seen),
         config_map=cms[0] if cms else None,
         service=svcs[0] if svcs else None,
         progress=RT.progress.get(key),
@@ -120,6 +145,7 @@ CTL: Controller[FineTuneJob] = Controller(
     parse=FineTuneJob.model_validate,
     plan=plan_job,
     after=record,
+    expect=frozenset({"Pod", "ConfigMap", "Service"}),
 )
 register(CTL)
 

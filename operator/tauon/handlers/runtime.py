@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tauon import metrics
+from tauon.handlers.expectations import Expectations
 from tauon.handlers.indexes import Indexes
 from tauon.handlers.leader import Elector
 from tauon.handlers.workqueue import WorkQueue
@@ -51,6 +52,8 @@ class Runtime:
     forbidden: dict[Key, list[str]] = field(default_factory=dict)  # creates refused with 403
     quota_exceeded: set[Key] = field(default_factory=set)
     progress: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    # creates sent whose watch events have not arrived yet (tauon.handlers.expectations)
+    expectations: Expectations = field(default_factory=Expectations)
     # objects as our own status writes returned them: fresher than the watch until it catches up
     written: dict[Key, dict[str, Any]] = field(default_factory=dict)
     periodic: asyncio.Task[None] | None = None
@@ -70,11 +73,34 @@ class Runtime:
     def trigger(self, controller: str, namespace: str, name: str, delay: float = 0.0) -> None:
         self.queue.trigger(controller, namespace, name, delay)
 
-    async def apply(self, controller: str, kind: str, body: dict[str, Any], plan: Plan) -> ApplyResult:
-        """Apply a non-empty plan for one object; remember what the API server said for the next pass."""
+    async def apply(
+        self,
+        controller: str,
+        kind: str,
+        body: dict[str, Any],
+        plan: Plan,
+        expect: frozenset[str] = frozenset(),
+    ) -> ApplyResult:
+        """Apply a non-empty plan for one object; remember what the API server said for the next pass.
+        Creates of the kinds in `expect` (watched children) are expected until their watch events come."""
         assert self.kube is not None
         meta = body["metadata"]
         key = (controller, meta["namespace"], meta["name"])
+        expected = [(c["kind"], c["metadata"]["name"]) for c in plan.creates if c["kind"] in expect]
+        self.expectations.expect(key, meta["uid"], expected)
+        try:
+            result = await self._apply(key, kind, body, plan)
+        except BaseException:
+            self.expectations.lower(key, expected)  # unknown outcome: the next pass looks again
+            raise
+        created = set(result.created)
+        self.expectations.lower(key, [c for c in expected if c not in created])
+        return result
+
+    async def _apply(self, key: Key, kind: str, body: dict[str, Any], plan: Plan) -> ApplyResult:
+        assert self.kube is not None
+        meta = body["metadata"]
+        controller = key[0]
         for verb, n in (
             ("create", len(plan.creates)),
             ("apply", len(plan.applies)),
@@ -206,6 +232,7 @@ class Runtime:
         self.quota_exceeded.discard(key)
         self.written.pop(key, None)
         self.progress.pop((key[1], key[2]), None)
+        self.expectations.forget(key)
 
     async def stop(self) -> None:
         if self.periodic is not None:

@@ -34,6 +34,9 @@ class Controller(Generic[T]):
     # (object, body, uid, now) -> plan: observes the cluster (I/O) and calls the pure planner
     plan: Callable[[T, Manifest, str, dt.datetime], Awaitable[Plan]]
     after: Callable[[Manifest, Plan], None] | None = None  # metrics from plan.observations
+    # kinds of watched children whose creates are expected until their watch events arrive
+    # (tauon.handlers.expectations); the kind's plan reads RT.expectations.pending
+    expect: frozenset[str] = frozenset()
 
 
 async def reconcile_object(ctl: Controller[T], namespace: str, name: str) -> None:
@@ -58,7 +61,7 @@ async def reconcile_object(ctl: Controller[T], namespace: str, name: str) -> Non
         plan = await ctl.plan(obj, body, body["metadata"]["uid"], now)
     if plan.is_empty() or not RT.leading():  # leadership may have been lost while observing
         return
-    result = await RT.apply(ctl.name, ctl.kind, body, plan)
+    result = await RT.apply(ctl.name, ctl.kind, body, plan, ctl.expect)
     if ctl.after is not None and not result.stale:  # a stale plan did nothing: nothing to count
         ctl.after(body, plan)
 

@@ -43,6 +43,7 @@ class ApplyResult:
         self.stale = False  # the object changed since the plan was made: nothing after that was done
         self.namespace_terminating = False  # creates refused: the namespace is being deleted
         self.gone = False  # the object no longer exists (its status write found nothing)
+        self.created: list[tuple[str, str]] = []  # (kind, name) of creates that succeeded (or existed)
 
 
 async def apply_plan(
@@ -88,9 +89,16 @@ async def apply_plan(
     # ConfigMap/Service before pods, so pods never start without their config (nor with another's).
     first = [c for c in plan.creates if c["kind"] != "Pod"]
     pods = [c for c in plan.creates if c["kind"] == "Pod"]
-    ok = await asyncio.gather(*(guarded(kube.create(c, uid)) for c in first))
+
+    async def create(child: Manifest) -> bool:
+        ok = await guarded(kube.create(child, uid))
+        if ok:
+            result.created.append((child["kind"], child["metadata"]["name"]))
+        return ok
+
+    ok = await asyncio.gather(*(create(c) for c in first))
     if all(ok):
-        await asyncio.gather(*(guarded(kube.create(c, uid)) for c in pods))
+        await asyncio.gather(*(create(c) for c in pods))
     else:
         result.skipped_pods = len(pods)
     await asyncio.gather(*(guarded(kube.apply(c, uid)) for c in plan.applies))

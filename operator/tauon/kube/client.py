@@ -9,6 +9,7 @@ retried, instead of parking that object forever. Nothing here blocks the event l
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import logging
@@ -114,6 +115,7 @@ class Kube:
         self.api = api or client.ApiClient()
         self.timeout = timeout
         self._pvc_modes: dict[tuple[str, str], tuple[float, list[str]]] = {}
+        self._pvc_reads: dict[tuple[str, str], asyncio.Future[list[str] | None]] = {}
 
     async def close(self) -> None:
         await self.api.close()
@@ -280,18 +282,29 @@ class Kube:
 
     async def pvc_access_modes(self, namespace: str, claim: str) -> list[str] | None:
         """A claim's access modes (None: no such claim). Found claims are remembered for
-        PVC_CACHE_SECONDS: every pass of every multi-node job on a shared claim would read it again."""
-        now = time.monotonic()
-        hit = self._pvc_modes.get((namespace, claim))
-        if hit is not None and now - hit[0] < PVC_CACHE_SECONDS:
+        PVC_CACHE_SECONDS: every pass of every multi-node job on a shared claim would read it again; and
+        passes that miss the cache together share one read (when it expires, every job planning at that
+        moment would otherwise read it at once)."""
+        key = (namespace, claim)
+        hit = self._pvc_modes.get(key)
+        if hit is not None and time.monotonic() - hit[0] < PVC_CACHE_SECONDS:
             return list(hit[1])
+        read = self._pvc_reads.get(key)
+        if read is None:
+            read = asyncio.ensure_future(self._read_pvc_modes(namespace, claim))
+            self._pvc_reads[key] = read
+            read.add_done_callback(lambda _: self._pvc_reads.pop(key, None))
+        modes = await asyncio.shield(read)  # one waiter cancelled does not cancel the others' read
+        return list(modes) if modes is not None else None
+
+    async def _read_pvc_modes(self, namespace: str, claim: str) -> list[str] | None:
         pvc = await self.get("PersistentVolumeClaim", namespace, claim)
         if pvc is None:
             self._pvc_modes.pop((namespace, claim), None)
             return None
         modes = list(pvc.get("spec", {}).get("accessModes") or [])
-        self._pvc_modes[(namespace, claim)] = (now, modes)
-        return list(modes)
+        self._pvc_modes[(namespace, claim)] = (time.monotonic(), modes)
+        return modes
 
 
 def event_manifest(involved: Manifest, type: str, reason: str, message: str, now: dt.datetime) -> Manifest:

@@ -59,6 +59,9 @@ class Observed:
     """What the handler layer saw in the cluster for one job."""
 
     pods: list[Manifest] = field(default_factory=list)  # owned by the job (any attempt)
+    # (kind, name) of children this operator created whose watch events have not arrived yet: not
+    # created again (step_create), and nothing else (missing pods are judged by `pods` alone)
+    creating: frozenset[tuple[str, str]] = frozenset()
     config_map: Manifest | None = None
     service: Manifest | None = None
     pvcs: dict[str, list[str]] = field(default_factory=dict)  # claim -> accessModes (known claims only)
@@ -468,11 +471,14 @@ def step_release_partial(ctx: Ctx, p: Pass) -> bool:
 
 
 def step_create(ctx: Ctx, p: Pass) -> bool:
-    """Create what is missing of the current attempt (idempotent: 409 means already there)."""
+    """Create what is missing of the current attempt and not already on its way (idempotent: 409 means
+    already there)."""
     st = ctx.st
     present = {P.name(pod) for pod in p.cur}
     for child in render_attempt(ctx.obj, p.cfg, st.attempt):
         kind, cname = child["kind"], child["metadata"]["name"]
+        if (kind, cname) in p.observed.creating:
+            continue
         if kind == "ConfigMap" and p.observed.config_map is not None:
             continue
         if kind == "Service" and p.observed.service is not None:
