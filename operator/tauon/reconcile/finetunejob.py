@@ -35,9 +35,11 @@ from tauon.render.config import OperatorConfig
 from tauon.render.finetunejob import (
     CONTAINER,
     LABEL_ATTEMPT,
+    config_map_name,
     pod_name,
     render_attempt,
     resolve,
+    service_name,
     shared_claims,
     validate,
 )
@@ -475,6 +477,8 @@ def step_create(ctx: Ctx, p: Pass) -> bool:
     already there)."""
     st = ctx.st
     present = {P.name(pod) for pod in p.cur}
+    if _nothing_to_create(ctx, p, present):
+        return NEXT  # rendering the gang costs more than the rest of a pass: skip it when all is there
     for child in render_attempt(ctx.obj, p.cfg, st.attempt):
         kind, cname = child["kind"], child["metadata"]["name"]
         if (kind, cname) in p.observed.creating:
@@ -491,6 +495,20 @@ def step_create(ctx: Ctx, p: Pass) -> bool:
     if len(p.cur) == ctx.obj.spec.num_nodes and st.created_attempt != st.attempt:
         st.created_attempt = st.attempt
     return NEXT
+
+
+def _nothing_to_create(ctx: Ctx, p: Pass, present: set[str]) -> bool:
+    """Every child of the current attempt is observed or on its way, and the gang was seen whole (so
+    created_attempt and the attempt's PodGroup, if any, are done): what step_create would find anyway."""
+    st, o, name = ctx.st, p.observed, ctx.obj.metadata.name
+    if st.created_attempt != st.attempt:
+        return False
+    pods = present | {n for kind, n in o.creating if kind == "Pod"}
+    return (
+        all(pod_name(name, st.attempt, i) in pods for i in range(ctx.obj.spec.num_nodes))
+        and (o.config_map is not None or ("ConfigMap", config_map_name(name)) in o.creating)
+        and (o.service is not None or ("Service", service_name(name)) in o.creating)
+    )
 
 
 def step_create_forbidden(ctx: Ctx, p: Pass) -> bool:
