@@ -9,12 +9,14 @@ Runs the real trainer (torchrun, gloo, fp32, init: scratch) once per strategy wi
 - the peak RSS increment of each rank while the model is loaded (peak RSS after loading minus RSS before):
   rank 0 loads the full weights, the others only materialize their part and receive it by broadcast;
 - samples/s of the training steps: from the median optimizer-step time (steady state; metrics.json's
-  ``stepSecondsMedian``), and over all steps including the first (``samplesPerSecond``).
+  ``stepSecondsMedian``), and over all steps including the first (``samplesPerSecond``); the strategies
+  run alternately ``--repeats`` times and the ratio uses each one's median (single runs on this shared
+  machine ranged 0.66-0.98).
 
 Targets (issue 11): fsdp state <= 0.55 x ddp; non-zero ranks' load increment <= 0.6 x rank 0's;
 fsdp samples/s >= 0.8 x ddp. Writes bench/results/memory.json and memory.png.
 
-    python bench/memory.py [--layers 14] [--steps 6]
+    python bench/memory.py [--layers 14] [--steps 10] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -145,13 +148,24 @@ def plot(res: dict[str, Any], path: Path) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=14)
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=3, help="runs per strategy (samples/s: the median)")
     a = ap.parse_args()
     res: dict[str, Any] = {"layers": a.layers, "steps": a.steps}
-    with tempfile.TemporaryDirectory(prefix="tauon-bench-memory-") as tmp:
+    speeds: dict[str, list[float]] = {"ddp": [], "fsdp": []}
+    for rep in range(a.repeats):  # alternating, so that a noisy moment hits both strategies alike
         for strategy in ("ddp", "fsdp"):
-            res[strategy] = run_one(Path(tmp), strategy, a.layers, a.steps)
-            print(strategy, json.dumps(res[strategy]), flush=True)
+            with tempfile.TemporaryDirectory(prefix="tauon-bench-memory-") as tmp:
+                r = run_one(Path(tmp), strategy, a.layers, a.steps)
+            speeds[strategy].append(r["steadySamplesPerSecond"])
+            if rep == 0:
+                res[strategy] = r
+            print(strategy, json.dumps(r), flush=True)
+    for strategy, xs in speeds.items():
+        res[strategy]["steadySamplesPerSecondRuns"] = xs
+        res[strategy]["steadySamplesPerSecond"] = statistics.median(xs)
+    res["repeats"] = a.repeats
+    res["loadAverage"] = os.getloadavg()
     ddp, fsdp = res["ddp"], res["fsdp"]
     res["params"] = ddp["stateDetail"][0]["params"] // 4
     res["fsdpStateRatio"] = round(max(fsdp["stateBytes"]) / max(ddp["stateBytes"]), 3)
