@@ -719,6 +719,10 @@ async def run_operator(ctx: Ctx, names: list[str], extra: list[str]) -> dict[str
             requests_by_verb=delta(req1["bench-operator"], req0["bench-operator"]),
             tauon_api_writes=delta(w1, w0),
         )
+        # creates sent beyond the children the jobs need: each is a 409 (a pass that re-created a child
+        # its index had not seen yet), answered by a GET of the existing object
+        children = len(names) * len(rendered_children("j", ns, a.pods_per_job))
+        fig["creates_beyond_children"] = fig["tauon_api_writes"].get(CREATE_WRITES, 0) - children
         out["operator"] = fig
         log(f"operator phase: {summary(fig)}; converged window {a.converged_seconds}s")
         out["converged"] = await converged_window(ctx, ns, a.converged_seconds)
@@ -739,31 +743,73 @@ async def run_operator(ctx: Ctx, names: list[str], extra: list[str]) -> dict[str
     return out
 
 
+CREATE_WRITES = '{controller="finetunejob",verb="create"}'
+
+
 async def converged_window(ctx: Ctx, ns: str, seconds: float) -> dict[str, Any]:
     op = ctx.op
     assert op is not None
+    # what the operator still writes between "every job Running" and quiet: which status fields, and
+    # whether the pods themselves were still changing (Running but not Ready yet)
+    jobs_a, w_a, not_ready = await list_jobs(ctx, ns), op.metrics(), (await readiness(ctx, ns))["pods"]
     settle_s = await settle(op)
     jobs0 = await list_jobs(ctx, ns)
     cpu0, req0, w0 = op.usage()[1], await requests_by_user(ctx.http, ctx.plane.server), op.metrics()
+    settling = {
+        "tauon_api_writes": delta(w0, w_a),
+        "pods_running_not_ready_at_start": not_ready,
+        "finetunejob_status_fields_changed": status_changes(jobs_a, jobs0),
+    }
     t0 = time.monotonic()
     await asyncio.sleep(seconds)
     cpu1, req1, w1 = op.usage()[1], await requests_by_user(ctx.http, ctx.plane.server), op.metrics()
     span = time.monotonic() - t0
     jobs1 = await list_jobs(ctx, ns)
     d = delta(req1["bench-operator"], req0["bench-operator"])
-    changed: dict[str, int] = {}
-    for key, obj in jobs1.items():
-        for path in changed_paths((jobs0.get(key) or {}).get("status"), obj.get("status"), "status"):
-            changed[path] = changed.get(path, 0) + 1
     return {
         "settled_after_s": settle_s,
+        "settling": settling,
         "window_s": round(span, 1),
         "requests_by_verb": d,
         "requests_per_minute": round(sum(d.values()) * 60 / span, 2),
         "writes_per_minute": round(writes(d) * 60 / span, 2),
         "tauon_api_writes": delta(w1, w0),
         "operator_cpu_s": round(cpu1 - cpu0, 2),
-        "finetunejob_status_fields_changed": dict(sorted(changed.items())),  # path -> jobs
+        "finetunejob_status_fields_changed": status_changes(jobs0, jobs1),
+        "readiness_at_end": await readiness(ctx, ns),
+    }
+
+
+def status_changes(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """Status path -> number of jobs whose value differs between two listings."""
+    changed: dict[str, int] = {}
+    for key, obj in after.items():
+        for path in changed_paths((before.get(key) or {}).get("status"), obj.get("status"), "status"):
+            changed[path] = changed.get(path, 0) + 1
+    return dict(sorted(changed.items()))
+
+
+async def readiness(ctx: Ctx, ns: str) -> dict[str, Any]:
+    """Running pods whose Ready condition is not True (and why, for the first), and nodes not Ready."""
+
+    def not_ready(obj: dict[str, Any]) -> dict[str, Any] | None:
+        conds = (obj.get("status") or {}).get("conditions") or []
+        ready = next((c for c in conds if c.get("type") == "Ready"), None)
+        return None if ready is not None and ready.get("status") == "True" else (ready or {})
+
+    async with ctx.http.get(f"{ctx.plane.server}/api/v1/namespaces/{ns}/pods") as resp:
+        resp.raise_for_status()
+        pods = [p for p in (await resp.json())["items"] if (p.get("status") or {}).get("phase") == "Running"]
+    async with ctx.http.get(f"{ctx.plane.server}/api/v1/nodes") as resp:
+        resp.raise_for_status()
+        nodes = (await resp.json())["items"]
+    bad_pods = [c for p in pods if (c := not_ready(p)) is not None]
+    bad_nodes = [c for n in nodes if (c := not_ready(n)) is not None]
+    return {
+        "pods": len(bad_pods),
+        "nodes": len(bad_nodes),
+        "first_pod_condition": bad_pods[0] if bad_pods else None,
+        "first_node_condition": bad_nodes[0] if bad_nodes else None,
     }
 
 
@@ -920,6 +966,11 @@ def figures(res: dict[str, Any], op: Operator) -> dict[str, Any]:
     out["targets"] = {
         "ratio_ge_0.8": (out.get("ratio_operator_to_plain_pods_per_s") or 0) >= 0.8,
         "zero_writes_converged": conv.get("writes_per_minute") == 0,
+        # writes that only followed the pods' own Ready flips (the cluster's, e.g. its node controller
+        # marking pods NotReady when kwok's node heartbeats lag under load), not the operator's churn
+        "converged_writes_only_follow_pod_readiness": set(conv.get("finetunejob_status_fields_changed") or {})
+        <= {"status.pods.ready"}
+        and bool((conv.get("readiness_at_end") or {}).get("pods")),
         "rss_within_chart_limit": out.get("within_chart_limit"),
     }
     return out
