@@ -89,3 +89,15 @@ def test_local_threads_follow_the_spec_and_give_a_lone_server_every_core() -> No
     assert local_threads(_threads_pod("server", {"cpu": "1500m"}), {}) == 2
     assert local_threads(_threads_pod("trainer"), {"NPROC_PER_NODE": "2"}) == 1  # ranks share the cores
     assert local_threads(_threads_pod("trainer", {"cpu": "8"}), {"NPROC_PER_NODE": "2"}) == 4
+
+
+def test_local_server_threads_are_what_the_rendered_pod_would_get(tmp_path: Path) -> None:
+    """The rendered OMP_NUM_THREADS comes from limits.cpu (a resourceFieldRef the local runner cannot
+    resolve); the local runner gives the same value itself."""
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    src = {"source": f"file://{model_dir}", "task": "sequence-classification"}
+    limited = prepare_server(isvc(src, resources={"limits": {"cpu": "1"}}), tmp_path / "a", None)
+    assert limited.env["OMP_NUM_THREADS"] == "1"
+    free = prepare_server(isvc(src), tmp_path / "b", None)
+    assert free.env["OMP_NUM_THREADS"] == str(os.cpu_count() or 1)

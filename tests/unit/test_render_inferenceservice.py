@@ -663,3 +663,16 @@ def test_tauon_keys_in_pod_template_are_refused() -> None:
     svc = isvc(podTemplate={"annotations": {"tauon.dev/metrics-address": "169.254.169.254:80"}})
     with pytest.raises(InvalidSpec, match="spec.podTemplate.annotations: keys under tauon.dev/"):
         predictor(svc)
+
+
+def test_server_threads_follow_the_cpu_limit_and_the_user_can_override() -> None:
+    """torch's threads = the container's CPU limit (rounded up by Kubernetes), not the node's cores: a
+    1-CPU server on a 64-core node would otherwise run 64 threads under a 1-CPU quota."""
+    e = env_of(predictor(isvc(resources={"limits": {"cpu": "1"}})))
+    assert e["OMP_NUM_THREADS"] == {
+        "resourceFieldRef": {"containerName": "server", "resource": "limits.cpu", "divisor": "1"}
+    }
+    assert container(predictor(isvc()))["name"] == "server"  # the reference names this container
+    dep = predictor(isvc(env=[{"name": "OMP_NUM_THREADS", "value": "3"}]))
+    names = [x["name"] for x in container(dep)["env"]]
+    assert names.count("OMP_NUM_THREADS") == 1 and env_of(dep)["OMP_NUM_THREADS"] == "3"

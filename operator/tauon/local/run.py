@@ -206,10 +206,10 @@ def serve_inferenceservice(
     signal.signal(signal.SIGTERM, on_term)
     log = runs / f"{isvc.metadata.name}-server.log"
     proc = lp.start(prep, log)
-    url = f"http://127.0.0.1:{port}"
-    model = prep.argv[prep.argv.index("--model") + 1]
-    console.print(f"serving [cyan]{isvc.metadata.name}[/] from {model}; logs in {log}")
-    try:
+    try:  # directly after the start: a signal from here on still stops the server
+        url = f"http://127.0.0.1:{port}"
+        model = prep.argv[prep.argv.index("--model") + 1]
+        console.print(f"serving [cyan]{isvc.metadata.name}[/] from {model}; logs in {log}")
         deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline and proc.poll() is None:
             try:

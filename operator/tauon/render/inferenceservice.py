@@ -301,15 +301,30 @@ def _dedupe_env(env: list[Manifest]) -> list[Manifest]:
     return [e for i, e in enumerate(env) if last[e["name"]] == i]
 
 
+THREADS_ENV = "OMP_NUM_THREADS"
+
+
 def server_env(isvc: InferenceService, model_spec: ServedModelSpec) -> list[Manifest]:
+    """The server's environment. ``OMP_NUM_THREADS`` (torch's intra-op threads) is the container's CPU
+    limit, rounded up (Kubernetes' ``resourceFieldRef`` with divisor 1), or the node's allocatable CPUs
+    without a limit: a server limited to 1 CPU on a 64-core node would otherwise run 64 threads under a
+    1-CPU quota and be throttled. The user's own ``OMP_NUM_THREADS`` (or ``HF_*``) wins."""
     ours: list[Manifest] = [
         {"name": "HF_HOME", "value": HF_HOME},
         {"name": "XDG_CACHE_HOME", "value": f"{TMP_DIR}/cache"},
+        {
+            "name": THREADS_ENV,
+            "valueFrom": {
+                "resourceFieldRef": {"containerName": CONTAINER, "resource": "limits.cpu", "divisor": "1"}
+            },
+        },
     ]
     ref = model_spec.token_secret_ref
     if ref is not None:
         ours.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
-    return _dedupe_env(merge_env(ours, env_list(list(isvc.spec.env)), overridable_prefix="HF_"))
+    return _dedupe_env(
+        merge_env(ours, env_list(list(isvc.spec.env)), overridable_prefix=("HF_", THREADS_ENV))
+    )
 
 
 def _probe(path: str, period: int, timeout: int, failures: int) -> Manifest:
