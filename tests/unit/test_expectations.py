@@ -175,3 +175,34 @@ async def test_passes_missing_the_claim_cache_together_share_one_read(
     assert fake.calls("GET") == [f"GET {path}"]
     answers[0].append("mutated")
     assert await kube.pvc_access_modes(NS, "data") == ["ReadWriteMany"], "callers get copies"
+
+
+# -- bounded concurrency of passes (a burst must not hold thousands of rendered gangs) ----------------------
+
+
+async def test_at_most_max_concurrent_passes_run_and_the_rest_wait() -> None:
+    from tauon.handlers.workqueue import WorkQueue
+
+    gate, running, done = asyncio.Event(), [0], []
+    peak = [0]
+
+    async def reconcile_one(ns: str, name: str) -> None:
+        running[0] += 1
+        peak[0] = max(peak[0], running[0])
+        await gate.wait()
+        running[0] -= 1
+        done.append(name)
+
+    q = WorkQueue(max_concurrent=2)
+    q.register("ftj", reconcile_one)
+    for i in range(5):
+        q.trigger("ftj", "ns", f"j{i}")
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert running[0] == 2 and q.busy() == 5, "three wait for a slot, still known to the queue"
+    q.trigger("ftj", "ns", "j4")  # a waiting object's trigger coalesces, it does not queue twice
+    gate.set()
+    await q.drain()
+    assert sorted(done) == [f"j{i}" for i in range(5)] and peak[0] == 2
+    with pytest.raises(ValueError, match="max_concurrent"):
+        WorkQueue(max_concurrent=0)

@@ -4,6 +4,11 @@ concurrently. A failing reconcile is logged and counted; the next trigger (an ev
 pass) retries it. Every pass has a deadline: a reconcile stuck on I/O is cancelled and counted as a
 failure instead of parking its object forever; `stuck_for` lets liveness notice a pass that outlives
 its deadline anyway (a blocked event loop).
+
+At most `max_concurrent` passes run at once (as controller-runtime's MaxConcurrentReconciles): a pass
+holds the gang it rendered while its requests wait for a connection, so a burst of thousands of new
+objects, reconciled all at once, held thousands of gangs in memory (the operator went past its chart's
+memory limit at 10k pods); waiting objects cost only their key.
 """
 
 from __future__ import annotations
@@ -20,10 +25,19 @@ Observer = Callable[[str, bool, float], None]  # (controller, succeeded, seconds
 
 
 DEADLINE_SECONDS = 300.0
+MAX_CONCURRENT = 64  # passes at once; the API client has 100 connections, a pass uses up to a gang's
 
 
 class WorkQueue:
-    def __init__(self, observe: Observer | None = None, deadline: float = DEADLINE_SECONDS) -> None:
+    def __init__(
+        self,
+        observe: Observer | None = None,
+        deadline: float = DEADLINE_SECONDS,
+        max_concurrent: int = MAX_CONCURRENT,
+    ) -> None:
+        if max_concurrent < 1:
+            raise ValueError(f"max_concurrent must be at least 1, got {max_concurrent}")
+        self._slots = asyncio.Semaphore(max_concurrent)
         self._reconcilers: dict[str, Reconciler] = {}
         self._observe = observe
         self.deadline = deadline
@@ -60,34 +74,39 @@ class WorkQueue:
             if delay > 0:
                 await asyncio.sleep(delay)
             while True:
-                self._dirty.discard(key)
-                t0 = time.perf_counter()
-                self._started[key] = time.monotonic()
-                ok = False
-                try:
-                    async with asyncio.timeout(self.deadline):
-                        await self._reconcilers[controller](ns, name)
-                    ok = True
-                except TimeoutError:
-                    log.error(
-                        "reconcile %s %s/%s exceeded its %.0fs deadline; will retry",
-                        controller,
-                        ns,
-                        name,
-                        self.deadline,
-                    )
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.exception("reconcile %s %s/%s failed; will retry", controller, ns, name)
-                finally:
-                    self._started.pop(key, None)
-                    if self._observe is not None:
-                        self._observe(controller, ok, time.perf_counter() - t0)
+                async with self._slots:
+                    self._dirty.discard(key)
+                    await self._pass(controller, ns, name)
                 if key not in self._dirty:
                     break
         finally:
             self._running.discard(key)
+
+    async def _pass(self, controller: str, ns: str, name: str) -> None:
+        key = (controller, ns, name)
+        t0 = time.perf_counter()
+        self._started[key] = time.monotonic()
+        ok = False
+        try:
+            async with asyncio.timeout(self.deadline):
+                await self._reconcilers[controller](ns, name)
+            ok = True
+        except TimeoutError:
+            log.error(
+                "reconcile %s %s/%s exceeded its %.0fs deadline; will retry",
+                controller,
+                ns,
+                name,
+                self.deadline,
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("reconcile %s %s/%s failed; will retry", controller, ns, name)
+        finally:
+            self._started.pop(key, None)
+            if self._observe is not None:
+                self._observe(controller, ok, time.perf_counter() - t0)
 
     def stuck_for(self) -> float:
         """Seconds the oldest running pass has run beyond its deadline (0 when none has)."""
