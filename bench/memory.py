@@ -54,7 +54,7 @@ def llama_config(layers: int) -> dict[str, Any]:
     }
 
 
-def job(out: Path, strategy: str, layers: int, steps: int) -> dict[str, Any]:
+def job(out: Path, strategy: str, layers: int, steps: int, seq: int = 0) -> dict[str, Any]:
     return {
         "name": "bench-memory",
         "uid": "bench-memory",
@@ -65,12 +65,19 @@ def job(out: Path, strategy: str, layers: int, steps: int) -> dict[str, Any]:
             "tokenizer": f"file://{TOKENIZER}",
             "tokenizerPath": str(TOKENIZER),
         },
-        "dataset": {"path": str(CORPUS), "format": "jsonl", "textField": "text", "validationSplit": 0.0},
+        "dataset": {
+            "path": str(CORPUS),
+            "format": "jsonl",
+            "textField": "text",
+            "validationSplit": 0.0,
+            # --seq: full blocks of packed corpus lines (the lines alone are 20-40 tokens)
+            "packing": bool(seq),
+        },
         "hyperparameters": {
             "maxSteps": steps,
             "batchSizePerDevice": BATCH,
             "learningRate": 1e-4,
-            "maxSeqLength": 64,
+            "maxSeqLength": seq or 64,
             "precision": "fp32",
             "seed": 1,
         },
@@ -85,10 +92,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_one(tmp: Path, strategy: str, layers: int, steps: int) -> dict[str, Any]:
+def run_one(tmp: Path, strategy: str, layers: int, steps: int, seq: int = 0) -> dict[str, Any]:
     out = tmp / strategy
     cfg = tmp / f"{strategy}.json"
-    cfg.write_text(json.dumps(job(out, strategy, layers, steps)))
+    cfg.write_text(json.dumps(job(out, strategy, layers, steps, seq)))
     report = tmp / f"{strategy}-mem"
     env = {
         **os.environ,
@@ -149,14 +156,21 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=14)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument(
+        "--seq",
+        type=int,
+        default=0,
+        help="pack the corpus into blocks of this many tokens (default: unpacked lines, cut at 64)",
+    )
+    ap.add_argument("--output-name", default="memory", help="bench/results/NAME.json and NAME.png")
     ap.add_argument("--repeats", type=int, default=3, help="runs per strategy (samples/s: the median)")
     a = ap.parse_args()
-    res: dict[str, Any] = {"layers": a.layers, "steps": a.steps}
+    res: dict[str, Any] = {"layers": a.layers, "steps": a.steps, "seq": a.seq or "lines cut at 64"}
     speeds: dict[str, list[float]] = {"ddp": [], "fsdp": []}
     for rep in range(a.repeats):  # alternating, so that a noisy moment hits both strategies alike
         for strategy in ("ddp", "fsdp"):
             with tempfile.TemporaryDirectory(prefix="tauon-bench-memory-") as tmp:
-                r = run_one(Path(tmp), strategy, a.layers, a.steps)
+                r = run_one(Path(tmp), strategy, a.layers, a.steps, a.seq)
             speeds[strategy].append(r["steadySamplesPerSecond"])
             if rep == 0:
                 res[strategy] = r
@@ -182,8 +196,8 @@ def main() -> int:
         "fsdpSpeedRatio>=0.8": res["fsdpSpeedRatio"] >= 0.8,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "memory.json").write_text(json.dumps(res, indent=2) + "\n")
-    plot(res, RESULTS / "memory.png")
+    (RESULTS / f"{a.output_name}.json").write_text(json.dumps(res, indent=2) + "\n")
+    plot(res, RESULTS / f"{a.output_name}.png")
     print(
         json.dumps(
             {
