@@ -376,6 +376,10 @@ def up(d: Path) -> Path:
             "--config",
             str(HERE / "kwok-stages.yaml"),
             "--manage-all-nodes=false",
+            # kwok renews each node's Lease (cheap) so the node controller sees heartbeats even when the
+            # API server is slow under load; without, node status updates lagged past the 120 s grace
+            # period in bench/scale and every pod on the node flipped to NotReady
+            "--node-lease-duration-seconds=40",
             f"--manage-nodes-with-annotation-selector={FAKE_ANNOTATION}=fake",
             "--cidr=10.244.0.1/16",
             "--node-ip=10.0.0.1",
