@@ -408,3 +408,36 @@ async def test_a_request_whose_client_disconnected_is_dropped_before_its_pass() 
     assert await busy == ["BUSY"] and await stays == ["KEPT"]
     await b.close()
     assert rec.batches == [["busy"], ["kept"]]
+
+
+def test_metrics_middleware_labels_routes_and_caches_them() -> None:
+    """Every request's endpoint label is its route template (405s keep the path's template, unknown
+    paths are "unmatched"); the answer per (method, path) is cached, and a full cache changes nothing."""
+    from fastapi import FastAPI
+
+    from tauon_serve.serve import MetricsMiddleware, ServerMetrics
+
+    app = FastAPI()
+
+    @app.post("/v1/models/{name}:predict")
+    async def predict(name: str) -> dict[str, str]:
+        return {}
+
+    @app.get("/v2/health/ready")
+    async def ready() -> dict[str, str]:
+        return {}
+
+    mw = MetricsMiddleware(app, ServerMetrics(), app.router)
+
+    def label(method: str, path: str) -> str:
+        return mw._endpoint({"type": "http", "method": method, "path": path})
+
+    for _ in range(2):  # the second round comes from the cache
+        assert label("POST", "/v1/models/m:predict") == "/v1/models/{name}:predict"
+        assert label("GET", "/v1/models/m:predict") == "/v1/models/{name}:predict"  # 405
+        assert label("GET", "/v2/health/ready") == "/v2/health/ready"
+        assert label("GET", "/nope") == "unmatched"
+    assert len(mw._endpoints) == 4
+    mw.ENDPOINT_CACHE = 4
+    assert label("POST", "/v1/models/other:predict") == "/v1/models/{name}:predict"
+    assert len(mw._endpoints) == 4, "a full cache is not grown"

@@ -407,12 +407,25 @@ class ServerMetrics:
 class MetricsMiddleware:
     """Counts and times every HTTP request, labelled with the matched route template (bounded)."""
 
+    ENDPOINT_CACHE = 1024  # (method, path) pairs remembered; unknown paths beyond that are matched each time
+
     def __init__(self, app: Any, metrics: ServerMetrics, router: Any) -> None:
         self.app = app
         self.metrics = metrics
         self.router = router
+        self._endpoints: dict[tuple[str, str], str] = {}
 
     def _endpoint(self, scope: dict[str, Any]) -> str:
+        # Matching walks every route's regex; the routes never change, so the answer per path is cached.
+        key = (scope.get("method", ""), scope.get("path", ""))
+        found = self._endpoints.get(key)
+        if found is None:
+            found = self._match(scope)
+            if len(self._endpoints) < self.ENDPOINT_CACHE:
+                self._endpoints[key] = found
+        return found
+
+    def _match(self, scope: dict[str, Any]) -> str:
         partial = None
         for route in self.router.routes:
             match, _ = route.matches(scope)
