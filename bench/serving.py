@@ -26,8 +26,10 @@ How the server is started (``--via``):
 The thread count the server really used is read from its log (the ``loaded ... threads=N`` line) and
 recorded; the raw baseline uses exactly that count.
 
-For each concurrency level, that many closed-loop clients (httpx, asyncio, one request in flight each,
+For each concurrency level, that many closed-loop clients (aiohttp, asyncio, one request in flight each,
 one instance per request, KServe V1 ``:predict``) run for ``--duration`` seconds after a short warm-up.
+The clients run on this machine's CPUs next to the server, so the load generator is the lighter aiohttp
+client (C HTTP parser; ``--client httpx`` for the older one, which costs about twice the CPU).
 Each client's connection is opened before the timed window. Reported per run: requests/s, client-side
 p50/p99 latency, errors, the mean instances per forward pass (the server's ``tauon_server_batch_size``
 histogram) and the mean time a request spends inside the server app (``server_mean_ms``, from
@@ -63,6 +65,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -351,16 +354,36 @@ def server_counters(url: str) -> dict[str, float]:
     return out
 
 
-async def closed_loop(url: str, concurrency: int, duration: float) -> dict[str, Any]:
+CLIENTS = ("aiohttp", "httpx")
+
+
+async def closed_loop(url: str, concurrency: int, duration: float, client: str = "aiohttp") -> dict[str, Any]:
+    """``concurrency`` closed-loop clients for ``duration`` seconds. The load generator shares this
+    machine's CPUs with the server, so its own cost per request matters: aiohttp (C HTTP parser) uses
+    about half the CPU of httpx for the same load; ``--client httpx`` keeps the older generator."""
     endpoint = f"{url}/v1/models/{NAME}:predict"
     latencies: list[float] = []
     errors = 0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+
+    async def post_httpx(session: httpx.AsyncClient, body: dict[str, Any]) -> bool:
+        try:
+            r = await session.post(endpoint, json=body)
+        except httpx.HTTPError:
+            return False
+        return r.status_code == 200
+
+    async def post_aiohttp(session: aiohttp.ClientSession, body: dict[str, Any]) -> bool:
+        try:
+            async with session.post(endpoint, json=body) as r:
+                await r.read()
+                return r.status == 200
+        except aiohttp.ClientError:
+            return False
+
+    async def drive(session: Any, post: Any) -> float:
+        nonlocal errors
         # Open every client's connection first (untimed): connection set-up is not what is measured.
-        await asyncio.gather(
-            *(client.post(endpoint, json={"instances": [TEXTS[0]]}) for _ in range(concurrency))
-        )
+        await asyncio.gather(*(post(session, {"instances": [TEXTS[0]]}) for _ in range(concurrency)))
         start = time.perf_counter()
         end = start + duration
 
@@ -371,18 +394,23 @@ async def closed_loop(url: str, concurrency: int, duration: float) -> dict[str, 
                 body = {"instances": [TEXTS[k % len(TEXTS)]]}
                 k += 1
                 t0 = time.perf_counter()
-                try:
-                    r = await client.post(endpoint, json=body)
-                    ok = r.status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                if ok:
+                if await post(session, body):
                     latencies.append(time.perf_counter() - t0)
                 else:
                     errors += 1
 
         await asyncio.gather(*(worker(i) for i in range(concurrency)))
-        elapsed = time.perf_counter() - start
+        return time.perf_counter() - start
+
+    if client == "httpx":
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        async with httpx.AsyncClient(timeout=60, limits=limits) as session:
+            elapsed = await drive(session, post_httpx)
+    else:
+        connector = aiohttp.TCPConnector(limit=concurrency)
+        timeout = aiohttp.ClientTimeout(total=60)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            elapsed = await drive(session, post_aiohttp)
     q = (
         statistics.quantiles(latencies, n=100, method="inclusive")
         if len(latencies) >= 2
@@ -490,15 +518,15 @@ def cpu_seconds(pid: int | None) -> float | None:
 
 
 def measure(
-    server: Server, levels: list[int], duration: float, warmup: float, mode: str
+    server: Server, levels: list[int], duration: float, warmup: float, mode: str, client: str = "aiohttp"
 ) -> list[dict[str, Any]]:
     url = server.url
-    asyncio.run(closed_loop(url, 8, warmup))
+    asyncio.run(closed_loop(url, 8, warmup, client))
     runs = []
     for c in levels:
         m0 = server_counters(url)
         s0, c0, t0 = cpu_seconds(server.pid), time.process_time(), time.perf_counter()
-        run = asyncio.run(closed_loop(url, c, duration))
+        run = asyncio.run(closed_loop(url, c, duration, client))
         s1, c1, t1 = cpu_seconds(server.pid), time.process_time(), time.perf_counter()
         m1 = server_counters(url)
         # CPU cores each side used (both run on this machine's CPUs)
@@ -545,6 +573,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--cpu-limit", help="spec.resources.limits.cpu of the InferenceService (default none)"
     )
+    parser.add_argument(
+        "--client", choices=CLIENTS, default="aiohttp", help="load generator (aiohttp: the lighter one)"
+    )
     parser.add_argument("--warmup", type=float, default=1.5, help="seconds of warm-up load per server")
     parser.add_argument("--model-dir", type=Path, help="serve this model directory instead of building one")
     parser.add_argument(
@@ -587,6 +618,7 @@ def main() -> int:
         "concurrency": levels,
         "modes": {mode: {"spec.batching": b} for mode, b in MODES.items()},
         "server_args": f"--via {args.via}" + (f" {args.server_args}" if args.server_args else ""),
+        "load_generator": args.client,
         "runs": {},
     }
     with tempfile.TemporaryDirectory(prefix="tauon-bench-") as tmp:
@@ -605,7 +637,7 @@ def main() -> int:
                 print(
                     f"{mode}: {args.via} server at {server.url}, threads {info['server_threads']}", flush=True
                 )
-                results["runs"][mode] = measure(server, levels, args.duration, args.warmup, mode)
+                results["runs"][mode] = measure(server, levels, args.duration, args.warmup, mode, args.client)
             finally:
                 left = server.stop()
             info["server_pid"] = server.pid

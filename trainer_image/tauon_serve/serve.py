@@ -901,8 +901,12 @@ def create_app(state: ServerState) -> FastAPI:
 
     # inference ------------------------------------------------------------------------------------
 
-    @app.post("/v1/models/{name}:predict")
-    async def v1_predict(name: str, request: Request) -> JSONResponse:
+    # The two inference routes are plain Starlette routes: they take the request and return a response,
+    # so FastAPI's per-request dependency solving and endpoint wrapping buy nothing there (about a
+    # third of the event loop's time per request at 32 clients, measured with py-spy).
+
+    async def v1_predict(request: Request) -> JSONResponse:
+        name = request.path_params["name"]
         state.check_model(name)
         predictor = state.check_ready()
         texts = parse_v1_predict(await _json_request(state, request), state.limits)
@@ -911,9 +915,9 @@ def create_app(state: ServerState) -> FastAPI:
         # JSONResponse directly: skips FastAPI's jsonable_encoder walk over every float
         return JSONResponse({"predictions": [_v1_prediction(predictor, r) for r in results]})
 
-    @app.post("/v2/models/{name}/infer")
-    @app.post("/v2/models/{name}/versions/{version}/infer")
-    async def v2_infer(name: str, request: Request, version: str | None = None) -> JSONResponse:
+    async def v2_infer(request: Request) -> JSONResponse:
+        name = request.path_params["name"]
+        version = request.path_params.get("version")
         state.check_model(name, version)
         predictor = state.check_ready()
         req = parse_v2_infer(await _json_request(state, request), state.limits, state.output_names())
@@ -925,6 +929,9 @@ def create_app(state: ServerState) -> FastAPI:
         response["outputs"] = _v2_outputs(predictor, results, req.outputs)
         return JSONResponse(response)
 
+    app.add_route("/v1/models/{name}:predict", v1_predict, methods=["POST"])
+    app.add_route("/v2/models/{name}/infer", v2_infer, methods=["POST"])
+    app.add_route("/v2/models/{name}/versions/{version}/infer", v2_infer, methods=["POST"])
     return app
 
 
