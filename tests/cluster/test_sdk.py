@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tauon.api.names import ANN_LOG_FILE
 from tauon.client import Client, JobFailed, NotFound, NotReady
-from tauon.client.cluster import ANN_LOG_FILE
 from tests.cluster.conftest import Operator
 from tests.kube import REPO, Cluster, condition, wait_until
 

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from tauon.api.inferenceservice import InferenceService
+from tauon.api.names import ANN_SPEC_HASH
 from tauon.reconcile.inferenceservice import (
     Observed,
     deployment_rollout,
@@ -23,7 +24,6 @@ from tauon.reconcile.inferenceservice import (
 )
 from tauon.reconcile.plan import Plan
 from tauon.render.config import OperatorConfig
-from tauon.render.inferenceservice import ANN_SPEC_HASH
 
 CFG = OperatorConfig()
 T0 = datetime(2025, 1, 1, tzinfo=UTC)

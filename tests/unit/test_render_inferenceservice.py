@@ -10,14 +10,10 @@ import pytest
 
 from tauon.api.finetunejob import FineTuneJob
 from tauon.api.inferenceservice import InferenceService
+from tauon.api.names import ANN_FINE_TUNE_JOB, ANN_MODEL_SOURCE, ANN_MODEL_TASK, ANN_RUNTIME, ANN_SPEC_HASH
 from tauon.render.common import InvalidSpec
 from tauon.render.config import OperatorConfig
 from tauon.render.inferenceservice import (
-    ANN_FINE_TUNE_JOB,
-    ANN_MODEL_SOURCE,
-    ANN_MODEL_TASK,
-    ANN_RUNTIME,
-    ANN_SPEC_HASH,
     ModelLocation,
     Models,
     job_model_location,

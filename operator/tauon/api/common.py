@@ -1,4 +1,5 @@
-"""Types shared by FineTuneJob and InferenceService.
+"""Types shared by FineTuneJob and InferenceService, and the one way to read a condition (`find_condition`,
+`is_true`) for the planners and the SDK alike. The names on the wire are tauon.api.names'.
 
 Every field carries a description: they become `kubectl explain` text through the generated CRDs.
 Defaults live here (applied by the operator when it parses an object), not in the CRD schema.
@@ -12,9 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-GROUP = "tauon.dev"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
+from tauon.api.names import RESERVED_KEY_PREFIX
 
 # Schema bounds that CEL cost estimation needs on every string/list/map a rule reads.
 MAX_STR = 253
@@ -35,9 +34,6 @@ DATA_SOURCE_PATTERN = f"^({PVC_URI}|{FILE_URI})$"
 # A path segment that is empty, `.` or `..` after the claim (pvc://), the root (file:///) or the leading
 # `./` (file://./): `pvc://a/../b`, `pvc://a//b`, `pvc://a/b/` and `file:///x/./y` are refused (RE2).
 BAD_SEGMENT_RE = r"^(pvc://[^/]+|file://\.?)(/[^/]*)*/\.{0,2}(/|$)"
-RESERVED_KEY_PREFIX = "tauon.dev/"
-
-Task = Literal["sequence-classification", "causal-lm"]
 
 
 class KubeModel(BaseModel):
@@ -214,6 +210,17 @@ class Condition(StatusModel):
     )
     reason: str = Field(default="", description="CamelCase reason for the last transition.", max_length=1024)
     message: str = Field(default="", description="Human-readable details.", max_length=32768)
+
+
+def find_condition(conditions: list[Condition], ctype: str) -> Condition | None:
+    """The condition of type `ctype` (conditions are a list-map keyed by type: at most one)."""
+    return next((c for c in conditions if c.type == ctype), None)
+
+
+def is_true(conditions: list[Condition], ctype: str) -> bool:
+    """Whether the condition of type `ctype` is there with status True."""
+    c = find_condition(conditions, ctype)
+    return c is not None and c.status == "True"
 
 
 class ObjectMeta(KubeModel):

@@ -14,9 +14,19 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from tauon.api.common import GROUP, NAME_MAX, NAME_PATTERN, VERSION
+from tauon.api.common import NAME_MAX, NAME_PATTERN
 from tauon.api.finetunejob import FineTuneJobSpec, FineTuneJobStatus
 from tauon.api.inferenceservice import InferenceServiceSpec, InferenceServiceStatus
+from tauon.api.names import (
+    API_VERSION,
+    FINETUNEJOB,
+    FINETUNEJOBS,
+    GROUP,
+    INFERENCESERVICE,
+    INFERENCESERVICES,
+    READY,
+    VERSION,
+)
 
 CATEGORIES = ["tauon", "ml"]
 
@@ -109,7 +119,7 @@ def _root_schema(
         "description": description,
         "required": ["spec"],
         "properties": {
-            "apiVersion": {"type": "string", "description": "APIVersion of the object (tauon.dev/v1alpha1)."},
+            "apiVersion": {"type": "string", "description": f"APIVersion of the object ({API_VERSION})."},
             "kind": {"type": "string", "description": f"Kind of the object ({kind})."},
             "metadata": {"type": "object"},
             "spec": openapi_schema(spec),
@@ -173,7 +183,7 @@ def _age() -> dict[str, Any]:
 
 def finetunejob_crd() -> dict[str, Any]:
     schema = _root_schema(
-        "FineTuneJob",
+        FINETUNEJOB,
         FineTuneJobSpec,
         FineTuneJobStatus,
         "FineTuneJob fine-tunes a model with a gang of torch.distributed pods (NCCL on GPUs, gloo on CPUs), "
@@ -215,12 +225,12 @@ def finetunejob_crd() -> dict[str, Any]:
             "description": "Final model location.",
         },
     ]
-    return _crd("FineTuneJob", "finetunejobs", "ftj", schema, columns, {"status": {}})
+    return _crd(FINETUNEJOB, FINETUNEJOBS, "ftj", schema, columns, {"status": {}})
 
 
 def inferenceservice_crd() -> dict[str, Any]:
     schema = _root_schema(
-        "InferenceService",
+        INFERENCESERVICE,
         InferenceServiceSpec,
         InferenceServiceStatus,
         "InferenceService serves a model (a FineTuneJob's output or a model directory) behind a Service, "
@@ -231,7 +241,7 @@ def inferenceservice_crd() -> dict[str, Any]:
         {
             "name": "Ready",
             "type": "string",
-            "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
+            "jsonPath": f'.status.conditions[?(@.type=="{READY}")].status',
             "description": "The Ready condition.",
         },
         {
@@ -251,14 +261,14 @@ def inferenceservice_crd() -> dict[str, Any]:
             "labelSelectorPath": ".status.selector",
         },
     }
-    return _crd("InferenceService", "inferenceservices", "tis", schema, columns, subresources)
+    return _crd(INFERENCESERVICE, INFERENCESERVICES, "tis", schema, columns, subresources)
 
 
 def all_crds() -> dict[str, dict[str, Any]]:
     """File name -> CRD."""
     return {
-        f"finetunejobs.{GROUP}.yaml": finetunejob_crd(),
-        f"inferenceservices.{GROUP}.yaml": inferenceservice_crd(),
+        f"{FINETUNEJOBS}.{GROUP}.yaml": finetunejob_crd(),
+        f"{INFERENCESERVICES}.{GROUP}.yaml": inferenceservice_crd(),
     }
 
 

@@ -21,11 +21,11 @@ from tauon.api.common import (
     ResourceRequirements,
     SecretKeyRef,
     StatusModel,
-    Task,
     free_form,
     reserved_env_rule,
     source_field,
 )
+from tauon.api.names import API_VERSION, FINETUNEJOB, ApiVersion, FineTuneJobKind, Task
 
 RESERVED_ENV_PREFIXES = ["PET_", "MASTER_", "TAUON_"]
 RESERVED_ENV_NAMES = ["WORLD_SIZE", "RANK", "LOCAL_RANK", "NNODES", "NODE_RANK", "NPROC_PER_NODE"]
@@ -522,10 +522,8 @@ class FineTuneJobStatus(StatusModel):
 class FineTuneJob(KubeModel):
     model_config = ConfigDict(extra="ignore")
 
-    api_version: Literal["tauon.dev/v1alpha1"] = Field(
-        default="tauon.dev/v1alpha1", description="API version."
-    )
-    kind: Literal["FineTuneJob"] = Field(default="FineTuneJob", description="Kind.")
+    api_version: ApiVersion = Field(default=API_VERSION, description="API version.")
+    kind: FineTuneJobKind = Field(default=FINETUNEJOB, description="Kind.")
     metadata: ObjectMeta = Field(default_factory=ObjectMeta, description="Standard object metadata.")
     spec: FineTuneJobSpec = Field(description="Desired training run.")
     status: FineTuneJobStatus = Field(default_factory=FineTuneJobStatus, description="Observed state.")

@@ -20,10 +20,10 @@ from tauon.api.common import (
     ResourceRequirements,
     SecretKeyRef,
     StatusModel,
-    Task,
     reserved_env_rule,
     source_field,
 )
+from tauon.api.names import API_VERSION, INFERENCESERVICE, ApiVersion, InferenceServiceKind, Task
 
 RESERVED_SERVER_ENV_PREFIXES = ["TAUON_"]
 
@@ -275,10 +275,8 @@ class InferenceServiceStatus(StatusModel):
 class InferenceService(KubeModel):
     model_config = ConfigDict(extra="ignore")
 
-    api_version: Literal["tauon.dev/v1alpha1"] = Field(
-        default="tauon.dev/v1alpha1", description="API version."
-    )
-    kind: Literal["InferenceService"] = Field(default="InferenceService", description="Kind.")
+    api_version: ApiVersion = Field(default=API_VERSION, description="API version.")
+    kind: InferenceServiceKind = Field(default=INFERENCESERVICE, description="Kind.")
     metadata: ObjectMeta = Field(default_factory=ObjectMeta, description="Standard object metadata.")
     spec: InferenceServiceSpec = Field(description="Desired serving setup.")
     status: InferenceServiceStatus = Field(

@@ -19,11 +19,16 @@ from pydantic.alias_generators import to_camel
 from tauon.api import FineTuneJob, InferenceService
 from tauon.api.common import NAME_MAX, NAME_PATTERN
 from tauon.api.finetunejob import Hyperparameters
+from tauon.api.names import (
+    API_VERSION,
+    CAUSAL_LM,
+    FINETUNEJOB,
+    INFERENCESERVICE,
+    SEQUENCE_CLASSIFICATION,
+    Manifest,
+)
 from tauon.client.errors import SpecError
 
-Manifest = dict[str, Any]
-SEQ_CLS = "sequence-classification"
-CAUSAL_LM = "causal-lm"
 _ALIASES = {"targetCpuUtilizationPercentage": "targetCPUUtilizationPercentage"}
 
 
@@ -132,6 +137,64 @@ def _put(d: Manifest, key: str, value: Any) -> None:
         d[key] = value
 
 
+def _model(
+    model: str | os.PathLike[str] | None,
+    task: str,
+    num_labels: int | None,
+    init: str | None,
+    model_config: Mapping[str, Any] | None,
+    tokenizer: str | None,
+    base: Path | None,
+) -> Manifest:
+    """spec.model of a FineTuneJob."""
+    m: Manifest = {} if model is None else {"source": source_uri(os.fspath(model), base)}
+    m["task"] = task
+    _put(m, "numLabels", num_labels)
+    _put(m, "init", init)
+    _put(m, "config", dict(model_config) if model_config is not None else None)  # HF keys stay as they are
+    _put(m, "tokenizer", source_uri(tokenizer, base) if tokenizer else None)
+    return m
+
+
+def _dataset(
+    dataset: str | os.PathLike[str] | Mapping[str, Any], fields: Mapping[str, Any], base: Path | None
+) -> Manifest:
+    """spec.dataset of a FineTuneJob: a source (or a whole dataset mapping) and the fields set as keywords."""
+    if isinstance(dataset, str | os.PathLike):
+        d: Manifest = {"source": source_uri(os.fspath(dataset), base)}
+    else:
+        d = _camel(dict(dataset))
+        if isinstance(d.get("source"), str):
+            d["source"] = source_uri(d["source"], base)
+    for key, value in fields.items():
+        _put(d, key, value)
+    return d
+
+
+def _pods(
+    spec: Manifest,
+    resources: Mapping[str, Any] | None,
+    image: str | None,
+    env: Mapping[str, str] | list[Manifest] | None,
+    node_selector: Mapping[str, str] | None,
+    pod_template: Mapping[str, Any] | None,
+) -> None:
+    """The pod settings both kinds share (resources, image, env, podTemplate), into `spec`."""
+    _put(spec, "resources", dict(resources) if resources else None)
+    _put(spec, "image", image)
+    _put(spec, "env", _env(env))
+    pt = _shallow(pod_template)
+    if node_selector:
+        pt["nodeSelector"] = dict(node_selector)
+    _put(spec, "podTemplate", pt or None)
+
+
+def _document(
+    kind: str, name: str, namespace: str, labels: Mapping[str, str] | None, spec: Manifest
+) -> Manifest:
+    return {"apiVersion": API_VERSION, "kind": kind, "metadata": _meta(name, namespace, labels), "spec": spec}
+
+
 def finetunejob(
     name: str,
     *,
@@ -172,31 +235,24 @@ def finetunejob(
 ) -> FineTuneJob:
     """A validated FineTuneJob. `task` defaults to sequence-classification when num_labels is given,
     else causal-lm. Hyperparameters are keywords by their snake_case names (max_steps=, learning_rate=)."""
-    kind = "FineTuneJob"
+    kind = FINETUNEJOB
     _check_name(kind, name)
-    task = task or (SEQ_CLS if num_labels is not None else CAUSAL_LM)
-    m: Manifest = {} if model is None else {"source": source_uri(os.fspath(model), base)}
-    m["task"] = task
-    _put(m, "numLabels", num_labels)
-    _put(m, "init", init)
-    _put(m, "config", dict(model_config) if model_config is not None else None)  # HF keys stay as they are
-    _put(m, "tokenizer", source_uri(tokenizer, base) if tokenizer else None)
-    if isinstance(dataset, str | os.PathLike):
-        d: Manifest = {"source": source_uri(os.fspath(dataset), base)}
-    else:
-        d = _camel(dict(dataset))
-        if isinstance(d.get("source"), str):
-            d["source"] = source_uri(d["source"], base)
-    _put(d, "format", dataset_format)
-    _put(d, "type", dataset_type)
-    _put(d, "textField", text_field)
-    _put(d, "labelField", label_field)
-    _put(d, "messagesField", messages_field)
-    _put(d, "promptField", prompt_field)
-    _put(d, "completionField", completion_field)
-    _put(d, "packing", packing)
-    _put(d, "validationSplit", validation_split)
-    spec: Manifest = {"model": m, "dataset": d}
+    task = task or (SEQUENCE_CLASSIFICATION if num_labels is not None else CAUSAL_LM)
+    dataset_fields = {
+        "format": dataset_format,
+        "type": dataset_type,
+        "textField": text_field,
+        "labelField": label_field,
+        "messagesField": messages_field,
+        "promptField": prompt_field,
+        "completionField": completion_field,
+        "packing": packing,
+        "validationSplit": validation_split,
+    }
+    spec: Manifest = {
+        "model": _model(model, task, num_labels, init, model_config, tokenizer, base),
+        "dataset": _dataset(dataset, dataset_fields, base),
+    }
     if method is not None or lora is not None:
         meth: Manifest = {"type": method or "lora"}
         _put(meth, "lora", _camel(lora) if lora is not None else None)
@@ -213,17 +269,9 @@ def finetunejob(
         spec["output"] = out
     _put(spec, "numNodes", num_nodes)
     _put(spec, "nprocPerNode", nproc_per_node)
-    _put(spec, "resources", dict(resources) if resources else None)
-    _put(spec, "image", image)
-    _put(spec, "env", _env(env))
-    pt = _shallow(pod_template)
-    if node_selector:
-        pt["nodeSelector"] = dict(node_selector)
-    _put(spec, "podTemplate", pt or None)
+    _pods(spec, resources, image, env, node_selector, pod_template)
     _put(spec, "runPolicy", _camel(run_policy) if run_policy else None)
-    doc = {"apiVersion": "tauon.dev/v1alpha1", "kind": kind, "metadata": _meta(name, namespace, labels)}
-    doc["spec"] = spec
-    job: FineTuneJob = _validate(FineTuneJob, doc)
+    job: FineTuneJob = _validate(FineTuneJob, _document(kind, name, namespace, labels, spec))
     _check_task_rules(job)
     return job
 
@@ -233,7 +281,7 @@ def _check_task_rules(job: FineTuneJob) -> None:
     spec, bad = job.spec, {}
     model = spec.model
     scratch = model.init == "scratch"
-    if model.task == SEQ_CLS and model.num_labels is None:
+    if model.task == SEQUENCE_CLASSIFICATION and model.num_labels is None:
         bad["spec.model.numLabels"] = "required when task is sequence-classification (num_labels=)"
     if model.source is None and not scratch:
         bad["spec.model.source"] = "required unless init is scratch (model=)"
@@ -250,7 +298,7 @@ def _check_task_rules(job: FineTuneJob) -> None:
     if spec.method.lora is not None and spec.method.type != "lora":
         bad["spec.method.lora"] = "only allowed when method is lora"
     if bad:
-        raise SpecError("FineTuneJob", job.metadata.name, bad)
+        raise SpecError(FINETUNEJOB, job.metadata.name, bad)
 
 
 def inferenceservice(
@@ -275,7 +323,7 @@ def inferenceservice(
     base: Path | None = None,
 ) -> InferenceService:
     """A validated InferenceService serving a FineTuneJob's output (fine_tune_job=) or a model (source=)."""
-    kind = "InferenceService"
+    kind = INFERENCESERVICE
     _check_name(kind, name)
     if (fine_tune_job is None) == (source is None):
         raise SpecError(kind, name, {"spec.model": "give exactly one of fine_tune_job= and source="})
@@ -292,14 +340,6 @@ def inferenceservice(
     _put(spec, "runtime", runtime)
     _put(spec, "generation", _camel(generation) if generation is not None else None)
     _put(spec, "canary", _camel(canary) if canary is not None else None)
-    _put(spec, "resources", dict(resources) if resources else None)
-    _put(spec, "image", image)
-    _put(spec, "env", _env(env))
-    pt = _shallow(pod_template)
-    if node_selector:
-        pt["nodeSelector"] = dict(node_selector)
-    _put(spec, "podTemplate", pt or None)
-    doc = {"apiVersion": "tauon.dev/v1alpha1", "kind": kind, "metadata": _meta(name, namespace, labels)}
-    doc["spec"] = spec
-    isvc: InferenceService = _validate(InferenceService, doc)
+    _pods(spec, resources, image, env, node_selector, pod_template)
+    isvc: InferenceService = _validate(InferenceService, _document(kind, name, namespace, labels, spec))
     return isvc

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from tauon.api.names import FINETUNEJOB
 from tauon.client import build
 from tauon.client.errors import NotFound, NotReady, SpecError
 from tauon.client.handles import Backend, FineTuneJobHandle, InferenceServiceHandle
@@ -60,7 +61,7 @@ class Client:
             default = getattr(self._backend, "default_output", None)
             if default is None:
                 raise SpecError(
-                    "FineTuneJob",
+                    FINETUNEJOB,
                     name,
                     {"spec.output.storage": "output= is required on a cluster (pvc://CLAIM/PATH)"},
                 )
@@ -168,9 +169,9 @@ class Client:
         return InferenceServiceHandle(self._backend, name, self.poll)
 
     def _require_succeeded(self, job_name: str) -> None:
-        job = self._backend.get("FineTuneJob", job_name)
+        job = self._backend.get(FINETUNEJOB, job_name)
         if job is None:
-            raise NotFound("FineTuneJob", job_name, self._backend.where)
+            raise NotFound(FINETUNEJOB, job_name, self._backend.where)
         phase = (job.get("status") or {}).get("phase", "Pending")
         if phase != "Succeeded":
             raise NotReady(

@@ -25,21 +25,23 @@ import aiohttp
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from tauon.api.names import (
+    ANN_HTTP_ADDRESS,
+    ANN_LOG_FILE,
+    API_VERSION,
+    FINETUNEJOB,
+    LABEL_ATTEMPT,
+    LABEL_ISVC,
+    LABEL_JOB,
+    LABEL_RANK,
+    PLURALS,
+    Manifest,
+)
 from tauon.client.errors import AlreadyExists, ClusterUnreachable, Forbidden, NotFound, TauonError
 from tauon.client.logs import prefix
 
-Manifest = dict[str, Any]
 T = TypeVar("T")
-API = "/apis/tauon.dev/v1alpha1"
-PLURALS = {"FineTuneJob": (API, "finetunejobs"), "InferenceService": (API, "inferenceservices")}
-LABEL_JOB = "tauon.dev/job-name"
-LABEL_ATTEMPT = "tauon.dev/attempt"
-LABEL_RANK = "tauon.dev/node-rank"
-LABEL_ISVC = "tauon.dev/inference-service"
-LABEL_COMPONENT = "tauon.dev/component"
-# The process-backed dev node (`tauon node`) publishes where a pod's ports listen and where its log is.
-ANN_HTTP_ADDRESS = "tauon.dev/http-address"
-ANN_LOG_FILE = "tauon.dev/log-file"
+API = f"/apis/{API_VERSION}"
 REQUEST_TIMEOUT = 30
 _END = object()
 
@@ -155,8 +157,7 @@ class ClusterBackend:
         return self._loop.run(self._call(method, path, body, query))
 
     def _path(self, kind: str, name: str | None = None) -> str:
-        prefix_, plural = PLURALS[kind]
-        p = f"{prefix_}/namespaces/{self.namespace}/{plural}"
+        p = f"{API}/namespaces/{self.namespace}/{PLURALS[kind]}"
         return f"{p}/{name}" if name else p
 
     def _refused(self, e: ApiException, kind: str, name: str, verb: str) -> TauonError:
@@ -210,8 +211,8 @@ class ClusterBackend:
     def logs(self, name: str, follow: bool) -> Iterator[str]:
         """Merged logs of the job's current attempt, `[rank N]` prefixed; with follow, until the job ends
         (a restarted gang's new pods are followed too)."""
-        if self.get("FineTuneJob", name) is None:
-            raise NotFound("FineTuneJob", name, self.where)  # now, not when the lines are first read
+        if self.get(FINETUNEJOB, name) is None:
+            raise NotFound(FINETUNEJOB, name, self.where)  # now, not when the lines are first read
         return self._lines(name, follow)
 
     def _lines(self, name: str, follow: bool) -> Iterator[str]:
@@ -232,7 +233,7 @@ class ClusterBackend:
             seen: set[str] = set()
             while True:
                 try:
-                    job = dict(await self._call("GET", self._path("FineTuneJob", name)))
+                    job = dict(await self._call("GET", self._path(FINETUNEJOB, name)))
                 except ApiException as e:
                     if e.status == 404:
                         return  # deleted while we followed it

@@ -10,13 +10,12 @@ import urllib.request
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
-from tauon.api import FineTuneJobStatus, InferenceServiceStatus
+from tauon.api import FineTuneJobStatus, InferenceServiceStatus, find_condition, is_true
+from tauon.api.names import FAILED, FINETUNEJOB, INFERENCESERVICE, READY, Manifest
 from tauon.client.errors import JobFailed, MissingDependency, NotFound, ServiceFailed, TauonError
 
 if TYPE_CHECKING:
     import openai
-
-Manifest = dict[str, Any]
 
 
 class Backend(Protocol):
@@ -33,14 +32,10 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-def _condition(conditions: list[Any], ctype: str) -> Any:
-    return next((c for c in conditions if c.type == ctype and c.status == "True"), None)
-
-
 class FineTuneJobHandle:
     """A FineTuneJob: `wait()` for it (progress bar), read `status()`, stream `logs()`, `delete()` it."""
 
-    kind = "FineTuneJob"
+    kind = FINETUNEJOB
 
     def __init__(self, backend: Backend, name: str, poll: float = 1.0):
         self._backend = backend
@@ -74,7 +69,7 @@ class FineTuneJobHandle:
     def raise_if_failed(self, status: FineTuneJobStatus | None = None) -> None:
         status = status or self.status()
         if status.phase == "Failed":
-            c = _condition(status.conditions, "Failed")
+            c = find_condition(status.conditions, FAILED) if is_true(status.conditions, FAILED) else None
             reason = (
                 c.reason if c else (status.last_failure.reason if status.last_failure else "") or "Failed"
             )
@@ -112,7 +107,7 @@ class FineTuneJobHandle:
 class InferenceServiceHandle:
     """An InferenceService: `wait_ready()`, `predict()` (V2), `chat()`/`complete()` (OpenAI API), `delete()`."""
 
-    kind = "InferenceService"
+    kind = INFERENCESERVICE
 
     def __init__(self, backend: Backend, name: str, poll: float = 1.0):
         self._backend = backend
@@ -135,8 +130,7 @@ class InferenceServiceHandle:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             status = self.status()
-            ready = _condition(status.conditions, "Ready")
-            if ready is not None:
+            if is_true(status.conditions, READY):
                 return status
             if status.phase == "Failed":
                 c = next((c for c in status.conditions if c.status == "False"), None)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import urllib.request
 from collections.abc import Iterator
-from typing import Any
 
+from tauon.api.names import READY, Manifest
 from tauon.client.errors import TauonError
 
 
@@ -23,16 +23,16 @@ class UrlBackend:
         except OSError:
             return False
 
-    def get(self, kind: str, name: str) -> dict[str, Any] | None:
+    def get(self, kind: str, name: str) -> Manifest | None:
         ready = "True" if self._ready() else "False"
-        status: dict[str, Any] = {"phase": "Ready" if ready == "True" else "Pending", "url": self.url}
-        status["conditions"] = [{"type": "Ready", "status": ready, "reason": "Probed"}]
+        status: Manifest = {"phase": "Ready" if ready == "True" else "Pending", "url": self.url}
+        status["conditions"] = [{"type": READY, "status": ready, "reason": "Probed"}]
         return {"kind": kind, "metadata": {"name": name}, "status": status}
 
     def endpoint(self, name: str) -> str:
         return self.url
 
-    def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+    def create(self, obj: Manifest) -> Manifest:
         raise TauonError(f"a model server at {self.url} cannot create objects")
 
     def delete(self, kind: str, name: str) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import aiohttp
 import kopf
 
+from tauon.api.names import FINALIZER, GROUP
 from tauon.handlers import finetunejob, inferenceservice, leader, progress
 from tauon.handlers.runtime import RT
 from tauon.kube.client import Kube, load_config
@@ -20,11 +21,11 @@ log = logging.getLogger("tauon.operator")
 async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Our own prefixes from day one (Kopf's defaults are kopf.zalando.org/...). We use only
     # on.event/index handlers, so Kopf stores no progress and adds no finalizers to user objects.
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="tauon.dev")
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix="tauon.dev", key="last-handled-configuration"
+        prefix=GROUP, key="last-handled-configuration"
     )
-    settings.persistence.finalizer = "tauon.dev/finalizer"
+    settings.persistence.finalizer = FINALIZER
     settings.posting.level = logging.WARNING  # k8s Events are posted explicitly, once per transition
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330

@@ -13,6 +13,7 @@ import kopf
 
 from tauon import metrics
 from tauon.api.finetunejob import FineTuneJob
+from tauon.api.names import FINETUNEJOB, FINETUNEJOBS, GROUP, LABEL_ATTEMPT, LABEL_JOB, VERSION
 from tauon.handlers import indexes as ix
 from tauon.handlers import inferenceservice, progress
 from tauon.handlers.runtime import RT
@@ -21,10 +22,9 @@ from tauon.kube.client import owned_by
 from tauon.reconcile import pods as P
 from tauon.reconcile.finetunejob import Observed, reconcile
 from tauon.reconcile.plan import Plan
-from tauon.render.finetunejob import LABEL_ATTEMPT, LABEL_JOB, pod_name, shared_claims
+from tauon.render.finetunejob import pod_name, shared_claims
 
 log = logging.getLogger("tauon.finetunejob")
-GROUP, VERSION, PLURAL = "tauon.dev", "v1alpha1", "finetunejobs"
 CONTROLLER = "finetunejob"
 CHILD = {LABEL_JOB: kopf.PRESENT}
 _backoff = progress.Backoff()
@@ -34,7 +34,7 @@ _reported: dict[ix.Key, str] = {}  # job -> the /progress failure last logged (l
 # the types of kopf's IndexingFn/WatchingFn protocols (namespace is None for cluster-scoped objects).
 
 
-@kopf.index(GROUP, VERSION, PLURAL, id=ix.FTJ)
+@kopf.index(GROUP, VERSION, FINETUNEJOBS, id=ix.FTJ)
 def index_jobs(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> object:
     return {(namespace or "", name): ix.project_object(body)}
 
@@ -50,7 +50,7 @@ def index_children(namespace: str | None, labels: kopf.Labels, body: kopf.Body, 
     return {(namespace or "", labels[LABEL_JOB]): ix.project_owned(body)}
 
 
-@kopf.on.event(GROUP, VERSION, PLURAL)
+@kopf.on.event(GROUP, VERSION, FINETUNEJOBS)
 async def on_job(type: str, namespace: str | None, name: str, **kwargs: Any) -> None:
     RT.indexes.capture(kwargs)
     ns = namespace or ""
@@ -140,7 +140,7 @@ def record(body: dict[str, Any], plan: Plan) -> None:
 
 CTL: Controller[FineTuneJob] = Controller(
     name=CONTROLLER,
-    kind="FineTuneJob",
+    kind=FINETUNEJOB,
     index=ix.FTJ,
     parse=FineTuneJob.model_validate,
     plan=plan_job,

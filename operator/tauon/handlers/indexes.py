@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Final
 
-Manifest = dict[str, Any]
+from tauon.api.names import Manifest
+
 Key = tuple[str, str]  # (namespace, name of the owning FineTuneJob / InferenceService)
 
 FTJ: Final = "tauon_finetunejobs"

@@ -12,16 +12,15 @@ import kopf
 
 from tauon import metrics
 from tauon.api.inferenceservice import InferenceService
+from tauon.api.names import GROUP, INFERENCESERVICE, INFERENCESERVICES, LABEL_ISVC, VERSION
 from tauon.handlers import indexes as ix
 from tauon.handlers.runtime import RT
 from tauon.handlers.skeleton import Controller, register
 from tauon.kube.client import owned_by
 from tauon.reconcile.inferenceservice import Observed, reconcile
 from tauon.reconcile.plan import Plan
-from tauon.render.inferenceservice import LABEL_ISVC
 
 log = logging.getLogger("tauon.inferenceservice")
-GROUP, VERSION, PLURAL = "tauon.dev", "v1alpha1", "inferenceservices"
 CONTROLLER = "inferenceservice"
 CHILD = {LABEL_ISVC: kopf.PRESENT}
 HPAS = "horizontalpodautoscalers.v2.autoscaling"
@@ -29,7 +28,7 @@ HPAS = "horizontalpodautoscalers.v2.autoscaling"
 # Signatures follow kopf's IndexingFn/WatchingFn protocols (see tauon.handlers.finetunejob).
 
 
-@kopf.index(GROUP, VERSION, PLURAL, id=ix.ISVC)
+@kopf.index(GROUP, VERSION, INFERENCESERVICES, id=ix.ISVC)
 def index_services(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> object:
     return {(namespace or "", name): ix.project_object(body)}
 
@@ -45,7 +44,7 @@ def index_children(namespace: str | None, labels: kopf.Labels, body: kopf.Body, 
     return {(namespace or "", labels[LABEL_ISVC]): ix.project_owned(body)}
 
 
-@kopf.on.event(GROUP, VERSION, PLURAL)
+@kopf.on.event(GROUP, VERSION, INFERENCESERVICES)
 async def on_service(type: str, namespace: str | None, name: str, **kwargs: Any) -> None:
     RT.indexes.capture(kwargs)
     if type == "DELETED":
@@ -108,7 +107,7 @@ async def plan_service(isvc: InferenceService, body: dict[str, Any], uid: str, n
 
 CTL: Controller[InferenceService] = Controller(
     name=CONTROLLER,
-    kind="InferenceService",
+    kind=INFERENCESERVICE,
     index=ix.ISVC,
     parse=InferenceService.model_validate,
     plan=plan_service,

@@ -24,8 +24,9 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Literal
 
+from tauon.api.names import Manifest
 from tauon.kube.client import Kube, Stale
 
 log = logging.getLogger("tauon.leader")
@@ -36,7 +37,6 @@ RETRY_SECONDS = 2.0
 NAMESPACE_ENV = "TAUON_LEADER_ELECTION_NAMESPACE"
 NAME_ENV = "TAUON_LEADER_ELECTION_NAME"
 DEFAULT_NAME = "tauon-operator"
-Manifest = dict[str, Any]
 Action = Literal["create", "acquire", "renew", "wait"]
 
 

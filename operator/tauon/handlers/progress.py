@@ -17,8 +17,10 @@ from typing import Any
 
 import aiohttp
 
+from tauon.api.names import ANN_METRICS_ADDRESS
+
 MAX_BYTES = 64 * 1024
-METRICS_ADDRESS_ANNOTATION = "tauon.dev/metrics-address"
+METRICS_ADDRESS_ANNOTATION = ANN_METRICS_ADDRESS
 DEV_FLAG_ENV = "TAUON_DEV_PROCESS_NODE"  # "1": the operator serves a process-backed dev node
 BACKOFF_MAX_SECONDS = 300.0
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tauon import metrics
+from tauon.api.names import API_VERSION
 from tauon.handlers.expectations import Expectations
 from tauon.handlers.indexes import Indexes
 from tauon.handlers.leader import Elector
@@ -23,7 +24,6 @@ from tauon.render.config import OperatorConfig
 
 log = logging.getLogger("tauon.operator")
 Key = tuple[str, str, str]  # (controller, namespace, name)
-API_VERSION = "tauon.dev/v1alpha1"  # of the objects tauon reconciles (FineTuneJob, InferenceService)
 
 
 def _observe(controller: str, ok: bool, seconds: float) -> None:

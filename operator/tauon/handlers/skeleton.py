@@ -13,15 +13,15 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from pydantic import ValidationError
 
+from tauon.api.names import Manifest
 from tauon.handlers.runtime import RT
 from tauon.reconcile.invalid import describe, invalid_spec_plan
 from tauon.reconcile.plan import Plan
 
-Manifest = dict[str, Any]
 T = TypeVar("T")  # the parsed object (FineTuneJob, InferenceService)
 
 

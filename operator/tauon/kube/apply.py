@@ -11,10 +11,10 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from tauon.api.names import Manifest
 from tauon.kube.client import Conflict, Forbidden, Invalid, Kube, NamespaceTerminating, Stale
 from tauon.reconcile.plan import Event, Plan
 
-Manifest = dict[str, Any]
 PostEvent = Callable[[Event], Awaitable[None]]
 
 

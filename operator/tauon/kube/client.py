@@ -20,8 +20,17 @@ from typing import Any
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from tauon.api.names import (
+    API_VERSION,
+    FINETUNEJOB,
+    FINETUNEJOBS,
+    INFERENCESERVICE,
+    INFERENCESERVICES,
+    POD_GROUP_API_VERSIONS,
+    Manifest,
+)
+
 log = logging.getLogger("tauon.kube")
-Manifest = dict[str, Any]
 FIELD_MANAGER = "tauon"
 COMPONENT = "tauon"  # Event source.component / reportingComponent
 REQUEST_TIMEOUT = 30.0  # seconds per API request, connecting included
@@ -36,14 +45,12 @@ KINDS: dict[str, tuple[str, str]] = {
     "PersistentVolumeClaim": ("/api/v1", "persistentvolumeclaims"),
     "Deployment": ("/apis/apps/v1", "deployments"),
     "HorizontalPodAutoscaler": ("/apis/autoscaling/v2", "horizontalpodautoscalers"),
-    "FineTuneJob": ("/apis/tauon.dev/v1alpha1", "finetunejobs"),
-    "InferenceService": ("/apis/tauon.dev/v1alpha1", "inferenceservices"),
+    FINETUNEJOB: (f"/apis/{API_VERSION}", FINETUNEJOBS),
+    INFERENCESERVICE: (f"/apis/{API_VERSION}", INFERENCESERVICES),
     "Lease": ("/apis/coordination.k8s.io/v1", "leases"),
 }
-POD_GROUPS = {
-    "scheduling.volcano.sh/v1beta1": "/apis/scheduling.volcano.sh/v1beta1",
-    "scheduling.x-k8s.io/v1alpha1": "/apis/scheduling.x-k8s.io/v1alpha1",
-}
+# PodGroup apiVersion -> api prefix (the plural is podgroups for every gang scheduler)
+POD_GROUPS = {v: f"/apis/{v}" for v in POD_GROUP_API_VERSIONS.values()}
 
 
 class Conflict(Exception):
@@ -99,7 +106,7 @@ def path(
     kind: str, namespace: str, name: str | None = None, api_version: str | None = None, sub: str = ""
 ) -> str:
     if kind == "PodGroup":
-        prefix, plural = POD_GROUPS[api_version or "scheduling.volcano.sh/v1beta1"], "podgroups"
+        prefix, plural = POD_GROUPS[api_version or POD_GROUP_API_VERSIONS["volcano"]], "podgroups"
     else:
         prefix, plural = KINDS[kind]
     p = f"{prefix}/namespaces/{namespace}/{plural}"

@@ -28,11 +28,10 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from tauon.api.names import ANN_LOG_FILE, LABEL_NODE_AGENT, Manifest, address_annotation
 from tauon.local import process as lp
 
 log = logging.getLogger("tauon.node")
-NODE_LABEL = "tauon.dev/node-agent"
-Manifest = dict[str, Any]
 
 
 def now() -> str:
@@ -100,7 +99,7 @@ class NodeAgent:
             metadata=client.V1ObjectMeta(
                 name=self.name,
                 labels={
-                    NODE_LABEL: "process",
+                    LABEL_NODE_AGENT: "process",
                     "kubernetes.io/hostname": self.name,
                     "kubernetes.io/os": "linux",
                 },
@@ -259,10 +258,10 @@ class NodeAgent:
         run = Run(prep, proc, time.monotonic(), readiness=c.get("readinessProbe"))
         run.ready = run.readiness is None
         self.runs[(ns, name)] = run
-        annotations = {f"tauon.dev/{p}-address": f"127.0.0.1:{port}" for p, port in prep.ports.items()}
+        annotations = {address_annotation(p): f"127.0.0.1:{port}" for p, port in prep.ports.items()}
         # There is no kubelet to serve pods/log: publish where the container's output goes (the SDK and
         # `tauon logs` read it from there for pods on this dev node).
-        annotations["tauon.dev/log-file"] = str(root / "container.log")
+        annotations[ANN_LOG_FILE] = str(root / "container.log")
         if annotations:
             try:
                 self.core.patch_namespaced_pod(name, ns, {"metadata": {"annotations": annotations}})

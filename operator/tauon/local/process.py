@@ -23,11 +23,10 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from tauon.api.names import Manifest
 from tauon.render.inferenceservice import CONTAINER as SERVER_CONTAINER
 
-Manifest = dict[str, Any]
 ADDRESS_VARS = ("PET_MASTER_ADDR", "MASTER_ADDR")
 PORT_VARS = {
     "PET_MASTER_PORT": "dist",

@@ -1,20 +1,11 @@
 """KEP-1623 conditions: lastTransitionTime moves only when status flips; every condition carries
-observedGeneration."""
+observedGeneration. Reading them is tauon.api.common's (`find_condition`, `is_true`), shared with the SDK."""
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from tauon.api.common import Condition, ConditionStatus
-
-
-def get(conds: list[Condition], ctype: str) -> Condition | None:
-    return next((c for c in conds if c.type == ctype), None)
-
-
-def is_true(conds: list[Condition], ctype: str) -> bool:
-    c = get(conds, ctype)
-    return c is not None and c.status == "True"
+from tauon.api.common import Condition, ConditionStatus, find_condition
 
 
 def set_condition(
@@ -27,7 +18,7 @@ def set_condition(
     now: datetime,
 ) -> bool:
     """Set a condition in place; returns True when its status flipped (a transition worth an event)."""
-    old = get(conds, ctype)
+    old = find_condition(conds, ctype)
     if old is None:
         conds.append(
             Condition(

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Generic, Literal, Protocol, TypeVar
 
-from tauon.api.common import Condition, ConditionStatus
-from tauon.reconcile.conditions import get, set_condition
+from tauon.api.common import Condition, ConditionStatus, find_condition
+from tauon.reconcile.conditions import set_condition
 from tauon.reconcile.plan import Event, Plan
 
 MAX_MESSAGE = 1024  # bytes (UTF-8) of a condition or event message
@@ -79,7 +79,7 @@ class Context(Generic[ObjT, StatusT]):
 
     def cond(self, ctype: str, status: bool, reason: str, message: str = "") -> bool:
         """Set a condition; True when its status or its reason changed (a transition)."""
-        old = get(self.st.conditions, ctype)
+        old = find_condition(self.st.conditions, ctype)
         old_reason = old.reason if old is not None else None
         s: ConditionStatus = "True" if status else "False"
         flipped = set_condition(self.st.conditions, ctype, s, reason, cap(message), self.gen, self.now)
@@ -104,7 +104,3 @@ class Context(Generic[ObjT, StatusT]):
 
     def drop(self, ctype: str) -> None:
         self.st.conditions = [c for c in self.st.conditions if c.type != ctype]
-
-    def is_true(self, ctype: str) -> bool:
-        c = get(self.st.conditions, ctype)
-        return c is not None and c.status == "True"

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from tauon.api.common import is_true
 from tauon.api.finetunejob import (
     FineTuneJob,
     FineTuneJobStatus,
@@ -26,15 +27,45 @@ from tauon.api.finetunejob import (
     Progress,
     StrategyEstimate,
 )
+from tauon.api.names import (
+    CREATED,
+    FAILED,
+    LABEL_ATTEMPT,
+    REASON_ALL_PODS_RUNNING,
+    REASON_BACKOFF_LIMIT_EXCEEDED,
+    REASON_CREATE_FAILED,
+    REASON_CREATING,
+    REASON_DEADLINE_EXCEEDED,
+    REASON_GANG_RECREATED,
+    REASON_GANG_RELEASED,
+    REASON_GANG_SCHEDULED,
+    REASON_INVALID_SPEC,
+    REASON_PERMANENT_ERROR,
+    REASON_POD_DISRUPTED,
+    REASON_POD_FAILED,
+    REASON_PODS_CREATED,
+    REASON_QUOTA_EXCEEDED,
+    REASON_RESOURCE_CONFLICT,
+    REASON_RESTARTING,
+    REASON_RESUMED,
+    REASON_RUNNING,
+    REASON_STARTUP_TIMEOUT,
+    REASON_SUCCEEDED,
+    REASON_SUSPENDED,
+    REASON_UNSCHEDULABLE,
+    RESTARTING,
+    RUNNING,
+    SUCCEEDED,
+    SUSPENDED,
+    Manifest,
+)
 from tauon.reconcile import pods as P
-from tauon.reconcile.conditions import is_true
 from tauon.reconcile.context import Context, summarise
 from tauon.reconcile.plan import Plan
 from tauon.render.common import InvalidSpec
 from tauon.render.config import OperatorConfig
 from tauon.render.finetunejob import (
     CONTAINER,
-    LABEL_ATTEMPT,
     config_map_name,
     pod_name,
     render_attempt,
@@ -44,7 +75,6 @@ from tauon.render.finetunejob import (
     validate,
 )
 
-Manifest = dict[str, Any]
 RWX = "ReadWriteMany"
 ROX = "ReadOnlyMany"
 # Backoff between gang attempts (pure: from status.restarts and status.lastFailure.time): the first
@@ -99,7 +129,7 @@ def _status_dump(st: FineTuneJobStatus) -> Manifest:
 
 
 def phase_of(st: FineTuneJobStatus) -> str:
-    for ctype in ("Failed", "Succeeded", "Suspended", "Restarting", "Running"):
+    for ctype in (FAILED, SUCCEEDED, SUSPENDED, RESTARTING, RUNNING):
         if is_true(st.conditions, ctype):
             return ctype
     return "Pending"
@@ -117,8 +147,8 @@ def _stop(ctx: Ctx, active: list[Manifest]) -> None:
 
 def _fail(ctx: Ctx, reason: str, message: str, active: list[Manifest]) -> bool:
     """Terminal failure: Failed condition (one event), survivors stopped, status written first."""
-    ctx.transition("Failed", True, reason, message, ("Warning", reason, message))
-    for ctype in ("Running", "Restarting", "Suspended"):
+    ctx.transition(FAILED, True, reason, message, ("Warning", reason, message))
+    for ctype in (RUNNING, RESTARTING, SUSPENDED):
         ctx.cond(ctype, False, reason, "")
     ctx.st.completion_time = ctx.st.completion_time or ctx.now
     _stop(ctx, active)
@@ -225,7 +255,7 @@ def next_attempt_at(st: FineTuneJobStatus) -> datetime | None:
 def step_finished(ctx: Ctx, p: Pass) -> bool:
     """A Succeeded or Failed job only stops survivors, removes old attempts and honours its TTL."""
     st = ctx.st
-    if not (is_true(st.conditions, "Succeeded") or is_true(st.conditions, "Failed")):
+    if not (is_true(st.conditions, SUCCEEDED) or is_true(st.conditions, FAILED)):
         return NEXT
     _stop(ctx, p.cur)
     _delete_pods(ctx, [s for s in p.stale if not P.finished(s)])
@@ -267,7 +297,7 @@ def step_admission(ctx: Ctx, p: Pass) -> bool:
                 "the API server refused a child: " + summarise(p.observed.refused, "more refused")
             )
     except InvalidSpec as e:
-        return _fail(ctx, "InvalidSpec", str(e), p.cur)
+        return _fail(ctx, REASON_INVALID_SPEC, str(e), p.cur)
     return NEXT
 
 
@@ -277,7 +307,7 @@ def step_conflicts(ctx: Ctx, p: Pass) -> bool:
         return NEXT
     names = sorted(p.observed.conflicts)
     msg = f"children exist that tauon does not own: {', '.join(names)}"
-    ctx.transition("Created", False, "ResourceConflict", msg, ("Warning", "ResourceConflict", msg))
+    ctx.transition(CREATED, False, REASON_RESOURCE_CONFLICT, msg, ("Warning", REASON_RESOURCE_CONFLICT, msg))
     return DONE
 
 
@@ -285,12 +315,7 @@ def step_defaults(ctx: Ctx, p: Pass) -> bool:
     """Resolve image, processes per node and backend once; start the clock."""
     st = ctx.st
     if st.resolved.image is None:
-        r = resolve(ctx.obj, p.cfg)
-        st.resolved.image, st.resolved.nproc_per_node, st.resolved.backend = (
-            r.image,
-            r.nproc_per_node,
-            r.backend,
-        )
+        st.resolved = resolve(ctx.obj, p.cfg, st.resolved)
     if st.start_time is None:
         st.start_time = ctx.obj.metadata.creation_timestamp or ctx.now
     return NEXT
@@ -302,19 +327,19 @@ def step_suspend(ctx: Ctx, p: Pass) -> bool:
     if ctx.obj.spec.run_policy.suspend:
         _delete_pods(ctx, p.cur)
         ctx.transition(
-            "Suspended",
+            SUSPENDED,
             True,
-            "Suspended",
+            REASON_SUSPENDED,
             "runPolicy.suspend is true: pods deleted",
-            ("Normal", "Suspended", "job suspended; pods deleted"),
+            ("Normal", REASON_SUSPENDED, "job suspended; pods deleted"),
         )
-        ctx.cond("Running", False, "Suspended")
-        ctx.cond("Restarting", False, "Suspended")
+        ctx.cond(RUNNING, False, REASON_SUSPENDED)
+        ctx.cond(RESTARTING, False, REASON_SUSPENDED)
         p.counted = []
         return DONE
-    if is_true(st.conditions, "Suspended"):
-        ctx.cond("Suspended", False, "Resumed", "runPolicy.suspend is false")
-        ctx.event("Normal", "Resumed", "job resumed; starting a new gang")  # a new attempt
+    if is_true(st.conditions, SUSPENDED):
+        ctx.cond(SUSPENDED, False, REASON_RESUMED, "runPolicy.suspend is false")
+        ctx.event("Normal", REASON_RESUMED, "job resumed; starting a new gang")  # a new attempt
         st.attempt += 1
         st.start_time = ctx.now
         ctx.plan.status_first = True
@@ -328,7 +353,9 @@ def step_deadline(ctx: Ctx, p: Pass) -> bool:
     limit = ctx.obj.spec.run_policy.active_deadline_seconds
     start = ctx.st.start_time
     if limit and start is not None and ctx.now >= start + timedelta(seconds=limit):
-        return _fail(ctx, "DeadlineExceeded", f"job ran longer than activeDeadlineSeconds ({limit}s)", p.cur)
+        return _fail(
+            ctx, REASON_DEADLINE_EXCEEDED, f"job ran longer than activeDeadlineSeconds ({limit}s)", p.cur
+        )
     return NEXT
 
 
@@ -356,7 +383,7 @@ def step_gang_failure(ctx: Ctx, p: Pass) -> bool:
         st.last_failure = _last_failure(permanent)
         return _fail(
             ctx,
-            "PermanentError",
+            REASON_PERMANENT_ERROR,
             f"pod {permanent.pod} failed with a non-retryable error: {permanent.reason}: {permanent.message}",
             p.cur,
         )
@@ -365,7 +392,7 @@ def step_gang_failure(ctx: Ctx, p: Pass) -> bool:
         st.last_failure = _last_failure(first)
         return _fail(
             ctx,
-            "BackoffLimitExceeded",
+            REASON_BACKOFF_LIMIT_EXCEEDED,
             f"pod {first.pod} failed ({first.reason}, exit code {first.exit_code}) and backoffLimit "
             f"({limit}) restarts are used up",
             p.cur,
@@ -391,9 +418,9 @@ def _restart(ctx: Ctx, p: Pass, first: P.Failure) -> bool:
     delay = restart_delay(st.restarts)
     if delay:
         msg += f"; backoff: the new gang starts {int(delay.total_seconds())}s after the failure"
-    ctx.cond("Restarting", True, "PodDisrupted" if first.disruption else "PodFailed", msg)
-    ctx.cond("Running", False, "Restarting", "")
-    ctx.event("Warning", "Restarting", msg)  # a new attempt
+    ctx.cond(RESTARTING, True, REASON_POD_DISRUPTED if first.disruption else REASON_POD_FAILED, msg)
+    ctx.cond(RUNNING, False, REASON_RESTARTING, "")
+    ctx.event("Warning", REASON_RESTARTING, msg)  # a new attempt
     _delete_pods(ctx, p.cur)
     ctx.plan.status_first = True
     ctx.plan.observations["restart"] = "failure" if counts else "disruption"
@@ -408,14 +435,14 @@ def step_success(ctx: Ctx, p: Pass) -> bool:
         return NEXT
     st = ctx.st
     ctx.transition(
-        "Succeeded",
+        SUCCEEDED,
         True,
-        "Succeeded",
+        REASON_SUCCEEDED,
         f"all {n} nodes finished",
-        ("Normal", "Succeeded", f"training finished after {st.restarts} restart(s)"),
+        ("Normal", REASON_SUCCEEDED, f"training finished after {st.restarts} restart(s)"),
     )
-    ctx.cond("Running", False, "Succeeded")
-    ctx.cond("Restarting", False, "Succeeded")
+    ctx.cond(RUNNING, False, REASON_SUCCEEDED)
+    ctx.cond(RESTARTING, False, REASON_SUCCEEDED)
     st.completion_time = st.completion_time or ctx.now
     _success_output(ctx, p.cur)
     return DONE
@@ -449,7 +476,13 @@ def step_release_partial(ctx: Ctx, p: Pass) -> bool:
     waiting = sorted(pod_name(ctx.obj.metadata.name, st.attempt, i) for i in range(n))
     waiting = [w for w in waiting if w not in names]
     o = p.observed
-    reason = "QuotaExceeded" if o.quota_exceeded else "CreateFailed" if o.forbidden else "Unschedulable"
+    reason = (
+        REASON_QUOTA_EXCEEDED
+        if o.quota_exceeded
+        else REASON_CREATE_FAILED
+        if o.forbidden
+        else REASON_UNSCHEDULABLE
+    )
     msg = (
         f"gang of attempt {st.attempt} not fully placed after {timeout}s ({len(scheduled)}/{n} pods "
         f"scheduled; {summarise(waiting, 'more waiting')} {reason}): releasing its pods"
@@ -462,9 +495,9 @@ def step_release_partial(ctx: Ctx, p: Pass) -> bool:
     delay = restart_delay(st.restarts)
     if delay:
         msg += f"; the next gang starts in {int(delay.total_seconds())}s"
-    ctx.cond("Restarting", True, "GangReleased", msg)
-    ctx.cond("Running", False, "Restarting", "")
-    ctx.event("Warning", "GangReleased", msg)
+    ctx.cond(RESTARTING, True, REASON_GANG_RELEASED, msg)
+    ctx.cond(RUNNING, False, REASON_RESTARTING, "")
+    ctx.event("Warning", REASON_GANG_RELEASED, msg)
     _delete_pods(ctx, p.cur)
     ctx.plan.status_first = True
     ctx.plan.observations["restart"] = "unschedulable"
@@ -515,9 +548,9 @@ def step_create_forbidden(ctx: Ctx, p: Pass) -> bool:
     """Creates of this gang were forbidden (403): say so once; the periodic pass retries the creates."""
     if not p.observed.forbidden or len(p.cur) == ctx.obj.spec.num_nodes:
         return NEXT
-    reason = "QuotaExceeded" if p.observed.quota_exceeded else "CreateFailed"
+    reason = REASON_QUOTA_EXCEEDED if p.observed.quota_exceeded else REASON_CREATE_FAILED
     msg = f"the API server forbade creating {summarise(p.observed.forbidden, 'more forbidden')}"
-    ctx.transition("Created", False, reason, msg, ("Warning", reason, msg))
+    ctx.transition(CREATED, False, reason, msg, ("Warning", reason, msg))
     return DONE
 
 
@@ -533,16 +566,19 @@ def step_scheduling(ctx: Ctx, p: Pass) -> bool:
     all_present = len(p.cur) == n
     n_sched = sum(1 for pod in p.cur if P.scheduled(pod))
     if all_present and n_sched == n:
-        reason = "GangScheduled" if st.attempt == 0 else "GangRecreated"
-        ctx.cond("Created", True, reason, f"attempt {st.attempt}: all {n} pods scheduled")
+        reason = REASON_GANG_SCHEDULED if st.attempt == 0 else REASON_GANG_RECREATED
+        ctx.cond(CREATED, True, reason, f"attempt {st.attempt}: all {n} pods scheduled")
     elif all_present and ctx.now - _created_at(ctx, p) >= timedelta(seconds=timeout):
         msg = f"gang not fully scheduled after {timeout}s: {n_sched}/{n} pods scheduled; waiting"
         # Created stays True while waiting: the transition is into the Unschedulable reason
-        ctx.transition("Created", True, "Unschedulable", msg, ("Warning", "Unschedulable", msg))
+        ctx.transition(CREATED, True, REASON_UNSCHEDULABLE, msg, ("Warning", REASON_UNSCHEDULABLE, msg))
 
     else:
         ctx.cond(
-            "Created", all_present, "PodsCreated" if all_present else "Creating", f"attempt {st.attempt}"
+            CREATED,
+            all_present,
+            REASON_PODS_CREATED if all_present else REASON_CREATING,
+            f"attempt {st.attempt}",
         )
     return NEXT
 
@@ -553,17 +589,17 @@ def step_running(ctx: Ctx, p: Pass) -> bool:
     if not (len(p.cur) == n and all(P.phase(pod) == "Running" for pod in p.cur)):
         return NEXT
     if ctx.transition(
-        "Running",
+        RUNNING,
         True,
-        "AllPodsRunning",
+        REASON_ALL_PODS_RUNNING,
         f"all {n} pods of attempt {st.attempt} running",
-        ("Normal", "Running", f"attempt {st.attempt}: all {n} pods running"),
+        ("Normal", REASON_RUNNING, f"attempt {st.attempt}: all {n} pods running"),
     ):
         if st.attempt == 0 and job.metadata.creation_timestamp is not None:
             ctx.plan.observations["running_after_seconds"] = (
                 ctx.now - job.metadata.creation_timestamp
             ).total_seconds()
-    ctx.cond("Restarting", False, "AllPodsRunning", "")
+    ctx.cond(RESTARTING, False, REASON_ALL_PODS_RUNNING, "")
     return DONE
 
 
@@ -594,7 +630,7 @@ def step_startup(ctx: Ctx, p: Pass) -> bool:
             break
     return _fail(
         ctx,
-        "StartupTimeout",
+        REASON_STARTUP_TIMEOUT,
         f"{len(startup)} pod(s) not running {timeout}s after scheduling{detail}",
         p.cur,
     )

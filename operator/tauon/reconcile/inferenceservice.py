@@ -29,9 +29,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Literal
 
-from tauon.api.common import Condition
+from tauon.api.common import find_condition, is_true
 from tauon.api.inferenceservice import (
     CanaryStatus,
     InferenceService,
@@ -39,13 +39,33 @@ from tauon.api.inferenceservice import (
     ResolvedModel,
     ServedModelSpec,
 )
-from tauon.reconcile.conditions import get
+from tauon.api.names import (
+    ANN_SPEC_HASH,
+    CANARY_READY,
+    FAILED,
+    MODEL_READY,
+    PREDICTOR_READY,
+    READY,
+    REASON_FINE_TUNE_JOB_FAILED,
+    REASON_INVALID_SPEC,
+    REASON_MINIMUM_REPLICAS_AVAILABLE,
+    REASON_MODEL_NOT_FOUND,
+    REASON_MODEL_RESOLVED,
+    REASON_PROGRESS_DEADLINE_EXCEEDED,
+    REASON_PROGRESSING,
+    REASON_READY,
+    REASON_RESOURCE_CONFLICT,
+    REASON_SERVING,
+    REASON_WAITING_FOR_FINE_TUNE_JOB,
+    REASON_WAITING_FOR_MODEL,
+    SUCCEEDED,
+    Manifest,
+)
 from tauon.reconcile.context import Context, EventSpec, summarise
 from tauon.reconcile.plan import Plan
 from tauon.render.common import InvalidSpec
 from tauon.render.config import OperatorConfig
 from tauon.render.inferenceservice import (
-    ANN_SPEC_HASH,
     ModelLocation,
     Models,
     canary_name,
@@ -64,13 +84,7 @@ from tauon.render.inferenceservice import (
     url,
 )
 
-Manifest = dict[str, Any]
-
-MODEL_READY = "ModelReady"
-PREDICTOR_READY = "PredictorReady"
-CANARY_READY = "CanaryReady"
-READY = "Ready"
-FAILED_REASONS = ("FineTuneJobFailed", "InvalidSpec")
+FAILED_REASONS = (REASON_FINE_TUNE_JOB_FAILED, REASON_INVALID_SPEC)
 
 
 @dataclass
@@ -101,7 +115,7 @@ def job_state(body: Manifest) -> tuple[str, str]:
     """(Succeeded | Failed | <phase>, detail) of a FineTuneJob body, from its conditions then its phase."""
     st = body.get("status") or {}
     for c in st.get("conditions") or []:
-        if c.get("type") in ("Failed", "Succeeded") and c.get("status") == "True":
+        if c.get("type") in (FAILED, SUCCEEDED) and c.get("status") == "True":
             detail = ": ".join(x for x in (c.get("reason"), c.get("message")) if x)
             return str(c["type"]), detail
     phase = st.get("phase") or "Pending"
@@ -117,37 +131,47 @@ def resolve_model(
     """Where `model` lives now. `remembered` is the location resolved earlier (status.model for the
     predictor, the canary Deployment's annotations for the canary): used when the job has been deleted."""
     if model.source is not None:
-        return Resolution("ready", "ModelResolved", f"{what} {model.source}", ModelLocation(model.source))
+        return Resolution(
+            "ready", REASON_MODEL_RESOLVED, f"{what} {model.source}", ModelLocation(model.source)
+        )
     if model.fine_tune_job_ref is None:  # admission forbids this
-        return Resolution("failed", "InvalidSpec", f"{what}: one of fineTuneJobRef and source must be set")
+        return Resolution(
+            "failed", REASON_INVALID_SPEC, f"{what}: one of fineTuneJobRef and source must be set"
+        )
     job = model.fine_tune_job_ref.name
     body = jobs.get(job)
     if body is None:
         if remembered is not None and remembered.fine_tune_job == job:
             return Resolution(
                 "ready",
-                "ModelResolved",
+                REASON_MODEL_RESOLVED,
                 f"{what} {remembered.source} from FineTuneJob {job} (the job no longer exists)",
                 remembered,
             )
         return Resolution(
-            "waiting", "WaitingForFineTuneJob", f"FineTuneJob {job} does not exist yet; waiting for it"
+            "waiting",
+            REASON_WAITING_FOR_FINE_TUNE_JOB,
+            f"FineTuneJob {job} does not exist yet; waiting for it",
         )
     state, detail = job_state(body)
-    if state == "Failed":
+    if state == FAILED:
         return Resolution(
-            "failed", "FineTuneJobFailed", f"FineTuneJob {job} failed" + (f" ({detail})" if detail else "")
+            "failed",
+            REASON_FINE_TUNE_JOB_FAILED,
+            f"FineTuneJob {job} failed" + (f" ({detail})" if detail else ""),
         )
-    if state != "Succeeded":
+    if state != SUCCEEDED:
         return Resolution(
-            "waiting", "WaitingForFineTuneJob", f"FineTuneJob {job} is {state}; waiting for it to succeed"
+            "waiting",
+            REASON_WAITING_FOR_FINE_TUNE_JOB,
+            f"FineTuneJob {job} is {state}; waiting for it to succeed",
         )
     try:
         loc = job_model_location(body)  # carries the job's task to the renderer (runtime, server args)
     except InvalidSpec as e:
-        return Resolution("waiting", "ModelNotFound", str(e))
+        return Resolution("waiting", REASON_MODEL_NOT_FOUND, str(e))
     loc = ModelLocation(loc.source, job, loc.task)
-    return Resolution("ready", "ModelResolved", f"{what} {loc.source} from FineTuneJob {job}", loc)
+    return Resolution("ready", REASON_MODEL_RESOLVED, f"{what} {loc.source} from FineTuneJob {job}", loc)
 
 
 def _annotations(obj: Manifest | None) -> dict[str, str]:
@@ -180,9 +204,9 @@ class Rollout:
 
 def deployment_rollout(name: str, observed: Manifest | None, updating: bool) -> Rollout:
     if observed is None:
-        return Rollout(False, "Progressing", f"Deployment {name} is being created")
+        return Rollout(False, REASON_PROGRESSING, f"Deployment {name} is being created")
     if updating:
-        return Rollout(False, "Progressing", f"Deployment {name} is being updated")
+        return Rollout(False, REASON_PROGRESSING, f"Deployment {name} is being updated")
     meta = observed.get("metadata") or {}
     st = observed.get("status") or {}
     desired = int((observed.get("spec") or {}).get("replicas", 1))
@@ -191,17 +215,17 @@ def deployment_rollout(name: str, observed: Manifest | None, updating: bool) -> 
     updated = int(st.get("updatedReplicas") or 0)
     current = int(st.get("observedGeneration") or 0) >= int(meta.get("generation") or 0)
     if current and ready >= desired and updated == replicas:
-        return Rollout(True, "MinimumReplicasAvailable", f"{ready}/{desired} replicas of {name} ready")
+        return Rollout(True, REASON_MINIMUM_REPLICAS_AVAILABLE, f"{ready}/{desired} replicas of {name} ready")
     for c in st.get("conditions") or []:
-        if c.get("type") == "Progressing" and c.get("reason") == "ProgressDeadlineExceeded":
+        if c.get("type") == "Progressing" and c.get("reason") == REASON_PROGRESS_DEADLINE_EXCEEDED:
             return Rollout(
                 False,
-                "ProgressDeadlineExceeded",
+                REASON_PROGRESS_DEADLINE_EXCEEDED,
                 f"Deployment {name}: {c.get('message') or 'progress deadline exceeded'} "
                 f"({ready}/{desired} ready)",
             )
     return Rollout(
-        False, "Progressing", f"{ready}/{desired} replicas of {name} ready, {updated}/{replicas} updated"
+        False, REASON_PROGRESSING, f"{ready}/{desired} replicas of {name} ready, {updated}/{replicas} updated"
     )
 
 
@@ -236,11 +260,11 @@ def step_main_model(ctx: Ctx, p: Pass) -> None:
     main = resolve_model(ctx.obj.spec.model, p.observed.fine_tune_jobs, stored)
     if p.observed.refused:  # the spec cannot work as written: Failed/InvalidSpec until it changes
         msg = "the API server refused a child: " + summarise(p.observed.refused, "more refused")
-        main = Resolution("failed", "InvalidSpec", msg)
+        main = Resolution("failed", REASON_INVALID_SPEC, msg)
     if main.state == "ready" and main.location is not None:
         err = _mount_error(ctx.obj, "predictor", main.location, p.cfg)
         if err is not None:
-            main = Resolution("failed", "InvalidSpec", err)
+            main = Resolution("failed", REASON_INVALID_SPEC, err)
     if main.state == "ready" and main.location is not None:
         loc = main.location
         changed = stored is None or (stored.source, stored.fine_tune_job) != (loc.source, loc.fine_tune_job)
@@ -248,7 +272,7 @@ def step_main_model(ctx: Ctx, p: Pass) -> None:
         task = served_task(ctx.obj.spec.model, loc)
         st.model = ResolvedModel(source=loc.source, fine_tune_job=loc.fine_tune_job, task=task)
         if ctx.cond(MODEL_READY, True, main.reason, main.message) or changed:
-            ctx.event("Normal", "ModelResolved", f"serving {main.message}")
+            ctx.event("Normal", REASON_MODEL_RESOLVED, f"serving {main.message}")
     else:
         event: EventSpec | None = ("Warning", main.reason, main.message) if main.state == "failed" else None
         ctx.transition(MODEL_READY, False, main.reason, main.message, event)
@@ -269,7 +293,7 @@ def step_canary_model(ctx: Ctx, p: Pass) -> None:
     if res.state == "ready" and res.location is not None:
         err = _mount_error(ctx.obj, "canary", res.location, p.cfg)
         if err is not None:
-            res = Resolution("failed", "InvalidSpec", err)
+            res = Resolution("failed", REASON_INVALID_SPEC, err)
     p.canary = res
     p.canary_loc = res.location or _remembered_on(observed_canary)
 
@@ -284,7 +308,9 @@ def step_children(ctx: Ctx, p: Pass) -> None:
         try:
             children = render(isvc, Models(p.serving, p.canary_loc), p.cfg)
         except InvalidSpec as e:  # e.g. a malformed GPU quantity; the model locations were checked above
-            ctx.transition(MODEL_READY, False, "InvalidSpec", str(e), ("Warning", "InvalidSpec", str(e)))
+            ctx.transition(
+                MODEL_READY, False, REASON_INVALID_SPEC, str(e), ("Warning", REASON_INVALID_SPEC, str(e))
+            )
             children = []
     if observed.conflicts or observed.refused:
         return
@@ -313,9 +339,11 @@ def step_readiness(ctx: Ctx, p: Pass) -> None:
     pred_name, can_name = predictor_name(name), canary_name(name)
     assert p.main is not None
     if p.serving is None:
-        pred = Rollout(False, "WaitingForModel", "no model to serve yet")
+        pred = Rollout(False, REASON_WAITING_FOR_MODEL, "no model to serve yet")
     elif _conflicting(observed.conflicts, pred_name):
-        pred = Rollout(False, "ResourceConflict", f"Deployment {pred_name} exists and is not owned by {name}")
+        pred = Rollout(
+            False, REASON_RESOURCE_CONFLICT, f"Deployment {pred_name} exists and is not owned by {name}"
+        )
     else:
         pred = deployment_rollout(pred_name, observed.deployments.get(pred_name), pred_name in p.updating)
     ctx.cond(PREDICTOR_READY, pred.ready, pred.reason, pred.message)
@@ -325,12 +353,12 @@ def step_readiness(ctx: Ctx, p: Pass) -> None:
         res = p.canary
         if _conflicting(observed.conflicts, can_name):
             can = Rollout(
-                False, "ResourceConflict", f"Deployment {can_name} exists and is not owned by {name}"
+                False, REASON_RESOURCE_CONFLICT, f"Deployment {can_name} exists and is not owned by {name}"
             )
         elif res.state != "ready":
             can = Rollout(False, res.reason, res.message)
         elif p.serving is None:
-            can = Rollout(False, "WaitingForModel", "no model to serve yet")
+            can = Rollout(False, REASON_WAITING_FOR_MODEL, "no model to serve yet")
         else:
             can = deployment_rollout(can_name, observed.deployments.get(can_name), can_name in p.updating)
         event: EventSpec | None = (
@@ -343,15 +371,17 @@ def step_readiness(ctx: Ctx, p: Pass) -> None:
 
     if observed.conflicts:
         msg = f"children exist that tauon does not own: {', '.join(sorted(observed.conflicts))}"
-        ctx.transition(READY, False, "ResourceConflict", msg, ("Warning", "ResourceConflict", msg))
+        ctx.transition(
+            READY, False, REASON_RESOURCE_CONFLICT, msg, ("Warning", REASON_RESOURCE_CONFLICT, msg)
+        )
         return
     blocking = next((c for c, ok in parts if not ok), None)
     if blocking is None:
         serving_at = f"serving at {st.url}"
-        ctx.transition(READY, True, "Serving", serving_at, ("Normal", "Ready", serving_at))
+        ctx.transition(READY, True, REASON_SERVING, serving_at, ("Normal", REASON_READY, serving_at))
     else:
-        b = get(st.conditions, blocking)
-        ctx.cond(READY, False, b.reason if b else "Progressing", b.message if b else "")
+        b = find_condition(st.conditions, blocking)
+        ctx.cond(READY, False, b.reason if b else REASON_PROGRESSING, b.message if b else "")
 
 
 def step_replicas_and_phase(ctx: Ctx, p: Pass) -> None:
@@ -366,12 +396,12 @@ def step_replicas_and_phase(ctx: Ctx, p: Pass) -> None:
     st.replicas = sum(int((d.get("status") or {}).get("replicas") or 0) for d in deps)
     st.ready_replicas = sum(int((d.get("status") or {}).get("readyReplicas") or 0) for d in deps)
     st.canary = _canary_status(ctx.obj, observed, p.canary_loc is not None and p.serving is not None)
-    model_cond = get(st.conditions, MODEL_READY)
+    model_cond = find_condition(st.conditions, MODEL_READY)
     if model_cond is not None and model_cond.status != "True" and model_cond.reason in FAILED_REASONS:
         st.phase = "Failed"
-    elif _true(st.conditions, READY):
+    elif is_true(st.conditions, READY):
         st.phase = "Ready"
-    elif not _true(st.conditions, MODEL_READY):
+    elif not is_true(st.conditions, MODEL_READY):
         st.phase = "Pending"
     else:
         st.phase = "NotReady"
@@ -413,11 +443,6 @@ def reconcile(isvc: InferenceService, observed: Observed, now: datetime, cfg: Op
     if new != _status_dump(isvc.status):
         ctx.plan.status = new
     return ctx.plan
-
-
-def _true(conds: list[Condition], ctype: str) -> bool:
-    c = get(conds, ctype)
-    return c is not None and c.status == "True"
 
 
 def _mount_error(

@@ -4,19 +4,25 @@ clearly and once, for both kinds. Pure: raw body + errors -> Plan (status and on
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 
 from pydantic import ValidationError
 
+from tauon.api.names import (
+    FAILED,
+    FINETUNEJOB,
+    INFERENCESERVICE,
+    MODEL_READY,
+    READY,
+    REASON_INVALID_SPEC,
+    Manifest,
+)
 from tauon.reconcile.context import cap, summarise
 from tauon.reconcile.plan import Event, Plan
 
-Manifest = dict[str, Any]
-REASON = "InvalidSpec"
 # kind -> (condition type, status it takes) written for an unparseable spec
 CONDITIONS: dict[str, tuple[tuple[str, str], ...]] = {
-    "FineTuneJob": (("Failed", "True"),),
-    "InferenceService": (("ModelReady", "False"), ("Ready", "False")),
+    FINETUNEJOB: ((FAILED, "True"),),
+    INFERENCESERVICE: ((MODEL_READY, "False"), (READY, "False")),
 }
 
 
@@ -42,7 +48,7 @@ def invalid_spec_plan(kind: str, body: Manifest, message: str, now: datetime) ->
         new = {
             "type": ctype,
             "status": cstatus,
-            "reason": REASON,
+            "reason": REASON_INVALID_SPEC,
             "message": message,
             "lastTransitionTime": stamp,
             "observedGeneration": generation,
@@ -59,5 +65,5 @@ def invalid_spec_plan(kind: str, body: Manifest, message: str, now: datetime) ->
     plan = Plan()
     if changed:
         plan.status = {**status, "phase": "Failed", "conditions": conds, "observedGeneration": generation}
-        plan.events.append(Event("Warning", REASON, message))
+        plan.events.append(Event("Warning", REASON_INVALID_SPEC, message))
     return plan

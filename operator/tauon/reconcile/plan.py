@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Manifest = dict[str, Any]
+from tauon.api.names import Manifest
 
 
 @dataclass(frozen=True)

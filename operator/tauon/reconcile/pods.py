@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-Manifest = dict[str, Any]
+from tauon.api.names import Manifest
 
 # Pod-level reasons that mean the node or the cluster took the pod away (not the trainer's fault).
 DISRUPTION_REASONS = {

@@ -1,4 +1,5 @@
-"""Pieces shared by both renderers: owner references, storage URIs -> volumes, pod overrides, security."""
+"""Pieces shared by both renderers: owner references, storage URIs -> volumes, container resources, pod
+overrides, security."""
 
 from __future__ import annotations
 
@@ -8,20 +9,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tauon.api.common import (
-    API_VERSION,
     BAD_SEGMENT_RE,
-    RESERVED_KEY_PREFIX,
     EnvVar,
     KubeModel,
     ObjectMeta,
     PodTemplateOverrides,
+    ResourceRequirements,
 )
+from tauon.api.names import API_VERSION, LABEL_MANAGED_BY, MANAGER, RESERVED_KEY_PREFIX, Manifest
 from tauon.render.config import OperatorConfig
 
-Manifest = dict[str, Any]
-
-LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
-MANAGER = "tauon"
 PVC_ROOT = "/mnt/tauon/pvc"
 
 
@@ -224,6 +221,16 @@ def apply_overrides(pod_spec: Manifest, tpl: PodTemplateOverrides, extra_tolerat
         pod_spec["automountServiceAccountToken"] = True
     else:
         pod_spec["automountServiceAccountToken"] = False
+
+
+def container_resources(resources: ResourceRequirements) -> Manifest:
+    """A container's resources: quantities as strings, extended resources (nvidia.com/gpu) with a limit
+    equal to the request (the API server refuses them otherwise), empty sections left out."""
+    out = {k: {q: str(v) for q, v in getattr(resources, k).items()} for k in ("requests", "limits")}
+    for q, v in out["requests"].items():
+        if "/" in q and not q.split("/", 1)[0].endswith("kubernetes.io"):
+            out["limits"].setdefault(q, v)
+    return {k: v for k, v in out.items() if v}
 
 
 def gpu_count(resources: Any) -> int:

@@ -1,19 +1,28 @@
-"""FineTuneJob -> children, exactly per API.md's pod contract. Pure and deterministic."""
+"""FineTuneJob -> children, exactly per API.md's pod contract. Pure and deterministic.
+
+`resolve` fills status.resolved (tauon.api's `Resolved`, the one definition) with the defaults frozen at
+creation; the planner writes what it returns into the status. Label keys are tauon.api.names'."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from typing import Literal
 
-from tauon.api.finetunejob import FineTuneJob, LoraSpec
+from tauon.api.finetunejob import FineTuneJob, LoraSpec, Resolved
+from tauon.api.names import (
+    FINETUNEJOB,
+    LABEL_ATTEMPT,
+    LABEL_JOB,
+    LABEL_RANK,
+    POD_GROUP_API_VERSIONS,
+    Manifest,
+)
 from tauon.render.common import (
     InvalidSpec,
-    Manifest,
     Storage,
     apply_overrides,
     check_reserved_keys,
     child_meta,
+    container_resources,
     container_security,
     covering_mount,
     env_list,
@@ -23,10 +32,6 @@ from tauon.render.common import (
 )
 from tauon.render.config import OperatorConfig
 
-KIND = "FineTuneJob"
-LABEL_JOB = "tauon.dev/job-name"
-LABEL_ATTEMPT = "tauon.dev/attempt"
-LABEL_RANK = "tauon.dev/node-rank"
 CONFIG_DIR = "/etc/tauon"
 CONFIG_PATH = f"{CONFIG_DIR}/job.json"
 CONTAINER = "trainer"
@@ -58,24 +63,27 @@ def pod_group_name(job: str, attempt: int) -> str:
     return f"{job}-r{attempt}"
 
 
-@dataclass(frozen=True)
-class Resolved:
-    image: str
-    nproc_per_node: int
-    backend: Literal["nccl", "gloo"]
-
-
-def resolve(job: FineTuneJob, cfg: OperatorConfig) -> Resolved:
-    """Defaults frozen at creation: status.resolved wins once written."""
-    st = job.status.resolved
+def resolve(job: FineTuneJob, cfg: OperatorConfig, frozen: Resolved | None = None) -> Resolved:
+    """status.resolved (`frozen`, by default the job's) with the defaults frozen at creation filled in:
+    image, processes per node and backend. What is already frozen wins; the other fields are kept."""
+    st = job.status.resolved if frozen is None else frozen
     gpus = gpu_count(job.spec.resources)
     nproc = job.spec.nproc_per_node
     computed_nproc = (gpus if gpus > 0 else 1) if nproc == "auto" else int(nproc)
-    return Resolved(
-        image=st.image or job.spec.image or cfg.default_image,
-        nproc_per_node=st.nproc_per_node or computed_nproc,
-        backend=st.backend or ("nccl" if gpus > 0 else "gloo"),
+    return st.model_copy(
+        update={
+            "image": st.image or job.spec.image or cfg.default_image,
+            "nproc_per_node": st.nproc_per_node or computed_nproc,
+            "backend": st.backend or ("nccl" if gpus > 0 else "gloo"),
+        }
     )
+
+
+def _frozen(r: Resolved) -> tuple[str, int, str]:
+    """(image, nproc_per_node, backend) of a `resolve` result, which always sets them."""
+    if r.image is None or r.nproc_per_node is None or r.backend is None:
+        raise ValueError("status.resolved without image, nprocPerNode or backend: call resolve() first")
+    return r.image, r.nproc_per_node, r.backend
 
 
 def validate(job: FineTuneJob, cfg: OperatorConfig) -> None:
@@ -178,7 +186,7 @@ def render_config_map(job: FineTuneJob, cfg: OperatorConfig) -> Manifest:
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": child_meta(
-            KIND, job.metadata, config_map_name(job.metadata.name), {LABEL_JOB: job.metadata.name}
+            FINETUNEJOB, job.metadata, config_map_name(job.metadata.name), {LABEL_JOB: job.metadata.name}
         ),
         # immutable: a pod can never read a config other than the one rendered for this job (uid)
         "immutable": True,
@@ -191,7 +199,7 @@ def render_service(job: FineTuneJob, cfg: OperatorConfig) -> Manifest:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": child_meta(KIND, job.metadata, service_name(name), {LABEL_JOB: name}),
+        "metadata": child_meta(FINETUNEJOB, job.metadata, service_name(name), {LABEL_JOB: name}),
         "spec": {
             "clusterIP": "None",
             "publishNotReadyAddresses": True,
@@ -213,14 +221,14 @@ def pod_labels(job: FineTuneJob, attempt: int, rank: int) -> dict[str, str]:
 
 
 def trainer_env(
-    job: FineTuneJob, cfg: OperatorConfig, attempt: int, rank: int, r: Resolved
+    job: FineTuneJob, cfg: OperatorConfig, attempt: int, rank: int, nproc: int, backend: str
 ) -> list[Manifest]:
     spec = job.spec
     name = job.metadata.name
     master = f"{pod_name(name, attempt, 0)}.{service_name(name)}"
     values = {
         "PET_NNODES": spec.num_nodes,
-        "PET_NPROC_PER_NODE": r.nproc_per_node,
+        "PET_NPROC_PER_NODE": nproc,
         "PET_NODE_RANK": rank,
         "PET_MASTER_ADDR": master,
         "PET_MASTER_PORT": cfg.master_port,
@@ -229,9 +237,9 @@ def trainer_env(
         "MASTER_PORT": cfg.master_port,
         "NODE_RANK": rank,
         "NNODES": spec.num_nodes,
-        "NPROC_PER_NODE": r.nproc_per_node,
-        "WORLD_SIZE": spec.num_nodes * r.nproc_per_node,
-        "TAUON_DIST_BACKEND": r.backend,
+        "NPROC_PER_NODE": nproc,
+        "WORLD_SIZE": spec.num_nodes * nproc,
+        "TAUON_DIST_BACKEND": backend,
         "TAUON_JOB_NAME": name,
         "TAUON_JOB_UID": job.metadata.uid,
         "TAUON_ATTEMPT": attempt,
@@ -240,7 +248,7 @@ def trainer_env(
         "HF_HOME": "/tmp/hf-home",
     }
     env: list[Manifest] = [{"name": k, "value": str(v)} for k, v in values.items()]
-    if r.backend == "nccl":
+    if backend == "nccl":
         env += [
             {"name": "TORCH_NCCL_ASYNC_ERROR_HANDLING", "value": "1"},
             {"name": "NCCL_DEBUG", "value": "WARN"},
@@ -263,7 +271,7 @@ def shm_size_limit(job: FineTuneJob) -> str:
 def render_pod(job: FineTuneJob, cfg: OperatorConfig, attempt: int, rank: int) -> Manifest:
     spec = job.spec
     name = job.metadata.name
-    r = resolve(job, cfg)
+    image, nproc, backend = _frozen(resolve(job, cfg))
     storage, _ = _storage(job, cfg)
     tpl = spec.pod_template
     labels = {**tpl.labels, **pod_labels(job, attempt, rank)}
@@ -276,25 +284,18 @@ def render_pod(job: FineTuneJob, cfg: OperatorConfig, attempt: int, rank: int) -
     elif cfg.gang_scheduler == "scheduler-plugins":
         labels["scheduling.x-k8s.io/pod-group"] = pod_group_name(name, attempt)
 
-    resources = {
-        k: {q: str(v) for q, v in getattr(spec.resources, k).items()} for k in ("requests", "limits")
-    }
-    # extended resources (nvidia.com/gpu) need a limit equal to the request, or the API server refuses
-    for q, v in resources["requests"].items():
-        if "/" in q and not q.split("/", 1)[0].endswith("kubernetes.io"):
-            resources["limits"].setdefault(q, v)
     container: Manifest = {
         "name": CONTAINER,
-        "image": r.image,
+        "image": image,
         "imagePullPolicy": "IfNotPresent",
         "command": ["torchrun"],
         "args": ["--max-restarts=0", "-m", "tauon_train.train", "--config", CONFIG_PATH],
-        "env": trainer_env(job, cfg, attempt, rank, r),
+        "env": trainer_env(job, cfg, attempt, rank, nproc, backend),
         "ports": [
             {"name": "dist", "containerPort": cfg.master_port, "protocol": "TCP"},
             {"name": "metrics", "containerPort": cfg.metrics_port, "protocol": "TCP"},
         ],
-        "resources": {k: v for k, v in resources.items() if v},
+        "resources": container_resources(spec.resources),
         "securityContext": container_security(),
         "terminationMessagePath": "/dev/termination-log",
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -318,11 +319,11 @@ def render_pod(job: FineTuneJob, cfg: OperatorConfig, attempt: int, rank: int) -
             *storage.volumes,
         ],
     }
-    apply_overrides(pod_spec, tpl, [GPU_TOLERATION] if r.backend == "nccl" else [])
+    apply_overrides(pod_spec, tpl, [GPU_TOLERATION] if backend == "nccl" else [])
     gang_scheduler = cfg.scheduler_for_gang()
     if gang_scheduler and "schedulerName" not in pod_spec:
         pod_spec["schedulerName"] = gang_scheduler
-    meta = child_meta(KIND, job.metadata, pod_name(name, attempt, rank), labels)
+    meta = child_meta(FINETUNEJOB, job.metadata, pod_name(name, attempt, rank), labels)
     if annotations:
         meta["annotations"] = annotations
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
@@ -331,17 +332,17 @@ def render_pod(job: FineTuneJob, cfg: OperatorConfig, attempt: int, rank: int) -
 def render_pod_group(job: FineTuneJob, cfg: OperatorConfig, attempt: int) -> Manifest | None:
     name = job.metadata.name
     labels = {LABEL_JOB: name, LABEL_ATTEMPT: str(attempt)}
-    meta = child_meta(KIND, job.metadata, pod_group_name(name, attempt), labels)
+    meta = child_meta(FINETUNEJOB, job.metadata, pod_group_name(name, attempt), labels)
     if cfg.gang_scheduler == "volcano":
         return {
-            "apiVersion": "scheduling.volcano.sh/v1beta1",
+            "apiVersion": POD_GROUP_API_VERSIONS["volcano"],
             "kind": "PodGroup",
             "metadata": meta,
             "spec": {"minMember": job.spec.num_nodes},
         }
     if cfg.gang_scheduler == "scheduler-plugins":
         return {
-            "apiVersion": "scheduling.x-k8s.io/v1alpha1",
+            "apiVersion": POD_GROUP_API_VERSIONS["scheduler-plugins"],
             "kind": "PodGroup",
             "metadata": meta,
             "spec": {
@@ -365,7 +366,6 @@ def render_attempt(job: FineTuneJob, cfg: OperatorConfig, attempt: int) -> list[
 
 __all__ = [
     "InvalidSpec",
-    "Resolved",
     "config_map_name",
     "job_config",
     "pod_name",

@@ -18,7 +18,7 @@ Every child carries a controller ownerReference (`child_meta`) and the annotatio
 (sha256 of the child's canonical JSON without that annotation) so the planner can skip children that are
 already up to date. Deployments also record the model they serve in `tauon.dev/model-source` (and
 `tauon.dev/fine-tune-job` when it came from a FineTuneJob), so a canary keeps its model when its job is
-deleted.
+deleted. These label and annotation keys are defined in tauon.api.names (LABEL_ISVC, ANN_SPEC_HASH, ...).
 """
 
 from __future__ import annotations
@@ -30,16 +30,29 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from tauon.api.common import Task
 from tauon.api.finetunejob import FineTuneJob
 from tauon.api.inferenceservice import InferenceService, ServedModelSpec
+from tauon.api.names import (
+    ANN_FINE_TUNE_JOB,
+    ANN_MODEL_SOURCE,
+    ANN_MODEL_TASK,
+    ANN_RUNTIME,
+    ANN_SPEC_HASH,
+    CAUSAL_LM,
+    INFERENCESERVICE,
+    LABEL_COMPONENT,
+    LABEL_ISVC,
+    TASKS,
+    Manifest,
+    Task,
+)
 from tauon.render.common import (
     InvalidSpec,
-    Manifest,
     Storage,
     apply_overrides,
     check_reserved_keys,
     child_meta,
+    container_resources,
     container_security,
     env_list,
     gpu_count,
@@ -48,18 +61,8 @@ from tauon.render.common import (
 )
 from tauon.render.config import OperatorConfig
 
-KIND = "InferenceService"
 Component = Literal["predictor", "canary"]
 Runtime = Literal["tauon", "vllm"]
-TASKS: tuple[Task, ...] = ("sequence-classification", "causal-lm")
-
-LABEL_ISVC = "tauon.dev/inference-service"
-LABEL_COMPONENT = "tauon.dev/component"
-ANN_SPEC_HASH = "tauon.dev/spec-hash"
-ANN_MODEL_SOURCE = "tauon.dev/model-source"
-ANN_FINE_TUNE_JOB = "tauon.dev/fine-tune-job"
-ANN_MODEL_TASK = "tauon.dev/model-task"
-ANN_RUNTIME = "tauon.dev/runtime"
 
 CONTAINER = "server"
 PORT_NAME = "http"
@@ -123,7 +126,7 @@ def resolve_runtime(isvc: InferenceService, task: str | None) -> Runtime:
     chosen = isvc.spec.runtime
     if chosen != "auto":
         return chosen
-    return "vllm" if task == "causal-lm" and gpu_count(isvc.spec.resources) > 0 else "tauon"
+    return "vllm" if task == CAUSAL_LM and gpu_count(isvc.spec.resources) > 0 else "tauon"
 
 
 def served_task(model_spec: ServedModelSpec, location: ModelLocation | None) -> Task | None:
@@ -421,38 +424,27 @@ def _vllm_container(
     }
 
 
-def render_deployment(
+def _component_model(isvc: InferenceService, component: Component) -> tuple[ServedModelSpec, str]:
+    """The component's model spec and where it is in the spec (for messages)."""
+    if component == "canary":
+        if isvc.spec.canary is None:
+            raise ValueError("render_deployment(canary) without spec.canary")
+        return isvc.spec.canary.model, "spec.canary.model"
+    return isvc.spec.model, "spec.model"
+
+
+def _server_pod_spec(
     isvc: InferenceService,
-    component: Component,
-    model: ModelLocation,
-    replicas: int | None,
+    model_spec: ServedModelSpec,
+    storage: Storage,
+    path: str,
+    task: Task | None,
+    runtime: Runtime,
+    gpus: int,
     cfg: OperatorConfig,
 ) -> Manifest:
-    """One server Deployment. `replicas` None leaves the field out (the HPA owns it)."""
+    """The server pod: one container (tauon's server or vllm), its scratch volumes and the model's."""
     spec = isvc.spec
-    name = isvc.metadata.name
-    if component == "canary":
-        if spec.canary is None:
-            raise ValueError("render_deployment(canary) without spec.canary")
-        model_spec, where = spec.canary.model, "spec.canary.model"
-    else:
-        model_spec, where = spec.model, "spec.model"
-    field = f"{where}.source" if model_spec.source is not None else f"{where}.fineTuneJobRef"
-    check_reserved_keys(spec.pod_template, "spec.podTemplate")
-    storage, path = _model_storage(model, field, cfg)
-    gpus = gpu_count(spec.resources)
-    tpl = spec.pod_template
-    task = served_task(model_spec, model)
-    runtime = resolve_runtime(isvc, task)
-    if runtime == "vllm" and task not in (None, "causal-lm"):
-        raise InvalidSpec(f"spec.runtime: vllm serves causal-lm models only ({where} is {task})")
-
-    resources = {
-        k: {q: str(v) for q, v in getattr(spec.resources, k).items()} for k in ("requests", "limits")
-    }
-    for q, v in resources["requests"].items():  # extended resources need limit == request
-        if "/" in q and not q.split("/", 1)[0].endswith("kubernetes.io"):
-            resources["limits"].setdefault(q, v)
     runtime_part = (
         _vllm_container(isvc, model_spec, path, cfg)
         if runtime == "vllm"
@@ -469,7 +461,7 @@ def render_deployment(
         "imagePullPolicy": "IfNotPresent",
         **runtime_part,
         "ports": [{"name": PORT_NAME, "containerPort": cfg.server_port, "protocol": "TCP"}],
-        "resources": {k: v for k, v in resources.items() if v},
+        "resources": container_resources(spec.resources),
         "securityContext": {**container_security(), "readOnlyRootFilesystem": True},
         "terminationMessagePath": "/dev/termination-log",
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -482,19 +474,47 @@ def render_deployment(
         "containers": [container],
         "volumes": [*volumes, *storage.volumes],
     }
-    apply_overrides(pod_spec, tpl, [GPU_TOLERATION] if gpus > 0 else [])
+    apply_overrides(pod_spec, spec.pod_template, [GPU_TOLERATION] if gpus > 0 else [])
+    return pod_spec
 
-    labels = component_labels(name, component)
-    pod_meta: Manifest = {"labels": {**tpl.labels, **labels}}
-    if tpl.annotations:
-        pod_meta["annotations"] = dict(tpl.annotations)
+
+def _model_annotations(model: ModelLocation, task: Task | None, runtime: Runtime) -> dict[str, str]:
+    """What a Deployment serves (read back by `location_from_annotations`) and with which runtime."""
     annotations = {ANN_MODEL_SOURCE: model.source, ANN_RUNTIME: runtime}
     if model.fine_tune_job is not None:
         annotations[ANN_FINE_TUNE_JOB] = model.fine_tune_job
     if task is not None:
         annotations[ANN_MODEL_TASK] = task
-    meta = child_meta(KIND, isvc.metadata, deployment_name(name, component), labels)
-    meta["annotations"] = annotations
+    return annotations
+
+
+def render_deployment(
+    isvc: InferenceService,
+    component: Component,
+    model: ModelLocation,
+    replicas: int | None,
+    cfg: OperatorConfig,
+) -> Manifest:
+    """One server Deployment. `replicas` None leaves the field out (the HPA owns it)."""
+    spec = isvc.spec
+    name = isvc.metadata.name
+    model_spec, where = _component_model(isvc, component)
+    field = f"{where}.source" if model_spec.source is not None else f"{where}.fineTuneJobRef"
+    check_reserved_keys(spec.pod_template, "spec.podTemplate")
+    storage, path = _model_storage(model, field, cfg)
+    gpus = gpu_count(spec.resources)
+    task = served_task(model_spec, model)
+    runtime = resolve_runtime(isvc, task)
+    if runtime == "vllm" and task not in (None, CAUSAL_LM):
+        raise InvalidSpec(f"spec.runtime: vllm serves causal-lm models only ({where} is {task})")
+    pod_spec = _server_pod_spec(isvc, model_spec, storage, path, task, runtime, gpus, cfg)
+
+    labels = component_labels(name, component)
+    pod_meta: Manifest = {"labels": {**spec.pod_template.labels, **labels}}
+    if spec.pod_template.annotations:
+        pod_meta["annotations"] = dict(spec.pod_template.annotations)
+    meta = child_meta(INFERENCESERVICE, isvc.metadata, deployment_name(name, component), labels)
+    meta["annotations"] = _model_annotations(model, task, runtime)
     dep_spec: Manifest = {}
     if replicas is not None:
         dep_spec["replicas"] = replicas
@@ -516,7 +536,7 @@ def render_service(isvc: InferenceService) -> Manifest:
         {
             "apiVersion": "v1",
             "kind": "Service",
-            "metadata": child_meta(KIND, isvc.metadata, service_name(name), base_labels(name)),
+            "metadata": child_meta(INFERENCESERVICE, isvc.metadata, service_name(name), base_labels(name)),
             "spec": {
                 "type": "ClusterIP",
                 "selector": {LABEL_ISVC: name},
@@ -537,7 +557,9 @@ def render_hpa(isvc: InferenceService, plan: ReplicaPlan) -> Manifest | None:
         {
             "apiVersion": "autoscaling/v2",
             "kind": "HorizontalPodAutoscaler",
-            "metadata": child_meta(KIND, isvc.metadata, hpa_name(name), component_labels(name, "predictor")),
+            "metadata": child_meta(
+                INFERENCESERVICE, isvc.metadata, hpa_name(name), component_labels(name, "predictor")
+            ),
             "spec": {
                 "scaleTargetRef": {
                     "apiVersion": "apps/v1",
@@ -583,13 +605,6 @@ def render(isvc: InferenceService, models: Models, cfg: OperatorConfig) -> list[
 
 
 __all__ = [
-    "ANN_FINE_TUNE_JOB",
-    "ANN_MODEL_SOURCE",
-    "ANN_MODEL_TASK",
-    "ANN_RUNTIME",
-    "ANN_SPEC_HASH",
-    "LABEL_COMPONENT",
-    "LABEL_ISVC",
     "InvalidSpec",
     "ModelLocation",
     "Models",
