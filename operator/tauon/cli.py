@@ -71,8 +71,9 @@ def parse_object(doc: dict[str, Any], where: str) -> Any:
     from pydantic import ValidationError
 
     from tauon.api import FineTuneJob, InferenceService
+    from tauon.api.names import FINETUNEJOB, INFERENCESERVICE
 
-    kinds = {"FineTuneJob": FineTuneJob, "InferenceService": InferenceService}
+    kinds = {FINETUNEJOB: FineTuneJob, INFERENCESERVICE: InferenceService}
     model = kinds.get(doc.get("kind", ""))
     if model is None:
         raise SystemExit(f"tauon: {where}: kind must be one of {', '.join(kinds)}, got {doc.get('kind')!r}")
@@ -86,6 +87,7 @@ def parse_object(doc: dict[str, Any], where: str) -> Any:
 def cmd_render(args: argparse.Namespace) -> int:
     import yaml
 
+    from tauon.api.names import FINETUNEJOB
     from tauon.render.common import InvalidSpec
     from tauon.render.config import OperatorConfig
 
@@ -95,7 +97,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     obj = parse_object(doc, args.file)
     cfg = OperatorConfig(allow_host_paths=args.allow_host_paths, gang_scheduler=args.gang_scheduler)
     try:
-        if obj.kind == "FineTuneJob":
+        if obj.kind == FINETUNEJOB:
             from tauon.render.finetunejob import render_attempt
 
             children = render_attempt(obj, cfg, args.attempt)
@@ -124,6 +126,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.local:
         print("tauon run: only --local is supported (on a cluster, kubectl apply the file)", file=sys.stderr)
         return 2
+    from tauon.api.names import FINETUNEJOB
     from tauon.local.process import Unsupported
     from tauon.local.run import run_finetunejob, serve_inferenceservice
     from tauon.render.common import InvalidSpec
@@ -132,7 +135,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     resolve_relative_sources(doc, Path(args.file).resolve().parent)
     obj = parse_object(doc, args.file)
     try:
-        if obj.kind == "FineTuneJob":
+        if obj.kind == FINETUNEJOB:
             output = Path(args.output or Path("runs") / obj.metadata.name)
             return run_finetunejob(obj, output, quiet=args.quiet)
         return serve_inferenceservice(obj, Path(args.output or "runs"), args.port)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tauon.api import FineTuneJobStatus, InferenceServiceStatus
 from tests.kube import wait_until
 
 pytestmark = [pytest.mark.e2e]
@@ -55,6 +57,13 @@ def test_failed_rank_is_reported_with_reason(tmp_path: Path):
     assert r.returncode == 1, r.stderr
     assert "failed with exit code 1" in r.stderr and '"retryable": false' in r.stderr
     assert "DatasetNotFound" in r.stderr and "missing.jsonl" in r.stderr
+    # status.json: the status the operator gives the same failure on a cluster
+    status = FineTuneJobStatus.model_validate(json.loads((tmp_path / "out" / "status.json").read_text()))
+    failed = next(c for c in status.conditions if c.type == "Failed")
+    assert status.phase == "Failed" and (failed.status, failed.reason) == ("True", "PermanentError")
+    assert "DatasetNotFound" in failed.message and status.last_failure is not None
+    assert status.last_failure.reason == "DatasetNotFound" and status.last_failure.exit_code == 1
+    assert status.pods.active == 0 and status.pods.failed == 2
 
 
 def test_sigterm_stops_the_local_server(tmp_path: Path):
@@ -83,6 +92,13 @@ def test_sigterm_stops_the_local_server(tmp_path: Path):
 
     try:
         wait_until(ready, 180, "local server ready", interval=0.5)
+        status_json = tmp_path / "base-server.status.json"
+
+        def status() -> InferenceServiceStatus:
+            return InferenceServiceStatus.model_validate(json.loads(status_json.read_text()))
+
+        wait_until(lambda: status_json.exists() and status().phase == "Ready", 30, "status.json Ready")
+        assert status().url == f"http://127.0.0.1:{port}" and status().ready_replicas == 1
         proc.send_signal(signal.SIGTERM)  # only tauon itself, not its process group
         proc.wait(timeout=60)
 
@@ -91,6 +107,7 @@ def test_sigterm_stops_the_local_server(tmp_path: Path):
                 return s.connect_ex(("127.0.0.1", port)) != 0
 
         wait_until(closed, 30, "the model server stopped with tauon run")
+        assert not status_json.exists()  # stopped like a deleted object
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

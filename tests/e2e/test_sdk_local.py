@@ -3,6 +3,7 @@ serves the result and predicts, in one test; bad use gets clear errors."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,8 @@ def test_fine_tune_then_serve_and_predict(tmp_path: Path) -> None:
         assert status.output.metrics["worldSize"] == 2
         assert status.output.metrics["evalAccuracy"] > status.output.metrics["initialEvalAccuracy"]
         assert status.progress.step == status.progress.total_steps > 0
+        assert status.pods.succeeded == 2 and status.resolved.backend == "gloo"
+        assert json.loads((tmp_path / "sentiment" / "status.json").read_text()) == status.dump()
         lines = list(job.logs())
         assert any(line.startswith("[rank 0] tauon-progress ") for line in lines)
         assert any(line.startswith("[rank 1] ") for line in lines)
@@ -50,7 +53,8 @@ def test_fine_tune_then_serve_and_predict(tmp_path: Path) -> None:
 
         svc = client.serve("sentiment", fine_tune_job=job)
         ready = svc.wait_ready(timeout=300)
-        assert ready.ready_replicas == 1
+        assert ready.ready_replicas == 1 and ready.url == svc.url
+        assert ready.model.fine_tune_job == "sentiment"
         preds = svc.predict(["I loved every minute of it", "terrible, broke after a day"])
         assert [p["label"] for p in preds] == [1, 0]
         assert all(len(p["probabilities"]) == 2 for p in preds)
@@ -73,7 +77,11 @@ def test_failed_job_raises_with_reason_and_cannot_be_served(tmp_path: Path) -> N
         )
         with pytest.raises(JobFailed) as e:
             job.wait(timeout=300, progress=False)
-        assert e.value.reason == "DatasetNotFound" and "missing.jsonl" in e.value.message
+        # the status a cluster shows (tests/cluster/test_sdk.py): PermanentError, the trainer's reason inside
+        assert e.value.reason == "PermanentError"
+        assert "DatasetNotFound" in e.value.message and "missing.jsonl" in e.value.message
+        last = job.status().last_failure
+        assert last is not None and last.reason == "DatasetNotFound" and last.exit_code == 1
         lines = list(job.logs())
         for rank in (0, 1):  # both ranks report the error, each line under its rank
             assert any(ln.startswith(f"[rank {rank}] ") and "DatasetNotFound" in ln for ln in lines), lines

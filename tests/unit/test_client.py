@@ -4,6 +4,7 @@ the field, and the package imports no torch."""
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,6 @@ import pytest
 from tauon.api import FineTuneJob, InferenceService
 from tauon.client import Client, ClusterUnreachable, NotFound, SpecError, build
 from tauon.client.handles import split_outputs
-from tauon.client.local import failure
 from tauon.client.logs import merge_files
 
 DATA = Path(__file__).resolve().parents[2] / "examples" / "data" / "sentiment.jsonl"
@@ -204,15 +204,118 @@ def test_v2_outputs_are_split_per_instance() -> None:
     ]
 
 
-def test_local_failure_carries_the_termination_reason() -> None:
-    stderr = (
-        "tauon training broken: 2 node(s)\n"
-        'rank 1 failed with exit code 1: {"retryable": false, "reason": "DatasetNotFound", '
-        '"message": "no file /x/missing.jsonl"}\nlast lines of ...\n'
-    )
-    assert failure(stderr, 1) == ("DatasetNotFound", "rank 1: no file /x/missing.jsonl")
-    assert failure("rank 0 failed with exit code 137\n", 137)[0] == "RankFailed"
-    assert failure("tauon: job.yaml: spec.x: bad\n", 1) == ("InvalidSpec", "spec.x: bad")
+class FakeProc:
+    """A `tauon run` process: running (returncode None) or exited."""
+
+    def __init__(self, returncode: int | None = None):
+        self.returncode = returncode
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def send_signal(self, _sig: int) -> None:
+        self.returncode = -15
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        return self.returncode
+
+
+# what `tauon run --local` writes for a rank that failed permanently: the operator's own status
+FAILED_STATUS = {
+    "phase": "Failed",
+    "attempt": 0,
+    "conditions": [
+        {"type": "Running", "status": "False", "reason": "PermanentError", "message": ""},
+        {
+            "type": "Failed",
+            "status": "True",
+            "reason": "PermanentError",
+            "message": "pod broken-r0-node-1 failed with a non-retryable error: DatasetNotFound: no file /x/m.jsonl",
+        },
+    ],
+    "lastFailure": {
+        "pod": "broken-r0-node-1",
+        "exitCode": 1,
+        "reason": "DatasetNotFound",
+        "message": "no file /x/m.jsonl",
+    },
+    "pods": {"active": 1, "ready": 1, "succeeded": 0, "failed": 1},
+}
+# a console line that says otherwise: the SDK must not take reasons from what `tauon run` printed
+MISLEADING = 'rank 0 failed with exit code 3: {"retryable": false, "reason": "Bogus", "message": "console"}\n'
+
+
+def _local_run(client: Client, tmp_path: Path, kind: str, name: str, proc: FakeProc) -> None:
+    from tauon.client.local import LocalBackend, LocalRun
+
+    backend = client._backend
+    assert isinstance(backend, LocalBackend)
+    stderr = tmp_path / f"{name}.stderr"
+    stderr.write_text(MISLEADING)
+    manifest = {"kind": kind, "metadata": {"name": name}, "spec": {"numNodes": 2}}
+    backend.runs[(kind, name)] = LocalRun(kind, manifest, proc, stderr, 18555)  # type: ignore[arg-type]
+
+
+def test_local_job_failure_is_read_from_status_json(tmp_path: Path) -> None:
+    from tauon.client import JobFailed
+
+    with Client(local=True, workdir=tmp_path, poll=0.01) as client:
+        _local_run(client, tmp_path, "FineTuneJob", "broken", FakeProc())
+        job = client.job("broken")
+        assert job.phase == "Pending"  # `tauon run` has not written status.json yet
+        status_json = tmp_path / "broken" / "status.json"
+        status_json.parent.mkdir()
+        status_json.write_text(json.dumps({**FAILED_STATUS, "phase": "Running", "conditions": []}))
+        assert job.phase == "Running"
+        status_json.write_text(json.dumps(FAILED_STATUS))
+        with pytest.raises(JobFailed) as e:
+            job.wait(timeout=5, progress=False)
+        assert e.value.reason == "PermanentError" and "DatasetNotFound: no file /x/m.jsonl" in e.value.message
+        st = job.status()
+        assert st.last_failure is not None and st.last_failure.reason == "DatasetNotFound"
+        assert st.pods.failed == 1 and "Bogus" not in json.dumps(job.get())
+
+
+def test_a_local_run_that_ended_without_a_final_status_failed(tmp_path: Path) -> None:
+    from tauon.client import JobFailed
+
+    with Client(local=True, workdir=tmp_path, poll=0.01) as client:
+        _local_run(client, tmp_path, "FineTuneJob", "crashed", FakeProc(1))
+        status_json = tmp_path / "crashed" / "status.json"
+        status_json.parent.mkdir()
+        status_json.write_text(json.dumps({"phase": "Running"}))  # killed while running
+        with pytest.raises(JobFailed) as e:
+            client.job("crashed").wait(timeout=5, progress=False)
+        assert e.value.reason == "LocalRunFailed" and e.value.message.startswith(
+            "tauon run exited with code 1: "
+        )
+
+
+def test_local_service_status_is_read_from_its_status_json(tmp_path: Path) -> None:
+    from tauon.client import ServiceFailed
+
+    ready = {
+        "phase": "Ready",
+        "url": "http://127.0.0.1:18555",
+        "readyReplicas": 1,
+        "conditions": [{"type": "Ready", "status": "True", "reason": "Serving"}],
+    }
+    failed = {
+        "phase": "Failed",
+        "conditions": [
+            {"type": "ModelReady", "status": "True", "reason": "ModelResolved"},
+            {"type": "Ready", "status": "False", "reason": "ServerExited", "message": "exited with code 1"},
+        ],
+    }
+    with Client(local=True, workdir=tmp_path, poll=0.01) as client:
+        _local_run(client, tmp_path, "InferenceService", "svc", FakeProc())
+        svc = client.service("svc")
+        assert svc.status().phase == "Pending"  # no status.json yet
+        (tmp_path / "svc-server.status.json").write_text(json.dumps(ready))
+        assert svc.wait_ready(timeout=5).ready_replicas == 1
+        (tmp_path / "svc-server.status.json").write_text(json.dumps(failed))
+        with pytest.raises(ServiceFailed, match="ServerExited: exited with code 1"):
+            svc.wait_ready(timeout=5)
 
 
 def test_merged_logs_prefix_every_rank(tmp_path: Path) -> None:
@@ -248,15 +351,6 @@ def test_client_imports_no_torch() -> None:
         sys.meta_path.remove(blocker)
         sys.modules.clear()
         sys.modules.update(saved)
-
-
-def test_local_progress_is_published_as_the_operator_does() -> None:
-    from tauon.api.finetunejob import Progress
-    from tauon.client.local import progress
-
-    record = {"step": 3, "totalSteps": 39, "percent": 7.69, "epoch": 0, "loss": 0.69, "tokensPerSecond": 1.0}
-    p = Progress.model_validate(progress(record))
-    assert (p.step, p.total_steps, p.percent, p.loss) == (3, 39, 7, 0.69)
 
 
 TINY_LLAMA = {
@@ -365,9 +459,24 @@ def test_cli_reports_bad_use_in_one_line(tmp_path: Path, capsys: pytest.CaptureF
 def test_a_finished_local_run_is_found_again(tmp_path: Path) -> None:
     out = tmp_path / "done"
     (out / "model").mkdir(parents=True)
-    (out / "metrics.json").write_text('{"evalAccuracy": 0.9, "steps": 30}')
-    (out / "progress.json").write_text('{"step": 30, "totalSteps": 30, "percent": 100.0, "loss": 0.3}')
+    (out / "status.json").write_text(
+        json.dumps(
+            {
+                "phase": "Succeeded",
+                "conditions": [{"type": "Succeeded", "status": "True", "reason": "Succeeded"}],
+                "progress": {"step": 30, "totalSteps": 30, "percent": 100, "loss": 0.3},
+                "output": {"model": f"file://{out / 'model'}", "metrics": {"evalAccuracy": 0.9, "steps": 30}},
+            }
+        )
+    )
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    (failed / "status.json").write_text(json.dumps(FAILED_STATUS))
     with Client(local=True, workdir=tmp_path) as client:
+        with pytest.raises(
+            NotFound
+        ):  # a failed run of an earlier process is not kept: fine_tune runs it again
+            client.job("failed")
         job = client.job("done")
         status = job.wait(timeout=5, progress=False)
         assert status.phase == "Succeeded" and status.progress.percent == 100

@@ -141,3 +141,15 @@ REASON_PROGRESS_DEADLINE_EXCEEDED: Final = "ProgressDeadlineExceeded"  # as the 
 REASON_MINIMUM_REPLICAS_AVAILABLE: Final = "MinimumReplicasAvailable"
 REASON_SERVING: Final = "Serving"
 REASON_READY: Final = "Ready"  # the event when the service becomes Ready
+
+
+# -- tauon run --local -----------------------------------------------------------------------------------
+
+# the object's status as the cluster would show it, kept current by `tauon run --local` and read by the
+# SDK's local mode: <output>/status.json for a FineTuneJob, <runs>/<name>-server.status.json for a service
+LOCAL_STATUS_FILE: Final = "status.json"
+
+
+def local_service_status_file(name: str) -> str:
+    """File name of a local InferenceService's status, beside the runs of the jobs it may serve."""
+    return f"{name}-server.status.json"

@@ -2,12 +2,17 @@
 processes), one `tauon run` process per object. No cluster, no kubelet.
 
 Layout under the work directory (default ./runs, the same as `tauon run --local`):
-  <workdir>/<job>/               the FineTuneJob's output: model/, checkpoints/, metrics.json, progress.json, logs/
+  <workdir>/<job>/               the FineTuneJob's output: model/, checkpoints/, metrics.json, progress.json,
+                                 logs/ and status.json
+  <workdir>/<name>-server.status.json  an InferenceService's status
   <workdir>/.sdk/<name>.yaml     the manifest handed to `tauon run`
-  <workdir>/.sdk/<name>.stderr   what `tauon run` printed (the failure summary of a failed gang)
-A finished run left in the work directory is found again by a later Client (status Succeeded); an
-unfinished one is resumed from its latest checkpoint by the next fine_tune of that name, as the operator
-resumes a restarted gang. delete() removes a job's run directory.
+  <workdir>/.sdk/<name>.stderr   what `tauon run` printed
+Status is what `tauon run --local` writes to status.json (the object's status as the cluster would show it,
+kept current, replaced atomically), parsed with the API's status models; the SDK adds nothing to it but a
+Failed status when `tauon run` ended without a final one (it crashed or could not start).
+A run left in the work directory with status Succeeded is found again by a later Client; an unfinished
+one is resumed from its latest checkpoint by the next fine_tune of that name, as the operator resumes a
+restarted gang. delete() removes a job's run directory.
 """
 
 from __future__ import annotations
@@ -15,25 +20,34 @@ from __future__ import annotations
 import atexit
 import json
 import os
-import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tauon.api import FineTuneJobStatus, InferenceServiceStatus
+from tauon.api.names import (
+    API_VERSION,
+    FAILED,
+    FINETUNEJOB,
+    INFERENCESERVICE,
+    LOCAL_STATUS_FILE,
+    READY,
+    SUCCEEDED,
+    Manifest,
+    local_service_status_file,
+)
 from tauon.client.errors import AlreadyExists, NotFound
 from tauon.client.logs import merge_files
 
-Manifest = dict[str, Any]
-_FAILED = re.compile(r"rank (\d+) failed with exit code (\d+)(?::\s*(.*))?")
-_SPEC = re.compile(r"^tauon: [^:]+: (.*)$")
+# where `tauon run --local` keeps an object's status (tauon.local.run, which this package may not import)
+STATUS_FILE = LOCAL_STATUS_FILE
 
 
 def free_port() -> int:
@@ -50,18 +64,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-PROGRESS_KEYS = ("step", "totalSteps", "epoch", "loss", "samplesPerSecond", "etaSeconds", "updatedAt")
-
-
-def progress(record: dict[str, Any]) -> dict[str, Any]:
-    """The trainer's progress.json as status.progress (what the operator publishes from it)."""
-    out = {k: record[k] for k in PROGRESS_KEYS if record.get(k) is not None}
-    step, total = out.get("step"), out.get("totalSteps")
-    if isinstance(step, int) and isinstance(total, int) and total > 0:
-        out["percent"] = max(0, min(100, int(100 * step / total)))  # as the operator computes it
-    return out
-
-
 @dataclass
 class LocalRun:
     kind: str
@@ -71,28 +73,30 @@ class LocalRun:
     port: int | None = None  # InferenceService: where the model server listens
 
 
-def failure(stderr_text: str, code: int) -> tuple[str, str]:
-    """(reason, message) of a failed `tauon run`: the failed rank's termination message when there is one."""
-    for line in stderr_text.splitlines():
-        m = _FAILED.search(line)
-        if not m:
-            continue
-        rank, exit_code, rest = m.group(1), m.group(2), (m.group(3) or "").strip()
-        try:
-            term = json.loads(rest) if rest.startswith("{") else None
-        except ValueError:
-            term = None
-        if isinstance(term, dict) and term.get("reason"):
-            return str(term["reason"]), f"rank {rank}: {term.get('message', '')}".strip()
-        return "RankFailed", f"rank {rank} exited with code {exit_code}" + (f": {rest}" if rest else "")
-    if code == 130:
-        return "Interrupted", "the local run was interrupted"
-    for line in stderr_text.splitlines():
-        m = _SPEC.match(line.strip())
-        if m:
-            return "InvalidSpec", m.group(1)
+def service_status_path(workdir: Path, name: str) -> Path:
+    return workdir / local_service_status_file(name)
+
+
+def ended(kind: str, code: int, stderr_text: str) -> Manifest:
+    """The status of an object whose `tauon run` ended without writing a final one (it crashed, or failed
+    before the object was planned): Failed, with the end of what it printed."""
     tail = " | ".join(stderr_text.strip().splitlines()[-3:])
-    return "LocalRunFailed", f"tauon run exited with code {code}" + (f": {tail}" if tail else "")
+    message = f"tauon run exited with code {code}" + (f": {tail}" if tail else "")
+    ctype, status = (FAILED, "True") if kind == FINETUNEJOB else (READY, "False")
+    condition = {"type": ctype, "status": status, "reason": "LocalRunFailed", "message": message}
+    return {"phase": "Failed", "conditions": [condition]}
+
+
+def read_status(path: Path, kind: str) -> FineTuneJobStatus | InferenceServiceStatus | None:
+    """status.json parsed with the API's status model; None when absent or unreadable."""
+    data = _read_json(path)
+    if data is None:
+        return None
+    model = FineTuneJobStatus if kind == FINETUNEJOB else InferenceServiceStatus
+    try:
+        return model.model_validate(data)
+    except ValueError:
+        return None
 
 
 class LocalBackend:
@@ -127,11 +131,12 @@ class LocalBackend:
         stderr = sdk / f"{name}.{kind.lower()}.stderr"
         argv = [sys.executable, "-m", "tauon.cli", "run", str(path), "--local"]
         port = None
-        if kind == "FineTuneJob":
+        if kind == FINETUNEJOB:
             argv += ["--quiet", "--output", str(self.output_dir(name))]
         else:
             port = free_port()
             argv += ["--output", str(self.workdir), "--port", str(port)]
+        self._status_path(kind, name).unlink(missing_ok=True)  # an earlier run's is not this one's
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(stderr, "wb") as err:
             proc = subprocess.Popen(
@@ -146,75 +151,32 @@ class LocalBackend:
         self.runs[(kind, name)] = LocalRun(kind, obj, proc, stderr, port)
         return obj
 
+    def _status_path(self, kind: str, name: str) -> Path:
+        if kind == FINETUNEJOB:
+            return self.output_dir(name) / STATUS_FILE
+        return service_status_path(self.workdir, name)
+
     def get(self, kind: str, name: str) -> Manifest | None:
         run = self.runs.get((kind, name))
-        if kind == "FineTuneJob":
-            return self._job(name, run)
+        code = run.proc.poll() if run is not None else None  # first: an ended run wrote its last status
+        status = read_status(self._status_path(kind, name), kind)
         if run is None:
-            return None
-        return {**run.manifest, "status": self._service_status(run)}
-
-    def _job(self, name: str, run: LocalRun | None) -> Manifest | None:
-        out = self.output_dir(name)
-        status: Manifest = {"progress": progress(_read_json(out / "progress.json") or {})}
-        if run is None:
-            if not (out / "metrics.json").exists() or not (out / "model").is_dir():
+            if kind != FINETUNEJOB or status is None or status.phase != SUCCEEDED:
                 return None
-            # finished by an earlier process: what it ran is in the manifest it handed to `tauon run`
-            saved = _read_json(self.workdir / ".sdk" / f"{name}.finetunejob.yaml") or {}
-            manifest: Manifest = {
-                "apiVersion": "tauon.dev/v1alpha1",
-                "kind": "FineTuneJob",
-                "metadata": {"name": name, "namespace": self.namespace},
-                "spec": saved.get("spec", {}),
-            }
-            code: int | None = 0
-        else:
-            manifest = dict(run.manifest)
-            code = run.proc.poll()
-        if code is None:
-            status["phase"] = "Running"
-            status["conditions"] = [{"type": "Running", "status": "True", "reason": "RanksRunning"}]
-        elif code == 0:
-            status["phase"] = "Succeeded"
-            status["conditions"] = [{"type": "Succeeded", "status": "True", "reason": "Completed"}]
-            status["output"] = {
-                "model": f"file://{out / 'model'}",
-                "metrics": _read_json(out / "metrics.json") or {},
-            }
-        else:
-            assert run is not None
-            reason, message = failure(run.stderr.read_text(errors="replace"), code)
-            status["phase"] = "Failed"
-            status["conditions"] = [
-                {"type": "Failed", "status": "True", "reason": reason, "message": message}
-            ]
-        manifest["status"] = status
-        return manifest
+            return {**self._finished_manifest(name), "status": status.dump()}
+        terminal = status is not None and status.phase in (SUCCEEDED, FAILED)
+        if code is not None and not terminal:  # `tauon run` ended without a final status
+            return {**run.manifest, "status": ended(kind, code, run.stderr.read_text(errors="replace"))}
+        return {**run.manifest, "status": status.dump() if status is not None else {}}
 
-    def _service_status(self, run: LocalRun) -> Manifest:
-        url = f"http://127.0.0.1:{run.port}"
-        code = run.proc.poll()
-        if code is not None:
-            tail = " | ".join(run.stderr.read_text(errors="replace").strip().splitlines()[-3:])
-            return {
-                "phase": "Failed",
-                "conditions": [
-                    {
-                        "type": "Ready",
-                        "status": "False",
-                        "reason": "ServerExited",
-                        "message": f"the model server exited with code {code}: {tail}",
-                    }
-                ],
-            }
-        ready = _ready(url)
+    def _finished_manifest(self, name: str) -> Manifest:
+        """A job finished by an earlier process: what it ran is in the manifest it handed to `tauon run`."""
+        saved = _read_json(self.workdir / ".sdk" / f"{name}.finetunejob.yaml") or {}
         return {
-            "phase": "Ready" if ready else "Pending",
-            "url": url,
-            "replicas": 1,
-            "readyReplicas": int(ready),
-            "conditions": [{"type": "Ready", "status": "True" if ready else "False", "reason": "Local"}],
+            "apiVersion": API_VERSION,
+            "kind": FINETUNEJOB,
+            "metadata": {"name": name, "namespace": self.namespace},
+            "spec": saved.get("spec", {}),
         }
 
     def delete(self, kind: str, name: str) -> None:
@@ -223,47 +185,42 @@ class LocalBackend:
             raise NotFound(kind, name, self.where)
         if run is not None:
             _stop(run.proc)
-        if kind == "FineTuneJob":  # a local job's only state is its run directory
+        if kind == FINETUNEJOB:  # a local job's only state is its run directory
             shutil.rmtree(self.output_dir(name), ignore_errors=True)
 
     # -- logs and endpoints ------------------------------------------------------------------------------
     def logs(self, name: str, follow: bool) -> Iterator[str]:
         """Every rank's log file under <workdir>/<job>/logs. A run of another process (`tauon run --local`)
-        is followed while its logs keep growing and it has not written metrics.json."""
-        run = self.runs.get(("FineTuneJob", name))
+        is followed while its logs keep growing and its status.json is not Succeeded or Failed."""
+        run = self.runs.get((FINETUNEJOB, name))
         logs = self.output_dir(name) / "logs"
         found = sorted(logs.glob("node-*.log"))
         if run is None and not found:
-            raise NotFound("FineTuneJob", name, self.where)
+            raise NotFound(FINETUNEJOB, name, self.where)
         ranks = int((run.manifest["spec"].get("numNodes") if run else None) or len(found) or 1)
         files = {r: logs / f"node-{r}.log" for r in range(ranks)}
-        metrics = self.output_dir(name) / "metrics.json"
+        status_path = self.output_dir(name) / STATUS_FILE
 
         def running() -> bool:
             if run is not None:
                 return run.proc.poll() is None
+            status = read_status(status_path, FINETUNEJOB)
+            if status is not None and status.phase in (SUCCEEDED, FAILED):
+                return False
             newest = max((f.stat().st_mtime for f in files.values() if f.exists()), default=0.0)
-            return not metrics.exists() and time.time() - newest < 30
+            return time.time() - newest < 30
 
         return merge_files(files, follow=follow, running=running)
 
     def endpoint(self, name: str) -> str:
-        run = self.runs.get(("InferenceService", name))
+        run = self.runs.get((INFERENCESERVICE, name))
         if run is None:
-            raise NotFound("InferenceService", name, self.where)
+            raise NotFound(INFERENCESERVICE, name, self.where)
         return f"http://127.0.0.1:{run.port}"
 
     def close(self) -> None:
         for key in list(self.runs):
             _stop(self.runs.pop(key).proc)
-
-
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=2) as r:
-            return bool(r.status == 200)
-    except OSError:
-        return False
 
 
 def _stop(proc: subprocess.Popen[bytes], grace: float = 30) -> None:
