@@ -16,8 +16,9 @@ import torch
 
 from tauon_core.errors import PermanentError, report_permanent, write_termination_log
 from tauon_train import checkpoint as ckpt
-from tauon_train import schedule
-from tauon_train.config import parse_config
+from tauon_train import output as out_mod
+from tauon_train import schedule, strategy
+from tauon_train.config import ParallelismConfig, parse_config
 from tauon_train.data import Collator, Record, load_records, parse_label, split_indices, split_sizes
 from tauon_train.dist import DistEnv, choose_backend
 from tauon_train.metrics import (
@@ -353,6 +354,83 @@ def test_rng_round_trip() -> None:
     a = (random.random(), float(np.random.rand()), float(torch.rand(1)))
     ckpt.restore_rng(st)
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == a
+
+
+def _tiny_model() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    return model, torch.optim.AdamW(model.parameters(), lr=0.1)
+
+
+def _one_step(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+    model(torch.ones(3, 4)).sum().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def _checkpointer(
+    out: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, attempt: int = 0
+) -> ckpt.Checkpointer:
+    return ckpt.Checkpointer(str(out), attempt, DistEnv(), model, opt, torch.device("cpu"), lora=False)
+
+
+def test_checkpointer_resumes_the_newest_loadable_checkpoint(tmp_path: Path) -> None:
+    model, opt = _tiny_model()
+    c = _checkpointer(tmp_path, model, opt)
+    assert c.resume() is None  # nothing saved yet
+    _one_step(model, opt)
+    c.save(ckpt.TrainState(step=1, epoch=0, sample_pos=8, world_size=1))
+    after_one = {k: v.clone() for k, v in model.state_dict().items()}
+    _one_step(model, opt)
+    c.save(ckpt.TrainState(step=2, epoch=0, sample_pos=16, world_size=1))
+    after_two = {k: v.clone() for k, v in model.state_dict().items()}
+
+    fresh, fresh_opt = _tiny_model()
+    state = _checkpointer(tmp_path, fresh, fresh_opt).resume()
+    assert state is not None and (state.step, state.sample_pos) == (2, 16)
+    for k, v in fresh.state_dict().items():
+        torch.testing.assert_close(v, after_two[k])
+    assert fresh_opt.state  # the AdamW moments came back too
+
+    shard = next((tmp_path / "checkpoints" / "step-2" / "dcp").glob("*.distcp"))
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size - 1)
+    fresh, fresh_opt = _tiny_model()
+    state = _checkpointer(tmp_path, fresh, fresh_opt).resume()  # falls back before touching a tensor
+    assert state is not None and state.step == 1
+    for k, v in fresh.state_dict().items():
+        torch.testing.assert_close(v, after_one[k])
+
+
+def test_checkpointer_writes_nothing_once_a_newer_attempt_owns_the_output(tmp_path: Path) -> None:
+    out_mod.claim(str(tmp_path), "uid", "ns/job", 3)
+    model, opt = _tiny_model()
+    with pytest.raises(out_mod.Superseded):
+        _checkpointer(tmp_path, model, opt, attempt=2).save(ckpt.TrainState(step=1))
+    assert not (tmp_path / "checkpoints").exists()
+    _checkpointer(tmp_path, model, opt, attempt=3).save(ckpt.TrainState(step=1))
+    assert ckpt.latest_complete(ckpt.checkpoints_dir(str(tmp_path))) is not None
+
+
+def test_parallelize_a_single_process_model_with_rank0_weights() -> None:
+    d = DistEnv()
+    source = torch.nn.Linear(3, 2)
+    with torch.device("meta"):
+        model = torch.nn.Linear(3, 2)
+    plan = strategy.make_plan(
+        model, ParallelismConfig(strategy="fsdp"), strategy.FP32, torch.device("cpu"), d
+    )
+    assert plan.strategy == "ddp" and "single process" in plan.why and plan.mesh() is None
+    assert plan.estimate.params == plan.estimate.trainable == 8
+    weights = strategy.RankZeroWeights(dict(source.state_dict()), {})
+    par = strategy.parallelize(model, plan.mesh(), plan, weights)
+    assert par.model is model and par.module is model and model.training
+    assert weights.state_dict is None  # the full copy is dropped once loaded
+    torch.testing.assert_close(model.weight, source.weight)
+    assert par.precision == strategy.FP32 and par.activation_checkpointing is None
+    with par.gradient_sync(False):  # no process group: nothing to defer
+        model(torch.ones(1, 3)).sum().backward()
+    assert model.weight.grad is not None
 
 
 # --- metrics, progress, errors, dist -----------------------------------------------------------

@@ -1,5 +1,9 @@
 """Sharded checkpoints (torch.distributed.checkpoint) that resume at any world size, under either strategy.
 
+``Checkpointer`` owns the checkpoints of a run: ``save`` (the attempt fence, every rank's shards, rank 0's
+commit), ``resume`` (the newest checkpoint that validates, older ones as fallback, a checkpoint that fails
+to load moved aside) and ``check_fence``. The functions below it are the on-disk layout.
+
 Layout under ``<output>/checkpoints/``::
 
     step-N/                  a finished checkpoint (renamed into place in one os.rename by global rank 0)
@@ -18,7 +22,9 @@ learning-rate schedule is a function of the step and is recomputed, not stored.
 
 Only the newest ``KEEP`` complete checkpoints are kept. ``validate`` checks a checkpoint without loading
 it (metadata readable, every shard file present and long enough), so a truncated newest checkpoint
-falls back to the previous one before any tensor is touched.
+falls back to the previous one before any tensor is touched. A checkpoint that validates but still
+fails to load is quarantined (``.corrupt-step-N-*``) and the run fails retryably: the restart resumes
+from the previous one.
 """
 
 from __future__ import annotations
@@ -31,12 +37,17 @@ import secrets
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from .output import fsync_dir, fsync_tree
+from . import dist
+from .output import Superseded, fence_status, fsync_dir, fsync_tree
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
 
 KEEP = 2
 COMPLETE = "complete"
@@ -59,7 +70,7 @@ class TrainState:
     train_loss_count: int = 0
     samples_seen: int = 0  # global training samples processed so far
     tokens_seen: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, float | None] = field(default_factory=dict)  # initialEval* of a fresh run
 
 
 def checkpoints_dir(output: str) -> str:
@@ -119,7 +130,7 @@ def prune(ckdir: str, keep: int = KEEP) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def _write_json(path: str, obj: Any) -> None:
+def _write_json(path: str, obj: object) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.flush()
@@ -239,6 +250,115 @@ def load_rng(path: str, rank: int) -> dict[str, Any] | None:
         return None
     loaded: dict[str, Any] = torch.load(f, map_location="cpu", weights_only=True)
     return loaded
+
+
+# --- the checkpointer -------------------------------------------------------------------------
+
+
+class Checkpointer:
+    """The checkpoints of one run under ``<output>/checkpoints``, for every rank (the methods are
+    collective). ``module`` has the model's state_dict names (no wrapper); LoRA stores only the trainable
+    parameters. Writes are fenced: a newer attempt owning the output raises ``Superseded`` on every rank."""
+
+    def __init__(
+        self,
+        output: str,
+        attempt: int,
+        d: dist.DistEnv,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        lora: bool,
+    ) -> None:
+        self.output = output
+        self.attempt = attempt
+        self.d = d
+        self.module = module
+        self.optimizer = optimizer
+        self.device = device
+        self.lora = lora
+        self.dir = checkpoints_dir(output)
+
+    def check_fence(self) -> None:
+        """Rank 0 reads the owner file; every rank stops (``Superseded``) if a newer attempt took over."""
+        fence = dist.broadcast_object(
+            self.d, fence_status(self.output, self.attempt) if self.d.is_main else None
+        )
+        if fence is not None:
+            raise Superseded(fence)
+
+    def save(self, state: TrainState) -> None:
+        """Every rank writes its shards into rank 0's temp dir; rank 0 commits after a barrier."""
+        d = self.d
+        self.check_fence()
+        tmp = dist.broadcast_object(d, new_tmp_dir(self.dir, state.step) if d.is_main else None)
+        assert tmp is not None
+        write_shards(tmp, self._app_state(), d.rank, capture_rng(self.device))
+        dist.barrier(d, self.device)
+        if d.is_main:
+            commit(tmp, self.dir, state)
+        dist.barrier(d, self.device)
+
+    def resume(self) -> TrainState | None:
+        """Load the newest complete checkpoint that validates (logging each one skipped); None when there
+        is none. One that fails to load anyway is quarantined and the run fails (retryable)."""
+        d = self.d
+        found = dist.broadcast_object(d, self._newest_valid() if d.is_main else None)
+        if found is None:
+            return None
+        path, state = found
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        st = self._app_state()
+        try:
+            load_shards(path, st)  # DCP gathers errors: every rank raises together
+        except Exception as e:
+            moved = quarantine(path) if d.is_main else ""
+            dist.barrier(d, self.device)
+            raise RuntimeError(
+                f"checkpoint {path} failed to load ({type(e).__name__}: {e}); moved aside to {moved or 'a .corrupt- dir'}"
+                "; the restart resumes from the previous checkpoint"
+            ) from e
+        set_state_dict(
+            self.module,
+            self.optimizer,
+            model_state_dict=st["model"],
+            optim_state_dict=st["optim"],
+            options=self._options(),
+        )
+        rng = load_rng(path, d.rank) if state.world_size == d.world_size else None
+        if rng is not None:
+            restore_rng(rng, self.device)
+        dist.log(
+            d,
+            f"resuming from {path} (step {state.step}, epoch {state.epoch}, sample {state.sample_pos}; "
+            f"written by {state.world_size} rank(s) under {state.strategy})",
+        )
+        return state
+
+    def _newest_valid(self) -> tuple[str, TrainState] | None:
+        """Rank 0: the newest complete checkpoint that ``validate`` accepts, and its state."""
+        for step, path in reversed(list_complete(self.dir)):
+            problem = validate(path)
+            if problem is None:
+                return path, read_state(path)
+            dist.log(
+                self.d,
+                f"warning: checkpoint {path} (step {step}) is not loadable ({problem}); trying an older one",
+            )
+        return None
+
+    def _options(self) -> StateDictOptions:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(ignore_frozen_params=self.lora, strict=not self.lora)
+
+    def _app_state(self) -> dict[str, Any]:
+        """What DCP saves and loads: ``{"model": ..., "optim": ...}`` under the model's own names."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        msd, osd = get_state_dict(self.module, self.optimizer, options=self._options())
+        return {"model": msd, "optim": osd}
 
 
 # --- RNG state --------------------------------------------------------------------------------

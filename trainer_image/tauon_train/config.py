@@ -11,7 +11,6 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
 
 from tauon_core.errors import INVALID_CONFIG, PermanentError
 
@@ -23,6 +22,8 @@ INITS = ("pretrained", "scratch")
 DATASET_TYPES = ("text", "chat", "prompt-completion")
 STRATEGIES = ("auto", "ddp", "fsdp")
 
+Json = dict[str, object]  # a JSON object as json.loads returns it
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -31,7 +32,7 @@ class ModelConfig:
     task: str
     num_labels: int | None
     init: str = "pretrained"  # pretrained | scratch (random weights from ``config``)
-    config: dict[str, Any] | None = None  # scratch: a Hugging Face config (free-form)
+    config: Json | None = None  # scratch: a Hugging Face config (free-form)
     tokenizer_source: str = ""  # model.tokenizer as written in the spec ("" -> the model's)
     tokenizer_path: str = ""  # local directory or hf:// of the tokenizer ("" -> ``path``)
 
@@ -104,7 +105,7 @@ class JobConfig:
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
     uid: str = ""  # the FineTuneJob's metadata.uid (owner of the output); "" for hand-written files
     attempt: int = 0  # the gang attempt (fences writers of the output)
-    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    raw: Json = field(default_factory=dict, compare=False, repr=False)
 
 
 # --- small typed getters that name the field on error ------------------------------------------
@@ -114,7 +115,7 @@ def _fail(where: str, what: str, got: object) -> PermanentError:
     return PermanentError(INVALID_CONFIG, f"{where} {what} (got {json.dumps(got, default=str)})")
 
 
-def _section(d: dict[str, Any], key: str, where: str, required: bool = True) -> dict[str, Any]:
+def _section(d: Json, key: str, where: str, required: bool = True) -> Json:
     v = d.get(key)
     if v is None:
         if required:
@@ -125,9 +126,7 @@ def _section(d: dict[str, Any], key: str, where: str, required: bool = True) -> 
     return v
 
 
-def _str(
-    d: dict[str, Any], key: str, where: str, default: str | None = None, required: bool = False
-) -> str | None:
+def _str(d: Json, key: str, where: str, default: str | None = None, required: bool = False) -> str | None:
     v = d.get(key, None)
     if v is None:
         if required and default is None:
@@ -139,7 +138,7 @@ def _str(
 
 
 def _int(
-    d: dict[str, Any],
+    d: Json,
     key: str,
     where: str,
     default: int | None,
@@ -165,7 +164,7 @@ def _int(
 
 
 def _float(
-    d: dict[str, Any],
+    d: Json,
     key: str,
     where: str,
     default: float,
@@ -187,7 +186,7 @@ def _float(
     return v
 
 
-def _bool(d: dict[str, Any], key: str, where: str, default: bool) -> bool:
+def _bool(d: Json, key: str, where: str, default: bool) -> bool:
     v = d.get(key, None)
     if v is None:
         return default
@@ -196,7 +195,7 @@ def _bool(d: dict[str, Any], key: str, where: str, default: bool) -> bool:
     return v
 
 
-def _enum(d: dict[str, Any], key: str, where: str, choices: tuple[str, ...], default: str | None) -> str:
+def _enum(d: Json, key: str, where: str, choices: tuple[str, ...], default: str | None) -> str:
     v = d.get(key, None)
     if v is None:
         if default is None:
@@ -224,10 +223,10 @@ def local_path(path: str | None, source: str | None, where: str) -> str:
     return os.path.abspath(p)
 
 
-# --- the parser ------------------------------------------------------------------------------
+# --- the parser: one helper per section, in the order the errors are reported ---------------------
 
 
-def parse_config(data: Any) -> JobConfig:
+def parse_config(data: object) -> JobConfig:
     if not isinstance(data, dict):
         raise _fail("job config", "must be a JSON object", type(data).__name__)
     model_d = _section(data, "model", "")
@@ -236,6 +235,31 @@ def parse_config(data: Any) -> JobConfig:
     hp_d = _section(data, "hyperparameters", "", required=False)
     out_d = _section(data, "output", "")
 
+    model = _model(model_d)
+    dataset = _dataset(ds_d, model.task)
+    method = _method(method_d)
+    hp = _hyperparameters(hp_d)
+    output = _output(out_d)
+    parallelism = _parallelism(_section(data, "parallelism", "", required=False))
+    if model.init == "scratch" and method.type == "lora":
+        raise PermanentError(INVALID_CONFIG, "method.type lora is not allowed with model.init: scratch")
+
+    return JobConfig(
+        name=_str(data, "name", "", default="job") or "job",
+        namespace=_str(data, "namespace", "", default="default") or "default",
+        model=model,
+        dataset=dataset,
+        method=method,
+        hyperparameters=hp,
+        output=output,
+        parallelism=parallelism,
+        uid=_str(data, "uid", "", default="") or "",
+        attempt=_int(data, "attempt", "", 0, lo=0) or 0,
+        raw=data,
+    )
+
+
+def _model(model_d: Json) -> ModelConfig:
     task = _enum(model_d, "task", "model.", TASKS, None)
     num_labels = _int(model_d, "numLabels", "model.", None, lo=2, hi=100_000, nullable=True)
     if task == "sequence-classification" and num_labels is None:
@@ -264,17 +288,19 @@ def parse_config(data: Any) -> JobConfig:
         else ""
     )
     tok_path = local_path(tok_path_raw, tok_source, "model.tokenizer") if (tok_source or tok_path_raw) else ""
-    model = ModelConfig(
+    return ModelConfig(
         source=model_source or "",
         path=path,
         task=task,
         num_labels=num_labels,
         init=init,
-        config=model_config if init == "scratch" else None,
+        config=model_config if isinstance(model_config, dict) and init == "scratch" else None,
         tokenizer_source=tok_source,
         tokenizer_path=tok_path,
     )
 
+
+def _dataset(ds_d: Json, task: str) -> DatasetConfig:
     ds_source = _str(ds_d, "source", "dataset.", default="")
     ds_path = local_path(_str(ds_d, "path", "dataset."), ds_source, "dataset")
     if ds_path.startswith("hf://") or "://" in ds_path:
@@ -300,77 +326,65 @@ def parse_config(data: Any) -> JobConfig:
             INVALID_CONFIG,
             "dataset.type chat/prompt-completion and dataset.packing need model.task causal-lm",
         )
+    return dataset
 
+
+def _method(method_d: Json) -> MethodConfig:
     mtype = _enum(method_d, "type", "method.", METHODS, "full")
     lora_d = method_d.get("lora")
     if mtype == "full" and lora_d is not None:
         raise PermanentError(INVALID_CONFIG, "method.lora is only allowed when method.type is lora")
-    lora = None
-    if mtype == "lora":
-        if lora_d is None:
-            lora_d = {}
-        if not isinstance(lora_d, dict):
-            raise _fail("method.lora", "must be an object", lora_d)
-        tm = lora_d.get("targetModules")
-        if tm is not None:
-            if not isinstance(tm, list) or not tm or not all(isinstance(x, str) and x for x in tm):
-                raise _fail("method.lora.targetModules", "must be a non-empty list of module names", tm)
-            tm = tuple(tm)
-        lora = LoraConfig(
-            r=_int(lora_d, "r", "method.lora.", 8, lo=1, hi=4096) or 8,
-            alpha=_int(lora_d, "alpha", "method.lora.", 16, lo=1, hi=1_000_000) or 16,
-            dropout=_float(lora_d, "dropout", "method.lora.", 0.05, 0.0, 1.0),
-            target_modules=tm,
-        )
-    method = MethodConfig(type=mtype, lora=lora)
+    return MethodConfig(type=mtype, lora=_lora({} if lora_d is None else lora_d) if mtype == "lora" else None)
 
-    hp = Hyperparameters(
-        epochs=_int(hp_d, "epochs", "hyperparameters.", 3, lo=1, hi=1_000_000) or 3,
-        max_steps=_int(hp_d, "maxSteps", "hyperparameters.", None, lo=1, nullable=True),
-        batch_size_per_device=_int(hp_d, "batchSizePerDevice", "hyperparameters.", 16, lo=1, hi=1_000_000)
-        or 16,
-        gradient_accumulation_steps=_int(
-            hp_d, "gradientAccumulationSteps", "hyperparameters.", 1, lo=1, hi=1_000_000
-        )
-        or 1,
-        learning_rate=_float(hp_d, "learningRate", "hyperparameters.", 5e-5, 0.0, 1.0, lo_open=True),
-        weight_decay=_float(hp_d, "weightDecay", "hyperparameters.", 0.0, 0.0, math.inf),
-        warmup_ratio=_float(hp_d, "warmupRatio", "hyperparameters.", 0.0, 0.0, 1.0),
-        max_seq_length=_int(hp_d, "maxSeqLength", "hyperparameters.", 128, lo=8, hi=32768) or 128,
-        precision=_enum(hp_d, "precision", "hyperparameters.", PRECISIONS, "auto"),
-        seed=_int(hp_d, "seed", "hyperparameters.", 42, lo=0, hi=2**32 - 1) or 0,
+
+def _lora(lora_d: object) -> LoraConfig:
+    if not isinstance(lora_d, dict):
+        raise _fail("method.lora", "must be an object", lora_d)
+    tm = lora_d.get("targetModules")
+    if tm is not None:
+        if not isinstance(tm, list) or not tm or not all(isinstance(x, str) and x for x in tm):
+            raise _fail("method.lora.targetModules", "must be a non-empty list of module names", tm)
+        tm = tuple(tm)
+    return LoraConfig(
+        r=_int(lora_d, "r", "method.lora.", 8, lo=1, hi=4096) or 8,
+        alpha=_int(lora_d, "alpha", "method.lora.", 16, lo=1, hi=1_000_000) or 16,
+        dropout=_float(lora_d, "dropout", "method.lora.", 0.05, 0.0, 1.0),
+        target_modules=tm,
     )
 
+
+def _hyperparameters(hp_d: Json) -> Hyperparameters:
+    w = "hyperparameters."
+    return Hyperparameters(
+        epochs=_int(hp_d, "epochs", w, 3, lo=1, hi=1_000_000) or 3,
+        max_steps=_int(hp_d, "maxSteps", w, None, lo=1, nullable=True),
+        batch_size_per_device=_int(hp_d, "batchSizePerDevice", w, 16, lo=1, hi=1_000_000) or 16,
+        gradient_accumulation_steps=_int(hp_d, "gradientAccumulationSteps", w, 1, lo=1, hi=1_000_000) or 1,
+        learning_rate=_float(hp_d, "learningRate", w, 5e-5, 0.0, 1.0, lo_open=True),
+        weight_decay=_float(hp_d, "weightDecay", w, 0.0, 0.0, math.inf),
+        warmup_ratio=_float(hp_d, "warmupRatio", w, 0.0, 0.0, 1.0),
+        max_seq_length=_int(hp_d, "maxSeqLength", w, 128, lo=8, hi=32768) or 128,
+        precision=_enum(hp_d, "precision", w, PRECISIONS, "auto"),
+        seed=_int(hp_d, "seed", w, 42, lo=0, hi=2**32 - 1) or 0,
+    )
+
+
+def _output(out_d: Json) -> OutputConfig:
     out_source = _str(out_d, "storage", "output.", default="")
     out_path = local_path(_str(out_d, "path", "output."), out_source, "output")
     if "://" in out_path:
         raise PermanentError(INVALID_CONFIG, f"output.path must be a local directory, got {out_path}")
-    output = OutputConfig(
+    return OutputConfig(
         storage=out_source or "",
         path=out_path,
         checkpoint_every_steps=_int(out_d, "checkpointEverySteps", "output.", 200, lo=1) or 200,
     )
 
-    par_d = _section(data, "parallelism", "", required=False)
-    parallelism = ParallelismConfig(
+
+def _parallelism(par_d: Json) -> ParallelismConfig:
+    return ParallelismConfig(
         strategy=_enum(par_d, "strategy", "parallelism.", STRATEGIES, "auto"),
         activation_checkpointing=_bool(par_d, "activationCheckpointing", "parallelism.", False),
-    )
-    if init == "scratch" and mtype == "lora":
-        raise PermanentError(INVALID_CONFIG, "method.type lora is not allowed with model.init: scratch")
-
-    return JobConfig(
-        name=_str(data, "name", "", default="job") or "job",
-        namespace=_str(data, "namespace", "", default="default") or "default",
-        model=model,
-        dataset=dataset,
-        method=method,
-        hyperparameters=hp,
-        output=output,
-        parallelism=parallelism,
-        uid=_str(data, "uid", "", default="") or "",
-        attempt=_int(data, "attempt", "", 0, lo=0) or 0,
-        raw=data,
     )
 
 

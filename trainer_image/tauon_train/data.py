@@ -40,12 +40,14 @@ Packing (``dataset.packing``)
     runs when no KV cache exists: call the model with ``use_cache=False`` (or set
     ``model.config.use_cache = False``, see ``disable_kv_cache``) or examples attend to each other.
 
-Sample order (``epoch_order``, ``rank_slice``)
+Sample order (``epoch_order``, ``rank_slice``, ``batches_of``, ``position_after``)
     The global order of an epoch depends only on seed and epoch. Each global batch is ``world_size x
     batch_per_rank`` consecutive samples of the order; rank r takes its contiguous share. The last,
     ragged global batch (T < world_size x batch_per_rank samples) is split into world_size contiguous
     shares whose sizes differ by at most one; when T < world_size those T samples are dropped for this
     epoch (so every rank has the same number of non-empty batches and no sample is ever seen twice).
+    ``batches_of`` groups a rank's micro-batches into optimizer steps (gradient accumulation);
+    ``position_after`` is the global sample position a checkpoint records after some of them.
 """
 
 from __future__ import annotations
@@ -74,6 +76,8 @@ from tauon_core.errors import (
 from .config import DatasetConfig
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from .config import JobConfig
 
 NO_CHAT_TEMPLATE = "NoChatTemplate"
@@ -101,7 +105,7 @@ class Record:
 # --- labels and strings ------------------------------------------------------------------------
 
 
-def _label_error(where: str, field: str, num_labels: int, value: Any) -> PermanentError:
+def _label_error(where: str, field: str, num_labels: int, value: object) -> PermanentError:
     shown = json.dumps(value, default=str)
     if len(shown) > 60:
         shown = shown[:60] + "..."
@@ -110,7 +114,7 @@ def _label_error(where: str, field: str, num_labels: int, value: Any) -> Permane
     )
 
 
-def parse_label(value: Any, num_labels: int, where: str, field: str) -> int:
+def parse_label(value: object, num_labels: int, where: str, field: str) -> int:
     """Labels are integers 0..num_labels-1; ASCII-decimal strings and integral floats are accepted.
 
     Booleans, non-ASCII digits (``"²"``, Arabic-Indic digits) and anything else raise InvalidLabel;
@@ -150,7 +154,7 @@ def parse_label(value: Any, num_labels: int, where: str, field: str) -> int:
     return label
 
 
-def _check_str(value: Any, where: str, field: str, allow_empty: bool = False) -> str:
+def _check_str(value: object, where: str, field: str, allow_empty: bool = False) -> str:
     if not isinstance(value, str):
         raise PermanentError(
             INVALID_DATASET, f"{where}: field '{field}' must be a string, got {type(value).__name__}"
@@ -188,7 +192,7 @@ def _read_text(path: str) -> str:
         ) from None
 
 
-def _rows_jsonl(path: str, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
+def _rows_jsonl(path: str, text: str) -> Iterator[tuple[int, dict[str, object]]]:
     for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
@@ -205,7 +209,7 @@ def _rows_jsonl(path: str, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
         yield lineno, obj
 
 
-def _rows_csv(path: str, text: str, needed: Sequence[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+def _rows_csv(path: str, text: str, needed: Sequence[str]) -> Iterator[tuple[int, dict[str, object]]]:
     reader = csv.DictReader(io.StringIO(text, newline=""))
     try:
         header = reader.fieldnames
@@ -237,7 +241,7 @@ def _rows_csv(path: str, text: str, needed: Sequence[str]) -> Iterator[tuple[int
         yield start, row
 
 
-def load_rows(cfg: DatasetConfig, needed: Sequence[str]) -> list[tuple[int, dict[str, Any]]]:
+def load_rows(cfg: DatasetConfig, needed: Sequence[str]) -> list[tuple[int, dict[str, object]]]:
     """(line, row) pairs of a jsonl or csv file; ``needed`` fields must be present and not null."""
     path = cfg.path
     if not os.path.exists(path):
@@ -318,7 +322,9 @@ class TokenizedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         return item
 
 
-def tokenize(tokenizer: Any, records: Sequence[Record], max_len: int, with_labels: bool) -> TokenizedDataset:
+def tokenize(
+    tokenizer: PreTrainedTokenizerBase, records: Sequence[Record], max_len: int, with_labels: bool
+) -> TokenizedDataset:
     texts = [r.text for r in records]
     enc = tokenizer(texts, truncation=True, max_length=max_len, padding=False)
     ids = [list(x) for x in enc["input_ids"]]
@@ -356,13 +362,13 @@ def _finish(ids: list[int], labels: list[int], max_len: int, line: int) -> Examp
     return Example(ids, labels, line)
 
 
-def encode_text(tokenizer: Any, text: str, max_len: int, line: int = 0) -> Example | None:
+def encode_text(tokenizer: PreTrainedTokenizerBase, text: str, max_len: int, line: int = 0) -> Example | None:
     ids = list(tokenizer(text, truncation=True, max_length=max_len)["input_ids"])
     return _finish(ids, list(ids), max_len, line)
 
 
 def encode_prompt_completion(
-    tokenizer: Any, prompt: str, completion: str, max_len: int, line: int = 0
+    tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str, max_len: int, line: int = 0
 ) -> Example | None:
     """prompt + completion + eos; targets: the completion and eos."""
     full = list(tokenizer(prompt + completion)["input_ids"])
@@ -380,7 +386,7 @@ def encode_prompt_completion(
 # --- chat ------------------------------------------------------------------------------------------
 
 
-def ensure_chat_template(tokenizer: Any) -> bool:
+def ensure_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
     """Give a tokenizer without a chat template ``DEFAULT_CHAT_TEMPLATE``; True when it was set.
 
     PermanentError(NoChatTemplate) when the tokenizer cannot render chats at all."""
@@ -407,7 +413,7 @@ def ensure_chat_template(tokenizer: Any) -> bool:
     return True
 
 
-def validate_messages(value: Any, where: str, field: str) -> list[dict[str, str]]:
+def validate_messages(value: object, where: str, field: str) -> list[dict[str, str]]:
     """An OpenAI-shaped message list with roles system/user/assistant and string content."""
     if isinstance(value, str):  # csv cells carry the list as JSON text
         try:
@@ -446,7 +452,7 @@ def validate_messages(value: Any, where: str, field: str) -> list[dict[str, str]
     return out
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]], gen: bool, where: str) -> str:
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], gen: bool, where: str) -> str:
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
     except Exception as e:  # jinja2 errors (raise_exception in templates), ValueError, TypeError
@@ -459,7 +465,7 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], gen: bool, where: st
 
 
 def assistant_spans(
-    tokenizer: Any, messages: list[dict[str, str]], where: str
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], where: str
 ) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of its assistant turns.
 
@@ -492,7 +498,9 @@ def assistant_spans(
     return full, spans
 
 
-def _encode_spans(tokenizer: Any, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+def _encode_spans(
+    tokenizer: PreTrainedTokenizerBase, text: str, spans: list[tuple[int, int]]
+) -> tuple[list[int], list[int]]:
     """Token ids of ``text`` and their targets: ids inside a span, -100 elsewhere."""
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -515,14 +523,20 @@ def _encode_spans(tokenizer: Any, text: str, spans: list[tuple[int, int]]) -> tu
 
 
 def encode_chat(
-    tokenizer: Any, messages: list[dict[str, str]], max_len: int, line: int = 0, where: str = ""
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, str]],
+    max_len: int,
+    line: int = 0,
+    where: str = "",
 ) -> Example | None:
     text, spans = assistant_spans(tokenizer, messages, where or f"line {line}")
     ids, labels = _encode_spans(tokenizer, text, spans)
     return _finish(ids, labels, max_len, line)
 
 
-def causal_examples(cfg: DatasetConfig, tokenizer: Any, max_len: int) -> list[Example | None]:
+def causal_examples(
+    cfg: DatasetConfig, tokenizer: PreTrainedTokenizerBase, max_len: int
+) -> list[Example | None]:
     """One entry per row (None: nothing to learn after cutting at max_len), validated with line numbers."""
     if cfg.type == "chat":
         ensure_chat_template(tokenizer)
@@ -567,7 +581,7 @@ def pack(examples: Sequence[Example], max_len: int) -> list[dict[str, list[int]]
     return blocks
 
 
-def disable_kv_cache(model: Any) -> None:
+def disable_kv_cache(model: torch.nn.Module) -> None:
     """Packed batches need ``use_cache=False``: with a cache transformers skips packed-mask detection."""
     cfg = getattr(model, "config", None)
     if cfg is not None and hasattr(cfg, "use_cache"):
@@ -615,7 +629,7 @@ def _causal_dataset(examples: list[Example | None], packing: bool, max_len: int)
 
 
 def build_datasets(
-    cfg: JobConfig, tokenizer: Any, max_len: int | None = None
+    cfg: JobConfig, tokenizer: PreTrainedTokenizerBase, max_len: int | None = None
 ) -> tuple[SequenceDataset, SequenceDataset | None]:
     """Train and validation datasets (validation None when the split leaves no rows).
 
@@ -652,7 +666,7 @@ def build_datasets(
 # --- batches --------------------------------------------------------------------------------------
 
 
-def _as_list(x: Any) -> list[int]:
+def _as_list(x: torch.Tensor | Sequence[int]) -> list[int]:
     return x.tolist() if isinstance(x, torch.Tensor) else list(x)
 
 
@@ -760,6 +774,11 @@ def rank_slice(
         )
         out.append(chunk[a:b])
     return out
+
+
+def batches_of(items: list[list[int]], size: int) -> list[list[list[int]]]:
+    """Micro-batches grouped into optimizer steps of ``size`` (gradient accumulation)."""
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def num_batches(remaining: int, world_size: int, batch_per_rank: int) -> int:

@@ -1,14 +1,17 @@
-"""torch.distributed plumbing: the environment torchrun gives each worker, backend and device choice."""
+"""torch.distributed plumbing: the environment torchrun gives each worker, backend and device choice, the
+few collectives the trainer calls itself (barrier, sum, object broadcast) and rank-0 logging."""
 
 from __future__ import annotations
 
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as tdist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,7 @@ def all_reduce_sum(d: DistEnv, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_gather_object(d: DistEnv, obj: Any) -> list[Any]:
+def all_gather_object(d: DistEnv, obj: T) -> list[T]:
     if not d.distributed:
         return [obj]
     out: list[Any] = [None] * d.world_size
@@ -116,9 +119,16 @@ def all_gather_object(d: DistEnv, obj: Any) -> list[Any]:
     return out
 
 
-def broadcast_object(d: DistEnv, obj: Any) -> Any:
+def broadcast_object(d: DistEnv, obj: T) -> T:
+    """Rank 0's ``obj`` on every rank (the others pass a placeholder of the same type, usually None)."""
     if not d.distributed:
         return obj
-    box = [obj]
+    box: list[T] = [obj]
     tdist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def log(d: DistEnv, msg: str) -> None:
+    """One ``tauon-trainer:`` line on stdout, from global rank 0 only."""
+    if d.is_main:
+        print(f"tauon-trainer: {msg}", flush=True)

@@ -13,13 +13,13 @@ Not found -> ``PermanentError("ModelNotFound")``; found but not loadable -> ``In
 ``init: scratch`` builds the model from ``model.config`` (``AutoConfig.for_model``) with a seeded random
 initialization; a config transformers rejects -> ``InvalidModelConfig``. Every rank builds the model's
 skeleton on the meta device (``build_on_meta``); only global rank 0 holds real full weights
-(``load_full_model``), which train.py broadcasts into each rank's part.
+(``load_full_model``), which ``strategy.parallelize`` broadcasts into each rank's part.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tauon_core.errors import (
     INVALID_CONFIG,
@@ -31,6 +31,10 @@ from tauon_core.errors import (
 from tauon_core.sources import ModelSourceError, resolve_source
 
 from .config import JobConfig, LoraConfig
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 
 def resolve_model_dir(path: str) -> str:
@@ -67,7 +71,7 @@ def _from_hub(repo: str, path: str) -> str:
         ) from None
 
 
-def load_tokenizer(model_dir: str) -> Any:
+def load_tokenizer(model_dir: str) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     try:
@@ -84,7 +88,7 @@ def load_tokenizer(model_dir: str) -> Any:
     return tok
 
 
-def build_hf_config(cfg: JobConfig, model_dir: str, tokenizer: Any) -> Any:
+def build_hf_config(cfg: JobConfig, model_dir: str, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
     """The Hugging Face config of the model to train (every rank, before any process group).
 
     ``init: scratch``: ``AutoConfig.for_model(**model.config)`` with the tokenizer's vocabulary and
@@ -147,24 +151,28 @@ def _auto_class(task: str) -> Any:
     return AutoModelForSequenceClassification if task == "sequence-classification" else AutoModelForCausalLM
 
 
-def build_on_meta(cfg: JobConfig, hf_config: Any) -> Any:
+def build_on_meta(cfg: JobConfig, hf_config: PretrainedConfig) -> PreTrainedModel:
     """The model's skeleton on the meta device (no memory): fp32 parameters once materialized."""
     import torch
 
     with torch.device("meta"):
-        model = _auto_class(cfg.model.task).from_config(hf_config, dtype=torch.float32)
+        model: PreTrainedModel = _auto_class(cfg.model.task).from_config(hf_config, dtype=torch.float32)
     return model
 
 
-def load_full_model(cfg: JobConfig, model_dir: str, hf_config: Any, tokenizer: Any, seed: int) -> Any:
+def load_full_model(
+    cfg: JobConfig, model_dir: str, hf_config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, seed: int
+) -> PreTrainedModel:
     """The full model with real weights (global rank 0 only, on CPU): pretrained weights in their stored
     dtype, or a seeded random initialization from the config for ``init: scratch``."""
     import torch
 
     cls = _auto_class(cfg.model.task)
+    model: PreTrainedModel
     if cfg.model.init == "scratch":
         torch.manual_seed(seed)
-        return cls.from_config(hf_config, dtype=torch.float32)
+        model = cls.from_config(hf_config, dtype=torch.float32)
+        return model
     try:
         kwargs: dict[str, Any] = {}
         if cfg.model.task == "sequence-classification":
@@ -175,14 +183,16 @@ def load_full_model(cfg: JobConfig, model_dir: str, hf_config: Any, tokenizer: A
             INVALID_MODEL,
             f"model in {model_dir} not loadable for task {cfg.model.task}: {type(e).__name__}: {e}",
         ) from None
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+    weight = model.get_input_embeddings().weight
+    assert isinstance(weight, torch.Tensor)
+    if len(tokenizer) > weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
 
 
-def _pretrained_config(hf_config: Any, model_dir: str) -> Any:
+def _pretrained_config(hf_config: PretrainedConfig, model_dir: str) -> PretrainedConfig:
     """The config to load stored weights with: the stored vocabulary size (resized afterwards)."""
     import copy
 
@@ -195,7 +205,7 @@ def _pretrained_config(hf_config: Any, model_dir: str) -> Any:
     return c
 
 
-def load_tokenizer_for(cfg: JobConfig, model_dir: str) -> Any:
+def load_tokenizer_for(cfg: JobConfig, model_dir: str) -> PreTrainedTokenizerBase:
     """``model.tokenizer`` when given (required with init scratch), else the model's own tokenizer."""
     if cfg.model.tokenizer_path:
         return load_tokenizer(resolve_tokenizer_dir(cfg.model.tokenizer_path))
@@ -215,7 +225,7 @@ def resolve_tokenizer_dir(path: str) -> str:
     return path
 
 
-def apply_lora(model: Any, lora: LoraConfig, task: str) -> Any:
+def apply_lora(model: PreTrainedModel, lora: LoraConfig, task: str) -> PeftModel:
     from peft import LoraConfig as PeftLoraConfig
     from peft import TaskType, get_peft_model
 

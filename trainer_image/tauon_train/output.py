@@ -113,7 +113,7 @@ def fsync_tree(root: str) -> None:
         fsync_dir(dirpath)
 
 
-def write_json_durable(path: str, obj: Any) -> None:
+def write_json_durable(path: str, obj: object) -> None:
     d = os.path.dirname(path) or "."
     tmp = os.path.join(d, f".{os.path.basename(path)}.tmp-{secrets.token_hex(4)}")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -257,3 +257,12 @@ def check_fence(output: str, attempt: int) -> None:
     recorded = int((owner or {}).get("attempt", 0) or 0)
     if recorded > attempt:
         raise Superseded(f"{output}: attempt {recorded} has taken over from this attempt {attempt}")
+
+
+def fence_status(output: str, attempt: int) -> str | None:
+    """``check_fence`` as a value: None while this attempt may write, else why not (to broadcast)."""
+    try:
+        check_fence(output, attempt)
+    except Superseded as e:
+        return str(e)
+    return None

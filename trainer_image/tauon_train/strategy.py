@@ -1,4 +1,4 @@
-"""Data-parallel strategy: the ``auto`` memory estimate, DDP or FSDP2 wrapping, activation checkpointing.
+"""Data-parallel strategy: the ``auto`` memory estimate, the plan, and ``parallelize``.
 
 - ``ddp``: every rank holds the whole model, its gradients and optimizer state (DistributedDataParallel).
 - ``fsdp``: PyTorch FSDP2 (``fully_shard``) on every transformer block and on the root, over a 1-D device
@@ -6,16 +6,32 @@
   in bf16, gradient reduction and the sharded fp32 master weights / AdamW state in fp32. On CPU: fp32.
 - ``auto``: fsdp when the replicated training state per rank would exceed ``AUTO_FSDP_FRACTION`` of one
   device's memory (GPU memory; on CPU host memory divided by the local processes).
+
+``make_plan`` decides (strategy, why, the estimate, the precision it allows: fsdp has no fp16) and
+``parallelize(model, mesh, plan, weights)`` is the one step that applies it to the model skeleton built
+on the meta device: activation checkpointing, sharding (fsdp), materializing this rank's part on the
+device with global rank 0's weights (``RankZeroWeights``, received by broadcast), and the DDP wrapper.
+It returns a ``Parallelized`` whose ``gradient_sync`` and ``precision`` are all the training loop needs
+to know, so the loop never branches on the strategy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
+
+from .config import ParallelismConfig
+from .dist import DistEnv, broadcast_object, log
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.state_dict import DictValueType
+    from torch.distributed.device_mesh import DeviceMesh
 
 AUTO_FSDP_FRACTION = 0.6
 
@@ -84,6 +100,93 @@ def gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
+# --- precision ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str  # fp32 | bf16 | fp16 (what is actually used)
+    dtype: torch.dtype | None  # autocast dtype, None for fp32 (and under fsdp, whose policy casts)
+
+    def autocast(self, device: torch.device) -> AbstractContextManager[object]:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.dtype)
+
+
+FP32 = Precision("fp32", None)
+BF16 = Precision("bf16", torch.bfloat16)
+
+
+def resolve_precision(requested: str, device: torch.device, d: DistEnv) -> Precision:
+    """``hyperparameters.precision`` on this device: ``auto`` is bf16 where the GPU supports it; what the
+    device cannot do falls back to fp32 with a warning."""
+    cuda = device.type == "cuda"
+    if requested == "auto":
+        return BF16 if cuda and torch.cuda.is_bf16_supported() else FP32
+    if requested == "bf16":
+        if cuda and not torch.cuda.is_bf16_supported():
+            log(d, "warning: bf16 not supported by this GPU; using fp32")
+            return FP32
+        return BF16
+    if requested == "fp16":
+        if not cuda:
+            log(d, "warning: fp16 needs a GPU; using fp32 on CPU")
+            return FP32
+        return Precision("fp16", torch.float16)
+    return FP32
+
+
+# --- the plan -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What ``parallelize`` does: the resolved strategy, why, and the facts it was decided on."""
+
+    strategy: str  # ddp | fsdp
+    why: str
+    estimate: Estimate
+    precision: Precision  # the precision to train in (fsdp: fp16 replaced)
+    device: torch.device
+    dist: DistEnv
+    activation_checkpointing: bool = False
+
+    def mesh(self) -> DeviceMesh | None:
+        """The device mesh the model is sharded over (fsdp); None when it is replicated."""
+        return device_mesh(self.device, self.dist.world_size) if self.strategy == "fsdp" else None
+
+    def describe(self) -> str:
+        est = self.estimate
+        return (
+            f"strategy={self.strategy} ({self.why}); params={est.params} trainable={est.trainable} "
+            f"replicated={gib(est.replicated_bytes)} sharded={gib(est.sharded_bytes)}"
+        )
+
+
+def make_plan(
+    model: nn.Module, par: ParallelismConfig, precision: Precision, device: torch.device, d: DistEnv
+) -> Plan:
+    """Estimate the replicated training state of ``model`` (meta device is fine) and resolve
+    ``parallelism.strategy``; fsdp cannot train in fp16, so it gets bf16 (or fp32) with a warning."""
+    params, trainable = count_params(model)
+    est = estimate(
+        params,
+        trainable,
+        precision.name == "bf16",
+        d.world_size,
+        device_memory_bytes(device, d.local_world_size),
+    )
+    strategy, why = resolve(par.strategy, est, d.distributed, d.world_size)
+    if strategy == "fsdp" and precision.name == "fp16":
+        precision = BF16 if torch.cuda.is_bf16_supported() else FP32
+        log(d, f"warning: fp16 is not supported with fsdp; using {precision.name}")
+    return Plan(strategy, why, est, precision, device, d, par.activation_checkpointing)
+
+
+# --- applying it ---------------------------------------------------------------------------------
+
+
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks to shard one by one: modules whose class is in ``_no_split_modules`` of the
     (innermost) Hugging Face model, else the children of the longest ModuleList."""
@@ -117,13 +220,13 @@ def enable_activation_checkpointing(model: nn.Module) -> bool:
     return True
 
 
-def device_mesh(device: torch.device, world_size: int) -> Any:
+def device_mesh(device: torch.device, world_size: int) -> DeviceMesh:
     from torch.distributed.device_mesh import init_device_mesh
 
     return init_device_mesh("cuda" if device.type == "cuda" else "cpu", (world_size,), mesh_dim_names=("dp",))
 
 
-def shard_fsdp(model: nn.Module, mesh: Any, bf16: bool) -> nn.Module:
+def shard_fsdp(model: nn.Module, mesh: DeviceMesh, bf16: bool) -> nn.Module:
     """``fully_shard`` every block, then the root (which takes the embeddings, norm and head); each block
     prefetches the next one's all-gather in forward (and, when blocks reshard, the previous one's in
     backward), so a collective runs while the current block computes.
@@ -165,7 +268,94 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     return DDP(model, **kwargs)
 
 
-def _local_bytes(t: Any) -> int:
+@dataclass
+class RankZeroWeights:
+    """Global rank 0's full state dict (CPU) and non-persistent buffers; None on the other ranks."""
+
+    state_dict: DictValueType | None
+    buffers: dict[str, torch.Tensor] | None
+
+    def load_into(self, model: nn.Module, d: DistEnv) -> None:
+        """Every rank (collective): this rank's part of rank 0's weights, then rank 0's buffers. The full
+        state dict is dropped as soon as it is loaded."""
+        full, self.state_dict = self.state_dict, None
+        if not d.distributed:
+            assert full is not None
+            model.load_state_dict(full, strict=True)
+        else:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(
+                model,
+                full if d.is_main and full is not None else {},
+                options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+            )
+        del full
+        # non-persistent buffers (e.g. rotary frequencies) are not in state dicts: copy rank 0's
+        buffers, self.buffers = self.buffers, None
+        for name, value in (broadcast_object(d, buffers) or {}).items():
+            model.get_buffer(name).copy_(value)
+
+
+@dataclass
+class Parallelized:
+    """A model laid out for data-parallel training (what ``parallelize`` returns).
+
+    ``model`` is what forward and backward run on (DDP wrapper, FSDP module or the plain model),
+    ``module`` the module whose state_dict names are the model's (checkpoints, the final model)."""
+
+    strategy: str
+    model: nn.Module
+    module: nn.Module
+    precision: Precision  # autocast dtype None under fsdp: its mixed-precision policy casts
+    activation_checkpointing: bool | None = None  # None: not requested; False: the model has none
+
+    def gradient_sync(self, sync: bool) -> AbstractContextManager[object]:
+        """Around one micro-batch's forward and backward: reduce gradients only when ``sync`` (the last
+        micro-batch of an optimizer step)."""
+        return contextlib.nullcontext()
+
+
+class Replicated(Parallelized):
+    def gradient_sync(self, sync: bool) -> AbstractContextManager[object]:
+        if not sync and isinstance(self.model, nn.parallel.DistributedDataParallel):
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+
+class Sharded(Parallelized):
+    def gradient_sync(self, sync: bool) -> AbstractContextManager[object]:
+        from torch.distributed.fsdp import FSDPModule
+
+        cast(FSDPModule, self.model).set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+
+
+def parallelize(
+    model: nn.Module, mesh: DeviceMesh | None, plan: Plan, weights: RankZeroWeights
+) -> Parallelized:
+    """Apply ``plan`` to ``model``, a skeleton on the meta device: activation checkpointing (when asked
+    for), ``fully_shard`` over ``mesh`` (fsdp), then every rank materializes its part on the device and
+    receives rank 0's weights; a replicated model is wrapped in DDP when there is a process group."""
+    ac: bool | None = None
+    if plan.activation_checkpointing:
+        ac = enable_activation_checkpointing(model)
+    if plan.strategy == "fsdp":
+        assert mesh is not None
+        shard_fsdp(model, mesh, plan.precision.name == "bf16")
+    model.to_empty(device=plan.device)
+    weights.load_into(model, plan.dist)
+    model.train()
+    if plan.strategy == "fsdp":
+        return Sharded("fsdp", model, model, Precision(plan.precision.name, None), ac)
+    wrapped = wrap_ddp(model, plan.device) if plan.dist.distributed else model
+    return Replicated("ddp", wrapped, model, plan.precision, ac)
+
+
+# --- memory ------------------------------------------------------------------------------------
+
+
+def _local_bytes(t: object) -> int:
     from torch.distributed.tensor import DTensor
 
     if t is None or not isinstance(t, torch.Tensor):
