@@ -37,6 +37,16 @@ class PermanentError(Exception):
         self.message = message
 
 
+class RetryableError(Exception):
+    """An error that a restart may fix (an unreachable store); ``reason`` is CamelCase and reaches the
+    termination message with ``retryable: true``."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+
+
 # Reasons used by the trainer (others may be added; keep them CamelCase).
 INVALID_CONFIG = "InvalidConfig"
 DATASET_NOT_FOUND = "DatasetNotFound"
@@ -89,6 +99,9 @@ def report_permanent(err: PermanentError) -> int:
 
 def report_retryable(exc: BaseException) -> int:
     """Record an unexpected exception as retryable (the traceback is printed by the caller)."""
-    message = _one_line(f"{type(exc).__name__}: {exc}")
-    write_termination_log({"retryable": True, "reason": "TrainerError", "message": message})
+    if isinstance(exc, RetryableError):
+        reason, message = exc.reason, _one_line(exc.message)
+    else:
+        reason, message = "TrainerError", _one_line(f"{type(exc).__name__}: {exc}")
+    write_termination_log({"retryable": True, "reason": reason, "message": message})
     return EXIT_RETRYABLE
