@@ -40,7 +40,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DatasetConfig:
     source: str
-    path: str  # absolute local file
+    path: str  # absolute local file or directory of shards, or an s3:// object or prefix
     format: str
     text_field: str
     label_field: str | None
@@ -303,9 +303,11 @@ def _model(model_d: Json) -> ModelConfig:
 def _dataset(ds_d: Json, task: str) -> DatasetConfig:
     ds_source = _str(ds_d, "source", "dataset.", default="")
     ds_path = local_path(_str(ds_d, "path", "dataset."), ds_source, "dataset")
-    if ds_path.startswith("hf://") or "://" in ds_path:
-        raise PermanentError(INVALID_CONFIG, f"dataset.path must be a local file, got {ds_path}")
-    default_format = "csv" if ds_path.lower().endswith(".csv") else "jsonl"
+    if "://" in ds_path and not ds_path.startswith("s3://"):
+        raise PermanentError(
+            INVALID_CONFIG, f"dataset.path must be a local file or directory or s3://, got {ds_path}"
+        )
+    default_format = "csv" if ds_path.lower().removesuffix(".gz").endswith(".csv") else "jsonl"
     label_field = _str(ds_d, "labelField", "dataset.", default="label")
     dataset = DatasetConfig(
         source=ds_source or "",

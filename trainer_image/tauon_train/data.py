@@ -1,10 +1,12 @@
 """Dataset loading, validation, the train/validation split, tokenization, packing and the sample order.
 
 Reading (``load_rows``, ``load_records``)
-    jsonl (one JSON object per line, blank lines skipped) or csv (header row). The file is decoded as
-    strict UTF-8 (a leading BOM is ignored); undecodable bytes, lone surrogates (``"\\ud800"`` in JSON),
-    duplicate csv column names, labels that are not ASCII-decimal integers in range, and oversized
-    numbers all raise ``PermanentError`` naming the file, line and field: bad data is never retried.
+    Every shard of the dataset (one file or object, or a directory or ``s3://`` prefix of shards: see
+    ``shards``), in URI order: jsonl (one JSON object per line, blank lines skipped) or csv (header row),
+    ``.gz`` allowed. Text is strict UTF-8 (a leading BOM is ignored); undecodable bytes, lone surrogates
+    (``"\\ud800"`` in JSON), duplicate csv column names, labels that are not ASCII-decimal integers in
+    range, and oversized numbers all raise ``PermanentError`` naming the shard, line and field: bad data
+    is never retried. A row's identity (``Row.line``) counts lines across the shards in order.
 
 Split
     ``split_indices`` shuffles with a generator seeded by the job's seed BEFORE any sharding, so every
@@ -55,7 +57,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import random
 import re
 from collections.abc import Iterator, Sequence
@@ -65,7 +66,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tauon_core.errors import (
-    DATASET_NOT_FOUND,
     EMPTY_DATASET,
     INVALID_DATASET,
     INVALID_LABEL,
@@ -74,6 +74,7 @@ from tauon_core.errors import (
 )
 
 from .config import DatasetConfig
+from .shards import list_shards, read_text
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -174,24 +175,6 @@ def _check_str(value: object, where: str, field: str, allow_empty: bool = False)
 # --- reading rows ------------------------------------------------------------------------------
 
 
-def _read_text(path: str) -> str:
-    """The whole file as strict UTF-8 (BOM dropped); undecodable bytes name their line."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except IsADirectoryError:
-        raise PermanentError(DATASET_NOT_FOUND, f"dataset path {path} is not a file") from None
-    except OSError as e:
-        raise PermanentError(DATASET_NOT_FOUND, f"dataset file {path} unreadable: {e.strerror}") from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise PermanentError(
-            INVALID_DATASET, f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start})"
-        ) from None
-
-
 def _rows_jsonl(path: str, text: str) -> Iterator[tuple[int, dict[str, object]]]:
     for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
@@ -241,25 +224,32 @@ def _rows_csv(path: str, text: str, needed: Sequence[str]) -> Iterator[tuple[int
         yield start, row
 
 
-def load_rows(cfg: DatasetConfig, needed: Sequence[str]) -> list[tuple[int, dict[str, object]]]:
-    """(line, row) pairs of a jsonl or csv file; ``needed`` fields must be present and not null."""
-    path = cfg.path
-    if not os.path.exists(path):
-        raise PermanentError(
-            DATASET_NOT_FOUND, f"dataset file {path} not found (dataset.source={cfg.source})"
-        )
-    if not os.path.isfile(path):
-        raise PermanentError(
-            DATASET_NOT_FOUND, f"dataset path {path} is not a file (dataset.source={cfg.source})"
-        )
-    text = _read_text(path)
-    rows = list(_rows_jsonl(path, text) if cfg.format == "jsonl" else _rows_csv(path, text, needed))
-    for lineno, row in rows:
-        for col in needed:
-            if col not in row or row[col] is None:
-                raise PermanentError(MISSING_COLUMN, f"{path}:{lineno}: field '{col}' missing")
+@dataclass(frozen=True)
+class Row:
+    """One row of the dataset: ``line`` is its identity (1-based, counted across the shards in order, so
+    a single-file dataset keeps its file's line numbers); ``where`` is ``SHARD:LINE`` for messages."""
+
+    line: int
+    where: str
+    fields: dict[str, object]
+
+
+def load_rows(cfg: DatasetConfig, needed: Sequence[str]) -> list[Row]:
+    """Rows of every shard (jsonl or csv, see ``shards``); ``needed`` fields must be present and not null."""
+    rows: list[Row] = []
+    offset = 0
+    for shard in list_shards(cfg.path, cfg.format, cfg.source):
+        text = read_text(shard)
+        uri = shard.uri
+        parsed = _rows_jsonl(uri, text) if cfg.format == "jsonl" else _rows_csv(uri, text, needed)
+        for lineno, fields in parsed:
+            for col in needed:
+                if col not in fields or fields[col] is None:
+                    raise PermanentError(MISSING_COLUMN, f"{uri}:{lineno}: field '{col}' missing")
+            rows.append(Row(offset + lineno, f"{uri}:{lineno}", fields))
+        offset += text.count("\n") + 1
     if not rows:
-        raise PermanentError(EMPTY_DATASET, f"{path}: no rows")
+        raise PermanentError(EMPTY_DATASET, f"{cfg.path}: no rows")
     return rows
 
 
@@ -267,14 +257,13 @@ def load_records(cfg: DatasetConfig, num_labels: int | None) -> list[Record]:
     """Rows of a ``text`` dataset (text + optional label), validated."""
     needed = [cfg.text_field] + ([cfg.label_field] if cfg.label_field else [])
     records: list[Record] = []
-    for lineno, row in load_rows(cfg, needed):
-        where = f"{cfg.path}:{lineno}"
-        text = _check_str(row[cfg.text_field], where, cfg.text_field)
+    for row in load_rows(cfg, needed):
+        text = _check_str(row.fields[cfg.text_field], row.where, cfg.text_field)
         label = None
         if cfg.label_field:
             assert num_labels is not None
-            label = parse_label(row[cfg.label_field], num_labels, where, cfg.label_field)
-        records.append(Record(text=text, label=label, line=lineno))
+            label = parse_label(row.fields[cfg.label_field], num_labels, row.where, cfg.label_field)
+        records.append(Record(text=text, label=label, line=row.line))
     return records
 
 
@@ -542,22 +531,21 @@ def causal_examples(
         ensure_chat_template(tokenizer)
         rows = load_rows(cfg, [cfg.messages_field])
         out: list[Example | None] = []
-        for line, row in rows:
-            where = f"{cfg.path}:{line}"
-            msgs = validate_messages(row[cfg.messages_field], where, cfg.messages_field)
-            out.append(encode_chat(tokenizer, msgs, max_len, line, where))
+        for row in rows:
+            msgs = validate_messages(row.fields[cfg.messages_field], row.where, cfg.messages_field)
+            out.append(encode_chat(tokenizer, msgs, max_len, row.line, row.where))
         return out
     if cfg.type == "prompt-completion":
         rows = load_rows(cfg, [cfg.prompt_field, cfg.completion_field])
         return [
             encode_prompt_completion(
                 tokenizer,
-                _check_str(row[cfg.prompt_field], f"{cfg.path}:{line}", cfg.prompt_field, allow_empty=True),
-                _check_str(row[cfg.completion_field], f"{cfg.path}:{line}", cfg.completion_field),
+                _check_str(row.fields[cfg.prompt_field], row.where, cfg.prompt_field, allow_empty=True),
+                _check_str(row.fields[cfg.completion_field], row.where, cfg.completion_field),
                 max_len,
-                line,
+                row.line,
             )
-            for line, row in rows
+            for row in rows
         ]
     return [encode_text(tokenizer, r.text, max_len, r.line) for r in load_records(cfg, None)]
 

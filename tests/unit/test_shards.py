@@ -1,0 +1,82 @@
+"""Raw dataset shards on local disk: listing, gzip (corrupt, truncated, multi-member), row identity."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import pytest
+
+from tauon_core.errors import DATASET_NOT_FOUND, INVALID_DATASET, PermanentError
+from tauon_train import data, shards
+from tauon_train.config import DatasetConfig
+
+
+def _cfg(path: Path | str, fmt: str = "jsonl") -> DatasetConfig:
+    p = str(path)
+    return DatasetConfig(
+        source=p, path=p, format=fmt, text_field="text", label_field=None, validation_split=0
+    )
+
+
+def _rows(n: int, start: int = 0) -> bytes:
+    return b"".join(b'{"text": "row %d"}\n' % i for i in range(start, start + n))
+
+
+def test_directory_of_shards_in_uri_order_with_gzip_and_skips(tmp_path: Path) -> None:
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a.jsonl").write_bytes(_rows(3))
+    (tmp_path / "b" / "c.jsonl.gz").write_bytes(gzip.compress(_rows(2, 3)) + gzip.compress(_rows(1, 5)))
+    (tmp_path / "b" / "d.csv").write_text("text\nnot jsonl\n")
+    (tmp_path / "README").write_text("skip")
+    found = shards.list_shards(str(tmp_path), "jsonl")
+    assert [Path(s.uri).name for s in found] == ["a.jsonl", "c.jsonl.gz"]
+    rows = data.load_rows(_cfg(tmp_path), ["text"])
+    assert [r.fields["text"] for r in rows] == [f"row {i}" for i in range(6)]
+    # identity: lines counted across shards (a.jsonl has 3 lines + the empty tail)
+    assert [r.line for r in rows] == [1, 2, 3, 5, 6, 7]
+    assert rows[3].where.endswith("c.jsonl.gz:1")
+    assert len({r.line for r in rows}) == 6
+
+
+def test_single_file_keeps_its_line_numbers(tmp_path: Path) -> None:
+    f = tmp_path / "one.jsonl"
+    f.write_bytes(b'\n{"text": "a"}\n\n{"text": "b"}\n')
+    rows = data.load_rows(_cfg(f), ["text"])
+    assert [(r.line, r.where) for r in rows] == [(2, f"{f}:2"), (4, f"{f}:4")]
+
+
+def test_corrupt_and_truncated_gzip_name_shard_and_line(tmp_path: Path) -> None:
+    packed = gzip.compress(_rows(2000))
+    (tmp_path / "t.jsonl.gz").write_bytes(packed[: len(packed) // 2])
+    with pytest.raises(PermanentError) as e:
+        data.load_rows(_cfg(tmp_path / "t.jsonl.gz"), ["text"])
+    assert e.value.reason == INVALID_DATASET and "truncated gzip" in e.value.message
+    line = int(e.value.message.split(":")[1])
+    assert e.value.message.startswith(f"{tmp_path / 't.jsonl.gz'}:") and 1 < line <= 2000
+    bad = bytearray(packed)
+    bad[len(bad) // 2 : len(bad) // 2 + 64] = b"\xff" * 64
+    (tmp_path / "c.jsonl.gz").write_bytes(bytes(bad))
+    with pytest.raises(PermanentError) as e:
+        data.load_rows(_cfg(tmp_path / "c.jsonl.gz"), ["text"])
+    assert e.value.reason == INVALID_DATASET and str(tmp_path / "c.jsonl.gz") in e.value.message
+
+
+def test_bad_row_in_second_shard_names_that_shard(tmp_path: Path) -> None:
+    (tmp_path / "p0.jsonl").write_bytes(_rows(2))
+    (tmp_path / "p1.jsonl").write_bytes(b'{"text": "ok"}\n{"nope": 1}\n')
+    with pytest.raises(PermanentError) as e:
+        data.load_rows(_cfg(tmp_path), ["text"])
+    assert e.value.message == f"{tmp_path / 'p1.jsonl'}:2: field 'text' missing"
+
+
+def test_csv_shards_and_missing_or_empty_directory(tmp_path: Path) -> None:
+    (tmp_path / "x.csv.gz").write_bytes(gzip.compress(b"text\nhello\n"))
+    assert [r.fields["text"] for r in data.load_rows(_cfg(tmp_path, "csv"), ["text"])] == ["hello"]
+    assert shards.format_of("s3://b/x.CSV.gz") == "csv" and shards.format_of("s3://b/p/") == "jsonl"
+    with pytest.raises(PermanentError) as e:
+        data.load_rows(_cfg(tmp_path, "jsonl"), ["text"])
+    assert e.value.reason == DATASET_NOT_FOUND and "no .jsonl or .jsonl.gz shard" in e.value.message
+    with pytest.raises(PermanentError) as e:
+        data.load_rows(_cfg(tmp_path / "absent"), ["text"])
+    assert e.value.reason == DATASET_NOT_FOUND
