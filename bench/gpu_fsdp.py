@@ -24,13 +24,14 @@ import argparse
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from tauon.local.process import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -111,12 +112,6 @@ def count_params(a: argparse.Namespace) -> int:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf)
     return sum(p.numel() for p in model.parameters())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def device_info() -> dict[str, Any]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from tauon.local.process import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -84,12 +85,6 @@ def job(out: Path, strategy: str, layers: int, steps: int, seq: int = 0) -> dict
         "parallelism": {"strategy": strategy},
         "output": {"path": str(out), "checkpointEverySteps": 100_000},
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run_one(tmp: Path, strategy: str, layers: int, steps: int, seq: int = 0) -> dict[str, Any]:

@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tauon.local.process import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 DATA = REPO / "examples" / "data" / "sentiment.jsonl"
@@ -47,14 +49,6 @@ def fixed_length_data(path: Path, max_len: int) -> None:
             words = r["text"].split()
             reps = max_len // max(1, len(words)) + 2
             f.write(json.dumps({"text": " ".join([r["text"]] * reps), "label": r["label"]}) + "\n")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def env() -> dict[str, str]:

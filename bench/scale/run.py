@@ -42,7 +42,6 @@ import math
 import os
 import platform
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -56,6 +55,8 @@ from typing import Any
 import aiohttp
 import psutil
 import yaml
+
+from tauon.local.process import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "bench" / "results"
@@ -80,12 +81,6 @@ def load_cluster_module() -> Any:
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def quantiles(xs: list[float]) -> dict[str, float | None]:

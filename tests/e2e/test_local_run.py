@@ -17,15 +17,10 @@ import yaml
 
 from tauon.api import FineTuneJobStatus, InferenceServiceStatus
 from tests.kube import wait_until
+from tests.net import free_port
 
 pytestmark = [pytest.mark.e2e]
 TAUON = str(Path(sys.executable).parent / "tauon")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_failed_rank_is_reported_with_reason(tmp_path: Path):

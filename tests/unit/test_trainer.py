@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -28,6 +27,7 @@ from tauon_train.metrics import (
     progress_record,
     start_metrics_server,
 )
+from tests.net import free_port as _free_port
 from tests.workload.helpers import SENTIMENT, env, job
 
 # --- config ------------------------------------------------------------------------------------
@@ -434,12 +434,6 @@ def test_parallelize_a_single_process_model_with_rank0_weights() -> None:
 
 
 # --- metrics, progress, errors, dist -----------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_metrics_server_serves_metrics_and_progress(capsys: pytest.CaptureFixture[str]) -> None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from tests.net import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SENTIMENT = REPO / "examples" / "data" / "sentiment.jsonl"
@@ -91,12 +92,6 @@ def env(tmp: Path, **extra: str) -> dict[str, str]:
     )
     e.update(extra)
     return e
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def torchrun_cmd(config: Path, nproc: int = 2) -> list[str]:
