@@ -4,7 +4,7 @@ PY ?= .venv/bin/python
 VENV_STAMP := .venv/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install demo demo-llm test lint unit workload cluster-tests e2e crds cluster-up cluster-down e2e-kind bench
+.PHONY: install demo demo-llm demo-s3 test lint unit workload cluster-tests e2e crds cluster-up cluster-down e2e-kind bench
 
 $(VENV_STAMP): pyproject.toml
 	@command -v uv >/dev/null || python3 -m pip install -q uv==0.13.8
@@ -50,6 +50,9 @@ demo: install
 
 demo-llm: install
 	$(PY) hack/demo_llm.py
+
+demo-s3: install
+	$(PY) hack/demo_s3.py
 
 bench: install
 	$(PY) bench/trainer.py

@@ -131,7 +131,7 @@ def test_serve_builds_the_hand_written_manifest() -> None:
         ({"batch_size_per_device": 0}, "spec.hyperparameters.batchSizePerDevice"),
         ({"num_nodes": 0}, "spec.numNodes"),
         ({"method": "qlora"}, "spec.method.type"),
-        ({"dataset": "s3://bucket/x.jsonl"}, "spec.dataset.source"),
+        ({"dataset": "gs://bucket/x.jsonl"}, "spec.dataset.source"),
         ({"num_labels": None, "task": "sequence-classification"}, "spec.model.numLabels"),
         ({"task": "causal-lm", "num_labels": None, "label_field": "y"}, "spec.dataset.labelField"),
         ({"learnig_rate": 1e-4}, "learnig_rate"),

@@ -128,6 +128,13 @@ SEGMENTS = [
     ("file:///abs/../etc", False),
     ("file:////abs", False),
     ("file://./../up", False),
+    ("s3://corpora/web/", True),  # an s3:// prefix may end in one /
+    ("s3://corpora/web/part-0.jsonl.gz", True),
+    ("s3://corpora", True),
+    ("s3://corpora/a//b", False),
+    ("s3://corpora/a/../b", False),
+    ("s3://corpora/./a", False),
+    ("s3://corpora/a//", False),
 ]
 
 

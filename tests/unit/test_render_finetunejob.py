@@ -8,6 +8,7 @@ import re
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from tauon.api.finetunejob import FineTuneJob
 from tauon.render.common import PVC_ROOT, InvalidSpec
@@ -454,6 +455,38 @@ def test_hf_token_comes_from_the_secret_reference() -> None:
     env = env_of(render_pod(job, CFG, 0, 0))
     assert env["HF_TOKEN"] == {"secretKeyRef": {"name": "hf", "key": "tok"}}
     assert "HF_TOKEN" not in env_of(render_pod(make_job(), CFG, 0, 0))
+
+
+def test_s3_dataset_passes_through_and_storage_credentials_only_as_secret_refs() -> None:
+    spec = {
+        "dataset": {"source": "s3://corpora/web/"},
+        "storage": {
+            "s3": {"endpoint": "http://weed.storage.svc:8333", "region": "eu-1", "secretRef": {"name": "s3c"}}
+        },
+    }
+    job = make_job(spec)
+    children = render_attempt(job, CFG, 0)
+    assert config_of(children)["dataset"]["path"] == "s3://corpora/web/"
+    pod = render_pod(job, CFG, 0, 0)
+    env = env_of(pod)
+    assert env["TAUON_S3_ENDPOINT"] == "http://weed.storage.svc:8333" and env["AWS_REGION"] == "eu-1"
+    assert env["AWS_ACCESS_KEY_ID"] == {"secretKeyRef": {"name": "s3c", "key": "AWS_ACCESS_KEY_ID"}}
+    assert env["AWS_SECRET_ACCESS_KEY"] == {"secretKeyRef": {"name": "s3c", "key": "AWS_SECRET_ACCESS_KEY"}}
+    assert env["AWS_SESSION_TOKEN"] == {
+        "secretKeyRef": {"name": "s3c", "key": "AWS_SESSION_TOKEN", "optional": True}
+    }
+    # no volume for the dataset; nothing of the store's settings leaks beyond the env
+    assert "corpora" not in json.dumps(pod["spec"].get("volumes", []))
+    no_storage = env_of(render_pod(make_job({"dataset": {"source": "s3://corpora/web/"}}), CFG, 0, 0))
+    assert not {k for k in no_storage if k.startswith(("AWS_", "TAUON_S3"))}
+
+
+@pytest.mark.parametrize(
+    "source", ["s3://Corpora/x", "s3://ab/x", "s3://corpora/a//b", "s3:/corpora/x", "gs://corpora/x"]
+)
+def test_bad_s3_dataset_sources_are_refused(source: str) -> None:
+    with pytest.raises((ValidationError, InvalidSpec)):
+        render_attempt(make_job({"dataset": {"source": source}}), CFG, 0)
 
 
 # -------------------------------------------------------------------------------------- pod shape

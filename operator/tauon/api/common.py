@@ -27,13 +27,20 @@ NAME_MAX = 40
 PVC_URI = r"pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/[^\s]*)?"
 HF_URI = r"hf://[A-Za-z0-9][-A-Za-z0-9_.]*/[A-Za-z0-9][-A-Za-z0-9_.]*"
 FILE_URI = r"file://(/|\./)[^\s]*"
+# s3://BUCKET[/KEY-OR-PREFIX]; bucket names as S3 allows them (3-63 of [a-z0-9.-])
+S3_URI = r"s3://[a-z0-9][-a-z0-9.]{1,61}[a-z0-9](/[^\s]*)?"
 
 MODEL_SOURCE_PATTERN = f"^({PVC_URI}|{HF_URI}|{FILE_URI})$"
 DATA_SOURCE_PATTERN = f"^({PVC_URI}|{FILE_URI})$"
+DATASET_SOURCE_PATTERN = f"^({PVC_URI}|{FILE_URI}|{S3_URI})$"
 
 # A path segment that is empty, `.` or `..` after the claim (pvc://), the root (file:///) or the leading
 # `./` (file://./): `pvc://a/../b`, `pvc://a//b`, `pvc://a/b/` and `file:///x/./y` are refused (RE2).
-BAD_SEGMENT_RE = r"^(pvc://[^/]+|file://\.?)(/[^/]*)*/\.{0,2}(/|$)"
+# An s3:// prefix may end in one `/` (`s3://b/corpus/`); `s3://b/a//c` and `s3://b/../c` are refused.
+BAD_SEGMENT_RE = (
+    r"^(pvc://[^/]+|file://\.?)(/[^/]*)*/\.{0,2}(/|$)"
+    r"|^s3://[^/]+(/[^/]*)*/(\.{1,2}(/|$)|/)"
+)
 
 
 class KubeModel(BaseModel):
@@ -108,6 +115,40 @@ class SecretKeyRef(KubeModel):
 
 class LocalObjectReference(KubeModel):
     name: str = Field(description="Name of the referenced object (same namespace).", max_length=MAX_STR)
+
+
+class S3Storage(KubeModel):
+    endpoint: str | None = Field(
+        default=None,
+        description=(
+            "URL of an S3-compatible store (SeaweedFS, Ceph, MinIO...), e.g. "
+            "http://seaweedfs.storage.svc:8333. Default: AWS S3. Rendered as TAUON_S3_ENDPOINT; with "
+            "`tauon run --local` the caller's AWS_ENDPOINT_URL wins."
+        ),
+        max_length=MAX_LONG_STR,
+        pattern=r"^https?://[^\s/]+(/[^\s]*)?$",
+    )
+    region: str | None = Field(
+        default=None,
+        description="Region of the store (AWS_REGION), e.g. us-east-1.",
+        max_length=MAX_STR,
+        pattern=r"^[a-z0-9-]+$",
+    )
+    secret_ref: LocalObjectReference | None = Field(
+        default=None,
+        description=(
+            "Secret with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and optionally "
+            "AWS_SESSION_TOKEN). It reaches the pods only as env valueFrom, never a ConfigMap, status, "
+            "event or log. Without it the pods use the default AWS credential chain (e.g. a workload "
+            "identity); `tauon run --local` always uses the caller's environment."
+        ),
+    )
+
+
+class StorageSpec(KubeModel):
+    s3: S3Storage | None = Field(
+        default=None, description="How the pods (and `tauon run --local`) reach s3:// URIs."
+    )
 
 
 class EnvVar(KubeModel):

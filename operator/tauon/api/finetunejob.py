@@ -9,6 +9,7 @@ from pydantic import ConfigDict, Field
 
 from tauon.api.common import (
     DATA_SOURCE_PATTERN,
+    DATASET_SOURCE_PATTERN,
     MAX_LIST,
     MAX_LONG_STR,
     MAX_STR,
@@ -21,6 +22,7 @@ from tauon.api.common import (
     ResourceRequirements,
     SecretKeyRef,
     StatusModel,
+    StorageSpec,
     free_form,
     reserved_env_rule,
     source_field,
@@ -142,12 +144,17 @@ class DatasetSpec(KubeModel):
     )
 
     source: str = source_field(
-        "Training data: pvc://CLAIM/PATH or file:// (no hf:// datasets in v1alpha1). Path segments may "
-        "not be empty, `.` or `..`.",
-        DATA_SOURCE_PATTERN,
+        "Training data: one file or object, or a directory or prefix of shards (a trailing / is allowed "
+        "for s3://): pvc://CLAIM/PATH, file:// or s3://BUCKET/KEY (credentials and endpoint from "
+        "spec.storage.s3). Under a directory or prefix every object ending in the format's suffixes "
+        "(.jsonl/.jsonl.gz or .csv/.csv.gz) is a shard, in name order. No hf:// datasets in v1alpha1. "
+        "Path segments may not be empty, `.` or `..`.",
+        DATASET_SOURCE_PATTERN,
         "spec.dataset.source",
     )
-    format: Literal["jsonl", "csv"] = Field(default="jsonl", description="File format: jsonl or csv.")
+    format: Literal["jsonl", "csv"] = Field(
+        default="jsonl", description="File format: jsonl or csv; shards may be gzipped (.jsonl.gz, .csv.gz)."
+    )
     type: Literal["text", "chat", "prompt-completion"] = Field(default="text", description=DATASET_TYPES_DOC)
     text_field: str = Field(
         default="text",
@@ -335,6 +342,7 @@ IMMUTABLE_SPEC_FIELDS = [
     "env",
     "podTemplate",
     "parallelism",
+    "storage",
 ]
 
 
@@ -385,6 +393,9 @@ class FineTuneJobSpec(KubeModel):
         default_factory=Hyperparameters, description="Optimisation settings."
     )
     output: OutputSpec = Field(description="Where the model, checkpoints and metrics are written.")
+    storage: StorageSpec | None = Field(
+        default=None, description="Object storage settings for s3:// sources (endpoint, region, credentials)."
+    )
     num_nodes: int = Field(default=1, ge=1, le=1024, description="Pods in the gang (one per node).")
     nproc_per_node: int | Literal["auto"] = Field(
         default="auto",

@@ -15,6 +15,7 @@ from tauon.api.common import (
     ObjectMeta,
     PodTemplateOverrides,
     ResourceRequirements,
+    StorageSpec,
 )
 from tauon.api.names import API_VERSION, LABEL_MANAGED_BY, MANAGER, RESERVED_KEY_PREFIX, Manifest
 from tauon.render.config import OperatorConfig
@@ -98,10 +99,10 @@ class Storage:
     _uses: dict[str, list[_ClaimUse]] = field(default_factory=dict)
 
     def add(self, uri: str, where: str, cfg: OperatorConfig, write: bool = False) -> str:
-        """Mount what `uri` needs and return the local path (hf:// stays an hf:// id)."""
+        """Mount what `uri` needs and return the local path (hf:// ids and s3:// URIs pass through)."""
         check_segments(uri, where)
-        if uri.startswith("hf://"):
-            return uri
+        if uri.startswith(("hf://", "s3://")):
+            return uri  # read by the workload itself (hf:// ids, s3:// through spec.storage.s3)
         if uri.startswith("pvc://"):
             claim, _, sub = uri.removeprefix("pvc://").partition("/")
             self._uses.setdefault(claim, []).append(_ClaimUse(sub, write))
@@ -244,3 +245,26 @@ def gpu_count(resources: Any) -> int:
 
 def dump(model: KubeModel) -> Manifest:
     return model.dump()
+
+
+S3_SECRET_KEYS = (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False), ("AWS_SESSION_TOKEN", True))
+
+
+def s3_env(storage: StorageSpec | None) -> list[Manifest]:
+    """spec.storage.s3 as container env: endpoint and region as values, the credentials only as
+    secretKeyRef (AWS_SESSION_TOKEN optional), so no credential is ever rendered into a manifest."""
+    s3 = storage.s3 if storage is not None else None
+    if s3 is None:
+        return []
+    env: list[Manifest] = []
+    if s3.endpoint:
+        env.append({"name": "TAUON_S3_ENDPOINT", "value": s3.endpoint})
+    if s3.region:
+        env.append({"name": "AWS_REGION", "value": s3.region})
+    if s3.secret_ref is not None:
+        for key, optional in S3_SECRET_KEYS:
+            ref: Manifest = {"name": s3.secret_ref.name, "key": key}
+            if optional:
+                ref["optional"] = True
+            env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
+    return env

@@ -29,6 +29,7 @@ from tauon.render.common import (
     gpu_count,
     merge_env,
     pod_security,
+    s3_env,
 )
 from tauon.render.config import OperatorConfig
 
@@ -256,6 +257,7 @@ def trainer_env(
     ref = spec.model.token_secret_ref
     if ref is not None:
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    env += s3_env(spec.storage)
     # user env may override NCCL_* and our other non-reserved defaults (one definition per name)
     return merge_env(env, env_list(list(spec.env)), overridable_prefix=("NCCL_", "TORCH_NCCL_", "HF_"))
 
