@@ -92,6 +92,7 @@ STORAGE_FIELDS = {
         ".spec.model.source",
         ".spec.model.tokenizer",
         ".spec.dataset.source",
+        ".spec.dataset.cache.storage",
         ".spec.output.storage",
     },
     "inferenceservices.tauon.dev.yaml": {".spec.model.source", ".spec.canary.model.source"},

@@ -1711,3 +1711,53 @@ def test_a_fully_scheduled_gang_is_never_released() -> None:
     for _ in range(3):
         plan = sim.step(100)
         assert plan.deletes == [] and sim.st.attempt == 0
+
+
+def test_resolved_dataset_from_progress_written_once_and_bounded() -> None:
+    sim = Sim({"numNodes": 2})
+    sim.run_gang()
+    ds = {"shards": 4, "documents": 200, "tokens": 9_000, "cacheKey": "ab12" * 8, "cacheHit": False}
+    sim.progress = {"step": 1, "totalSteps": 10, "updatedAt": iso(sim.now), "resolved": {"dataset": ds}}
+    plan = sim.step(1)
+    assert plan.status is not None
+    assert plan.status["resolved"]["dataset"] == ds
+    assert sim.st.resolved.strategy is None  # the dataset alone sets no strategy
+    # a later attempt hits the cache the first one wrote: the first report stays
+    sim.progress = {
+        "step": 2,
+        "totalSteps": 10,
+        "updatedAt": iso(sim.now + timedelta(seconds=5)),
+        "resolved": {"strategy": "ddp", "dataset": {**ds, "cacheHit": True}},
+    }
+    sim.step(5)
+    assert sim.st.resolved.dataset is not None and sim.st.resolved.dataset.cache_hit is False
+    assert sim.st.resolved.strategy == "ddp"
+    assert sim.step(5).is_empty()
+
+
+@pytest.mark.parametrize(
+    "dataset",
+    [
+        {"shards": 10**30, "documents": 1},
+        {"shards": "4"},
+        {"documents": 5},
+        "four shards",
+    ],
+)
+def test_unusable_resolved_dataset_reports_are_ignored(dataset: Any) -> None:
+    sim = Sim({"numNodes": 1})
+    sim.run_gang()
+    sim.progress = {"step": 3, "totalSteps": 10, "updatedAt": iso(sim.now), "resolved": {"dataset": dataset}}
+    sim.step(1)
+    assert sim.st.resolved.dataset is None
+
+
+def test_resolved_dataset_cache_key_must_look_like_a_key() -> None:
+    sim = Sim({"numNodes": 1})
+    sim.run_gang()
+    bad = {"shards": 1, "documents": 2, "tokens": 3, "cacheKey": "<script>", "cacheHit": "yes"}
+    sim.progress = {"step": 3, "totalSteps": 10, "updatedAt": iso(sim.now), "resolved": {"dataset": bad}}
+    sim.step(1)
+    assert sim.st.resolved.dataset is not None
+    assert (sim.st.resolved.dataset.cache_key, sim.st.resolved.dataset.cache_hit) == (None, None)
+    assert sim.st.resolved.dataset.tokens == 3

@@ -481,6 +481,18 @@ def test_s3_dataset_passes_through_and_storage_credentials_only_as_secret_refs()
     assert not {k for k in no_storage if k.startswith(("AWS_", "TAUON_S3"))}
 
 
+def test_dataset_cache_storage_is_mounted_for_writing_and_named_in_job_json() -> None:
+    job = make_job({"dataset": {"source": "pvc://data/c", "cache": {"storage": "pvc://cache/tok"}}})
+    conf = job_config(job, CFG)
+    assert conf["dataset"]["cache"] == {"storage": "pvc://cache/tok", "path": f"{PVC_ROOT}/cache/tok"}
+    assert shared_claims(job)["cache"] == "write"
+    s3 = job_config(
+        make_job({"dataset": {"source": "s3://corpora/c/", "cache": {"storage": "s3://tok/x/"}}}), CFG
+    )
+    assert s3["dataset"]["cache"] == {"storage": "s3://tok/x/", "path": "s3://tok/x/"}
+    assert "cache" not in job_config(make_job(), CFG)["dataset"]  # default: the trainer's <output>/data-cache
+
+
 @pytest.mark.parametrize(
     "source", ["s3://Corpora/x", "s3://ab/x", "s3://corpora/a//b", "s3:/corpora/x", "gs://corpora/x"]
 )

@@ -128,6 +128,19 @@ DATASET_TYPES_DOC = (
 )
 
 
+class DatasetCache(KubeModel):
+    storage: str | None = source_field(
+        "Where the tokenized dataset is kept: pvc://CLAIM/PATH, file:// or s3://BUCKET/PREFIX. Entries "
+        "live under a key derived from the content (shard sizes/etags), the tokenizer, dataset.type and "
+        "its fields, maxSeqLength and packing: a restart, a resume at another world size or another job "
+        "with the same key reuses them. Default: <output.storage>/data-cache. With numNodes > 1 every node "
+        "must reach it (ReadWriteMany, or object storage). causal-lm only.",
+        DATASET_SOURCE_PATTERN,
+        "spec.dataset.cache.storage",
+        required=False,
+    )
+
+
 class DatasetSpec(KubeModel):
     model_config = ConfigDict(
         json_schema_extra={
@@ -189,6 +202,9 @@ class DatasetSpec(KubeModel):
             "causal-lm only: pack examples into maxSeqLength blocks; attention never crosses example "
             "boundaries."
         ),
+    )
+    cache: DatasetCache | None = Field(
+        default=None, description="The tokenized-data cache (causal-lm): tokenize once, reuse across jobs."
     )
     label_field: str | None = Field(
         default=None,
@@ -467,6 +483,16 @@ class StrategyEstimate(StatusModel):
     )
 
 
+class ResolvedDataset(StatusModel):
+    shards: int | None = Field(default=None, description="Raw shards the dataset is made of.")
+    documents: int | None = Field(default=None, description="Documents (rows) in the dataset.")
+    tokens: int | None = Field(default=None, description="Tokens after tokenization (causal-lm).")
+    cache_key: str | None = Field(default=None, description="Key of the tokenized-data cache entry.")
+    cache_hit: bool | None = Field(
+        default=None, description="Whether the first attempt found the dataset already tokenized."
+    )
+
+
 class Resolved(StatusModel):
     image: str | None = Field(default=None, description="Trainer image used for every attempt.")
     nproc_per_node: int | None = Field(default=None, description="Processes per pod after resolving auto.")
@@ -477,6 +503,9 @@ class Resolved(StatusModel):
     )
     estimate: StrategyEstimate | None = Field(
         default=None, description="The memory estimate behind strategy auto, as rank 0 reported it."
+    )
+    dataset: ResolvedDataset | None = Field(
+        default=None, description="What the dataset turned out to be, as rank 0 reported it (written once)."
     )
 
 

@@ -13,6 +13,7 @@ follow the rule in tauon.reconcile.context.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -25,6 +26,7 @@ from tauon.api.finetunejob import (
     LastFailure,
     Output,
     Progress,
+    ResolvedDataset,
     StrategyEstimate,
 )
 from tauon.api.names import (
@@ -215,11 +217,17 @@ def _bounded_bytes(v: Any) -> int | None:
 
 
 def take_resolved(st: FineTuneJobStatus, report: Any) -> None:
-    """status.resolved.strategy (and its estimate) from what rank 0 reported (`"resolved": {"strategy":
-    "ddp" | "fsdp", "estimateBytes": N, "deviceMemoryBytes": N}` in /progress or the termination message).
-    Written once and never overwritten: a later attempt's report (another world size) changes nothing.
-    Anything else (unknown strategy, non-integers, huge values) is ignored."""
-    if st.resolved.strategy is not None or not isinstance(report, dict):
+    """status.resolved.strategy (and its estimate) and status.resolved.dataset from what rank 0 reported
+    (`"resolved": {"strategy": "ddp" | "fsdp", "estimateBytes": N, "deviceMemoryBytes": N, "dataset":
+    {"shards", "documents", "tokens", "cacheKey", "cacheHit"}}` in /progress or the termination message).
+    Each is written once and never overwritten: a later attempt's report (another world size, a cache hit
+    on the entry the first attempt wrote) changes nothing. Anything else (unknown strategy, non-integers,
+    huge values) is ignored."""
+    if not isinstance(report, dict):
+        return
+    if st.resolved.dataset is None:
+        st.resolved.dataset = _resolved_dataset(report.get("dataset"))
+    if st.resolved.strategy is not None:
         return
     strategy = report.get("strategy")
     if strategy not in ("ddp", "fsdp"):
@@ -229,6 +237,20 @@ def take_resolved(st: FineTuneJobStatus, report: Any) -> None:
     st.resolved.strategy = strategy
     if state is not None or device is not None:
         st.resolved.estimate = StrategyEstimate(state_bytes_per_rank=state, device_memory_bytes=device)
+
+
+def _resolved_dataset(report: Any) -> ResolvedDataset | None:
+    if not isinstance(report, dict):
+        return None
+    key = report.get("cacheKey")
+    hit = report.get("cacheHit")
+    counts = {k: _bounded_bytes(report.get(k)) for k in ("shards", "documents", "tokens")}
+    out = ResolvedDataset(
+        **counts,
+        cache_key=key if isinstance(key, str) and re.fullmatch(r"[0-9a-f]{8,128}", key) else None,
+        cache_hit=hit if isinstance(hit, bool) else None,
+    )
+    return out if out.shards is not None else None
 
 
 def restart_delay(restarts: int) -> timedelta:

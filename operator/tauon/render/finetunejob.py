@@ -118,6 +118,9 @@ def _storage(job: FineTuneJob, cfg: OperatorConfig) -> tuple[Storage, dict[str, 
     if model.tokenizer is not None:
         paths["tokenizer"] = s.add(model.tokenizer, "spec.model.tokenizer", cfg)
     paths["dataset"] = s.add(job.spec.dataset.source, "spec.dataset.source", cfg)
+    cache = job.spec.dataset.cache
+    if cache is not None and cache.storage is not None:
+        paths["cache"] = s.add(cache.storage, "spec.dataset.cache.storage", cfg, write=True)
     paths["output"] = s.add(job.spec.output.storage, "spec.output.storage", cfg, write=True)
     s.finish()
     return s, paths
@@ -130,6 +133,7 @@ def shared_claims(job: FineTuneJob) -> dict[str, str]:
         (job.spec.model.source, "read"),
         (job.spec.model.tokenizer, "read"),
         (job.spec.dataset.source, "read"),
+        (job.spec.dataset.cache.storage if job.spec.dataset.cache else None, "write"),
         (job.spec.output.storage, "write"),
     ):
         if uri is not None and uri.startswith("pvc://"):
@@ -161,6 +165,9 @@ def job_config(job: FineTuneJob, cfg: OperatorConfig) -> dict[str, object]:
     if spec.dataset.type != "text":
         dataset.pop("textField", None)
     dataset["path"] = paths["dataset"]
+    cache = spec.dataset.cache
+    if cache is not None and cache.storage is not None:
+        dataset["cache"] = {"storage": cache.storage, "path": paths["cache"]}
     method = spec.method.dump()
     if spec.method.type == "lora" and spec.method.lora is None:
         method["lora"] = LoraSpec().dump()
