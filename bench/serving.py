@@ -55,7 +55,6 @@ import platform
 import re
 import selectors
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -69,6 +68,8 @@ import aiohttp
 import httpx
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+
+from tauon.local.process import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -109,12 +110,6 @@ def build_model(out: Path) -> None:
     )
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(src).save_pretrained(out)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def manifest(model: Path, batching: dict[str, int], cpu_limit: str | None) -> dict[str, Any]:
@@ -180,6 +175,17 @@ def stop_group(proc: subprocess.Popen[bytes], grace: float = 30) -> None:
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def stop_server(proc: subprocess.Popen[bytes], grace: float = 30) -> None:
+    """SIGTERM a server this bench started (not in a session of its own), SIGKILL after grace seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
             proc.wait()
 
 

@@ -147,7 +147,7 @@ def trainer_registry() -> CollectorRegistry:
 
 def server_registry() -> CollectorRegistry:
     pytest.importorskip("fastapi")
-    mod = pytest.importorskip("tauon_serve.serve")
+    mod = pytest.importorskip("tauon_serve.metrics")
     return mod.ServerMetrics().registry
 
 

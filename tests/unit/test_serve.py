@@ -108,7 +108,7 @@ def test_content_type_and_json_checks() -> None:
 
 
 def test_parse_args_env_and_flags() -> None:
-    from tauon_serve.serve import parse_args
+    from tauon_serve.config import parse_args
 
     env = {
         "TAUON_MODEL_DIR": "/m",
@@ -134,7 +134,7 @@ def test_parse_args_env_and_flags() -> None:
 
 def test_parse_args_llm_flags_from_env_and_flags() -> None:
     """The flags the operator renders for spec.generation (and their environment variables)."""
-    from tauon_serve.serve import parse_args
+    from tauon_serve.config import parse_args
 
     env = {
         "TAUON_MODEL_DIR": "/m",
@@ -383,7 +383,7 @@ async def test_batcher_close_drains_queue_and_refuses_new_work() -> None:
 async def test_a_request_whose_client_disconnected_is_dropped_before_its_pass() -> None:
     """Issue 13: the server awaits each request with ``until_disconnect``; a client that goes away while
     its request is queued behind a running pass gets nothing computed."""
-    from tauon_serve.llm import ClientGone, until_disconnect
+    from tauon_serve.rest.common import ClientGone, until_disconnect
 
     class GoneClient:
         def __init__(self) -> None:
@@ -415,7 +415,8 @@ def test_metrics_middleware_labels_routes_and_caches_them() -> None:
     paths are "unmatched"); the answer per (method, path) is cached, and a full cache changes nothing."""
     from fastapi import FastAPI
 
-    from tauon_serve.serve import MetricsMiddleware, ServerMetrics
+    from tauon_serve.metrics import ServerMetrics
+    from tauon_serve.rest.metrics import MetricsMiddleware
 
     app = FastAPI()
 
@@ -441,3 +442,123 @@ def test_metrics_middleware_labels_routes_and_caches_them() -> None:
     mw.ENDPOINT_CACHE = 4
     assert label("POST", "/v1/models/other:predict") == "/v1/models/{name}:predict"
     assert len(mw._endpoints) == 4, "a full cache is not grown"
+
+
+# -- the V2 schema and the predictor interface -------------------------------------------------------
+
+
+def test_one_v2_schema_gives_metadata_tensors_and_v1_predictions() -> None:
+    """The result types have exactly the schema's outputs as fields; tensors, metadata and V1 keys all
+    come from the schema (written once, in protocol.py)."""
+    from dataclasses import fields
+
+    from tauon_serve.protocol import (
+        CLASSIFICATION_SCHEMA,
+        GENERATION_OUTPUTS,
+        GENERATION_SCHEMA,
+        Classification,
+        Generation,
+        model_metadata,
+        v1_prediction,
+        v2_outputs,
+    )
+
+    assert {f.name for f in fields(Classification)} == set(CLASSIFICATION_OUTPUTS)
+    assert {f.name for f in fields(Generation)} == set(GENERATION_OUTPUTS)
+    results = [Classification(1, "pos", [0.25, 0.75]), Classification(0, "neg", [0.5, 0.5])]
+    assert v2_outputs(CLASSIFICATION_SCHEMA, results, None) == [
+        {"name": "label", "datatype": "INT64", "shape": [2], "data": [1, 0]},
+        {"name": "probabilities", "datatype": "FP32", "shape": [2, 2], "data": [0.25, 0.75, 0.5, 0.5]},
+        {"name": "label_name", "datatype": "BYTES", "shape": [2], "data": ["pos", "neg"]},
+    ]
+    assert [o["name"] for o in v2_outputs(CLASSIFICATION_SCHEMA, results, ["label_name", "label"])] == [
+        "label_name",
+        "label",
+    ]
+    assert list(v1_prediction(results[0]).items()) == [
+        ("label", 1),
+        ("labelName", "pos"),
+        ("probabilities", [0.25, 0.75]),
+    ]
+    assert v1_prediction(Generation("hi")) == {"generatedText": "hi"}
+    meta = model_metadata("m", CLASSIFICATION_SCHEMA, 2, {"task": "t"})
+    assert meta["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
+    assert meta["outputs"] == [
+        {"name": "label", "datatype": "INT64", "shape": [-1]},
+        {"name": "probabilities", "datatype": "FP32", "shape": [-1, 2]},
+        {"name": "label_name", "datatype": "BYTES", "shape": [-1]},
+    ]
+    assert model_metadata("m", GENERATION_SCHEMA, 0, {})["outputs"] == [
+        {"name": "generated_text", "datatype": "BYTES", "shape": [-1]}
+    ]
+
+
+def test_the_app_serves_any_predictor_through_the_interface(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The state and the routes know the model only as a Predictor: a fake one (no torch) is loaded,
+    started, served on V1, V2 and metadata, refused on the OpenAI routes, drained and closed."""
+    from concurrent.futures import Executor
+
+    from fastapi.testclient import TestClient
+
+    from tauon_serve import state as state_mod
+    from tauon_serve.config import parse_args
+    from tauon_serve.metrics import ServerMetrics
+    from tauon_serve.predictor import Predictor
+    from tauon_serve.protocol import CLASSIFICATION_SCHEMA, Classification
+    from tauon_serve.serve import create_app
+
+    class Fake(Predictor):
+        task = "fake-task"
+        schema = CLASSIFICATION_SCHEMA
+        labels = ["neg", "pos"]
+        calls: list[str] = []
+
+        def warm_up(self) -> None:
+            self.calls.append("warm_up")
+
+        def start(self, executor: Executor, metrics: ServerMetrics) -> None:
+            self.calls.append("start")
+
+        def begin_drain(self) -> None:
+            self.calls.append("drain")
+
+        async def close(self, grace_seconds: float) -> None:
+            self.calls.append("close")
+
+        def check_inputs(self, texts: Any, where: Any) -> None:
+            if "bad" in texts:
+                raise RequestError(400, f"{where(list(texts).index('bad'))} is bad")
+
+        async def infer(self, texts: list[str]) -> list[Classification]:
+            return [Classification(len(t) % 2, self.labels[len(t) % 2], [0.5, 0.5]) for t in texts]
+
+        def describe(self) -> str:
+            return "fake"
+
+    fake = Fake()
+    monkeypatch.setattr(state_mod, "load_predictor", lambda cfg: fake)
+    state = state_mod.ServerState(parse_args(["--model", "/m", "--name", "m"], env={}))
+    with TestClient(create_app(state)) as client:
+        for _ in range(100):
+            if client.get("/v2/health/ready").status_code == 200:
+                break
+            time.sleep(0.02)
+        assert fake.calls == ["warm_up", "start"]
+        r = client.post("/v1/models/m:predict", json={"instances": ["ab", "abc"]})
+        assert r.json() == {
+            "predictions": [
+                {"label": 0, "labelName": "neg", "probabilities": [0.5, 0.5]},
+                {"label": 1, "labelName": "pos", "probabilities": [0.5, 0.5]},
+            ]
+        }
+        r = client.post("/v2/models/m/infer", json={**v2_body(["a"]), "outputs": [{"name": "label_name"}]})
+        assert r.json()["outputs"] == [
+            {"name": "label_name", "datatype": "BYTES", "shape": [1], "data": ["pos"]}
+        ]
+        r = client.post("/v2/models/m/infer", json=v2_body(["ok", "bad"]))
+        assert r.status_code == 400 and r.json() == {"error": "inputs[0].data[1] is bad"}
+        meta = client.get("/v2/models/m").json()
+        assert meta["parameters"]["task"] == "fake-task" and meta["parameters"]["labels"] == ["neg", "pos"]
+        r = client.post("/v1/completions", json={"model": "m", "prompt": "x"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert fake.calls == ["warm_up", "start", "drain", "close"]

@@ -12,7 +12,11 @@ sequences, left-padded to a common length with a 2-D attention mask:
   uses are trimmed from the left.
 
 Sampling is per row: temperature 0 is greedy (argmax); otherwise temperature, top-p and a per-sequence
-``torch.Generator`` (seeded when the request gives ``seed``).
+``torch.Generator`` (seeded when the request gives ``seed``). ``detokenize`` decodes the short windows of
+the scheduler's incremental detokenizer (:mod:`tauon_serve.detokenizer`), never a whole output.
+
+:class:`GenerationEngine` runs the scheduler in its own thread and hands each step's events to the
+event loop in one wake-up; :class:`AsyncSequence` is one sequence seen from the event loop.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ class HFBackend:
         return token in self.eos
 
     def detokenize(self, ids: Sequence[int]) -> str:
+        # Called on a few tokens at a time (the scheduler's IncrementalDetokenizer window).
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
 
     def prefill(self, seqs: Sequence[Sequence_]) -> list[int]:

@@ -1,22 +1,27 @@
-"""The OpenAI-compatible endpoints of the model server, over the continuous-batching engine.
+"""The causal-LM back-end: a Hugging Face causal LM behind the continuous-batching engine, serving V1/V2
+(:class:`CausalLM`) and the OpenAI completions and chat API (:class:`LLMService`).
 
-Requests are validated (:mod:`tauon_serve.openai_api`), tokenized, checked against the model length,
-and submitted to :class:`tauon_serve.generation.GenerationEngine`. Non-streaming answers wait for the
-sequence's end; streaming answers wait for its first token (so queue and length errors are still
-HTTP statuses), then send one SSE frame per step. A client that disconnects cancels its sequence,
-which leaves the running batch at the next decode step.
+V1/V2: every text is a greedy sequence of ``--max-new-tokens`` (or fewer when the model length leaves
+less room) in the continuous batch; the prompt is truncated from the left.
+
+OpenAI: requests are validated (:mod:`tauon_serve.openai_api`), tokenized, checked against the model
+length, and submitted to :class:`tauon_serve.generation.GenerationEngine`; :meth:`LLMService.open`
+returns the request in flight (:class:`Completion`), whose answer is one JSON body
+(:meth:`Completion.body`) or Server-Sent-Event frames (:meth:`Completion.frames`). The HTTP side (the
+response types, cancelling the sequence when the client disconnects) is :mod:`tauon_serve.rest.openai`;
+nothing here imports FastAPI.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncGenerator, Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-
+from .config import ServerConfig
 from .generation import AsyncSequence, GenerationEngine
 from .openai_api import (
     ChunkWriter,
@@ -29,7 +34,12 @@ from .openai_api import (
     parse_completion,
     response_body,
 )
+from .predictor import CAUSAL_LM, Predictor
+from .protocol import GENERATION_SCHEMA, Generation, RequestError
 from .scheduler import EngineClosed, Event, QueueFull, SamplingParams
+
+if TYPE_CHECKING:
+    from .metrics import ServerMetrics
 
 log = logging.getLogger("tauon.serve.llm")
 
@@ -39,39 +49,164 @@ CHARS_PER_TOKEN_BOUND = 64
 RETRY_AFTER_SECONDS = "1"
 
 
-async def watch_disconnect(request: Request, on_disconnect: Callable[[], None]) -> None:
-    """Call ``on_disconnect`` once the client has gone (the request body must have been read)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            on_disconnect()
-            return
+class CausalLM(Predictor):
+    task = CAUSAL_LM
+    schema = GENERATION_SCHEMA
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        device: str,
+        max_length: int,
+        positions: int,
+        config: ServerConfig,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.max_length = max_length  # the longest warm-up prompt
+        self.config = config
+        self.labels = []
+        model_length = positions
+        if config.max_model_length > 0:
+            model_length = (
+                min(model_length, config.max_model_length) if model_length else config.max_model_length
+            )
+        self.max_model_length = model_length  # prompt + generated tokens per sequence
+        self.engine: GenerationEngine | None = None
+
+    def warm_up(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            enc = self.tokenizer(
+                ["warm up"], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            ).to(self.device)
+            self.model.generate(
+                **enc,
+                max_new_tokens=self.config.max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+
+    def start(self, executor: Executor, metrics: ServerMetrics) -> None:
+        cfg = self.config
+        self.engine = GenerationEngine(
+            self.model,
+            self.tokenizer,
+            device=self.device,
+            max_model_length=self.max_model_length,
+            max_running=cfg.max_concurrent_sequences,
+            max_waiting=cfg.max_queued_sequences,
+            max_queue_wait_s=cfg.max_queue_wait_seconds or None,
+            metrics=metrics.engine_metrics(),
+        )
+        self.engine.start()
+        self.openai = LLMService(
+            self.engine,
+            self.tokenizer,
+            served_name=cfg.name,
+            max_new_tokens=cfg.max_new_tokens,
+            max_model_length=self.max_model_length,
+        )
+
+    def begin_drain(self) -> None:
+        pass  # new work is refused by the state; the engine finishes its sequences in close()
+
+    async def close(self, grace_seconds: float) -> None:
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.close, grace_seconds)
+
+    def check_inputs(self, texts: Sequence[str], where: Callable[[int], str]) -> None:
+        for i, t in enumerate(texts):
+            if t == "":
+                raise RequestError(400, f"{where(i)} is empty; a causal-lm prompt must not be empty")
+
+    async def infer(self, texts: list[str]) -> Sequence[Generation]:
+        engine = self.engine
+        assert engine is not None
+        jobs = []
+        for text in texts:
+            ids = list(self.tokenizer(text)["input_ids"])[-(engine.max_model_length - 1) :]
+            room = engine.max_model_length - len(ids)
+            params = SamplingParams(max_tokens=max(1, min(self.config.max_new_tokens, room)))
+            jobs.append(engine.generate(ids, params))
+        try:
+            done = await asyncio.gather(*jobs)
+        except QueueFull as exc:
+            raise RequestError(503, f"the server is overloaded: {exc}; retry later") from None
+        except EngineClosed:
+            raise RequestError(503, "the server is shutting down") from None
+        out: list[Generation] = []
+        for text, event in done:
+            if event.finish_reason == "timeout":
+                raise RequestError(503, f"the server is overloaded: {event.error}; retry later")
+            if event.finish_reason == "error":
+                raise RequestError(500, f"inference failed: {event.error}")
+            out.append(Generation(text))
+        return out
+
+    def describe(self) -> str:
+        return (
+            f"continuous batching: max_concurrent_sequences={self.config.max_concurrent_sequences} "
+            f"max_model_length={self.max_model_length}"
+        )
 
 
-class ClientGone(Exception):
-    """The client disconnected before its answer was ready (nobody reads the response)."""
+# -- the OpenAI API ------------------------------------------------------------------------------
 
 
-async def until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
-    """Await ``work``; cancel it and raise :class:`ClientGone` if the client disconnects first (work
-    still queued is then dropped before it is computed)."""
-    task = asyncio.ensure_future(work)
-    gone = False
+@dataclass(eq=False)
+class Completion:
+    """One OpenAI request in flight: its parsed request, its sequence in the engine, its response id."""
 
-    def on_gone() -> None:
-        nonlocal gone
-        gone = True
-        task.cancel()
+    req: GenerationRequest
+    seq: AsyncSequence
+    rid: str
+    served_name: str
 
-    watcher = asyncio.create_task(watch_disconnect(request, on_gone))
-    try:
-        return await task
-    except asyncio.CancelledError:
-        if gone:
-            raise ClientGone() from None
-        raise
-    finally:
-        watcher.cancel()
+    async def first(self) -> Event:
+        """Wait for the first token (queue and prompt errors are still HTTP statuses then)."""
+        event = await self.seq.next_event()
+        _raise_for(event)
+        return event
+
+    async def body(self, first: Event) -> dict[str, Any]:
+        """The non-streaming answer: waits for the sequence's end."""
+        parts = [first.text]
+        event = first
+        while event.finish_reason is None:
+            event = await self.seq.next_event()
+            parts.append(event.text)
+        _raise_for(event)
+        return response_body(
+            self.req.kind,
+            self.rid,
+            self.served_name,
+            "".join(parts),
+            _finish(event),
+            event.prompt_tokens,
+            event.completion_tokens,
+        )
+
+    async def frames(self, first: Event) -> AsyncGenerator[bytes, None]:
+        """The streaming answer: one SSE frame per step, then the finish (and usage) frames and [DONE]."""
+        writer = ChunkWriter(self.req.kind, self.rid, self.served_name, self.req.include_usage)
+        event = first
+        while True:
+            if event.finish_reason is not None:
+                if event.finish_reason in ("stop", "length"):
+                    yield writer.finish(
+                        event.text, event.finish_reason, event.prompt_tokens, event.completion_tokens
+                    )
+                elif event.finish_reason != "cancelled":
+                    yield writer.error(_event_error(event))
+                return
+            if event.text:
+                yield writer.delta(event.text)
+            event = await self.seq.next_event()
 
 
 class LLMService:
@@ -160,68 +295,15 @@ class LLMService:
         except EngineClosed:
             raise OpenAIError(503, "the server is shutting down", code="unavailable") from None
 
-    # -- endpoints -------------------------------------------------------------------------------
+    # -- requests --------------------------------------------------------------------------------
 
-    async def handle(self, kind: str, body: Any, request: Request) -> Response:
+    async def open(self, kind: str, body: Any) -> Completion:
+        """Validate a ``completion`` or ``chat`` request body, tokenize it and submit its sequence."""
         req = parse_chat(body, self.defaults) if kind == "chat" else parse_completion(body, self.defaults)
         ids = await self.prompt_ids(req)
         params = self.sampling(req, len(ids))
         seq = self.submit(ids, params)
-        rid = new_id(kind)
-        watcher: asyncio.Task[None] | None = asyncio.create_task(watch_disconnect(request, seq.cancel))
-        try:
-            first = await seq.next_event()
-            _raise_for(first)
-            if req.stream:
-                writer = ChunkWriter(kind, rid, self.defaults.served_name, req.include_usage)
-                assert watcher is not None
-                stream = self._stream(seq, first, writer, watcher)
-                watcher = None  # owned by the stream now
-                return StreamingResponse(
-                    stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-                )
-            parts = [first.text]
-            event = first
-            while event.finish_reason is None:
-                event = await seq.next_event()
-                parts.append(event.text)
-            _raise_for(event)
-            return JSONResponse(
-                response_body(
-                    kind,
-                    rid,
-                    self.defaults.served_name,
-                    "".join(parts),
-                    _finish(event),
-                    event.prompt_tokens,
-                    event.completion_tokens,
-                )
-            )
-        finally:
-            if watcher is not None:
-                watcher.cancel()
-                seq.cancel()
-
-    async def _stream(
-        self, seq: AsyncSequence, first: Event, writer: ChunkWriter, watcher: asyncio.Task[None]
-    ) -> AsyncIterator[bytes]:
-        try:
-            event = first
-            while True:
-                if event.finish_reason is not None:
-                    if event.finish_reason in ("stop", "length"):
-                        yield writer.finish(
-                            event.text, event.finish_reason, event.prompt_tokens, event.completion_tokens
-                        )
-                    elif event.finish_reason != "cancelled":
-                        yield writer.error(_event_error(event))
-                    return
-                if event.text:
-                    yield writer.delta(event.text)
-                event = await seq.next_event()
-        finally:
-            watcher.cancel()
-            seq.cancel()
+        return Completion(req, seq, new_id(kind), self.defaults.served_name)
 
 
 def _finish(event: Event) -> str:

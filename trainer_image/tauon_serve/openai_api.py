@@ -1,5 +1,7 @@
 """OpenAI-compatible completions and chat completions: request validation, chat prompts, response
-bodies and Server-Sent-Event framing. Pure (no torch, no FastAPI) so it is unit-tested directly.
+bodies and Server-Sent-Event framing. Pure (no torch, no FastAPI/starlette: an import-linter contract
+checks it) so it is unit-tested directly; the routes are :mod:`tauon_serve.rest.openai` and the service
+over the engine is :class:`tauon_serve.llm.LLMService`.
 
 Every problem raises :class:`OpenAIError`, answered as OpenAI does:
 ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status.

@@ -1,4 +1,12 @@
-"""Request parsing and validation for the model server (KServe V1 and Open Inference Protocol V2).
+"""The KServe V1 and Open Inference Protocol (V2) data model of the model server: request parsing and
+validation, the V2 schema of each task's inputs and outputs, and the rendering of results into V1
+predictions, V2 output tensors and V2 model metadata.
+
+The V2 schema is written once, here: :class:`TensorSpec` per input/output (``CLASSIFICATION_SCHEMA``,
+``GENERATION_SCHEMA``). Each task's result type (:class:`Classification`, :class:`Generation`) has one
+field per output of the same name; a V2 output tensor is that field of every result, the model metadata
+lists the specs, ``outputs[].name`` in a request is checked against them, and a V1 prediction is the
+result's fields with camelCase keys (``label_name`` -> ``labelName``).
 
 Pure functions with no torch/FastAPI dependency so they can be unit-tested directly. Every problem
 raises :class:`RequestError` carrying the HTTP status and a message that says what was wrong and where
@@ -9,12 +17,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
+MODEL_VERSION = "1"  # the only version of the served model (V2 ``versions``, ``/versions/1/`` URLs)
 TEXT_INPUT = "text"
-CLASSIFICATION_OUTPUTS = ("label", "probabilities", "label_name")
-GENERATION_OUTPUTS = ("generated_text",)
 
 _JSON_CONTENT_TYPES = ("application/json",)
 MAX_SHAPE_RANK = 8  # V2 inputs[].shape: most dimensions (the product is computed only after bounding)
@@ -42,6 +49,104 @@ class V2Request:
     # None = every output of the model; otherwise the requested names, in request order.
     outputs: list[str] | None = None
     input_shape: list[int] = field(default_factory=list)
+
+
+# -- the V2 schema -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One V2 input or output: one element per instance (shape ``[n]``), or with ``row`` a row of a
+    fixed length k per instance (shape ``[n, k]``)."""
+
+    name: str
+    datatype: str
+    row: bool = False
+
+    def metadata(self, row_length: int = 0) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": [-1, row_length] if self.row else [-1]}
+
+    def tensor(self, results: Sequence[Any]) -> dict[str, Any]:
+        """The output tensor of a batch of results: each result's field named like this output."""
+        name = self.name
+        column = [getattr(r, name) for r in results]
+        if self.row:
+            k = len(column[0]) if column else 0
+            return {
+                "name": name,
+                "datatype": self.datatype,
+                "shape": [len(column), k],
+                "data": [x for row in column for x in row],
+            }
+        return {"name": name, "datatype": self.datatype, "shape": [len(column)], "data": column}
+
+
+TEXT_INPUT_SPEC = TensorSpec(TEXT_INPUT, "BYTES")
+CLASSIFICATION_SCHEMA = (
+    TensorSpec("label", "INT64"),
+    TensorSpec("probabilities", "FP32", row=True),  # k = the number of labels
+    TensorSpec("label_name", "BYTES"),
+)
+GENERATION_SCHEMA = (TensorSpec("generated_text", "BYTES"),)
+CLASSIFICATION_OUTPUTS = tuple(o.name for o in CLASSIFICATION_SCHEMA)
+GENERATION_OUTPUTS = tuple(o.name for o in GENERATION_SCHEMA)
+
+
+@dataclass(frozen=True)
+class Classification:
+    """One instance's result of a sequence classifier: the fields are its V2 outputs (in V1 order)."""
+
+    label: int
+    label_name: str
+    probabilities: list[float]
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One instance's result of a causal LM on V1/V2 (a greedy continuation of the text)."""
+
+    generated_text: str
+
+
+def v2_outputs(schema: Sequence[TensorSpec], results: Sequence[Any], names: list[str] | None) -> list[Any]:
+    """The response's ``outputs``: the requested names in request order, or every output of the schema."""
+    if names is None:
+        return [spec.tensor(results) for spec in schema]
+    by_name = {spec.name: spec for spec in schema}
+    return [by_name[name].tensor(results) for name in names]
+
+
+def model_metadata(
+    name: str, schema: Sequence[TensorSpec], row_length: int, parameters: dict[str, Any]
+) -> dict[str, Any]:
+    """``GET /v2/models/NAME``: ``row_length`` is k of the ``[n, k]`` outputs (the number of labels)."""
+    return {
+        "name": name,
+        "versions": [MODEL_VERSION],
+        "platform": "pytorch",
+        "inputs": [TEXT_INPUT_SPEC.metadata()],
+        "outputs": [spec.metadata(row_length) for spec in schema],
+        "parameters": parameters,
+    }
+
+
+def v1_prediction(result: Any) -> dict[str, Any]:
+    """One V1 ``predictions[]`` entry: the result's fields, camelCase (``labelName``, ``generatedText``)."""
+    keys = _V1_KEYS.get(type(result))
+    if keys is None:
+        keys = _V1_KEYS[type(result)] = tuple((f.name, _camel(f.name)) for f in fields(result))
+    return {key: getattr(result, name) for name, key in keys}
+
+
+_V1_KEYS: dict[type, tuple[tuple[str, str], ...]] = {}
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(w.capitalize() for w in rest)
+
+
+# -- requests ------------------------------------------------------------------------------------
 
 
 def check_content_type(content_type: str | None) -> None:
@@ -148,6 +253,20 @@ def parse_v2_infer(body: Any, limits: Limits, output_names: Sequence[str]) -> V2
     if req_id is not None and not isinstance(req_id, str):
         raise RequestError(400, f"id must be a string, got {_type_name(req_id)}")
 
+    idx, inp = _text_input(body)
+    where = f"inputs[{idx}]"
+    datatype = inp.get("datatype")
+    if datatype != TEXT_INPUT_SPEC.datatype:
+        got = repr(datatype) if isinstance(datatype, str) else _type_name(datatype)
+        raise RequestError(400, f"{where}.datatype must be BYTES, got {got}")
+    shape = _input_shape(inp.get("shape"), where)
+    texts = _input_texts(inp, shape, where, limits)
+    outputs = _parse_requested_outputs(body.get("outputs"), output_names)
+    return V2Request(texts=texts, id=req_id, outputs=outputs, input_shape=list(shape))
+
+
+def _text_input(body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """The one input, named ``text``: its index in ``inputs`` and the input object."""
     if "inputs" not in body:
         raise RequestError(
             400, f'request body must have an "inputs" field with one input named "{TEXT_INPUT}"'
@@ -176,15 +295,10 @@ def parse_v2_infer(body: Any, limits: Limits, output_names: Sequence[str]) -> V2
             )
         found = (i, inp)
     assert found is not None
-    idx, inp = found
-    where = f"inputs[{idx}]"
+    return found
 
-    datatype = inp.get("datatype")
-    if datatype != "BYTES":
-        got = repr(datatype) if isinstance(datatype, str) else _type_name(datatype)
-        raise RequestError(400, f"{where}.datatype must be BYTES, got {got}")
 
-    shape = inp.get("shape")
+def _input_shape(shape: Any, where: str) -> list[int]:
     if (
         not isinstance(shape, list)
         or not shape
@@ -196,7 +310,10 @@ def parse_v2_infer(body: Any, limits: Limits, output_names: Sequence[str]) -> V2
         )
     if len(shape) > MAX_SHAPE_RANK:
         raise RequestError(400, f"{where}.shape has rank {len(shape)}; at most {MAX_SHAPE_RANK} dimensions")
+    return shape
 
+
+def _input_texts(inp: dict[str, Any], shape: list[int], where: str, limits: Limits) -> list[str]:
     if "data" not in inp:
         raise RequestError(400, f"{where}.data is required (a list of strings)")
     data = inp["data"]
@@ -226,9 +343,7 @@ def parse_v2_infer(body: Any, limits: Limits, output_names: Sequence[str]) -> V2
             raise RequestError(400, f"{where}.data[{j}] must be a string, got {_type_name(item)}")
         _check_text(item, f"{where}.data[{j}]", limits)
         texts.append(item)
-
-    outputs = _parse_requested_outputs(body.get("outputs"), output_names)
-    return V2Request(texts=texts, id=req_id, outputs=outputs, input_shape=list(shape))
+    return texts
 
 
 def _parse_requested_outputs(outputs: Any, output_names: Sequence[str]) -> list[str] | None:

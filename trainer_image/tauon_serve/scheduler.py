@@ -8,6 +8,13 @@ engine thread runs ``step()`` in a loop; the event loop only submits, cancels an
 The model work is behind :class:`Backend` (``prefill`` new sequences into the batch, ``decode`` one
 token for every running row, ``remove`` rows); :mod:`tauon_serve.generation` implements it with a
 Hugging Face model and a KV cache. Tests drive the scheduler with a fake backend as well as the real one.
+
+Text: every sequence has an :class:`~tauon_serve.detokenizer.IncrementalDetokenizer` over the backend's
+``detokenize``, so a step decodes a few tokens per sequence, not its whole output; stop strings are
+looked for only where the step's text can complete one. Text that may be the start of a stop string, or
+an incomplete UTF-8 character, is held back until the next token decides it.
+
+This module imports neither torch nor FastAPI (an import-linter contract checks it).
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from .detokenizer import IncrementalDetokenizer, find_stop, stop_prefix_len
 
 log = logging.getLogger("tauon.serve.scheduler")
 
@@ -58,12 +67,13 @@ class Sequence_:
     on_event: Callable[[Event], None]
     enqueued_at: float = field(default_factory=time.monotonic)
     generated: list[int] = field(default_factory=list)
-    text: str = ""  # decoded generated text, stop strings applied
+    text: str = ""  # decoded generated text (complete characters), stop strings applied
     emitted: int = 0  # characters of ``text`` already sent
     first_token_at: float | None = None
     finish_reason: str | None = None
     cancelled: bool = False
     generator: Any = None  # the backend's per-sequence RNG (sampling)
+    detokenizer: IncrementalDetokenizer | None = None  # set by the scheduler at the first token
 
     @property
     def done(self) -> bool:
@@ -96,23 +106,6 @@ class EngineMetrics:
     on_tokens: Callable[[int], None] | None = None
     on_running: Callable[[int], None] | None = None
     on_waiting: Callable[[int], None] | None = None
-
-
-def _stop_hit(text: str, stops: tuple[str, ...]) -> int | None:
-    """Index of the earliest stop string in ``text``, or None."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None
-
-
-def _holdback(text: str, stops: tuple[str, ...]) -> int:
-    """Characters at the end of ``text`` that may be the start of a stop string (not sent yet)."""
-    keep = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                keep = max(keep, k)
-                break
-    return keep
 
 
 class Scheduler:
@@ -279,28 +272,31 @@ class Scheduler:
             return
         if self.metrics.on_tokens is not None:
             self.metrics.on_tokens(1)
-        eos = self.backend.is_eos(token)
-        if not eos:
-            seq.generated.append(token)
-        text = self.backend.detokenize(seq.generated)
-        reason: str | None = "stop" if eos else None
-        cut = _stop_hit(text, seq.params.stop) if seq.params.stop else None
-        if cut is not None:
-            text, reason = text[:cut], "stop"
-        elif reason is None:
-            total = len(seq.prompt_ids) + len(seq.generated)
-            if len(seq.generated) >= seq.params.max_tokens or total >= self.backend.max_model_length:
-                reason = "length"
-        seq.text = text
-        if reason is not None:
-            self._finish(seq, reason)
+        detok = seq.detokenizer
+        if detok is None:
+            detok = seq.detokenizer = IncrementalDetokenizer(self.backend.detokenize)
+        if self.backend.is_eos(token):
+            seq.text += detok.flush(seq.generated)
+            self._finish(seq, "stop")
             return
-        # Hold back an incomplete UTF-8 character and a possible start of a stop string.
-        ready = len(text) - _holdback(text, seq.params.stop)
-        while ready > seq.emitted and text[ready - 1] == "\ufffd":
-            ready -= 1
+        seq.generated.append(token)
+        start = len(seq.text)
+        seq.text += detok.step(seq.generated)
+        stops = seq.params.stop
+        cut = find_stop(seq.text, stops, start) if stops and len(seq.text) > start else None
+        if cut is not None:
+            seq.text = seq.text[:cut]
+            self._finish(seq, "stop")
+            return
+        total = len(seq.prompt_ids) + len(seq.generated)
+        if len(seq.generated) >= seq.params.max_tokens or total >= self.backend.max_model_length:
+            seq.text += detok.flush(seq.generated)
+            self._finish(seq, "length")
+            return
+        # Hold back a possible start of a stop string (the detokenizer holds an incomplete character).
+        ready = len(seq.text) - stop_prefix_len(seq.text, stops) if stops else len(seq.text)
         if ready > seq.emitted:
-            delta = text[seq.emitted : ready]
+            delta = seq.text[seq.emitted : ready]
             seq.emitted = ready
             seq.on_event(Event(delta, None, len(seq.prompt_ids), len(seq.generated)))
 

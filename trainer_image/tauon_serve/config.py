@@ -1,0 +1,258 @@
+"""Configuration of the model server: :class:`ServerConfig`, filled from command-line flags and the
+environment by :func:`parse_args`.
+
+Every flag can also be set through an environment variable (``_OPTIONS`` lists them; ``--help`` shows
+them and trainer_image/SERVING.md documents them); a flag on the command line wins over the environment.
+Invalid values end the process with argparse's usage error (exit 2) before anything is loaded.
+
+Pure: argparse and the task names only (no torch, no FastAPI), so ``serve --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+from .predictor import TASKS
+
+SERVER_NAME = "tauon-model-server"
+LOAD_DELAY_ENV = "TAUON_LOAD_DELAY_SECONDS"  # test-only: sleep this long before loading the model
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: str
+    name: str
+    host: str = "0.0.0.0"
+    port: int = 8080
+    max_batch_size: int = 32
+    max_latency_ms: float = 10.0
+    max_instances: int = 256
+    max_text_chars: int = 20000
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_queued_instances: int = 4096
+    task: str = "auto"
+    device: str = "auto"
+    dtype: str = "auto"
+    max_seq_length: int = 0
+    max_new_tokens: int = 32
+    max_model_length: int = 0
+    max_concurrent_sequences: int = 64
+    max_queued_sequences: int = 256
+    max_queue_wait_seconds: float = 60.0
+    limit_concurrency: int = 1024
+    threads: int = 0
+    gil_switch_interval_ms: float = 0.5
+    graceful_timeout_seconds: float = 25.0
+    log_level: str = "info"
+    access_log: bool = False
+    load_delay_seconds: float = 0.0
+
+
+# (flag, env var, type, default, help)
+_OPTIONS: list[tuple[str, str, Any, Any, str]] = [
+    (
+        "--model",
+        "TAUON_MODEL_DIR",
+        str,
+        None,
+        "model directory (Hugging Face format), file://PATH or hf://ORG/NAME",
+    ),
+    ("--name", "TAUON_MODEL_NAME", str, None, "model name in the URLs (/v2/models/NAME/...)"),
+    ("--host", "TAUON_HOST", str, "0.0.0.0", "listen address"),
+    ("--port", "TAUON_PORT", int, 8080, "listen port"),
+    (
+        "--max-batch-size",
+        "TAUON_MAX_BATCH_SIZE",
+        int,
+        32,
+        "most instances in one forward pass (1 = no batching)",
+    ),
+    (
+        "--max-latency-ms",
+        "TAUON_MAX_LATENCY_MS",
+        float,
+        10.0,
+        "longest wait for a batch to fill, from the oldest queued instance (0 = no cross-request batching)",
+    ),
+    ("--max-instances", "TAUON_MAX_INSTANCES", int, 256, "most instances in one request (413 beyond)"),
+    (
+        "--max-text-chars",
+        "TAUON_MAX_TEXT_CHARS",
+        int,
+        20000,
+        "longest single text in characters (413 beyond)",
+    ),
+    ("--max-body-bytes", "TAUON_MAX_BODY_BYTES", int, 16 * 1024 * 1024, "largest request body (413 beyond)"),
+    (
+        "--max-queued-instances",
+        "TAUON_MAX_QUEUED_INSTANCES",
+        int,
+        4096,
+        "most instances waiting for a forward pass (503 beyond; raised to --max-instances if smaller)",
+    ),
+    ("--task", "TAUON_TASK", str, "auto", "auto (from config.json architectures) | " + " | ".join(TASKS)),
+    ("--device", "TAUON_DEVICE", str, "auto", "auto (cuda when available) | cpu | cuda | cuda:N"),
+    ("--dtype", "TAUON_DTYPE", str, "auto", "auto (bf16/fp16 on cuda, fp32 on cpu) | fp32 | bf16 | fp16"),
+    (
+        "--max-seq-length",
+        "TAUON_MAX_SEQ_LENGTH",
+        int,
+        0,
+        "truncate inputs to this many tokens (0 = the model's)",
+    ),
+    (
+        "--max-new-tokens",
+        "TAUON_MAX_NEW_TOKENS",
+        int,
+        32,
+        "causal-lm: tokens generated per prompt by V1/V2 (greedy), and the OpenAI max_tokens default",
+    ),
+    (
+        "--max-model-length",
+        "TAUON_MAX_MODEL_LENGTH",
+        int,
+        0,
+        "causal-lm: most prompt + generated tokens per sequence (0 = the model's max_position_embeddings)",
+    ),
+    (
+        "--max-concurrent-sequences",
+        "TAUON_MAX_CONCURRENT_SEQUENCES",
+        int,
+        64,
+        "causal-lm: sequences decoded together (continuous batching)",
+    ),
+    (
+        "--max-queued-sequences",
+        "TAUON_MAX_QUEUED_SEQUENCES",
+        int,
+        256,
+        "causal-lm: sequences waiting for a slot; beyond it OpenAI requests get 429 + Retry-After",
+    ),
+    (
+        "--max-queue-wait-seconds",
+        "TAUON_MAX_QUEUE_WAIT_SECONDS",
+        float,
+        60.0,
+        "longest wait in the queue before the request is answered 503 (0 = no limit)",
+    ),
+    (
+        "--limit-concurrency",
+        "TAUON_LIMIT_CONCURRENCY",
+        int,
+        1024,
+        "most connections and tasks at once; uvicorn answers 503 beyond (0 = no limit)",
+    ),
+    ("--threads", "TAUON_TORCH_THREADS", int, 0, "torch intra-op threads (0 = torch's default)"),
+    (
+        "--gil-switch-interval-ms",
+        "TAUON_GIL_SWITCH_INTERVAL_MS",
+        float,
+        0.5,
+        "Python thread switch interval (0 = Python's default, 5 ms)",
+    ),
+    (
+        "--graceful-timeout-seconds",
+        "TAUON_GRACEFUL_TIMEOUT_SECONDS",
+        float,
+        25.0,
+        "on SIGTERM, how long to wait for in-flight requests",
+    ),
+    ("--log-level", "TAUON_LOG_LEVEL", str, "info", "debug | info | warning | error"),
+]
+
+
+def _env_value(env: MutableMapping[str, str], var: str, typ: Any, flag: str) -> Any:
+    raw = env.get(var)
+    if raw is None or raw == "":
+        return None
+    try:
+        return typ(raw)
+    except ValueError:
+        raise SystemExit(f"serve: error: ${var} ({flag}) must be {typ.__name__}, got {raw!r}") from None
+
+
+def _check(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
+    """Refuse out-of-range values with argparse's usage error (exit 2)."""
+    checks = [
+        (ns.max_batch_size >= 1, "--max-batch-size must be >= 1"),
+        (ns.max_latency_ms >= 0, "--max-latency-ms must be >= 0"),
+        (ns.max_instances >= 1, "--max-instances must be >= 1"),
+        (ns.max_text_chars >= 1, "--max-text-chars must be >= 1"),
+        (ns.max_body_bytes >= 1024, "--max-body-bytes must be >= 1024"),
+        (ns.task in ("auto", *TASKS), f"--task must be auto or one of {', '.join(TASKS)}"),
+        (ns.dtype in ("auto", "fp32", "bf16", "fp16"), "--dtype must be auto, fp32, bf16 or fp16"),
+        (ns.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
+        (ns.max_model_length >= 0, "--max-model-length must be >= 0"),
+        (ns.max_concurrent_sequences >= 1, "--max-concurrent-sequences must be >= 1"),
+        (ns.max_queued_sequences >= 1, "--max-queued-sequences must be >= 1"),
+        (ns.max_queue_wait_seconds >= 0, "--max-queue-wait-seconds must be >= 0"),
+        (ns.limit_concurrency >= 0, "--limit-concurrency must be >= 0"),
+        (ns.threads >= 0, "--threads must be >= 0"),
+        (ns.gil_switch_interval_ms >= 0, "--gil-switch-interval-ms must be >= 0"),
+        (0 <= ns.port <= 65535, "--port must be 0..65535"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            parser.error(message)
+
+
+def parse_args(argv: list[str] | None = None, env: MutableMapping[str, str] | None = None) -> ServerConfig:
+    env = os.environ if env is None else env
+    parser = argparse.ArgumentParser(
+        prog="python -m tauon_serve.serve",
+        description="tauon model server (KServe V1 + Open Inference Protocol V2). "
+        "Every option can also be set by the environment variable shown; the flag wins.",
+    )
+    for flag, var, typ, default, help_text in _OPTIONS:
+        value = _env_value(env, var, typ, flag)
+        parser.add_argument(
+            flag,
+            type=typ,
+            default=value if value is not None else default,
+            help=f"{help_text} [env {var}; default {default}]",
+        )
+    parser.add_argument(
+        "--access-log",
+        action="store_true",
+        default=env.get("TAUON_ACCESS_LOG", "") in ("1", "true"),
+        help="log every request (uvicorn's access log) [env TAUON_ACCESS_LOG=1]",
+    )
+    ns = parser.parse_args(argv)
+    if not ns.model:
+        parser.error("--model (or $TAUON_MODEL_DIR) is required")
+    if not ns.name:
+        parser.error("--name (or $TAUON_MODEL_NAME) is required")
+    _check(parser, ns)
+    delay = _env_value(env, LOAD_DELAY_ENV, float, LOAD_DELAY_ENV) or 0.0
+    return ServerConfig(
+        model=ns.model,
+        name=ns.name,
+        host=ns.host,
+        port=ns.port,
+        max_batch_size=ns.max_batch_size,
+        max_latency_ms=ns.max_latency_ms,
+        max_instances=ns.max_instances,
+        max_text_chars=ns.max_text_chars,
+        max_body_bytes=ns.max_body_bytes,
+        max_queued_instances=max(ns.max_queued_instances, ns.max_instances),
+        task=ns.task,
+        device=ns.device,
+        dtype=ns.dtype,
+        max_seq_length=ns.max_seq_length,
+        max_new_tokens=ns.max_new_tokens,
+        max_model_length=ns.max_model_length,
+        max_concurrent_sequences=ns.max_concurrent_sequences,
+        max_queued_sequences=ns.max_queued_sequences,
+        max_queue_wait_seconds=ns.max_queue_wait_seconds,
+        limit_concurrency=ns.limit_concurrency,
+        threads=ns.threads,
+        gil_switch_interval_ms=ns.gil_switch_interval_ms,
+        graceful_timeout_seconds=ns.graceful_timeout_seconds,
+        log_level=ns.log_level.lower(),
+        access_log=ns.access_log,
+        load_delay_seconds=delay,
+    )
