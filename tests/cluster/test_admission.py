@@ -1,4 +1,4 @@
-"""The generated CRDs on a real kube-apiserver: every admission rule of API.md, explain, printer columns."""
+"""The generated CRDs on a real kube-apiserver: every admission rule of docs/api.md, explain, printer columns."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""FineTuneJob planner against API.md's failure semantics and conditions/phase table.
+"""FineTuneJob planner against docs/api.md's failure semantics and conditions/phase table.
 
 The cluster is simulated by feeding the plan back: created pods appear, deleted pods get a
 deletionTimestamp (and vanish on gc()), stopped pods get activeDeadlineSeconds, and plan.status becomes
@@ -180,7 +180,7 @@ class Sim:
                 raise AssertionError(f"unexpected child kind {kind}")
 
     def check(self) -> None:
-        """Invariants of API.md's conditions table, after every applied plan."""
+        """Invariants of docs/api.md's conditions table, after every applied plan."""
         st = self.st
         gen = self.job.metadata.generation
         assert st.observed_generation == gen

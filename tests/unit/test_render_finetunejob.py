@@ -1,4 +1,4 @@
-"""FineTuneJob rendering against API.md's pod contract. Pure: no cluster, no network."""
+"""FineTuneJob rendering against docs/api.md's pod contract. Pure: no cluster, no network."""
 
 from __future__ import annotations
 

@@ -461,7 +461,7 @@ def test_service() -> None:
 
 
 def test_autoscaling_hpa_and_no_replicas() -> None:
-    # Python field name: the wire name should be API.md's targetCPUUtilizationPercentage (see the model)
+    # Python field name: the wire name should be docs/api.md's targetCPUUtilizationPercentage (see the model)
     out = children(
         isvc(
             replicas=5,

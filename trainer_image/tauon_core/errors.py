@@ -1,4 +1,4 @@
-"""Permanent (non-retryable) errors and the termination message contract (API.md, "Failure semantics").
+"""Permanent (non-retryable) errors and the termination message contract (docs/api.md, "Failure semantics").
 
 A permanent error is one that retrying cannot fix: bad configuration, bad data, a missing model. The
 trainer reports it three ways, then exits with code 2:

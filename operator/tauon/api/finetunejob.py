@@ -1,4 +1,4 @@
-"""FineTuneJob (tauon.dev/v1alpha1): the user-facing training API of API.md."""
+"""FineTuneJob (tauon.dev/v1alpha1): the user-facing training API of docs/api.md."""
 
 from __future__ import annotations
 

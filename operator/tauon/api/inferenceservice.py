@@ -1,4 +1,4 @@
-"""InferenceService (tauon.dev/v1alpha1): the user-facing serving API of API.md."""
+"""InferenceService (tauon.dev/v1alpha1): the user-facing serving API of docs/api.md."""
 
 from __future__ import annotations
 

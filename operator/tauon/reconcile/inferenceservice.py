@@ -1,7 +1,7 @@
 """InferenceService planner: (service, observed children and FineTuneJobs, now) -> Plan. Pure; the same
 inputs give the same plan, and a converged object gives an empty plan.
 
-Conditions (API.md): ModelReady, PredictorReady, CanaryReady (only while spec.canary is set) and Ready.
+Conditions (docs/api.md): ModelReady, PredictorReady, CanaryReady (only while spec.canary is set) and Ready.
 - ModelReady is about the MAIN model (spec.model): False/WaitingForFineTuneJob while the referenced job is
   missing or not Succeeded, False/FineTuneJobFailed once it Failed, False/InvalidSpec when the location
   cannot be mounted (file:// without --allow-host-paths), True/ModelResolved once resolved.

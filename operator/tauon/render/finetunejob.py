@@ -1,4 +1,4 @@
-"""FineTuneJob -> children, exactly per API.md's pod contract. Pure and deterministic.
+"""FineTuneJob -> children, exactly per docs/api.md's pod contract. Pure and deterministic.
 
 `resolve` fills status.resolved (tauon.api's `Resolved`, the one definition) with the defaults frozen at
 creation; the planner writes what it returns into the status. Label keys are tauon.api.names'."""

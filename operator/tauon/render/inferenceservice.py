@@ -1,4 +1,4 @@
-"""InferenceService -> children (Deployments, Service, HPA), per API.md. Pure and deterministic.
+"""InferenceService -> children (Deployments, Service, HPA), per docs/api.md. Pure and deterministic.
 
 Children of an InferenceService `<name>`:
 - Deployment `<name>-predictor` serving the main model, and `<name>-canary` serving the canary's model when
