@@ -18,6 +18,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from tauon.local.process import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 TAUON = str(Path(sys.executable).parent / "tauon")
 console = Console()
@@ -29,14 +31,6 @@ SENTENCES = [
     "The soup was cold and the waiter was rude.",
     "A warm, funny film with a wonderful cast.",
 ]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main() -> int:

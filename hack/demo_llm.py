@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from tauon.local.process import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST = REPO / "examples" / "pretrain-tiny-llama.yaml"
@@ -59,12 +60,6 @@ def job_json(spec: dict[str, Any], out: Path, epochs: int | None) -> dict[str, A
         "parallelism": spec.get("parallelism", {}),
         "output": {"path": str(out), "checkpointEverySteps": 10_000},
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main() -> int:
