@@ -33,6 +33,7 @@ S3_URI = r"s3://[a-z0-9][-a-z0-9.]{1,61}[a-z0-9](/[^\s]*)?"
 MODEL_SOURCE_PATTERN = f"^({PVC_URI}|{HF_URI}|{FILE_URI})$"
 DATA_SOURCE_PATTERN = f"^({PVC_URI}|{FILE_URI})$"
 DATASET_SOURCE_PATTERN = f"^({PVC_URI}|{FILE_URI}|{S3_URI})$"
+SERVED_MODEL_SOURCE_PATTERN = f"^({PVC_URI}|{HF_URI}|{FILE_URI}|{S3_URI})$"
 
 # A path segment that is empty, `.` or `..` after the claim (pvc://), the root (file:///) or the leading
 # `./` (file://./): `pvc://a/../b`, `pvc://a//b`, `pvc://a/b/` and `file:///x/./y` are refused (RE2).

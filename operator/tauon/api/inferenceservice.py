@@ -10,7 +10,7 @@ from tauon.api.common import (
     MAX_LIST,
     MAX_LONG_STR,
     MAX_STR,
-    MODEL_SOURCE_PATTERN,
+    SERVED_MODEL_SOURCE_PATTERN,
     Condition,
     EnvVar,
     KubeModel,
@@ -20,6 +20,7 @@ from tauon.api.common import (
     ResourceRequirements,
     SecretKeyRef,
     StatusModel,
+    StorageSpec,
     reserved_env_rule,
     source_field,
 )
@@ -45,9 +46,10 @@ class ServedModelSpec(KubeModel):
         description="A FineTuneJob in the same namespace; served once it Succeeded (its output model).",
     )
     source: str | None = source_field(
-        "A Hugging Face model directory: pvc://CLAIM/PATH, hf://ORG/NAME or file:// (dev only). Path "
-        "segments may not be empty, `.` or `..`.",
-        MODEL_SOURCE_PATTERN,
+        "A Hugging Face model directory: pvc://CLAIM/PATH, hf://ORG/NAME, s3://BUCKET/PREFIX (downloaded "
+        "into the model cache before the server starts; tauon runtime only; credentials from "
+        "spec.storage.s3) or file:// (dev only). Path segments may not be empty, `.` or `..`.",
+        SERVED_MODEL_SOURCE_PATTERN,
         "model.source",
         required=False,
     )
@@ -143,6 +145,19 @@ class ServerEnvVar(EnvVar):
     )
 
 
+class ServingStorage(StorageSpec):
+    model_cache_size: str | None = Field(
+        default=None,
+        pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$",
+        max_length=32,
+        description=(
+            "Size limit of the volume an s3:// model is downloaded into before the server starts (an "
+            "emptyDir; e.g. 20Gi for a 7B model in bf16). Unset: no limit beyond the node's ephemeral "
+            "storage."
+        ),
+    )
+
+
 class InferenceServiceSpec(KubeModel):
     model_config = ConfigDict(
         json_schema_extra={
@@ -205,6 +220,10 @@ class InferenceServiceSpec(KubeModel):
     )
     pod_template: PodTemplateOverrides = Field(
         default_factory=PodTemplateOverrides, description="Bounded overrides applied to every server pod."
+    )
+    storage: ServingStorage | None = Field(
+        default=None,
+        description="Object storage settings for s3:// models (endpoint, region, credentials, cache size).",
     )
 
 

@@ -58,6 +58,7 @@ from tauon.render.common import (
     gpu_count,
     merge_env,
     pod_security,
+    s3_env,
 )
 from tauon.render.config import OperatorConfig
 
@@ -73,6 +74,7 @@ GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSc
 # the server drains in-flight requests for up to 25 s on SIGTERM (--graceful-timeout-seconds)
 TERMINATION_GRACE_SECONDS = 30
 SHM_DIR = "/dev/shm"
+MODEL_CACHE_DIR = "/var/cache/tauon/models"  # where an s3:// model is downloaded before the server starts
 VLLM_SHM_SIZE = "8Gi"  # NCCL between tensor-parallel workers
 
 
@@ -325,6 +327,7 @@ def server_env(isvc: InferenceService, model_spec: ServedModelSpec) -> list[Mani
     ref = model_spec.token_secret_ref
     if ref is not None:
         ours.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    ours += s3_env(isvc.spec.storage)
     return _dedupe_env(
         merge_env(ours, env_list(list(isvc.spec.env)), overridable_prefix=("HF_", THREADS_ENV))
     )
@@ -455,6 +458,14 @@ def _server_pod_spec(
     if runtime == "vllm":
         volume_mounts.append({"name": "dshm", "mountPath": SHM_DIR})
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": VLLM_SHM_SIZE}})
+    if path.startswith("s3://"):
+        volume_mounts.append({"name": "model-cache", "mountPath": MODEL_CACHE_DIR})
+        size = spec.storage.model_cache_size if spec.storage is not None else None
+        volumes.append({"name": "model-cache", "emptyDir": {"sizeLimit": size} if size else {}})
+        runtime_part["env"] = [
+            *runtime_part["env"],
+            {"name": "TAUON_MODEL_CACHE_DIR", "value": MODEL_CACHE_DIR},
+        ]
     container: Manifest = {
         "name": CONTAINER,
         "image": runtime_part.pop("image"),
@@ -507,6 +518,11 @@ def render_deployment(
     runtime = resolve_runtime(isvc, task)
     if runtime == "vllm" and task not in (None, CAUSAL_LM):
         raise InvalidSpec(f"spec.runtime: vllm serves causal-lm models only ({where} is {task})")
+    if runtime == "vllm" and path.startswith("s3://"):
+        raise InvalidSpec(
+            f"{field}: s3:// models are served by the tauon runtime only for now (set spec.runtime: tauon, "
+            "or copy the model to a pvc:// volume for vllm)"
+        )
     pod_spec = _server_pod_spec(isvc, model_spec, storage, path, task, runtime, gpus, cfg)
 
     labels = component_labels(name, component)
