@@ -3,33 +3,23 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.kube import REPO, Cluster, load_cluster_module, wait_until
+from tests.kube import REPO, Cluster, control_plane
 
 
 @pytest.fixture(scope="session")
-def cluster() -> Cluster:
+def cluster() -> Iterator[Cluster]:
     """A real control plane (etcd, kube-apiserver, controller-manager, scheduler, kwok) with tauon's CRDs.
 
     Set TAUON_TEST_CLUSTER_DIR to reuse one started with `make cluster-up` (it is then left running).
     """
-    mod = load_cluster_module()
     reuse = os.environ.get("TAUON_TEST_CLUSTER_DIR")
-    d = Path(reuse) if reuse else REPO / ".cluster-test"
-    kubeconfig = mod.up(d)
-    c = Cluster(kubeconfig, mod.build())
-    try:
-        c.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
-        for crd in ("finetunejobs.tauon.dev", "inferenceservices.tauon.dev"):
-            c.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
-        wait_until(lambda: c.kubectl("get", "ftj", "-A", check=False).returncode == 0, 30, "CRDs served")
+    with control_plane(Path(reuse) if reuse else REPO / ".cluster-test", keep=bool(reuse)) as c:
         yield c
-    finally:
-        if not reuse:
-            mod.down(d)
 
 
 @pytest.fixture

@@ -5,16 +5,21 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
+import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+TAUON = str(Path(sys.executable).parent / "tauon")
+CRDS = ("finetunejobs.tauon.dev", "inferenceservices.tauon.dev")
 
 
 def load_cluster_module() -> Any:
@@ -79,6 +84,49 @@ class Cluster:
         self.kubectl("create", "namespace", ns)
         wait_until(lambda: self.get("serviceaccount", "default", ns) is not None, 60, f"default SA in {ns}")
         return ns
+
+
+@contextmanager
+def control_plane(directory: Path, keep: bool = False) -> Iterator[Cluster]:
+    """A control plane (etcd, kube-apiserver, controller-manager, scheduler, kwok) in ``directory`` with
+    tauon's CRDs applied, Established and served; stopped on exit unless ``keep``."""
+    mod = load_cluster_module()
+    kubeconfig = mod.up(directory)
+    c = Cluster(kubeconfig, mod.build())
+    try:
+        c.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
+        for crd in CRDS:
+            c.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
+        wait_until(lambda: c.kubectl("get", "ftj", "-A", check=False).returncode == 0, 30, "CRDs served")
+        yield c
+    finally:
+        if not keep:
+            mod.down(directory)
+
+
+@contextmanager
+def process_node(cluster: Cluster, name: str, root: Path, *args: str) -> Iterator[Path]:
+    """`tauon node` (pods as local processes) registered as ``name``, its pods under root/pods and its
+    log in root/node.log; Ready on entry, stopped on exit (SIGTERM to its session, SIGKILL after 60s)."""
+    log = open(root / "node.log", "ab")
+    proc = subprocess.Popen(
+        [TAUON, "node", "--name", name, "--root", str(root / "pods"), *args],
+        env=cluster.env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        wait_until(lambda: condition(cluster.get("node", name), "Ready"), 60, "process node Ready")
+        yield root
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
 
 
 def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.3) -> Any:

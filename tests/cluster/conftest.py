@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.kube import Cluster
+from tests.kube import TAUON, Cluster
 from tests.net import free_port
 
 
@@ -25,7 +24,7 @@ class Operator:
 
     def start(self) -> None:
         cmd = [
-            str(Path(sys.executable).parent / "tauon"),
+            TAUON,
             "operator",
             "--metrics-port",
             str(self.metrics_port),

@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 
 from tests.cluster.conftest import Operator
-from tests.kube import REPO, Cluster, load_cluster_module, wait_until
+from tests.kube import Cluster, control_plane, load_cluster_module, wait_until
+from tests.manifests import MINILM_CLASSIFIER, finetunejob, inferenceservice
 
 pytestmark = pytest.mark.cluster
 T = 120  # seconds: every wait is bounded, generously (the machine is shared)
@@ -33,46 +34,28 @@ CHAOS_DIR = Path(tempfile.gettempdir()) / "tauon-chaos-cluster"
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     """A control plane of our own: restarting its API server must not disturb other test sessions."""
-    mod = load_cluster_module()
-    kubeconfig = mod.up(CHAOS_DIR)
-    c = Cluster(kubeconfig, mod.build())
-    try:
-        c.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
-        for crd in ("finetunejobs.tauon.dev", "inferenceservices.tauon.dev"):
-            c.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
-        wait_until(lambda: c.kubectl("get", "ftj", "-A", check=False).returncode == 0, 30, "CRDs served")
+    with control_plane(CHAOS_DIR) as c:
         yield c
-    finally:
-        mod.down(CHAOS_DIR)
 
 
 def job(name: str, nodes: int = 2, run_ms: int = 3000, **extra: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "tauon.dev/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {
-                "source": "hf://sentence-transformers/all-MiniLM-L6-v2",
-                "task": "sequence-classification",
-                "numLabels": 2,
-                **extra.pop("model", {}),
-            },
-            "dataset": {"source": "file:///tmp/tauon-test-data/train.jsonl"},
-            "output": {"storage": f"file:///tmp/tauon-test-out/{name}"},
-            "numNodes": nodes,
-            "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}},
-            "podTemplate": {
-                # a Go duration: kwok parses the annotation with time.ParseDuration and silently falls back
-                # to 0 (exit at once) for a bare number
-                "annotations": {
-                    "kwok.tauon.dev/exit-code": "0",
-                    "kwok.tauon.dev/exit-after-ms": f"{run_ms}ms",
-                }
-            },
-            **extra,
+    return finetunejob(
+        name,
+        model={**MINILM_CLASSIFIER, **extra.pop("model", {})},
+        dataset={"source": "file:///tmp/tauon-test-data/train.jsonl"},
+        output={"storage": f"file:///tmp/tauon-test-out/{name}"},
+        numNodes=nodes,
+        resources={"requests": {"cpu": "100m", "memory": "64Mi"}},
+        podTemplate={
+            # a Go duration: kwok parses the annotation with time.ParseDuration and silently falls back
+            # to 0 (exit at once) for a bare number
+            "annotations": {
+                "kwok.tauon.dev/exit-code": "0",
+                "kwok.tauon.dev/exit-after-ms": f"{run_ms}ms",
+            }
         },
-    }
+        **extra,
+    )
 
 
 def apply_all(cluster: Cluster, ns: str, objs: list[dict[str, Any]]) -> None:
@@ -278,12 +261,9 @@ def test_planted_token_never_appears_in_logs_events_or_status(cluster: Cluster, 
     failing = job("tokfail", nodes=1, model=ref)
     failing["spec"]["podTemplate"]["annotations"] = {"kwok.tauon.dev/exit-code": "3"}
     failing["spec"]["runPolicy"] = {"backoffLimit": 0}
-    isvc = {
-        "apiVersion": "tauon.dev/v1alpha1",
-        "kind": "InferenceService",
-        "metadata": {"name": "toksvc"},
-        "spec": {"model": {"source": "hf://org/model", "task": "sequence-classification", **ref}},
-    }
+    isvc = inferenceservice(
+        "toksvc", model={"source": "hf://org/model", "task": "sequence-classification", **ref}
+    )
     apply_all(cluster, ns, [ok, failing, isvc])
     wait_until(lambda: phases(cluster, ns).get("tok") == "Succeeded", T, "tok Succeeded")
     wait_until(lambda: phases(cluster, ns).get("tokfail") == "Failed", T, "tokfail Failed")

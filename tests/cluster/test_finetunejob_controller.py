@@ -13,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.kube import Cluster, condition, wait_until
+from tests.manifests import MINILM, MINILM_CLASSIFIER, finetunejob
 
 pytestmark = pytest.mark.cluster
 T = 60  # seconds: every wait is bounded
@@ -23,7 +24,7 @@ def job(
     nodes: int = 2,
     gpus: int = 0,
     annotations: dict[str, str] | None = None,
-    model: str = "hf://sentence-transformers/all-MiniLM-L6-v2",
+    model: str = MINILM,
     data: str = "file:///tmp/tauon-test-data/train.jsonl",
     output: str | None = None,
     **policy: Any,
@@ -35,20 +36,16 @@ def job(
             "requests": {"cpu": "4", "memory": "8Gi", "nvidia.com/gpu": str(gpus)},
             "limits": {"nvidia.com/gpu": str(gpus)},
         }
-    return {
-        "apiVersion": "tauon.dev/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"source": model, "task": "sequence-classification", "numLabels": 2},
-            "dataset": {"source": data},
-            "output": {"storage": output or f"file:///tmp/tauon-test-out/{name}"},
-            "numNodes": nodes,
-            "resources": resources,
-            "podTemplate": {"annotations": annotations or {}, "tolerations": tolerations},
-            "runPolicy": policy,
-        },
-    }
+    return finetunejob(
+        name,
+        model={**MINILM_CLASSIFIER, "source": model},
+        dataset={"source": data},
+        output={"storage": output or f"file:///tmp/tauon-test-out/{name}"},
+        numNodes=nodes,
+        resources=resources,
+        podTemplate={"annotations": annotations or {}, "tolerations": tolerations},
+        runPolicy=policy,
+    )
 
 
 def get_job(cluster: Cluster, ns: str, name: str) -> dict:
@@ -217,31 +214,19 @@ def test_backoff_exhaustion(cluster: Cluster, operator, namespace: str):
     assert st["restarts"] == 1 and st["restartsCountTowardsLimit"] == 1 and st["attempt"] == 1
 
 
+def set_suspend(cluster: Cluster, ns: str, name: str, suspend: bool) -> None:
+    """Merge-patch spec.runPolicy.suspend, as a user would."""
+    patch = json.dumps({"spec": {"runPolicy": {"suspend": suspend}}})
+    cluster.kubectl("patch", "ftj", name, "-n", ns, "--type=merge", "-p", patch)
+
+
 def test_suspend_and_resume(cluster: Cluster, operator, namespace: str):
     cluster.apply(job("susp", nodes=2), "-n", namespace)
     running_gang(cluster, namespace, "susp", 0, 2)
-    cluster.kubectl(
-        "patch",
-        "ftj",
-        "susp",
-        "-n",
-        namespace,
-        "--type=merge",
-        "-p",
-        '{"spec":{"runPolicy":{"suspend":true}}}',
-    )
+    set_suspend(cluster, namespace, "susp", True)
     wait_phase(cluster, namespace, "susp", "Suspended")
     wait_until(lambda: not pods(cluster, namespace, "susp"), T, "pods deleted while suspended")
-    cluster.kubectl(
-        "patch",
-        "ftj",
-        "susp",
-        "-n",
-        namespace,
-        "--type=merge",
-        "-p",
-        '{"spec":{"runPolicy":{"suspend":false}}}',
-    )
+    set_suspend(cluster, namespace, "susp", False)
     st = wait_phase(cluster, namespace, "susp", "Running")
     assert st["attempt"] == 1 and st["restarts"] == 0
     assert condition(get_job(cluster, namespace, "susp"), "Suspended")["status"] == "False"

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.cluster.conftest import Operator, free_port
+from tests.cluster.conftest import Operator
 from tests.cluster.test_finetunejob_controller import (
     job,
     pods,
@@ -28,6 +28,7 @@ from tests.cluster.test_finetunejob_controller import (
 )
 from tests.cluster.test_inferenceservice_controller import cond_status, deployment, tis
 from tests.kube import REPO, Cluster, wait_until
+from tests.net import free_port
 
 pytestmark = pytest.mark.cluster
 CHART = REPO / "helm" / "tauon"

@@ -7,20 +7,14 @@ import pytest
 
 from tests.cluster.test_finetunejob_controller import job, running_gang, wait_phase
 from tests.kube import Cluster, condition, wait_until
+from tests.manifests import MINILM, inferenceservice
 
 pytestmark = pytest.mark.cluster
 T = 90
 
 
 def tis(name: str, **spec: object) -> dict:
-    base: dict = {"model": {"source": "hf://sentence-transformers/all-MiniLM-L6-v2"}}
-    base.update(spec)
-    return {
-        "apiVersion": "tauon.dev/v1alpha1",
-        "kind": "InferenceService",
-        "metadata": {"name": name},
-        "spec": base,
-    }
+    return inferenceservice(name, base={"model": {"source": MINILM}}, **spec)
 
 
 def cond_status(cluster: Cluster, ns: str, name: str, ctype: str) -> tuple[str | None, str | None]:

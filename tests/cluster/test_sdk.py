@@ -4,10 +4,7 @@ errors (unknown job, serving a job that has not succeeded)."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,38 +14,17 @@ import pytest
 from tauon.api.names import ANN_LOG_FILE
 from tauon.client import Client, JobFailed, NotFound, NotReady
 from tests.cluster.conftest import Operator
-from tests.kube import REPO, Cluster, condition, wait_until
+from tests.kube import TAUON, Cluster, process_node, wait_until
+from tests.manifests import PROCESS_NODE, fine_tune_kwargs, sentiment_fine_tune
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.slow]
 NODE = "tauon-node-sdk"
-DATA = REPO / "examples" / "data" / "sentiment.jsonl"
-MINILM = "hf://sentence-transformers/all-MiniLM-L6-v2"
-PROCESS_NODE = {"tauon.dev/node-agent": "process"}
-TAUON = str(Path(sys.executable).parent / "tauon")
 
 
 @pytest.fixture(scope="module")
 def node(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    root = tmp_path_factory.mktemp("node")
-    log = open(root / "node.log", "ab")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "tauon"), "node", "--name", NODE, "--root", str(root / "pods")],
-        env=cluster.env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        wait_until(lambda: condition(cluster.get("node", NODE), "Ready"), 60, "process node Ready")
+    with process_node(cluster, NODE, tmp_path_factory.mktemp("node")) as root:
         yield root
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 def test_sdk_trains_streams_logs_serves_and_deletes(
@@ -60,24 +36,13 @@ def test_sdk_trains_streams_logs_serves_and_deletes(
             client.job("nope")
         job = client.fine_tune(
             "sdk",
-            model=MINILM,
-            dataset=str(DATA),
-            label_field="label",
-            validation_split=0.15,
-            num_labels=2,
-            num_nodes=2,
-            nproc_per_node=1,
-            output=f"file://{tmp_path / 'out'}",
-            checkpoint_every_steps=50,
-            resources={"requests": {"cpu": "1", "memory": "1Gi"}},
-            node_selector=PROCESS_NODE,
-            run_policy={"backoff_limit": 1, "schedule_timeout_seconds": 60},
-            epochs=2,
-            batch_size_per_device=16,
-            learning_rate=1e-4,
-            max_seq_length=48,
-            warmup_ratio=0.1,
-            env={"LOGLEVEL": "INFO"},  # torchrun's agent logs on every node, so rank 1 has lines too
+            **sentiment_fine_tune(
+                output=f"file://{tmp_path / 'out'}",
+                checkpoint_every_steps=50,
+                resources={"requests": {"cpu": "1", "memory": "1Gi"}},
+                node_selector=PROCESS_NODE,
+                run_policy={"backoff_limit": 1, "schedule_timeout_seconds": 60},
+            ),
         )
         with pytest.raises(NotReady, match="not Succeeded"):
             client.serve("early", fine_tune_job="sdk", node_selector=PROCESS_NODE)
@@ -127,14 +92,12 @@ def test_sdk_waiting_on_a_failed_job_raises_its_reason(
     with Client(kubeconfig=str(cluster.kubeconfig), namespace=namespace) as client:
         job = client.fine_tune(
             "broken",
-            model=MINILM,
-            dataset=str(tmp_path / "missing.jsonl"),
-            num_labels=2,
-            num_nodes=2,
-            nproc_per_node=1,
-            output=f"file://{tmp_path / 'out'}",
-            node_selector=PROCESS_NODE,
-            run_policy={"backoff_limit": 1, "schedule_timeout_seconds": 60},
+            **fine_tune_kwargs(
+                tmp_path / "missing.jsonl",
+                output=f"file://{tmp_path / 'out'}",
+                node_selector=PROCESS_NODE,
+                run_policy={"backoff_limit": 1, "schedule_timeout_seconds": 60},
+            ),
         )
         with pytest.raises(JobFailed) as e:
             job.wait(timeout=300, progress=False)

@@ -17,54 +17,35 @@ import pytest
 from tests.cluster.conftest import Operator
 from tests.e2e import test_e2e
 from tests.e2e.test_e2e import _trainer_pids, st, wait_phase
-from tests.kube import REPO, Cluster, wait_until
+from tests.kube import Cluster, wait_until
+from tests.manifests import CORPUS, TINY_LLAMA, TINY_TOKENIZER, finetunejob, on_process_nodes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 # the same module-scoped operator and process node as test_e2e (started again for this module)
 operator = test_e2e.operator
 node = test_e2e.node
-CORPUS = REPO / "examples" / "data" / "corpus.jsonl"
-TOKENIZER = REPO / "examples" / "tokenizers" / "tiny-llama"
-TINY_LLAMA = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 128,
-    "tie_word_embeddings": False,
-}
 
 
 def tiny_job(name: str, out: Path, steps: int, every: int, nodes: int = 2) -> dict[str, Any]:
-    return {
-        "apiVersion": "tauon.dev/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {
-                "init": "scratch",
-                "config": TINY_LLAMA,
-                "tokenizer": f"file://{TOKENIZER}",
-                "task": "causal-lm",
-            },
-            "dataset": {"source": f"file://{CORPUS}", "textField": "text", "validationSplit": 0.1},
-            "hyperparameters": {
-                "maxSteps": steps,
-                "batchSizePerDevice": 4,
-                "learningRate": 3e-3,
-                "maxSeqLength": 64,
-                "precision": "fp32",
-            },
-            "output": {"storage": f"file://{out}", "checkpointEverySteps": every},
-            "numNodes": nodes,
-            "nprocPerNode": 1,
-            "resources": {"requests": {"cpu": "1", "memory": "1Gi"}},
-            "podTemplate": {"nodeSelector": {"tauon.dev/node-agent": "process"}},
-            "runPolicy": {"backoffLimit": 2, "scheduleTimeoutSeconds": 60},
+    return finetunejob(
+        name,
+        model={
+            "init": "scratch",
+            "config": TINY_LLAMA,
+            "tokenizer": f"file://{TINY_TOKENIZER}",
+            "task": "causal-lm",
         },
-    }
+        dataset={"source": f"file://{CORPUS}", "textField": "text", "validationSplit": 0.1},
+        hyperparameters={
+            "maxSteps": steps,
+            "batchSizePerDevice": 4,
+            "learningRate": 3e-3,
+            "maxSeqLength": 64,
+            "precision": "fp32",
+        },
+        output={"storage": f"file://{out}", "checkpointEverySteps": every},
+        **on_process_nodes(nodes=nodes, backoff=2),
+    )
 
 
 def complete_checkpoints(out: Path) -> list[Path]:

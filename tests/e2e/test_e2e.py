@@ -6,19 +6,25 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.cluster.conftest import Operator
-from tests.kube import REPO, Cluster, condition, wait_until
+from tests.kube import Cluster, condition, process_node, wait_until
+from tests.manifests import (
+    MINILM_CLASSIFIER,
+    PROCESS_NODE,
+    SENTIMENT,
+    finetunejob,
+    inferenceservice,
+    on_process_nodes,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 NODE = "tauon-node-e2e"
-DATA = REPO / "examples" / "data" / "sentiment.jsonl"
 
 
 @pytest.fixture(scope="module")
@@ -30,65 +36,26 @@ def operator(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="module")
-def node(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("node")
-    log = open(root / "node.log", "ab")
-    proc = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "tauon"),
-            "node",
-            "--name",
-            NODE,
-            "--root",
-            str(root / "pods"),
-            "--cpus",
-            "8",
-        ],
-        env=cluster.env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        wait_until(lambda: condition(cluster.get("node", NODE), "Ready"), 60, "process node Ready")
+def node(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    with process_node(cluster, NODE, tmp_path_factory.mktemp("node"), "--cpus", "8") as root:
         yield root
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 def ftj(name: str, out: Path, backoff: int = 2, steps_every: int = 4) -> dict:
-    return {
-        "apiVersion": "tauon.dev/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {
-                "source": "hf://sentence-transformers/all-MiniLM-L6-v2",
-                "task": "sequence-classification",
-                "numLabels": 2,
-            },
-            "dataset": {"source": f"file://{DATA}", "labelField": "label", "validationSplit": 0.15},
-            "hyperparameters": {
-                "epochs": 2,
-                "batchSizePerDevice": 16,
-                "learningRate": 1.0e-4,
-                "maxSeqLength": 48,
-                "warmupRatio": 0.1,
-            },
-            "output": {"storage": f"file://{out}", "checkpointEverySteps": steps_every},
-            "numNodes": 2,
-            "nprocPerNode": 1,
-            "resources": {"requests": {"cpu": "1", "memory": "1Gi"}},
-            "podTemplate": {"nodeSelector": {"tauon.dev/node-agent": "process"}},
-            "runPolicy": {"backoffLimit": backoff, "scheduleTimeoutSeconds": 60},
+    return finetunejob(
+        name,
+        model=MINILM_CLASSIFIER,
+        dataset={"source": f"file://{SENTIMENT}", "labelField": "label", "validationSplit": 0.15},
+        hyperparameters={
+            "epochs": 2,
+            "batchSizePerDevice": 16,
+            "learningRate": 1.0e-4,
+            "maxSeqLength": 48,
+            "warmupRatio": 0.1,
         },
-    }
+        output={"storage": f"file://{out}", "checkpointEverySteps": steps_every},
+        **on_process_nodes(nodes=2, backoff=backoff),
+    )
 
 
 def st(cluster: Cluster, ns: str, name: str) -> dict:
@@ -130,15 +97,11 @@ def test_train_then_serve(cluster: Cluster, operator: Operator, node: Path, name
     assert row[1] == "Succeeded" and row[4] == "100"
 
     cluster.apply(
-        {
-            "apiVersion": "tauon.dev/v1alpha1",
-            "kind": "InferenceService",
-            "metadata": {"name": "sentiment"},
-            "spec": {
-                "model": {"fineTuneJobRef": {"name": "sentiment"}},
-                "podTemplate": {"nodeSelector": {"tauon.dev/node-agent": "process"}},
-            },
-        },
+        inferenceservice(
+            "sentiment",
+            model={"fineTuneJobRef": {"name": "sentiment"}},
+            podTemplate={"nodeSelector": PROCESS_NODE},
+        ),
         "-n",
         namespace,
     )

@@ -7,7 +7,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -16,30 +15,22 @@ import pytest
 import yaml
 
 from tauon.api import FineTuneJobStatus, InferenceServiceStatus
-from tests.kube import wait_until
+from tests.kube import TAUON, wait_until
+from tests.manifests import MINILM, MINILM_CLASSIFIER, finetunejob, inferenceservice
 from tests.net import free_port
 
 pytestmark = [pytest.mark.e2e]
-TAUON = str(Path(sys.executable).parent / "tauon")
 
 
 def test_failed_rank_is_reported_with_reason(tmp_path: Path):
-    job = {
-        "apiVersion": "tauon.dev/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": "broken"},
-        "spec": {
-            "model": {
-                "source": "hf://sentence-transformers/all-MiniLM-L6-v2",
-                "task": "sequence-classification",
-                "numLabels": 2,
-            },
-            "dataset": {"source": "file://./missing.jsonl"},
-            "output": {"storage": "file://./out"},
-            "numNodes": 2,
-            "nprocPerNode": 1,
-        },
-    }
+    job = finetunejob(
+        "broken",
+        model=MINILM_CLASSIFIER,
+        dataset={"source": "file://./missing.jsonl"},
+        output={"storage": "file://./out"},
+        numNodes=2,
+        nprocPerNode=1,
+    )
     manifest = tmp_path / "job.yaml"
     manifest.write_text(yaml.safe_dump(job))
     r = subprocess.run(
@@ -62,12 +53,7 @@ def test_failed_rank_is_reported_with_reason(tmp_path: Path):
 
 
 def test_sigterm_stops_the_local_server(tmp_path: Path):
-    isvc = {
-        "apiVersion": "tauon.dev/v1alpha1",
-        "kind": "InferenceService",
-        "metadata": {"name": "base"},
-        "spec": {"model": {"source": "hf://sentence-transformers/all-MiniLM-L6-v2"}},
-    }
+    isvc = inferenceservice("base", model={"source": MINILM})
     manifest = tmp_path / "isvc.yaml"
     manifest.write_text(yaml.safe_dump(isvc))
     port = free_port()

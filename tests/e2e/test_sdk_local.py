@@ -5,38 +5,20 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tauon.client import Client, JobFailed, NotFound, NotReady
-from tests.kube import REPO
+from tests.kube import TAUON
+from tests.manifests import CORPUS, TINY_TOKENIZER, fine_tune_kwargs, sentiment_fine_tune
 
 pytestmark = [pytest.mark.e2e]
-DATA = REPO / "examples" / "data" / "sentiment.jsonl"
-MINILM = "hf://sentence-transformers/all-MiniLM-L6-v2"
-TAUON = str(Path(sys.executable).parent / "tauon")
 
 
 def test_fine_tune_then_serve_and_predict(tmp_path: Path) -> None:
     with Client(local=True, workdir=tmp_path) as client:
-        job = client.fine_tune(
-            "sentiment",
-            model=MINILM,
-            dataset=str(DATA),
-            label_field="label",
-            validation_split=0.15,
-            num_labels=2,
-            num_nodes=2,
-            nproc_per_node=1,
-            epochs=2,
-            batch_size_per_device=16,
-            learning_rate=1e-4,
-            max_seq_length=48,
-            warmup_ratio=0.1,
-            env={"LOGLEVEL": "INFO"},  # torchrun's agent logs on every node, so rank 1 has lines too
-        )
+        job = client.fine_tune("sentiment", **sentiment_fine_tune())
         status = job.wait(timeout=900, progress=False)
         assert status.phase == "Succeeded"
         assert status.output.model == f"file://{tmp_path / 'sentiment' / 'model'}"
@@ -67,14 +49,7 @@ def test_failed_job_raises_with_reason_and_cannot_be_served(tmp_path: Path) -> N
     with Client(local=True, workdir=tmp_path) as client:
         with pytest.raises(NotFound, match="FineTuneJob 'nope' not found"):
             client.job("nope")
-        job = client.fine_tune(
-            "broken",
-            model=MINILM,
-            dataset=str(tmp_path / "missing.jsonl"),
-            num_labels=2,
-            num_nodes=2,
-            nproc_per_node=1,
-        )
+        job = client.fine_tune("broken", **fine_tune_kwargs(tmp_path / "missing.jsonl"))
         with pytest.raises(JobFailed) as e:
             job.wait(timeout=300, progress=False)
         # the status a cluster shows (tests/cluster/test_sdk.py): PermanentError, the trainer's reason inside
@@ -110,8 +85,8 @@ def test_pretrain_tiny_causal_lm_then_chat(tmp_path: Path) -> None:
         job = client.pretrain(
             "tiny-llama",
             model_config=TINY_LLAMA,
-            tokenizer=REPO / "examples" / "tokenizers" / "tiny-llama",
-            dataset=REPO / "examples" / "data" / "corpus.jsonl",
+            tokenizer=TINY_TOKENIZER,
+            dataset=CORPUS,
             num_nodes=2,
             nproc_per_node=1,
             max_steps=4,

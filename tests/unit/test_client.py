@@ -15,9 +15,8 @@ from tauon.api import FineTuneJob, InferenceService
 from tauon.client import Client, ClusterUnreachable, NotFound, SpecError, build
 from tauon.client.handles import split_outputs
 from tauon.client.logs import merge_files
-
-DATA = Path(__file__).resolve().parents[2] / "examples" / "data" / "sentiment.jsonl"
-MINILM = "hf://sentence-transformers/all-MiniLM-L6-v2"
+from tests.manifests import MINILM
+from tests.manifests import SENTIMENT as DATA
 
 
 def roundtrip(model: type[FineTuneJob] | type[InferenceService], doc: dict[str, Any]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from tauon.api.finetunejob import FineTuneJob, FineTuneJobStatus
 from tauon.reconcile.finetunejob import Observed, next_attempt_at, phase_of, reconcile
 from tauon.reconcile.plan import Plan
 from tauon.render.config import OperatorConfig
+from tests.manifests import PVC_SPEC, deep_merge, finetunejob
 
 Manifest = dict[str, Any]
 T0 = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
@@ -32,38 +33,13 @@ def iso(t: datetime) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
 def job_body(spec: dict[str, Any] | None = None, generation: int = 1) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "apiVersion": "tauon.dev/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {
-            "name": "ft",
-            "namespace": "team-a",
-            "uid": "uid-1",
-            "generation": generation,
-            "creationTimestamp": iso(T0),
-        },
-        "spec": {
-            "model": {"source": "pvc://models/minilm", "task": "sequence-classification", "numLabels": 2},
-            "dataset": {"source": "pvc://data/sentiment.jsonl"},
-            "output": {"storage": "pvc://results/sentiment-ft"},
-            "numNodes": 2,
-            "resources": {"requests": {"cpu": "1"}},
-        },
-    }
-    if spec:
-        base["spec"] = deep_merge(base["spec"], spec)
-    return base
+    return finetunejob(
+        "ft",
+        namespace="team-a",
+        metadata={"uid": "uid-1", "generation": generation, "creationTimestamp": iso(T0)},
+        base=deep_merge({**PVC_SPEC, "resources": {"requests": {"cpu": "1"}}}, spec or {}),
+    )
 
 
 def expected_phase(conds: list[Condition]) -> str:

@@ -24,6 +24,7 @@ from tauon.reconcile.inferenceservice import (
 )
 from tauon.reconcile.plan import Plan
 from tauon.render.config import OperatorConfig
+from tests.manifests import PVC_MINILM, finetunejob, inferenceservice
 
 CFG = OperatorConfig()
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
@@ -33,12 +34,13 @@ Manifest = dict[str, Any]
 
 
 def isvc_body(**spec: Any) -> Manifest:
-    return {
-        "apiVersion": "tauon.dev/v1alpha1",
-        "kind": "InferenceService",
-        "metadata": {"name": NAME, "namespace": NS, "uid": UID, "generation": 1},
-        "spec": {"model": {"source": "pvc://models/minilm"}, **spec},
-    }
+    return inferenceservice(
+        NAME,
+        namespace=NS,
+        metadata={"uid": UID, "generation": 1},
+        base={"model": {"source": PVC_MINILM}},
+        **spec,
+    )
 
 
 def ftj(name: str, phase: str | None = None, storage: str | None = None, failed_msg: str = "") -> Manifest:
@@ -50,10 +52,7 @@ def ftj(name: str, phase: str | None = None, storage: str | None = None, failed_
             {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": failed_msg}
         ]
     return {
-        "apiVersion": "tauon.dev/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {"output": {"storage": storage or f"pvc://models/{name}-ft"}},
+        **finetunejob(name, namespace=NS, output={"storage": storage or f"pvc://models/{name}-ft"}),
         "status": {"phase": phase or "Running", "conditions": conds},
     }
 

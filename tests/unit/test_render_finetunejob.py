@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 from typing import Any
@@ -24,6 +23,7 @@ from tauon.render.finetunejob import (
     shared_claims,
     validate,
 )
+from tests.manifests import PVC_SPEC, deep_merge, finetunejob
 
 Manifest = dict[str, Any]
 CFG = OperatorConfig()
@@ -45,32 +45,14 @@ PET_AND_TORCHRUN = {
 }
 
 
-def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
 def make_job(spec: dict[str, Any] | None = None, name: str = "ft", **meta: Any) -> FineTuneJob:
-    base: dict[str, Any] = {
-        "apiVersion": "tauon.dev/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name, "namespace": "team-a", "uid": "uid-123", "generation": 1, **meta},
-        "spec": {
-            "model": {"source": "pvc://models/minilm", "task": "sequence-classification", "numLabels": 2},
-            "dataset": {"source": "pvc://data/sentiment.jsonl"},
-            "output": {"storage": "pvc://results/sentiment-ft"},
-            "numNodes": 2,
-            "resources": {"requests": {"cpu": "2", "memory": "8Gi"}},
-        },
-    }
-    if spec:
-        base["spec"] = deep_merge(base["spec"], spec)
-    return FineTuneJob.model_validate(base)
+    body = finetunejob(
+        name,
+        namespace="team-a",
+        metadata={"uid": "uid-123", "generation": 1, **meta},
+        base=deep_merge({**PVC_SPEC, "resources": {"requests": {"cpu": "2", "memory": "8Gi"}}}, spec or {}),
+    )
+    return FineTuneJob.model_validate(body)
 
 
 GPU = {"resources": {"requests": {"cpu": "4", "nvidia.com/gpu": "4"}, "limits": {"nvidia.com/gpu": "4"}}}

@@ -32,18 +32,20 @@ from tauon.render.inferenceservice import (
     startup_probe_timing,
     url,
 )
+from tests.manifests import PVC_MINILM, PVC_SPEC, finetunejob, inferenceservice
 
 CFG = OperatorConfig()
 UID = "1234-uid"
 
 
 def isvc(**spec: Any) -> InferenceService:
-    body: dict[str, Any] = {
-        "apiVersion": "tauon.dev/v1alpha1",
-        "kind": "InferenceService",
-        "metadata": {"name": "sentiment", "namespace": "ml", "uid": UID, "generation": 1},
-        "spec": {"model": {"source": "pvc://models/minilm"}, **spec},
-    }
+    body = inferenceservice(
+        "sentiment",
+        namespace="ml",
+        metadata={"uid": UID, "generation": 1},
+        base={"model": {"source": PVC_MINILM}},
+        **spec,
+    )
     return InferenceService.model_validate(body)
 
 
@@ -159,17 +161,14 @@ def test_replica_plan(spec: dict[str, Any], with_canary: bool, expected: tuple[A
 # -- model_path --------------------------------------------------------------------------------------
 
 
-FTJ_BODY: dict[str, Any] = {
-    "apiVersion": "tauon.dev/v1alpha1",
-    "kind": "FineTuneJob",
-    "metadata": {"name": "sentiment", "namespace": "ml"},
-    "spec": {
-        "model": {"source": "pvc://models/minilm", "task": "sequence-classification", "numLabels": 2},
-        "dataset": {"source": "pvc://data/s.jsonl", "format": "jsonl"},
-        "output": {"storage": "pvc://models/sentiment-ft/"},
-        "numNodes": 1,
-    },
-}
+FTJ_BODY = finetunejob(
+    "sentiment",
+    namespace="ml",
+    base=PVC_SPEC,
+    dataset={"source": "pvc://data/s.jsonl", "format": "jsonl"},
+    output={"storage": "pvc://models/sentiment-ft/"},
+    numNodes=1,
+)
 
 
 def test_model_path_from_body_and_model() -> None:

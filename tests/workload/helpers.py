@@ -1,4 +1,5 @@
-"""Helpers for the trainer tests: job.json builder, environment, torchrun launcher, process-tree kill."""
+"""Helpers for the trainer and model-server tests: job.json builder, environment, torchrun launcher,
+process-tree kill; a model server process (``python -m tauon_serve.serve``) started, awaited, stopped."""
 
 from __future__ import annotations
 
@@ -8,17 +9,21 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+import pytest
+
+from tests.kube import REPO
+from tests.manifests import CORPUS, MINILM, SENTIMENT, TINY_LLAMA, TINY_TOKENIZER
 from tests.net import free_port
 
-REPO = Path(__file__).resolve().parents[2]
-SENTIMENT = REPO / "examples" / "data" / "sentiment.jsonl"
-CORPUS = REPO / "examples" / "data" / "corpus.jsonl"
 PYTHON = sys.executable
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
-MINILM = "hf://sentence-transformers/all-MiniLM-L6-v2"
 
 
 def job(out: Path, **over: Any) -> dict[str, Any]:
@@ -50,6 +55,12 @@ def job(out: Path, **over: Any) -> dict[str, Any]:
         },
         "output": {"storage": "pvc://models/ft", "path": str(out), "checkpointEverySteps": 200},
     }
+    return patched(cfg, over)
+
+
+def patched(cfg: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """cfg with each section of ``over`` merged in (one level deep: a dict updates a dict section, anything
+    else replaces it)."""
     for section, patch in over.items():
         if isinstance(patch, dict) and isinstance(cfg.get(section), dict):
             cfg[section] = {**cfg[section], **patch}
@@ -167,19 +178,6 @@ def metrics(out: Path) -> dict[str, Any]:
     return dict(json.loads((out / "metrics.json").read_text()))
 
 
-TINY_TOKENIZER = REPO / "examples" / "tokenizers" / "tiny-llama"
-TINY_LLAMA = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 128,
-    "tie_word_embeddings": False,
-}
-
-
 def llama_job(out: Path, strategy: str = "fsdp", **over: Any) -> dict[str, Any]:
     """A pre-training job: a tiny random Llama from a config (no download) on the shipped corpus."""
     cfg = job(
@@ -213,9 +211,101 @@ def llama_job(out: Path, strategy: str = "fsdp", **over: Any) -> dict[str, Any]:
         "textField": "text",
         "validationSplit": 0.1,
     }
-    for section, patch in over.items():
-        if isinstance(patch, dict) and isinstance(cfg.get(section), dict):
-            cfg[section] = {**cfg[section], **patch}
-        else:
-            cfg[section] = patch
-    return cfg
+    return patched(cfg, over)
+
+
+# -- the model server ------------------------------------------------------------------------------
+
+_VENV_PYTHON = REPO / ".venv" / "bin" / "python"
+SERVER_PYTHON = str(_VENV_PYTHON) if _VENV_PYTHON.exists() else sys.executable
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-6000:]
+        except OSError:
+            return ""
+
+
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float,
+    what: str,
+    server: Server | None = None,
+    interval: float = 0.1,
+) -> Any:
+    """Poll predicate until truthy (returned); fail the test after timeout, or at once when ``server``
+    exits meanwhile, with the server's log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if server is not None and server.proc.poll() is not None:
+            pytest.fail(f"server exited ({server.proc.returncode}) while waiting for {what}:\n{server.log()}")
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}" + (f":\n{server.log()}" if server else ""))
+
+
+def http_status(url: str) -> int | None:
+    """The status code of a GET of url, None while nothing answers."""
+    try:
+        return httpx.get(url, timeout=2).status_code
+    except httpx.TransportError:
+        return None
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (the server drains), SIGKILL after 20 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def launch_server(
+    model: Path | str, log_dir: Path, *args: str, name: str, env: dict[str, str] | None = None
+) -> Server:
+    """Start a server process for ``model`` served as ``name`` on a free port, its log in log_dir; the
+    caller must ``stop_server`` it (``running_server`` does)."""
+    port = free_port()
+    log_path = log_dir / f"server-{port}.log"
+    proc_env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO / "trainer_image"), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+        **(env or {}),
+    }
+    cmd = [SERVER_PYTHON, "-m", "tauon_serve.serve", "--model", str(model), "--name", name]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--threads", "1", *args]
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO, env=proc_env)
+    return Server(proc, f"http://127.0.0.1:{port}", log_path)
+
+
+def wait_ready(server: Server, timeout: float = 180) -> Server:
+    wait_for(lambda: http_status(server.url + "/v2/health/ready") == 200, timeout, "readiness", server)
+    return server
+
+
+@contextmanager
+def running_server(
+    model: Path | str, log_dir: Path, *args: str, name: str, env: dict[str, str] | None = None
+) -> Iterator[Server]:
+    server = launch_server(model, log_dir, *args, name=name, env=env)
+    try:
+        yield server
+    finally:
+        stop_server(server.proc)

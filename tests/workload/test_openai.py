@@ -10,11 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,10 +21,9 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-REPO = Path(__file__).resolve().parents[2]
-VENV_PYTHON = REPO / ".venv" / "bin" / "python"
-PYTHON = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
-TOKENIZER = REPO / "examples" / "tokenizers" / "tiny-llama"
+from tests.manifests import TINY_TOKENIZER
+from tests.workload.helpers import Server, running_server, wait_ready
+
 NAME = "tiny-llama"
 MAX_MODEL_LENGTH = 2048
 MAX_NEW_TOKENS = 16
@@ -50,7 +44,7 @@ def lm(tmp_path_factory: pytest.TempPathFactory) -> LM:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     torch.set_num_threads(1)
-    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    tok = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tok),
@@ -83,63 +77,17 @@ def lm(tmp_path_factory: pytest.TempPathFactory) -> LM:
     return LM(path, reference)
 
 
-@dataclass
-class Server:
-    proc: subprocess.Popen[bytes]
-    url: str
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-6000:]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(lm: LM, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("openai-server") / "server.log"
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO / "trainer_image"), os.environ.get("PYTHONPATH", "")]),
-        "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_VERBOSITY": "error",
-        "TAUON_MAX_CONCURRENT_SEQUENCES": "40",  # through the environment, as the operator renders it
-    }
-    cmd = [PYTHON, "-m", "tauon_serve.serve", "--model", str(lm.path), "--name", NAME, "--host", "127.0.0.1"]
-    cmd += ["--port", str(port), "--threads", "1", f"--max-model-length={MAX_MODEL_LENGTH}"]
-    cmd += [f"--max-new-tokens={MAX_NEW_TOKENS}"]
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-    srv = Server(proc, f"http://127.0.0.1:{port}", log_path)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited ({proc.returncode}):\n{srv.log()}")
-            try:
-                if httpx.get(srv.url + "/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready after 180s:\n{srv.log()}")
-            time.sleep(0.2)
-        yield srv
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+    with running_server(
+        lm.path,
+        tmp_path_factory.mktemp("openai-server"),
+        f"--max-model-length={MAX_MODEL_LENGTH}",
+        f"--max-new-tokens={MAX_NEW_TOKENS}",
+        name=NAME,
+        env={"TAUON_MAX_CONCURRENT_SEQUENCES": "40"},  # through the environment, as the operator renders it
+    ) as srv:
+        yield wait_ready(srv)
 
 
 def bases(server: Server) -> list[str]:

@@ -9,15 +9,10 @@ parts (request validation, batch splitting, the batcher itself) are in tests/uni
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,10 +24,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from tauon_serve.protocol import (
     CLASSIFICATION_OUTPUTS,
 )
+from tests.workload.helpers import (
+    Server,
+    http_status,
+    launch_server,
+    running_server,
+    stop_server,
+    wait_for,
+    wait_ready,
+)
 
-REPO = Path(__file__).resolve().parents[2]
-VENV_PYTHON = REPO / ".venv" / "bin" / "python"
-PYTHON = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
 NAME = "sentiment"
 REF_TEXTS = [
     "a wonderful, moving film",
@@ -111,92 +112,6 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
 
 
 @dataclass
-class Server:
-    proc: subprocess.Popen[bytes]
-    url: str
-    log_path: Path
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-6000:]
-        except OSError:
-            return ""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait(
-    predicate: Any, timeout: float, what: str, server: Server | None = None, interval: float = 0.1
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        if server is not None and server.proc.poll() is not None:
-            pytest.fail(f"server exited ({server.proc.returncode}) while waiting for {what}:\n{server.log()}")
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}" + (f":\n{server.log()}" if server else ""))
-
-
-def _get_status(url: str) -> int | None:
-    try:
-        return httpx.get(url, timeout=2).status_code
-    except httpx.TransportError:
-        return None
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
-def launch(model: Path | str, log_dir: Path, *args: str, env: dict[str, str] | None = None) -> Server:
-    """Start a server process; the caller must ``_stop`` it (``running_server`` does)."""
-    port = _free_port()
-    log_path = log_dir / f"server-{port}.log"
-    proc_env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO / "trainer_image"), os.environ.get("PYTHONPATH", "")]),
-        "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_VERBOSITY": "error",
-        **(env or {}),
-    }
-    cmd = [PYTHON, "-m", "tauon_serve.serve", "--model", str(model), "--name", NAME, "--host", "127.0.0.1"]
-    cmd += ["--port", str(port), "--threads", "1", *args]
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO, env=proc_env)
-    return Server(proc, f"http://127.0.0.1:{port}", log_path)
-
-
-def wait_ready(server: Server, timeout: float = 180) -> Server:
-    _wait(lambda: _get_status(server.url + "/v2/health/ready") == 200, timeout, "readiness", server)
-    return server
-
-
-@contextmanager
-def running_server(
-    model: Path | str, log_dir: Path, *args: str, env: dict[str, str] | None = None
-) -> Iterator[Server]:
-    server = launch(model, log_dir, *args, env=env)
-    try:
-        yield server
-    finally:
-        _stop(server.proc)
-
-
-@dataclass
 class Servers:
     clf: Server  # batching on (max 32 instances, 50 ms window), small request limits
     off: Server  # batching off through the environment (as the operator's Deployment sets it)
@@ -216,7 +131,7 @@ def servers(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     started: list[Server] = []
     try:
         started.append(
-            launch(
+            launch_server(
                 models.classifier,
                 log_dir,
                 "--max-batch-size=32",
@@ -224,15 +139,18 @@ def servers(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                 f"--max-instances={MAX_INSTANCES}",
                 f"--max-text-chars={MAX_TEXT_CHARS}",
                 f"--max-body-bytes={MAX_BODY_BYTES}",
+                name=NAME,
             )
         )
-        started.append(launch(models.classifier, log_dir, env={"TAUON_MAX_BATCH_SIZE": "1"}))
-        started.append(launch(models.lm, log_dir, "--max-new-tokens=4"))
-        started.append(launch(broken, log_dir))
+        started.append(
+            launch_server(models.classifier, log_dir, name=NAME, env={"TAUON_MAX_BATCH_SIZE": "1"})
+        )
+        started.append(launch_server(models.lm, log_dir, "--max-new-tokens=4", name=NAME))
+        started.append(launch_server(broken, log_dir, name=NAME))
         yield Servers(*started)
     finally:
         for server in started:
-            _stop(server.proc)
+            stop_server(server.proc)
 
 
 @pytest.fixture(scope="module")
@@ -526,10 +444,11 @@ def test_readiness_then_graceful_sigterm_drains_in_flight_request(models: Models
         models.classifier,
         tmp_path,
         "--max-latency-ms=3000",  # a request queued behind a running pass waits up to 3 s: it is in flight
+        name=NAME,
         env={"TAUON_LOAD_DELAY_SECONDS": "2"},
     ) as server:
         u = server.url
-        _wait(lambda: _get_status(u + "/v2/health/live") == 200, 60, "liveness", server)
+        wait_for(lambda: http_status(u + "/v2/health/live") == 200, 60, "liveness", server)
         assert httpx.get(u + "/v2/health/ready").status_code == 503
         assert httpx.get(f"{u}/v2/models/{NAME}/ready").json() == {"name": NAME, "ready": False}
         r = httpx.post(f"{u}{V1}", json={"instances": ["too early"]})
@@ -547,7 +466,7 @@ def test_readiness_then_graceful_sigterm_drains_in_flight_request(models: Models
             busy = pool.submit(httpx.post, f"{u}{V1}", json=slow, timeout=120)
             time.sleep(0.3)
             pending = pool.submit(httpx.post, f"{u}{V1}", json={"instances": ["in flight"]}, timeout=120)
-            _wait(
+            wait_for(
                 lambda: metric(scrape(server), "tauon_server_queue_depth") == 1.0,
                 30,
                 "queued request",
@@ -566,7 +485,7 @@ def test_readiness_then_graceful_sigterm_drains_in_flight_request(models: Models
 
 
 def test_missing_model_dir_exits_nonzero(tmp_path: Path) -> None:
-    with running_server(tmp_path / "does-not-exist", tmp_path) as server:
+    with running_server(tmp_path / "does-not-exist", tmp_path, name=NAME) as server:
         assert server.proc.wait(timeout=60) == 1
         assert "not found" in server.log()
 
