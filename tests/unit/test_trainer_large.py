@@ -34,6 +34,20 @@ def test_output_path_with_dot_segments_is_refused(raw: str) -> None:
     assert e.value.reason == "InvalidOutput" and raw in e.value.message
 
 
+def test_output_may_be_an_s3_prefix_and_other_schemes_are_refused() -> None:
+    cfg = parse_config(llama_job(Path("/x"), output={"storage": "s3://b/runs/a/", "path": "s3://b/runs/a/"}))
+    assert cfg.output.path == "s3://b/runs/a/"
+    assert out_mod.check_output_path(cfg.output.path, "/mnt/ignored") == "s3://b/runs/a"
+    assert out_mod.check_output_path("s3://b", None) == "s3://b"
+    for bad in ("s3:///runs", "s3://b/runs//a", "s3://b/runs/../a", "s3://b/./a"):
+        with pytest.raises(PermanentError) as e:
+            out_mod.check_output_path(bad, None)
+        assert e.value.reason == "InvalidOutput" and bad in e.value.message
+    with pytest.raises(PermanentError) as e:
+        parse_config(llama_job(Path("/x"), output={"storage": "gs://b/a", "path": "gs://b/a"}))
+    assert e.value.reason == "InvalidConfig" and "s3://bucket/prefix" in e.value.message
+
+
 def test_output_path_must_resolve_inside_its_mount(tmp_path: Path) -> None:
     mount, outside = tmp_path / "mnt", tmp_path / "outside"
     (mount / "sub").mkdir(parents=True)

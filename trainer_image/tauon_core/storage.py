@@ -28,13 +28,26 @@ Errors
     A 404 without an error code (S3 answers HEAD requests with a bare status) is told apart by asking
     for the bucket once. Retryable errors are ``RetryableError`` (the gang restarts); permanent ones are
     ``PermanentError`` (the job fails with that reason). botocore retries throttling and 5xx itself
-    (``standard`` mode, ``TAUON_S3_MAX_ATTEMPTS``, default 5) before anything here sees them.
+    (``standard`` mode, ``TAUON_S3_MAX_ATTEMPTS``, default 5) before anything here sees them. The named
+    errors pickle (they cross ranks inside torch.distributed.checkpoint's failure reports).
+
+Writing without rename
+    S3 has no rename, so a reader must never be able to take a half-written set of objects for a whole
+    one. ``publish_dir`` uploads a local directory under a prefix and writes its marker
+    (``PUBLISHED_MARKER``, listing every file and its size) last, after deleting the previous marker
+    first; ``published`` is the reader's side (the marker, and every listed file there with its size).
+    ``write_bytes_if`` is a conditional PUT (``If-None-Match: *`` or ``If-Match: <etag>``) for
+    compare-and-swap records (the trainer's owner file); a store that ignores the headers writes
+    unconditionally (AWS S3 and SeaweedFS honour both; callers read back where that matters).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO, NoReturn, cast
@@ -69,6 +82,9 @@ class StorageUnreachable(RetryableError):
         super().__init__(STORAGE_UNREACHABLE, f"{uri}: object storage unreachable ({detail})")
         self.uri = uri
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.reason, self.message, self.uri))
+
 
 class StoragePermanentError(PermanentError):
     """A storage failure that retrying cannot fix; ``reason`` names which."""
@@ -76,6 +92,17 @@ class StoragePermanentError(PermanentError):
     def __init__(self, reason: str, uri: str, message: str) -> None:
         super().__init__(reason, f"{uri}: {message}")
         self.uri = uri
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.reason, self.message, self.uri))
+
+
+def _rebuild(cls: type[Exception], reason: str, message: str, uri: str) -> Exception:
+    """Unpickle a named error (they cross ranks inside torch.distributed.checkpoint's failure reports)."""
+    err = cls.__new__(cls)
+    Exception.__init__(err, f"{reason}: {message}")
+    err.reason, err.message, err.uri = reason, message, uri  # type: ignore[attr-defined]
+    return err
 
 
 def is_remote(uri: str) -> bool:
@@ -120,7 +147,7 @@ class S3Settings:
         return cls(endpoint=endpoint, region=region, max_attempts=attempts)
 
 
-def _s3_filesystem(settings: S3Settings) -> fsspec.AbstractFileSystem:
+def _s3_options(settings: S3Settings) -> dict[str, Any]:
     client_kwargs: dict[str, Any] = {}
     if settings.endpoint:
         client_kwargs["endpoint_url"] = settings.endpoint
@@ -131,15 +158,45 @@ def _s3_filesystem(settings: S3Settings) -> fsspec.AbstractFileSystem:
         "connect_timeout": 10,
         "read_timeout": 60,
     }
-    # skip_instance_cache: settings are read per call, so a test (or a caller) that changes the
-    # environment gets a filesystem that follows it. The object is cheap; its connection pool is not
-    # shared across differently configured instances anyway.
-    return fsspec.filesystem(
-        "s3",
-        client_kwargs=client_kwargs,
-        config_kwargs=config_kwargs,
-        skip_instance_cache=True,
-    )
+    # skip_instance_cache: fsspec's own cache would not follow a changed environment (credentials are not
+    # in its key); ``_s3_filesystem`` keeps one instance per environment itself, and a library given
+    # these options builds a fresh one.
+    return {"client_kwargs": client_kwargs, "config_kwargs": config_kwargs, "skip_instance_cache": True}
+
+
+_FS_CACHE: dict[tuple[Any, ...], fsspec.AbstractFileSystem] = {}
+_FS_LOCK = threading.Lock()
+_CREDENTIAL_VARS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_ROLE_ARN",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+)
+
+
+def _s3_filesystem(settings: S3Settings) -> fsspec.AbstractFileSystem:
+    """One s3fs instance per process, settings and credentials in the environment (a changed environment
+    gets a new one; the key holds a digest of the credentials, not them). Reusing it saves the client
+    set-up (~0.1 s) of every call; listings are never cached, so every call sees the store as it is."""
+    env = "\0".join(os.environ.get(k, "") for k in _CREDENTIAL_VARS)
+    key = (os.getpid(), settings, hashlib.sha256(env.encode()).hexdigest())
+    with _FS_LOCK:
+        fs = _FS_CACHE.get(key)
+        if fs is None:
+            if len(_FS_CACHE) >= 16:
+                _FS_CACHE.clear()
+            fs = fsspec.filesystem("s3", use_listings_cache=False, **_s3_options(settings))
+            _FS_CACHE[key] = fs
+    return fs
+
+
+def fsspec_options(uri: str) -> dict[str, Any]:
+    """The options ``filesystem`` builds its s3fs instance with (endpoint, region, retries; never a
+    credential), for libraries that build their own fsspec filesystem from a URI (e.g.
+    ``torch.distributed.checkpoint.FsspecWriter(uri, **fsspec_options(uri))``); ``{}`` for paths."""
+    return _s3_options(S3Settings.from_env()) if is_remote(uri) else {}
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -242,6 +299,28 @@ def storage_errors(uri: str) -> Iterator[None]:
         raise
     except Exception as exc:
         raise classify(exc, uri) from None
+
+
+def is_storage_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from the store (an S3 error code, a connection failure, an I/O error) rather
+    than from what was read (``classify`` takes anything unrecognised for an unreachable store)."""
+    if isinstance(exc, RetryableError | PermanentError | OSError):
+        return True
+    return _client_code(exc) is not None or _connection_failure(exc) is not None
+
+
+@contextlib.contextmanager
+def storage_failures(uri: str) -> Iterator[None]:
+    """``storage_errors`` for failures of the store only: anything else (a corrupt object's content
+    failing to parse) propagates unchanged, for the caller to judge."""
+    try:
+        yield
+    except (RetryableError, PermanentError):
+        raise
+    except Exception as exc:
+        if is_storage_failure(exc):
+            raise classify(exc, uri) from None
+        raise
 
 
 def _raise(exc: BaseException, uri: str) -> NoReturn:
@@ -408,3 +487,99 @@ def delete(uri: str, recursive: bool = False) -> None:
     with storage_errors(uri):
         if fs.exists(path):
             fs.rm(path, recursive=recursive)
+
+
+# --- conditional writes and whole-prefix publishing (the trainer's outputs) ---------------------
+
+PUBLISHED_MARKER = ".tauon-complete.json"
+_PRECONDITION_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
+
+
+def write_bytes_if(uri: str, data: bytes, *, absent: bool = False, etag: str | None = None) -> bool:
+    """A conditional PUT of one object (S3 only): only if no object exists there (``absent``:
+    ``If-None-Match: *``) or only while its content tag is still ``etag`` (``If-Match``). True when
+    written, False when the condition did not hold (412, or 409 for a concurrent conditional write). A
+    store that ignores conditional headers writes unconditionally and answers True."""
+    if not is_remote(uri):
+        raise ValueError(f"{uri}: conditional writes are for object storage only")
+    if absent == (etag is not None):
+        raise ValueError("write_bytes_if needs exactly one of absent and etag")
+    fs, path = filesystem(uri)
+    cond: dict[str, Any] = {"mode": "create"} if absent else {"IfMatch": '"' + str(etag).strip('"') + '"'}
+    try:
+        fs.pipe_file(path, data, **cond)
+    except FileExistsError:  # s3fs's translation of a failed If-None-Match
+        return False
+    except Exception as exc:
+        if _client_code(exc) in _PRECONDITION_CODES:
+            return False
+        _raise(exc, uri)
+    return True
+
+
+def list_tree(uri: str) -> list[ObjectInfo]:
+    """Every object (file) under the prefix (directory) ``uri``, recursively, sorted by URI; ``[]`` when
+    there is none (a missing bucket is still ``BucketNotFound``)."""
+    try:
+        return list_objects(uri.rstrip("/") + "/")
+    except StoragePermanentError as err:
+        if err.reason == OBJECT_NOT_FOUND:
+            return []
+        raise
+
+
+def _relative(base: str, uri: str) -> str:
+    return uri[len(base.rstrip("/")) + 1 :]
+
+
+def _local_files(local_dir: str) -> dict[str, int]:
+    files: dict[str, int] = {}
+    for root, _dirs, names in os.walk(local_dir):
+        for name in names:
+            full = os.path.join(root, name)
+            rel = os.path.relpath(full, local_dir).replace(os.sep, "/")
+            if rel != PUBLISHED_MARKER:
+                files[rel] = os.path.getsize(full)
+    return files
+
+
+def publish_dir(local_dir: str, uri: str, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Copy the fully written local directory ``local_dir`` to the prefix ``uri`` so that no reader
+    ever takes a partial copy for a whole one; returns the marker's record.
+
+    Order: the previous ``PUBLISHED_MARKER`` is deleted (a previous copy stops being readable before any
+    of it changes), objects that are not in the new copy are deleted, the files are uploaded (an
+    ``*.index.json`` after the files it indexes), and the marker (``{"files": {name: size}, **meta}``)
+    is written last. A failure anywhere leaves the prefix without a marker: ``published`` says None and
+    the next ``publish_dir`` overwrites it."""
+    files = _local_files(local_dir)
+    marker = join(uri, PUBLISHED_MARKER)
+    delete(marker)
+    for obj in list_tree(uri):
+        if _relative(uri, obj.uri) not in files:
+            delete(obj.uri)
+    for rel in sorted(files, key=lambda r: (r.endswith(".index.json"), r)):
+        upload_file(os.path.join(local_dir, rel), join(uri, rel))
+    record: dict[str, Any] = {"files": files, **(meta or {})}
+    write_bytes(marker, json.dumps(record, indent=2, sort_keys=True).encode() + b"\n")
+    return record
+
+
+def published(uri: str) -> dict[str, Any] | None:
+    """The marker record of the prefix ``uri`` once ``publish_dir`` completed it and every file it lists
+    is there with its size; None otherwise (nothing published, being replaced, or damaged since)."""
+    try:
+        record = json.loads(read_bytes(join(uri, PUBLISHED_MARKER)))
+    except StoragePermanentError as err:
+        if err.reason == OBJECT_NOT_FOUND:
+            return None
+        raise
+    except ValueError:
+        return None
+    files = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(files, dict):
+        return None
+    have = {_relative(uri, o.uri): o.size for o in list_tree(uri)}
+    if any(have.get(rel) != size for rel, size in files.items()):
+        return None
+    return cast(dict[str, Any], record)

@@ -1,20 +1,35 @@
-"""Sharded checkpoints (torch.distributed.checkpoint) that resume at any world size, under either strategy.
+"""Sharded checkpoints (torch.distributed.checkpoint) that resume at any world size, under either strategy,
+in a local directory or under an ``s3://`` prefix.
 
 ``Checkpointer`` owns the checkpoints of a run: ``save`` (the attempt fence, every rank's shards, rank 0's
 commit), ``resume`` (the newest checkpoint that validates, older ones as fallback, a checkpoint that fails
-to load moved aside) and ``check_fence``. The functions below it are the on-disk layout.
+to load moved aside) and ``check_fence``. The functions below it are the layout; each takes a local path
+or an ``s3://`` URI.
 
 Layout under ``<output>/checkpoints/``::
 
-    step-N/                  a finished checkpoint (renamed into place in one os.rename by global rank 0)
+    step-N/                  a finished checkpoint
       dcp/                   torch.distributed.checkpoint: {"model": ..., "optim": ...}; every rank writes
                              its own shards (FSDP: its DTensor shards; DDP: rank 0 writes the replicated
                              tensors once). For LoRA only the trainable parameters are stored.
       rng/rank-R.pt          RNG states of rank R (restored when the world size is unchanged)
       state.json             step, epoch, global sample position in the epoch, world size, strategy,
                              owner uid, running loss sums
-      complete               written last; a directory without it is never loaded
-    .tmp-step-N-<random>/    being written (or left by a crash; removed at the next start)
+      complete               written last; a checkpoint without it is never loaded
+    .tmp-step-N-<random>/    local only: being written (or left by a crash; removed at the next start)
+
+Visibility. Locally a checkpoint is written into ``.tmp-step-N-*`` and renamed into place in one
+``os.rename`` by global rank 0. S3 has no rename: the checkpoint is written in place under ``step-N/``
+(``FsspecWriter``/``FsspecReader`` with the store's options from ``tauon_core.storage``), and the
+``complete`` object, written by rank 0 after every rank's shards, the DCP metadata and state.json are
+stored (S3 PUTs are read-after-write consistent), is what makes it one. Rank 0 re-checks the attempt
+fence just before writing it. Re-saving a step deletes its ``complete`` first; retention deletes
+``complete`` before the rest of the prefix; a prefix without ``complete`` is removed at the next start.
+
+Errors. Storage failures are the named errors of ``tauon_core.storage`` (with the URI): DCP's per-rank
+failures are converted where they happen, and every rank raises the same error (``StorageUnreachable``
+is retryable; the restart resumes). An unreachable store never makes a checkpoint look invalid: only a
+missing object or unreadable content does.
 
 Parameter names are those of ``get_state_dict`` (wrapper prefixes removed), so a checkpoint written
 under ddp loads under fsdp and the other way round, at any world size (DCP reshards on load). The
@@ -23,12 +38,13 @@ learning-rate schedule is a function of the step and is recomputed, not stored.
 Only the newest ``KEEP`` complete checkpoints are kept. ``validate`` checks a checkpoint without loading
 it (metadata readable, every shard file present and long enough), so a truncated newest checkpoint
 falls back to the previous one before any tensor is touched. A checkpoint that validates but still
-fails to load is quarantined (``.corrupt-step-N-*``) and the run fails retryably: the restart resumes
-from the previous one.
+fails to load is quarantined (``.corrupt-step-N-*``; on S3 its ``complete`` is deleted), removed at the
+next start, and the run fails retryably: the restart resumes from the previous one.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -36,18 +52,25 @@ import re
 import secrets
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
+from tauon_core import storage
+from tauon_core.errors import ATTEMPT_SUPERSEDED, PermanentError, RetryableError
+
 from . import dist
-from .output import Superseded, fence_status, fsync_dir, fsync_tree
+from .output import Superseded, check_fence, fence_status, fsync_dir, fsync_tree
 
 if TYPE_CHECKING:
+    from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
     from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+T = TypeVar("T")
 
 KEEP = 2
 COMPLETE = "complete"
@@ -74,16 +97,36 @@ class TrainState:
 
 
 def checkpoints_dir(output: str) -> str:
-    return os.path.join(output, "checkpoints")
+    return storage.join(output, "checkpoints")
 
 
 def step_dir_name(step: int) -> str:
     return f"step-{step}"
 
 
+def _remote(path: str) -> bool:
+    return storage.is_remote(path)
+
+
+def _remote_steps(ckdir: str) -> dict[str, set[str]]:
+    """S3: every ``step-N`` prefix under ``ckdir`` and the objects under it (relative names), one listing."""
+    base = ckdir.rstrip("/") + "/"
+    out: dict[str, set[str]] = {}
+    for obj in storage.list_tree(ckdir):
+        name, _, rel = obj.uri[len(base) :].partition("/")
+        if _STEP_RE.match(name):
+            out.setdefault(name, set()).add(rel)
+    return out
+
+
 def list_complete(ckdir: str) -> list[tuple[int, str]]:
     """Complete checkpoints as (step, path), oldest first. Incomplete and temporary dirs are ignored."""
     out: list[tuple[int, str]] = []
+    if _remote(ckdir):
+        for name, rels in _remote_steps(ckdir).items():
+            if COMPLETE in rels:
+                out.append((int(name.split("-")[1]), storage.join(ckdir, name)))
+        return sorted(out)
     try:
         names = os.listdir(ckdir)
     except FileNotFoundError:
@@ -105,6 +148,12 @@ def latest_complete(ckdir: str) -> tuple[int, str] | None:
 def remove_stale(ckdir: str) -> list[str]:
     """Remove temporary dirs left by a crash and step dirs without the ``complete`` marker."""
     removed: list[str] = []
+    if _remote(ckdir):
+        for name, rels in sorted(_remote_steps(ckdir).items()):
+            if COMPLETE not in rels:
+                storage.delete(storage.join(ckdir, name), recursive=True)
+                removed.append(name)
+        return removed
     try:
         names = os.listdir(ckdir)
     except FileNotFoundError:
@@ -118,9 +167,18 @@ def remove_stale(ckdir: str) -> list[str]:
     return removed
 
 
+def _delete_remote_checkpoint(path: str) -> None:
+    """S3: ``complete`` first, so a half-deleted prefix never looks like a checkpoint."""
+    storage.delete(storage.join(path, COMPLETE))
+    storage.delete(path, recursive=True)
+
+
 def prune(ckdir: str, keep: int = KEEP) -> None:
     found = list_complete(ckdir)
     for _, path in found[:-keep] if keep > 0 else found:
+        if _remote(path):
+            _delete_remote_checkpoint(path)
+            continue
         # rename first so a half-deleted dir never looks like a checkpoint
         trash = os.path.join(ckdir, f".old-{os.path.basename(path)}-{secrets.token_hex(4)}")
         try:
@@ -130,14 +188,95 @@ def prune(ckdir: str, keep: int = KEEP) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
+def _json_bytes(obj: object) -> bytes:
+    return json.dumps(obj, indent=2, sort_keys=True).encode()
+
+
 def _write_json(path: str, obj: object) -> None:
+    if _remote(path):
+        storage.write_bytes(path, _json_bytes(obj))
+        return
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
 
 
-# --- writing (tmp dir -> every rank's shards -> rank 0 commits) ---------------------------------
+# --- DCP through fsspec (S3), with the named storage errors ----------------------------------
+
+
+def _named(exc: BaseException, uri: str) -> BaseException:
+    """The error to raise for ``exc`` (from DCP or storage) while working on ``uri``: a named storage
+    error for S3 (out of a ``CheckpointException``'s per-rank failures too), else ``exc`` itself."""
+    inner = [f[0] for f in getattr(exc, "failures", {}).values()] or [exc]
+    for cls in (RetryableError, PermanentError):  # any rank's unreachable store wins: retry
+        found = next((e for e in inner if isinstance(e, cls)), None)
+        if found is not None:
+            return found
+    first = inner[0]
+    if _remote(uri) and isinstance(first, Exception) and storage.is_storage_failure(first):
+        return storage.classify(first, uri)
+    return first if isinstance(first, Exception) else exc  # not a BaseException that escapes main()
+
+
+def _writer(path: str) -> FileSystemWriter:
+    """The DCP writer for ``path``: ``FileSystemWriter`` (fsync) locally, ``FsspecWriter`` on S3."""
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+    from torch.distributed.checkpoint.fsspec_filesystem import FsspecWriter
+
+    if not _remote(path):
+        return FileSystemWriter(path, sync_files=True)
+
+    class _Writer(FsspecWriter):
+        """Failures become named storage errors on the rank they happen on (they then reach every rank
+        inside DCP's ``CheckpointException``); no ``makedirs`` (S3 has no directories, and s3fs would
+        create a missing bucket) and no fsync (a finished PUT is durable)."""
+
+        def prepare_local_plan(self, plan: Any) -> Any:
+            return plan  # the prefix was cleared by ``begin``: no metadata to find, nothing to create
+
+        def write_data(self, plan: Any, planner: Any) -> Any:
+            with storage.storage_failures(path):
+                return super().write_data(plan, planner)
+
+        def finish(self, metadata: Any, results: Any) -> None:
+            with storage.storage_failures(path):
+                super().finish(metadata, results)
+
+    return _share_filesystem(_Writer(path, sync_files=False, **storage.fsspec_options(path)), path)
+
+
+def _reader(path: str) -> FileSystemReader:
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+    from torch.distributed.checkpoint.fsspec_filesystem import FsspecReader
+
+    if not _remote(path):
+        return FileSystemReader(path)
+
+    class _Reader(FsspecReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            with storage.storage_failures(storage.join(path, ".metadata")):
+                return super().read_metadata(*args, **kwargs)
+
+        def read_data(self, plan: Any, planner: Any) -> Any:
+            with storage.storage_failures(path):
+                return super().read_data(plan, planner)
+
+    return _share_filesystem(_Reader(path, **storage.fsspec_options(path)), path)
+
+
+def _share_filesystem(dcp_io: T, path: str) -> T:
+    """Give a DCP writer/reader the process's s3fs instance (``tauon_core.storage.filesystem``) instead
+    of its own fresh one: the client set-up it saves is most of a small checkpoint's save (~0.1 s) and
+    resume (~0.7 s) time. torch keeps the fsspec filesystem in ``.fs.fs``; should that change, DCP's own
+    instance is used (slower, same result)."""
+    inner = getattr(dcp_io, "fs", None)
+    if inner is not None and hasattr(inner, "fs"):
+        inner.fs = storage.filesystem(path)[0]
+    return dcp_io
+
+
+# --- writing (target -> every rank's shards -> rank 0 commits) -----------------------------------
 
 
 def new_tmp_dir(ckdir: str, step: int) -> str:
@@ -149,22 +288,42 @@ def new_tmp_dir(ckdir: str, step: int) -> str:
     return tmp
 
 
+def begin(ckdir: str, step: int) -> str:
+    """Rank 0: where every rank writes step ``step``: a fresh temporary directory locally; on S3 the
+    ``step-N`` prefix itself, emptied first (``complete`` before the rest: a re-saved step is never
+    loadable while it is rewritten)."""
+    if not _remote(ckdir):
+        return new_tmp_dir(ckdir, step)
+    target = storage.join(ckdir, step_dir_name(step))
+    _delete_remote_checkpoint(target)
+    return target
+
+
 def write_shards(tmp: str, app_state: dict[str, Any], rank: int, rng: dict[str, Any]) -> None:
     """Every rank (collective): its DCP shards of ``app_state`` and its RNG state."""
     from torch.distributed.checkpoint import state_dict_saver
-    from torch.distributed.checkpoint.filesystem import FileSystemWriter
 
-    state_dict_saver.save(
-        app_state, storage_writer=FileSystemWriter(os.path.join(tmp, DCP_DIR), sync_files=True)
-    )
-    with open(os.path.join(tmp, RNG_DIR, f"rank-{rank}.pt"), "wb") as f:
+    state_dict_saver.save(app_state, storage_writer=_writer(storage.join(tmp, DCP_DIR)))
+    rng_path = storage.join(tmp, RNG_DIR, f"rank-{rank}.pt")
+    if _remote(tmp):
+        buf = io.BytesIO()
+        torch.save(rng, buf)
+        storage.write_bytes(rng_path, buf.getvalue())
+        return
+    with open(rng_path, "wb") as f:
         torch.save(rng, f)
         f.flush()
         os.fsync(f.fileno())
 
 
 def commit(tmp: str, ckdir: str, state: TrainState, keep: int = KEEP) -> str:
-    """Rank 0, after a barrier: state.json, the ``complete`` marker, fsync, rename into place, prune."""
+    """Rank 0, once every rank's shards are written: state.json, the ``complete`` marker (locally: fsync,
+    rename into place), prune. Returns the checkpoint's path."""
+    if _remote(tmp):
+        _write_json(storage.join(tmp, STATE), asdict(state))
+        _write_json(storage.join(tmp, COMPLETE), {"step": state.step, "time": time.time()})
+        prune(ckdir, keep)
+        return tmp
     name = step_dir_name(state.step)
     try:
         _write_json(os.path.join(tmp, STATE), asdict(state))
@@ -186,29 +345,65 @@ def commit(tmp: str, ckdir: str, state: TrainState, keep: int = KEEP) -> str:
     return final
 
 
+def discard(tmp: str) -> None:
+    """Rank 0, after a failed or fenced save: drop a local temporary directory. On S3 nothing is deleted
+    (the prefix has no ``complete``, so it is never loaded, and the next start removes it; deleting it
+    here could delete a newer attempt's shards of the same step)."""
+    if not _remote(tmp):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 # --- reading ----------------------------------------------------------------------------------
 
 
 def read_state(path: str) -> TrainState:
-    with open(os.path.join(path, STATE), encoding="utf-8") as f:
-        raw = json.load(f)
+    if _remote(path):
+        raw = json.loads(storage.read_bytes(storage.join(path, STATE)))
+    else:
+        with open(os.path.join(path, STATE), encoding="utf-8") as f:
+            raw = json.load(f)
     if "sample_pos" not in raw and "batches_in_epoch" in raw:  # checkpoints of older trainers
         raw["sample_pos"] = 0
     known = {k: raw[k] for k in TrainState.__dataclass_fields__ if k in raw}
     return TrainState(**known)
 
 
-def validate(path: str) -> str | None:
-    """None when ``path`` looks loadable; else what is wrong (read without loading any tensor)."""
-    from torch.distributed.checkpoint.filesystem import FileSystemReader
+def _missing(err: BaseException) -> bool:
+    """A missing object: the checkpoint is incomplete (any other storage error is the store's, not the
+    checkpoint's, and propagates)."""
+    return isinstance(err, storage.StoragePermanentError) and err.reason == storage.OBJECT_NOT_FOUND
 
+
+def _shard_sizes(dcp_dir: str, names: list[str]) -> dict[str, int]:
+    """The size of each of ``names`` under ``dcp_dir`` that exists (one listing on S3)."""
+    if _remote(dcp_dir):
+        base = dcp_dir.rstrip("/") + "/"
+        return {o.uri[len(base) :]: o.size for o in storage.list_tree(dcp_dir)}
+    out = {}
+    for rel in names:
+        try:
+            out[rel] = os.path.getsize(os.path.join(dcp_dir, rel))
+        except OSError:
+            pass
+    return out
+
+
+def validate(path: str) -> str | None:
+    """None when ``path`` looks loadable; else what is wrong (read without loading any tensor). Storage
+    errors other than a missing object propagate (an unreachable store is not a bad checkpoint)."""
     try:
         read_state(path)
-    except (OSError, ValueError, TypeError) as e:
+    except (OSError, ValueError, TypeError, storage.StoragePermanentError) as e:
+        if isinstance(e, PermanentError) and not _missing(e):
+            raise
         return f"{STATE} unreadable: {e}"
-    dcp_dir = os.path.join(path, DCP_DIR)
+    dcp_dir = storage.join(path, DCP_DIR)
     try:
-        md = FileSystemReader(dcp_dir).read_metadata()
+        md = _reader(dcp_dir).read_metadata()
+    except (RetryableError, PermanentError) as e:
+        if not _missing(e):
+            raise
+        return f"DCP metadata unreadable: {e}"
     except Exception as e:
         return f"DCP metadata unreadable: {type(e).__name__}: {e}"
     sizes: dict[str, int] = {}
@@ -216,27 +411,29 @@ def validate(path: str) -> str | None:
         rel = info.relative_path
         need = int(info.offset) + int(info.length)
         sizes[rel] = max(sizes.get(rel, 0), need)
+    have = _shard_sizes(dcp_dir, sorted(sizes))
     for rel, need in sorted(sizes.items()):
-        try:
-            have = os.path.getsize(os.path.join(dcp_dir, rel))
-        except OSError:
+        if rel not in have:
             return f"shard {rel} missing"
-        if have < need:
-            return f"shard {rel} truncated ({have} of {need} bytes)"
+        if have[rel] < need:
+            return f"shard {rel} truncated ({have[rel]} of {need} bytes)"
     return None
 
 
 def load_shards(path: str, app_state: dict[str, Any]) -> None:
     """Every rank (collective): fill ``app_state`` in place from the checkpoint (resharding as needed)."""
     from torch.distributed.checkpoint import state_dict_loader
-    from torch.distributed.checkpoint.filesystem import FileSystemReader
 
-    state_dict_loader.load(app_state, storage_reader=FileSystemReader(os.path.join(path, DCP_DIR)))
+    state_dict_loader.load(app_state, storage_reader=_reader(storage.join(path, DCP_DIR)))
 
 
 def quarantine(path: str) -> str:
     """Move a checkpoint that failed to load out of the way (``.corrupt-step-N-*``, removed at the next
-    start), so the restart falls back to the previous one instead of failing on it forever."""
+    start), so the restart falls back to the previous one instead of failing on it forever. On S3 its
+    ``complete`` is deleted instead (the prefix is then removed at the next start)."""
+    if _remote(path):
+        storage.delete(storage.join(path, COMPLETE))
+        return f"{path} (its {COMPLETE} marker deleted)"
     parent, name = os.path.split(path)
     dest = os.path.join(parent, f".corrupt-{name}-{secrets.token_hex(4)}")
     os.rename(path, dest)
@@ -245,11 +442,73 @@ def quarantine(path: str) -> str:
 
 
 def load_rng(path: str, rank: int) -> dict[str, Any] | None:
-    f = os.path.join(path, RNG_DIR, f"rank-{rank}.pt")
-    if not os.path.isfile(f):
+    f = storage.join(path, RNG_DIR, f"rank-{rank}.pt")
+    if _remote(path):
+        if not storage.exists(f):
+            return None
+        src: Any = io.BytesIO(storage.read_bytes(f))
+    elif not os.path.isfile(f):
         return None
-    loaded: dict[str, Any] = torch.load(f, map_location="cpu", weights_only=True)
+    else:
+        src = f
+    loaded: dict[str, Any] = torch.load(src, map_location="cpu", weights_only=True)
     return loaded
+
+
+# --- every rank raising the same error ----------------------------------------------------------
+
+Packed = tuple[str, str, str]
+
+
+def _pack(e: BaseException) -> Packed:
+    if isinstance(e, Superseded):
+        return ("superseded", ATTEMPT_SUPERSEDED, str(e))
+    if isinstance(e, PermanentError):
+        return ("permanent", e.reason, e.message)
+    if isinstance(e, RetryableError):
+        return ("retryable", e.reason, e.message)
+    return ("error", type(e).__name__, str(e))
+
+
+def _unpack(p: Packed) -> Exception:
+    kind, reason, message = p
+    if kind == "superseded":
+        return Superseded(message)
+    if kind == "permanent":
+        return PermanentError(reason, message)
+    if kind == "retryable":
+        return RetryableError(reason, message)
+    return RuntimeError(f"another rank failed: {reason}: {message}")
+
+
+def _on_main(d: dist.DistEnv, fn: Callable[[], T]) -> T:
+    """``fn()`` on global rank 0, its result on every rank; if it fails, every rank raises (rank 0 its
+    own exception, the others the same reason and message), so no rank waits forever for rank 0."""
+    out: tuple[bool, Any] | None = None
+    err: BaseException | None = None
+    if d.is_main:
+        try:
+            out = (True, fn())
+        except Exception as e:
+            err, out = e, (False, _pack(e))
+    out = dist.broadcast_object(d, out)
+    assert out is not None
+    if err is not None:
+        raise err
+    if not out[0]:
+        raise _unpack(out[1])
+    return out[1]  # type: ignore[no-any-return]
+
+
+def _agree(d: dist.DistEnv, failure: BaseException | None) -> None:
+    """Collective: when any rank failed, every rank raises (the failing rank its own error, the others
+    the lowest failing rank's reason and message)."""
+    packed = dist.all_gather_object(d, _pack(failure) if failure is not None else None)
+    bad = [p for p in packed if p is not None]
+    if failure is not None:
+        raise failure
+    if bad:
+        raise _unpack(bad[0])
 
 
 # --- the checkpointer -------------------------------------------------------------------------
@@ -281,42 +540,58 @@ class Checkpointer:
 
     def check_fence(self) -> None:
         """Rank 0 reads the owner file; every rank stops (``Superseded``) if a newer attempt took over."""
-        fence = dist.broadcast_object(
-            self.d, fence_status(self.output, self.attempt) if self.d.is_main else None
-        )
-        if fence is not None:
-            raise Superseded(fence)
+        _on_main(self.d, lambda: check_fence(self.output, self.attempt))
 
     def save(self, state: TrainState) -> None:
-        """Every rank writes its shards into rank 0's temp dir; rank 0 commits after a barrier."""
+        """Every rank writes its shards into rank 0's target; rank 0 commits once all succeeded."""
+        from torch.distributed.checkpoint.api import CheckpointException
+
         d = self.d
         self.check_fence()
-        tmp = dist.broadcast_object(d, new_tmp_dir(self.dir, state.step) if d.is_main else None)
-        assert tmp is not None
-        write_shards(tmp, self._app_state(), d.rank, capture_rng(self.device))
-        dist.barrier(d, self.device)
-        if d.is_main:
-            commit(tmp, self.dir, state)
-        dist.barrier(d, self.device)
+        target = _on_main(d, lambda: begin(self.dir, state.step))
+        failure: BaseException | None = None
+        try:
+            write_shards(target, self._app_state(), d.rank, capture_rng(self.device))
+        except (Exception, CheckpointException) as e:
+            failure = _named(e, target)
+        try:
+            _agree(d, failure)
+        except BaseException:
+            if d.is_main:
+                discard(target)
+            raise
+        _on_main(d, lambda: self._commit(target, state))
+
+    def _commit(self, target: str, state: TrainState) -> str:
+        """Rank 0: the fence once more (a newer attempt may have started while the shards were written),
+        then the commit."""
+        stale = fence_status(self.output, self.attempt)
+        if stale is not None:
+            discard(target)
+            raise Superseded(stale)
+        return commit(target, self.dir, state)
 
     def resume(self) -> TrainState | None:
         """Load the newest complete checkpoint that validates (logging each one skipped); None when there
         is none. One that fails to load anyway is quarantined and the run fails (retryable)."""
+        from torch.distributed.checkpoint.api import CheckpointException
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
         d = self.d
-        found = dist.broadcast_object(d, self._newest_valid() if d.is_main else None)
+        found = _on_main(d, self._newest_valid)
         if found is None:
             return None
         path, state = found
-        from torch.distributed.checkpoint.state_dict import set_state_dict
-
         st = self._app_state()
         try:
             load_shards(path, st)  # DCP gathers errors: every rank raises together
-        except Exception as e:
-            moved = quarantine(path) if d.is_main else ""
-            dist.barrier(d, self.device)
+        except (Exception, CheckpointException) as e:
+            named = _named(e, path)
+            if isinstance(named, RetryableError | PermanentError) and not _missing(named):
+                raise named from None  # the store's failure, not the checkpoint's: keep it
+            moved = _on_main(d, lambda: quarantine(path))
             raise RuntimeError(
-                f"checkpoint {path} failed to load ({type(e).__name__}: {e}); moved aside to {moved or 'a .corrupt- dir'}"
+                f"checkpoint {path} failed to load ({type(e).__name__}: {e}); moved aside to {moved}"
                 "; the restart resumes from the previous checkpoint"
             ) from e
         set_state_dict(
@@ -326,15 +601,26 @@ class Checkpointer:
             optim_state_dict=st["optim"],
             options=self._options(),
         )
-        rng = load_rng(path, d.rank) if state.world_size == d.world_size else None
-        if rng is not None:
-            restore_rng(rng, self.device)
+        self._restore_rng(path, state)
         dist.log(
             d,
             f"resuming from {path} (step {state.step}, epoch {state.epoch}, sample {state.sample_pos}; "
             f"written by {state.world_size} rank(s) under {state.strategy})",
         )
         return state
+
+    def _restore_rng(self, path: str, state: TrainState) -> None:
+        """Every rank its own RNG state (same world size only); a storage failure on any rank fails all."""
+        d = self.d
+        rng, failure = None, None
+        if state.world_size == d.world_size:
+            try:
+                rng = load_rng(path, d.rank)
+            except Exception as e:
+                failure = e
+        _agree(d, failure)
+        if rng is not None:
+            restore_rng(rng, self.device)
 
     def _newest_valid(self) -> tuple[str, TrainState] | None:
         """Rank 0: the newest complete checkpoint that ``validate`` accepts, and its state."""

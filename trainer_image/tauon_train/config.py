@@ -1,7 +1,7 @@
 """Parse and validate the job configuration (``/etc/tauon/job.json``, written by the operator).
 
 The file is camelCase JSON (see trainer_image/README.md). The operator fills every default, but the
-trainer applies API.md's defaults itself too, so a hand-written file may leave keys out. Anything wrong
+trainer applies docs/api.md's defaults itself too, so a hand-written file may leave keys out. Anything wrong
 raises ``PermanentError("InvalidConfig", <message naming the field>)``. Unknown keys are ignored.
 """
 
@@ -50,6 +50,9 @@ class DatasetConfig:
     prompt_field: str = "prompt"
     completion_field: str = "completion"
     packing: bool = False  # causal-lm: pack examples into maxSeqLength blocks, no cross-example attention
+    # causal-lm: where tokenized shards are kept (dataset.cache.storage: s3:// or a local directory);
+    # "" means the default, <output.path>/data-cache (data.default_cache_root)
+    cache_storage: str = ""
 
 
 @dataclass(frozen=True)
@@ -322,6 +325,7 @@ def _dataset(ds_d: Json, task: str) -> DatasetConfig:
         prompt_field=_str(ds_d, "promptField", "dataset.", default="prompt") or "prompt",
         completion_field=_str(ds_d, "completionField", "dataset.", default="completion") or "completion",
         packing=_bool(ds_d, "packing", "dataset.", False),
+        cache_storage=_dataset_cache(ds_d),
     )
     if task != "causal-lm" and (dataset.type != "text" or dataset.packing):
         raise PermanentError(
@@ -329,6 +333,26 @@ def _dataset(ds_d: Json, task: str) -> DatasetConfig:
             "dataset.type chat/prompt-completion and dataset.packing need model.task causal-lm",
         )
     return dataset
+
+
+def _dataset_cache(ds_d: Json) -> str:
+    """``dataset.cache``: ``storage`` (s3://, file:// or a local path) or ``path`` (the local directory the
+    operator mounted it at, which wins); "" when absent (the default under the output)."""
+    cache_d = ds_d.get("cache")
+    if cache_d is None:
+        return ""
+    if not isinstance(cache_d, dict):
+        raise _fail("dataset.cache", "must be an object", cache_d)
+    storage = _str(cache_d, "storage", "dataset.cache.", default="")
+    path = _str(cache_d, "path", "dataset.cache.", default="")
+    if not storage and not path:
+        return ""
+    resolved = local_path(path, storage, "dataset.cache")
+    if "://" in resolved and not resolved.startswith("s3://"):
+        raise PermanentError(
+            INVALID_CONFIG, f"dataset.cache.storage must be s3://, file:// or a local path, got {resolved}"
+        )
+    return resolved
 
 
 def _method(method_d: Json) -> MethodConfig:
@@ -374,8 +398,10 @@ def _hyperparameters(hp_d: Json) -> Hyperparameters:
 def _output(out_d: Json) -> OutputConfig:
     out_source = _str(out_d, "storage", "output.", default="")
     out_path = local_path(_str(out_d, "path", "output."), out_source, "output")
-    if "://" in out_path:
-        raise PermanentError(INVALID_CONFIG, f"output.path must be a local directory, got {out_path}")
+    if "://" in out_path and not out_path.startswith("s3://"):  # s3://: checked by output.check_output_path
+        raise PermanentError(
+            INVALID_CONFIG, f"output.path must be a local directory or s3://bucket/prefix, got {out_path}"
+        )
     return OutputConfig(
         storage=out_source or "",
         path=out_path,

@@ -8,9 +8,20 @@ Reading (``load_rows``, ``load_records``)
     range, and oversized numbers all raise ``PermanentError`` naming the shard, line and field: bad data
     is never retried. A row's identity (``Row.line``) counts lines across the shards in order.
 
+    The cache path (``shard_encoder``) streams each shard instead (``shards.iter_lines``): the same checks
+    and messages, the first bad row of a shard wins (the in-memory path parses every row before encoding).
+
+Tokenized once (``build_datasets`` for causal-lm; ``tokcache``)
+    Rows become documents (token ids, targets for chat/prompt-completion, the row's line) in the data
+    cache (``dataset.cache.storage``, default ``<output>/data-cache``), tokenized once across the ranks
+    and reused by every later start, resume or job with the same key. ``CorpusDataset`` then reads items
+    from it: the same items, in the same order and split, as the in-memory path (``use_cache=False``:
+    ``causal_examples`` + ``_causal_dataset``) builds; a row with nothing to learn stays a zero-length
+    document so the split sees the same rows. Sequence-classification keeps the in-memory path.
+
 Split
     ``split_indices`` shuffles with a generator seeded by the job's seed BEFORE any sharding, so every
-    rank computes the same split.
+    rank computes the same split (``split_arrays``: the same split as int64 arrays).
 
 Dataset types (``build_datasets``; causal-lm unless noted)
     - ``text``: loss on every token of ``textField`` (sequence-classification: ``textField`` + label).
@@ -36,7 +47,8 @@ Dataset types (``build_datasets``; causal-lm unless noted)
 
 Packing (``dataset.packing``)
     Tokenized examples are packed greedily, in split order, into blocks of at most ``maxSeqLength``
-    tokens; an example never spans two blocks. ``position_ids`` restart at 0 at every example start and
+    tokens; an example never spans two blocks (``pack``; ``pack_bounds`` computes the same blocks from
+    the lengths alone). ``position_ids`` restart at 0 at every example start and
     batches carry no ``attention_mask``: transformers (masking_utils.find_packed_sequence_indices)
     then builds a block-diagonal causal mask, so attention never crosses examples. That detection only
     runs when no KV cache exists: call the model with ``use_cache=False`` (or set
@@ -54,17 +66,21 @@ Sample order (``epoch_order``, ``rank_slice``, ``batches_of``, ``position_after`
 
 from __future__ import annotations
 
+import array
 import csv
 import io
 import json
 import random
 import re
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
+from tauon_core import storage
 from tauon_core.errors import (
     EMPTY_DATASET,
     INVALID_DATASET,
@@ -73,8 +89,9 @@ from tauon_core.errors import (
     PermanentError,
 )
 
+from . import tokcache
 from .config import DatasetConfig
-from .shards import list_shards, read_text
+from .shards import Shard, iter_lines, list_shards, read_text
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -87,6 +104,8 @@ CHAT_ROLES = ("system", "user", "assistant")
 TOOL_ROLES = ("tool", "function", "ipython")
 _MAX_LABEL_DIGITS = 9  # numLabels is at most 100,000; longer strings are out of range without int()
 _ASCII_INT = re.compile(r"[+-]?[0-9]+")
+_PACK_CHUNK = 1 << 16
+_CSV_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+")
 
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -175,8 +194,9 @@ def _check_str(value: object, where: str, field: str, allow_empty: bool = False)
 # --- reading rows ------------------------------------------------------------------------------
 
 
-def _rows_jsonl(path: str, text: str) -> Iterator[tuple[int, dict[str, object]]]:
-    for lineno, line in enumerate(text.split("\n"), start=1):
+def _rows_jsonl(path: str, lines: Iterable[str]) -> Iterator[tuple[int, dict[str, object]]]:
+    """``lines``: the shard split at ``\\n`` (with or without it)."""
+    for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
@@ -192,8 +212,11 @@ def _rows_jsonl(path: str, text: str) -> Iterator[tuple[int, dict[str, object]]]
         yield lineno, obj
 
 
-def _rows_csv(path: str, text: str, needed: Sequence[str]) -> Iterator[tuple[int, dict[str, object]]]:
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+def _rows_csv(
+    path: str, lines: Iterable[str], needed: Sequence[str]
+) -> Iterator[tuple[int, dict[str, object]]]:
+    """``lines``: the shard split as ``io.StringIO(text, newline="")`` splits it (see ``_csv_lines``)."""
+    reader = csv.DictReader(lines)
     try:
         header = reader.fieldnames
     except csv.Error as e:
@@ -234,6 +257,22 @@ class Row:
     fields: dict[str, object]
 
 
+def _needed_present(fields: dict[str, object], needed: Sequence[str], where: str) -> None:
+    for col in needed:
+        if col not in fields or fields[col] is None:
+            raise PermanentError(MISSING_COLUMN, f"{where}: field '{col}' missing")
+
+
+def _csv_lines(lines: Iterable[str]) -> Iterator[str]:
+    """Lines split at ``\\n`` re-split as ``io.StringIO(text, newline="")`` does (also at a lone ``\\r``)."""
+    for line in lines:
+        if "\r" not in line:
+            if line:
+                yield line
+            continue
+        yield from (m.group() for m in _CSV_LINE.finditer(line))
+
+
 def load_rows(cfg: DatasetConfig, needed: Sequence[str]) -> list[Row]:
     """Rows of every shard (jsonl or csv, see ``shards``); ``needed`` fields must be present and not null."""
     rows: list[Row] = []
@@ -241,11 +280,13 @@ def load_rows(cfg: DatasetConfig, needed: Sequence[str]) -> list[Row]:
     for shard in list_shards(cfg.path, cfg.format, cfg.source):
         text = read_text(shard)
         uri = shard.uri
-        parsed = _rows_jsonl(uri, text) if cfg.format == "jsonl" else _rows_csv(uri, text, needed)
+        parsed = (
+            _rows_jsonl(uri, text.split("\n"))
+            if cfg.format == "jsonl"
+            else _rows_csv(uri, io.StringIO(text, newline=""), needed)
+        )
         for lineno, fields in parsed:
-            for col in needed:
-                if col not in fields or fields[col] is None:
-                    raise PermanentError(MISSING_COLUMN, f"{uri}:{lineno}: field '{col}' missing")
+            _needed_present(fields, needed, f"{uri}:{lineno}")
             rows.append(Row(offset + lineno, f"{uri}:{lineno}", fields))
         offset += text.count("\n") + 1
     if not rows:
@@ -291,6 +332,20 @@ def split_indices(n: int, validation_split: float, seed: int, path: str = "") ->
     val = sorted(order[:n_val])
     train = sorted(order[n_val:])
     return train, val
+
+
+def split_arrays(
+    n: int, validation_split: float, seed: int, path: str = ""
+) -> tuple[np.ndarray[Any, np.dtype[np.int64]], np.ndarray[Any, np.dtype[np.int64]]]:
+    """``split_indices`` as int64 arrays (8 bytes per row instead of a list of ints): the same shuffle
+    (``random.Random(seed).shuffle`` over an array) and so the same split."""
+    n_train, n_val = split_sizes(n, validation_split)
+    if n_train <= 0:
+        split_indices(n, validation_split, seed, path)  # raises EmptyDataset with its message
+    order = array.array("q", range(n))
+    random.Random(seed).shuffle(order)  # any mutable sequence: the same permutation as on a list
+    arr = np.frombuffer(order, dtype=np.int64)
+    return np.sort(arr[n_val:]), np.sort(arr[:n_val])
 
 
 # --- the existing (text-only) tokenized path, kept for train.py ------------------------------------
@@ -523,31 +578,96 @@ def encode_chat(
     return _finish(ids, labels, max_len, line)
 
 
+def _causal_fields(ds: DatasetConfig) -> list[str]:
+    """The fields a causal-lm row of ``ds.type`` needs."""
+    if ds.type == "chat":
+        return [ds.messages_field]
+    if ds.type == "prompt-completion":
+        return [ds.prompt_field, ds.completion_field]
+    return [ds.text_field]
+
+
+def _encode_row(
+    ds: DatasetConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    max_len: int,
+    fields: dict[str, object],
+    line: int,
+    where: str,
+) -> Example | None:
+    """One validated causal-lm row as an example (None: nothing to learn within max_len)."""
+    if ds.type == "chat":
+        msgs = validate_messages(fields[ds.messages_field], where, ds.messages_field)
+        return encode_chat(tokenizer, msgs, max_len, line, where)
+    if ds.type == "prompt-completion":
+        return encode_prompt_completion(
+            tokenizer,
+            _check_str(fields[ds.prompt_field], where, ds.prompt_field, allow_empty=True),
+            _check_str(fields[ds.completion_field], where, ds.completion_field),
+            max_len,
+            line,
+        )
+    return encode_text(tokenizer, _check_str(fields[ds.text_field], where, ds.text_field), max_len, line)
+
+
 def causal_examples(
     cfg: DatasetConfig, tokenizer: PreTrainedTokenizerBase, max_len: int
 ) -> list[Example | None]:
-    """One entry per row (None: nothing to learn after cutting at max_len), validated with line numbers."""
+    """One entry per row (None: nothing to learn after cutting at max_len), validated with line numbers.
+
+    The in-memory path: every row of every shard parsed first, then encoded (the cache path,
+    ``shard_encoder``, streams one shard at a time instead)."""
     if cfg.type == "chat":
         ensure_chat_template(tokenizer)
-        rows = load_rows(cfg, [cfg.messages_field])
-        out: list[Example | None] = []
-        for row in rows:
-            msgs = validate_messages(row.fields[cfg.messages_field], row.where, cfg.messages_field)
-            out.append(encode_chat(tokenizer, msgs, max_len, row.line, row.where))
-        return out
-    if cfg.type == "prompt-completion":
-        rows = load_rows(cfg, [cfg.prompt_field, cfg.completion_field])
-        return [
-            encode_prompt_completion(
-                tokenizer,
-                _check_str(row.fields[cfg.prompt_field], row.where, cfg.prompt_field, allow_empty=True),
-                _check_str(row.fields[cfg.completion_field], row.where, cfg.completion_field),
-                max_len,
-                row.line,
-            )
-            for row in rows
-        ]
-    return [encode_text(tokenizer, r.text, max_len, r.line) for r in load_records(cfg, None)]
+    if cfg.type == "text":
+        records = load_records(cfg, None)
+        return [encode_text(tokenizer, r.text, max_len, r.line) for r in records]
+    rows = load_rows(cfg, _causal_fields(cfg))
+    return [_encode_row(cfg, tokenizer, max_len, row.fields, row.line, row.where) for row in rows]
+
+
+class _CountedLines:
+    """The lines of a shard, counted as they are read (a shard has ``count("\\n") + 1`` lines)."""
+
+    def __init__(self, lines: Iterator[str]) -> None:
+        self.lines = lines
+        self.count = 0
+
+    def __iter__(self) -> Iterator[str]:
+        for line in self.lines:
+            self.count += 1
+            yield line
+
+
+def shard_encoder(
+    ds: DatasetConfig, tokenizer: PreTrainedTokenizerBase, max_len: int
+) -> tokcache.ShardEncoder:
+    """Tokenizes one shard as a stream (the cache path): rows are read, validated (the same checks and
+    ``SHARD:LINE`` messages as ``load_rows``/``causal_examples``, the first bad row of the shard wins) and
+    encoded one at a time; text's targets are implied, chat's and prompt-completion's are kept."""
+    needed = _causal_fields(ds)
+    masked = ds.type != "text"
+
+    def encode(shard: Shard) -> Generator[tokcache.Document, None, int]:
+        uri = shard.uri
+        lines = _CountedLines(iter_lines(shard))
+        parsed = (
+            _rows_jsonl(uri, (x.removesuffix("\n") for x in lines))
+            if ds.format == "jsonl"
+            else _rows_csv(uri, _csv_lines(lines), needed)
+        )
+        for lineno, fields in parsed:
+            where = f"{uri}:{lineno}"
+            _needed_present(fields, needed, where)
+            ex = _encode_row(ds, tokenizer, max_len, fields, lineno, where)
+            if ex is None:
+                yield tokcache.Document([], [] if masked else None, lineno)
+            else:
+                targets = [0 if t == IGNORE else 1 for t in ex.labels] if masked else None
+                yield tokcache.Document(ex.input_ids, targets, lineno)
+        return lines.count
+
+    return encode
 
 
 # --- packing ------------------------------------------------------------------------------------
@@ -582,12 +702,22 @@ def disable_kv_cache(model: torch.nn.Module) -> None:
 class SequenceDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
     """Items are dicts of 1-D LongTensors (input_ids, labels[, position_ids]) or, for
     sequence-classification, input_ids plus an int ``label``. ``lines`` maps items to source lines
-    (packed blocks: the line of their first example); ``dropped`` counts examples with no target."""
+    (packed blocks: the line of their first example); ``dropped`` counts examples with no target;
+    ``report`` says what building it did (set on the train dataset by ``build_datasets``).
+
+    This class holds its items in memory (sequence-classification, and causal-lm without a cache);
+    ``CorpusDataset`` reads them from a tokenized corpus."""
+
+    report: tokcache.DatasetReport | None = None
 
     def __init__(self, items: list[dict[str, Any]], lines: list[int], dropped: int = 0) -> None:
         self.items = items
-        self.lines = lines
+        self._lines = lines
         self.dropped = dropped
+
+    @property
+    def lines(self) -> list[int]:
+        return self._lines
 
     def __len__(self) -> int:
         return len(self.items)
@@ -600,6 +730,69 @@ class SequenceDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
 
     def num_tokens(self) -> int:
         return sum(len(it["input_ids"]) for it in self.items)
+
+
+def pack_bounds(lengths: np.ndarray[Any, Any], max_len: int) -> np.ndarray[Any, np.dtype[np.int64]]:
+    """``pack`` from lengths alone: block b holds examples ``[bounds[b], bounds[b + 1])`` (greedy, in
+    order, at most max_len tokens unless one example is longer)."""
+    starts = array.array("q", [0] if len(lengths) else [])
+    cur = 0
+    for k0 in range(0, len(lengths), _PACK_CHUNK):
+        for k, n in enumerate(lengths[k0 : k0 + _PACK_CHUNK].tolist(), start=k0):
+            if cur and cur + n > max_len:
+                starts.append(k)
+                cur = 0
+            cur += n
+    starts.append(len(lengths))
+    return np.frombuffer(starts, dtype=np.int64).copy()
+
+
+class CorpusDataset(SequenceDataset):
+    """A causal-lm split read from a ``tokcache.TokenizedCorpus``: the same items, in the same order, as
+    ``_causal_dataset`` builds in memory from the same documents. Memory: a few int64 per document of the
+    split (which documents, where blocks start), never the tokens."""
+
+    def __init__(
+        self, corpus: tokcache.TokenizedCorpus, docs: np.ndarray[Any, Any], packing: bool, max_len: int
+    ) -> None:
+        super().__init__([], [], 0)
+        self.corpus = corpus
+        lengths = corpus.lengths()[docs]
+        self.docs = np.ascontiguousarray(docs[lengths > 0], dtype=np.int64)  # kept, in split order
+        self.dropped = int(len(docs) - len(self.docs))
+        self._tokens = int(lengths.sum())
+        self.blocks = pack_bounds(lengths[lengths > 0], max_len) if packing else None
+
+    def __len__(self) -> int:
+        return len(self.docs) if self.blocks is None else len(self.blocks) - 1
+
+    def _doc(self, d: int) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+        ids = self.corpus.ids(d).astype(np.int64)
+        targets = self.corpus.targets(d)
+        labels = ids.copy() if targets is None else np.where(targets != 0, ids, IGNORE)
+        labels[0] = IGNORE
+        return ids, labels
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        if self.blocks is None:
+            ids, labels = self._doc(int(self.docs[i]))
+            return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels)}
+        parts = [self._doc(int(d)) for d in self.docs[self.blocks[i] : self.blocks[i + 1]]]
+        return {
+            "input_ids": torch.from_numpy(np.concatenate([p[0] for p in parts])),
+            "labels": torch.from_numpy(np.concatenate([p[1] for p in parts])),
+            "position_ids": torch.from_numpy(np.concatenate([np.arange(len(p[0])) for p in parts])),
+        }
+
+    @property
+    def lines(self) -> list[int]:
+        first = self.docs if self.blocks is None else self.docs[self.blocks[:-1]]
+        return [self.corpus.line(int(d)) for d in first]
+
+    def num_tokens(self) -> int:
+        return self._tokens
 
 
 def _causal_dataset(examples: list[Example | None], packing: bool, max_len: int) -> SequenceDataset:
@@ -616,37 +809,121 @@ def _causal_dataset(examples: list[Example | None], packing: bool, max_len: int)
     return SequenceDataset(list(blocks), lines, dropped)
 
 
+def default_cache_root(cfg: JobConfig, output: str | None = None) -> str:
+    """``dataset.cache.storage``, else ``<output>/data-cache``."""
+    return cfg.dataset.cache_storage or storage.join(output or cfg.output.path, "data-cache")
+
+
+def tokenized_corpus(
+    cfg: JobConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    max_len: int,
+    root: str,
+    rank: int = 0,
+    world: int = 1,
+    run: str = "",
+) -> tuple[tokcache.TokenizedCorpus, tokcache.DatasetReport]:
+    """The causal-lm corpus of ``cfg.dataset`` from the cache under ``root`` (built there first unless
+    it is a hit; rank r of W tokenizes every W-th shard, see ``tokcache``)."""
+    ds = cfg.dataset
+    if ds.type == "chat":
+        ensure_chat_template(tokenizer)
+    shard_list = list_shards(ds.path, ds.format, ds.source)
+    fields = {"type": ds.type, "format": ds.format, "fields": _causal_fields(ds)}
+    key = tokcache.cache_key(
+        ds.path, shard_list, tokcache.tokenizer_fingerprint(tokenizer), fields, max_len, ds.packing
+    )
+    names = [tokcache.shard_name(ds.path, s.uri) for s in shard_list]
+    encode = shard_encoder(ds, tokenizer, max_len)
+    return tokcache.build(
+        root, key, shard_list, names, encode, ds.type != "text", rank=rank, world=world, run=run
+    )
+
+
+def _check_train(train: SequenceDataset, path: str, n_max: int) -> None:
+    if len(train) == 0:
+        raise PermanentError(
+            EMPTY_DATASET,
+            f"{path}: no training example has a token to learn within maxSeqLength={n_max}"
+            f" ({train.dropped} dropped)",
+        )
+
+
 def build_datasets(
-    cfg: JobConfig, tokenizer: PreTrainedTokenizerBase, max_len: int | None = None
+    cfg: JobConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    max_len: int | None = None,
+    *,
+    cache: str | None = None,
+    use_cache: bool = True,
+    rank: int = 0,
+    world: int = 1,
+    attempt: int | None = None,
 ) -> tuple[SequenceDataset, SequenceDataset | None]:
     """Train and validation datasets (validation None when the split leaves no rows).
 
     The split is seeded (hyperparameters.seed) and done on rows, before tokenization, packing and any
-    sharding. ``max_len`` overrides hyperparameters.maxSeqLength (e.g. capped at the model's limit)."""
+    sharding. ``max_len`` overrides hyperparameters.maxSeqLength (e.g. capped at the model's limit).
+
+    causal-lm reads a tokenized corpus from the cache (``cache``, default ``default_cache_root``; rank
+    and world split the tokenization; the job's uid and ``attempt`` (default: job.json's) tell this run's
+    error markers from an earlier run's, see ``tokcache.run_id``);
+    ``use_cache=False`` materialises every example in memory instead (the same items).
+    Sequence-classification always uses the in-memory path. ``train.report`` says what happened."""
     ds, hp = cfg.dataset, cfg.hyperparameters
     n_max = max_len or hp.max_seq_length
     if cfg.model.task != "causal-lm":
-        records = load_records(ds, cfg.model.num_labels)
-        tr, va = split_indices(len(records), ds.validation_split, hp.seed, ds.path)
+        return _classification_datasets(cfg, tokenizer, n_max)
+    if not use_cache:
+        return _memory_datasets(cfg, tokenizer, n_max)
+    root = cache or default_cache_root(cfg)
+    run = tokcache.run_id(cfg.uid, cfg.attempt if attempt is None else attempt)
+    corpus, report = tokenized_corpus(cfg, tokenizer, n_max, root, rank, world, run)
+    if corpus.documents == 0:
+        raise PermanentError(EMPTY_DATASET, f"{ds.path}: no rows")
+    tr, va = split_arrays(corpus.documents, ds.validation_split, hp.seed, ds.path)
+    train = CorpusDataset(corpus, tr, ds.packing, n_max)
+    _check_train(train, ds.path, n_max)
+    train.report = report
+    val = CorpusDataset(corpus, va, ds.packing, n_max) if len(va) else None
+    return train, (val if val is not None and len(val) else None)
 
-        def cls(idx: list[int]) -> SequenceDataset:
-            enc = tokenize(tokenizer, [records[i] for i in idx], n_max, with_labels=True)
-            assert enc.labels is not None
-            items: list[dict[str, Any]] = [
-                {"input_ids": x, "label": y} for x, y in zip(enc.input_ids, enc.labels, strict=True)
-            ]
-            return SequenceDataset(items, [records[i].line for i in idx])
 
-        return cls(tr), (cls(va) if va else None)
+def _classification_datasets(
+    cfg: JobConfig, tokenizer: PreTrainedTokenizerBase, n_max: int
+) -> tuple[SequenceDataset, SequenceDataset | None]:
+    ds = cfg.dataset
+    records = load_records(ds, cfg.model.num_labels)
+    tr, va = split_indices(len(records), ds.validation_split, cfg.hyperparameters.seed, ds.path)
+
+    def cls(idx: list[int]) -> SequenceDataset:
+        enc = tokenize(tokenizer, [records[i] for i in idx], n_max, with_labels=True)
+        assert enc.labels is not None
+        items: list[dict[str, Any]] = [
+            {"input_ids": x, "label": y} for x, y in zip(enc.input_ids, enc.labels, strict=True)
+        ]
+        return SequenceDataset(items, [records[i].line for i in idx])
+
+    train = cls(tr)
+    train.report = tokcache.DatasetReport(
+        len(list_shards(ds.path, ds.format, ds.source)), len(records), train.num_tokens()
+    )
+    return train, (cls(va) if va else None)
+
+
+def _memory_datasets(
+    cfg: JobConfig, tokenizer: PreTrainedTokenizerBase, n_max: int
+) -> tuple[SequenceDataset, SequenceDataset | None]:
+    ds = cfg.dataset
+    t0 = time.monotonic()
     examples = causal_examples(ds, tokenizer, n_max)
-    tr, va = split_indices(len(examples), ds.validation_split, hp.seed, ds.path)
+    seconds = time.monotonic() - t0
+    tr, va = split_indices(len(examples), ds.validation_split, cfg.hyperparameters.seed, ds.path)
     train = _causal_dataset([examples[i] for i in tr], ds.packing, n_max)
-    if len(train) == 0:
-        raise PermanentError(
-            EMPTY_DATASET,
-            f"{ds.path}: no training example has a token to learn within maxSeqLength={n_max}"
-            f" ({train.dropped} dropped)",
-        )
+    _check_train(train, ds.path, n_max)
+    tokens = sum(len(e.input_ids) for e in examples if e is not None)
+    shards = len(list_shards(ds.path, ds.format, ds.source))
+    train.report = tokcache.DatasetReport(shards, len(examples), tokens, tokenize_seconds=seconds)
     val = _causal_dataset([examples[i] for i in va], ds.packing, n_max) if va else None
     return train, (val if val is not None and len(val) else None)
 

@@ -4,7 +4,9 @@
   time (the other ranks only take part in the gathers).
 - ``save_final_model``: rank 0 writes ``<output>/model`` (Hugging Face, safetensors, 5 GB shards) and for
   LoRA ``<output>/adapter`` into temp dirs, fsyncs them and swaps them in atomically; LoRA adapters are
-  merged into ``model``.
+  merged into ``model``. For an ``s3://`` output the temp dirs are local (``$TAUON_STAGING_DIR``, else
+  the system's temp dir: room for one copy of the model) and are published under the prefix with a
+  marker written last (``output.publish_model``: S3 has no rename), then removed.
 - ``final_metrics``: the metrics.json object; ``write_results`` writes it and the termination message
   (the operator reads final metrics from rank 0's termination message: no access to the output volume
   needed; Kubernetes keeps at most 4096 bytes of it, hence ``TERMINATION_METRICS``).
@@ -13,9 +15,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import secrets
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
@@ -23,6 +28,7 @@ from typing import TYPE_CHECKING, cast
 import torch
 from torch import nn
 
+from tauon_core import storage
 from tauon_core.errors import write_termination_log
 
 from . import data, dist, schedule
@@ -56,7 +62,7 @@ TERMINATION_METRICS = (
     "strategy",
 )
 
-Metric = float | int | str | dict[str, int | str] | None
+Metric = float | int | str | dict[str, int | str] | dict[str, float | str] | dict[str, object] | None
 
 
 @dataclass
@@ -90,35 +96,57 @@ def gather_full_state(
 
 def save_final_model(prep: Prepared, full: dict[str, torch.Tensor], lora: bool) -> None:
     """Rank 0: ``<output>/model`` and for LoRA ``<output>/adapter``, each written to a temp dir, fsynced
-    and swapped in atomically."""
+    and swapped in atomically (S3: staged locally and published, marker last)."""
     cfg, output = prep.cfg, prep.output
     model = build_on_meta(cfg, prep.hf_config)
-    os.makedirs(output, exist_ok=True)
-    if lora:
-        assert cfg.method.lora is not None
-        peft = apply_lora(model, cfg.method.lora, cfg.model.task)
-        peft.load_state_dict(full, strict=False, assign=True)
-        tmp_adapter = os.path.join(output, f".tmp-adapter-{secrets.token_hex(4)}")
-        peft.save_pretrained(tmp_adapter)
-        prep.tokenizer.save_pretrained(tmp_adapter)
-        out_mod.swap_in(tmp_adapter, os.path.join(output, out_mod.ADAPTER_DIR))
-        model = cast("PreTrainedModel", peft.merge_and_unload())  # the base model, adapters merged
+    remote = storage.is_remote(output)
+    staging = (
+        tempfile.mkdtemp(prefix="tauon-final-", dir=os.environ.get("TAUON_STAGING_DIR") or None)
+        if remote
+        else output
+    )
+    if not remote:
+        os.makedirs(output, exist_ok=True)
+    try:
+        if lora:
+            assert cfg.method.lora is not None
+            peft = apply_lora(model, cfg.method.lora, cfg.model.task)
+            peft.load_state_dict(full, strict=False, assign=True)
+            tmp_adapter = os.path.join(staging, f".tmp-adapter-{secrets.token_hex(4)}")
+            peft.save_pretrained(tmp_adapter)
+            prep.tokenizer.save_pretrained(tmp_adapter)
+            _install(tmp_adapter, output, out_mod.ADAPTER_DIR)
+            model = cast("PreTrainedModel", peft.merge_and_unload())  # the base model, adapters merged
+        else:
+            model.load_state_dict(full, strict=False, assign=True)
+        tmp_model = os.path.join(staging, f".tmp-model-{secrets.token_hex(4)}")
+        model.save_pretrained(tmp_model, max_shard_size="5GB")
+        prep.tokenizer.save_pretrained(tmp_model)
+        _install(tmp_model, output, out_mod.MODEL_DIR)
+    finally:
+        if remote:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _install(tmp: str, output: str, kind: str) -> None:
+    """The written ``tmp`` becomes ``<output>/<kind>``: swapped in locally, published on S3."""
+    if storage.is_remote(output):
+        out_mod.publish_model(tmp, storage.join(output, kind))
     else:
-        model.load_state_dict(full, strict=False, assign=True)
-    tmp_model = os.path.join(output, f".tmp-model-{secrets.token_hex(4)}")
-    model.save_pretrained(tmp_model, max_shard_size="5GB")
-    prep.tokenizer.save_pretrained(tmp_model)
-    out_mod.swap_in(tmp_model, os.path.join(output, out_mod.MODEL_DIR))
+        out_mod.swap_in(tmp, os.path.join(output, kind))
 
 
-def resolved(s: Setup) -> dict[str, int | str]:
+def resolved(prep: Prepared, s: Setup) -> dict[str, object]:
     """What the operator maps to status.resolved (reconcile/finetunejob.py take_resolved): the strategy,
     the replicated state per rank the ``auto`` estimate computed (``estimateBytes`` ->
-    estimate.stateBytesPerRank) and the device memory it compared against (``deviceMemoryBytes``; absent
-    when unknown)."""
-    r: dict[str, int | str] = {"strategy": s.strategy, "estimateBytes": s.estimate.replicated_bytes}
+    estimate.stateBytesPerRank), the device memory it compared against (``deviceMemoryBytes``; absent
+    when unknown) and the dataset (``dataset``: shards, documents, tokens, cacheKey, cacheHit)."""
+    r: dict[str, object] = {"strategy": s.strategy, "estimateBytes": s.estimate.replicated_bytes}
     if s.estimate.device_bytes > 0:
         r["deviceMemoryBytes"] = s.estimate.device_bytes
+    report = getattr(prep.train_ds, "report", None)
+    if report is not None:
+        r["dataset"] = {k: v for k, v in report.metrics().items() if k != "tokenizeSeconds"}
     return r
 
 
@@ -155,7 +183,7 @@ def final_metrics(
         "precision": s.precision.name,
         "strategy": s.strategy,
         "estimateBytes": s.estimate.replicated_bytes,
-        "resolved": resolved(s),
+        "resolved": resolved(prep, s),
         "method": cfg.method.type,
         "task": cfg.model.task,
         "init": cfg.model.init,
@@ -173,12 +201,18 @@ def final_metrics(
     else:
         m["evalAccuracy"] = _r(ev.accuracy)
         m["initialEvalAccuracy"] = _r(state.extra.get("initialEvalAccuracy"))
+    if prep.train_ds.report is not None:  # shards, documents, tokens, cacheKey, cacheHit, tokenizeSeconds
+        m["dataset"] = prep.train_ds.report.metrics()
     return m
 
 
-def write_results(output: str, m: dict[str, Metric], resolved: dict[str, int | str]) -> None:
+def write_results(output: str, m: dict[str, Metric], resolved: dict[str, object]) -> None:
     """Rank 0: ``<output>/metrics.json`` and the termination message (the metrics the operator keeps)."""
-    atomic_write_json(os.path.join(output, "metrics.json"), m)
+    if storage.is_remote(output):  # one PUT: readers see the whole object or none
+        body = json.dumps(m, indent=2, sort_keys=True) + "\n"
+        storage.write_bytes(storage.join(output, "metrics.json"), body.encode())
+    else:
+        atomic_write_json(os.path.join(output, "metrics.json"), m)
     write_termination_log(
         {
             "metrics": {k: v for k, v in m.items() if k in TERMINATION_METRICS and v is not None},

@@ -27,6 +27,9 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
+from tauon_core import storage
+from tauon_core.errors import PermanentError, RetryableError
+
 LOG_PREFIX = "tauon-progress "
 DEFAULT_PORT = 9090
 
@@ -213,7 +216,7 @@ class ProgressReporter:
     """Throttled progress output on global rank 0 (file + log line) and metrics on local rank 0."""
 
     def __init__(self, output: str | None, metrics: TrainerMetrics | None, interval_s: float = 2.0) -> None:
-        self.path = os.path.join(output, "progress.json") if output else None
+        self.path = storage.join(output, "progress.json") if output else None
         self.metrics = metrics
         self.interval = interval_s
         self._last = 0.0
@@ -228,9 +231,11 @@ class ProgressReporter:
             return
         self._last = now
         try:
-            atomic_write_json(self.path, rec)
-        except OSError as e:
-            print(
-                f"tauon-trainer: warning: cannot write {self.path}: {e.strerror}", file=sys.stderr, flush=True
-            )
+            if storage.is_remote(self.path):
+                storage.write_bytes(self.path, json.dumps(rec).encode())  # one PUT: atomic
+            else:
+                atomic_write_json(self.path, rec)
+        except (OSError, PermanentError, RetryableError) as e:
+            why = e.strerror if isinstance(e, OSError) else str(e)
+            print(f"tauon-trainer: warning: cannot write {self.path}: {why}", file=sys.stderr, flush=True)
         print(LOG_PREFIX + json.dumps(rec, sort_keys=True), flush=True)

@@ -1,4 +1,5 @@
-"""The output directory: ownership, attempt fencing, path containment and durable atomic swaps.
+"""The output directory (or ``s3://`` prefix): ownership, attempt fencing, path containment and durable
+atomic swaps.
 
 ``<output>/.tauon-owner.json`` = ``{"uid", "job", "attempt", "createdAt"}``, written by global rank 0 at
 the first start of a job. Another job (another uid) finds it and fails at once with ``OutputInUse``
@@ -6,6 +7,21 @@ the first start of a job. Another job (another uid) finds it and fails at once w
 same way (its owner is unknown). ``attempt`` is raised by each newer attempt; an attempt that finds a
 higher recorded attempt is stale (an old pod on a partitioned node) and stops before writing anything.
 Jobs without a uid (hand-written job.json) skip the uid check but are still fenced by attempt.
+
+Object storage (``output.path: s3://bucket/prefix``)
+    The same owner file, written with conditional PUTs (``tauon_core.storage.write_bytes_if``): the
+    first claim creates it with ``If-None-Match: *`` (of two jobs starting together on an empty prefix
+    exactly one creates it; the other reads the winner's uid and fails ``OutputInUse``) and a newer
+    attempt raises ``attempt`` with ``If-Match: <etag of what it read>`` (a concurrent change makes it
+    read again and decide again). AWS S3 and SeaweedFS honour both headers. On a store that ignores
+    them the claim reads back the owner file after creating it, which leaves one window: two first
+    claims whose create-and-read-back sequences interleave (A writes, A reads back, B writes, B reads
+    back) both proceed and the later writer's uid stands. The fence then stops the other job: rank 0
+    remembers the uid it claimed for, and ``check_fence`` (before every checkpoint and the model) fails
+    ``OutputInUse`` when the owner file names another uid, so the loser writes nothing but what comes
+    before its first checkpoint. Checkpoints and the model are never renamed on S3: they become visible
+    by a marker written last (checkpoint.py; ``publish_model`` here), so there is nothing for
+    ``clean_stale`` to restore.
 """
 
 from __future__ import annotations
@@ -20,6 +36,7 @@ import shutil
 import time
 from typing import Any
 
+from tauon_core import storage
 from tauon_core.errors import (
     ATTEMPT_SUPERSEDED,
     FOREIGN_CONFIG,
@@ -31,6 +48,9 @@ from tauon_core.errors import (
 OWNER_FILE = ".tauon-owner.json"
 MODEL_DIR = "model"
 ADAPTER_DIR = "adapter"
+MODEL_MARKER = storage.PUBLISHED_MARKER  # S3: written last under model/ (and adapter/)
+_CLAIM_TRIES = 4
+_CLAIMED: dict[str, str] = {}  # output -> the uid this process (rank 0) claimed it for
 
 
 class Superseded(Exception):
@@ -71,7 +91,10 @@ def current_attempt(config_attempt: int, env: dict[str, str] | None = None) -> i
 
 def check_output_path(raw: str, mount: str | None) -> str:
     """The real output directory; refuses ``.``/``..``/empty segments and any path (symlinks included)
-    that resolves outside ``mount`` (the volume mounted for it) when that is known."""
+    that resolves outside ``mount`` (the volume mounted for it) when that is known. An ``s3://`` output
+    is checked the same way (bucket and key segments) and returned without a trailing ``/``."""
+    if storage.is_remote(raw):
+        return _check_remote_output(raw)
     segs = raw.split("/")
     body = segs[1:] if raw.startswith("/") else segs
     if body and body[-1] == "":
@@ -86,6 +109,18 @@ def check_output_path(raw: str, mount: str | None) -> str:
                 INVALID_OUTPUT, f"output.path {raw} resolves to {real}, outside its mount {root}"
             )
     return real
+
+
+def _check_remote_output(raw: str) -> str:
+    bucket, _, key = raw[len("s3://") :].partition("/")
+    segs = key.split("/") if key else []
+    if segs and segs[-1] == "":
+        segs = segs[:-1]
+    if not bucket or any(s in ("", ".", "..") for s in segs):
+        raise PermanentError(
+            INVALID_OUTPUT, f"output.path {raw!r} needs a bucket and no empty, '.' or '..' key segment"
+        )
+    return "s3://" + "/".join([bucket, *segs])
 
 
 # --- durable writes ---------------------------------------------------------------------------
@@ -168,10 +203,22 @@ def swap_in(tmp: str, final: str) -> None:
     fsync_dir(parent)
 
 
+def publish_model(local_dir: str, uri: str) -> None:
+    """S3: make the fully written local directory ``local_dir`` the prefix ``uri`` (``<output>/model`` or
+    ``adapter``) without a rename: ``tauon_core.storage.publish_dir`` deletes the previous marker first
+    and writes ``MODEL_MARKER`` (every file and its size) last, so a reader that waits for the marker
+    (``storage.published``) never loads a partial or mixed model. While a model is being replaced there
+    is none to read (never a mix of the two)."""
+    storage.publish_dir(local_dir, uri, {"format": "huggingface", "createdAt": time.time()})
+
+
 def clean_stale(output: str) -> list[str]:
     """Remove ``.tmp-model-*``/``.tmp-adapter-*`` left by a crash (or ENOSPC); restore an ``.old-*`` copy
-    whose replacement never arrived. Returns what was removed or restored (for the log)."""
+    whose replacement never arrived. Returns what was removed or restored (for the log). Nothing to do on
+    S3 (a model prefix without its marker is never read and is overwritten by the next publish)."""
     done: list[str] = []
+    if storage.is_remote(output):
+        return done
     try:
         names = sorted(os.listdir(output))
     except FileNotFoundError:
@@ -198,24 +245,78 @@ def clean_stale(output: str) -> list[str]:
 # --- ownership and fencing --------------------------------------------------------------------
 
 
-def read_owner(output: str) -> dict[str, Any] | None:
-    path = os.path.join(output, OWNER_FILE)
+def _parse_owner(raw: bytes | str, where: str, output: str) -> dict[str, Any]:
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise PermanentError(OUTPUT_IN_USE, f"{path} is unreadable ({e}); refusing to use {output}") from None
+        data = json.loads(raw)
+    except ValueError as e:
+        raise PermanentError(
+            OUTPUT_IN_USE, f"{where} is unreadable ({e}); refusing to use {output}"
+        ) from None
     if not isinstance(data, dict):
-        raise PermanentError(OUTPUT_IN_USE, f"{path} is not a JSON object; refusing to use {output}")
+        raise PermanentError(OUTPUT_IN_USE, f"{where} is not a JSON object; refusing to use {output}")
     return data
 
 
-def _has_results(output: str) -> bool:
+def _read_owner_remote(output: str, tagged: bool = False) -> tuple[dict[str, Any] | None, str]:
+    """The owner record on S3 and (``tagged``) the ETag it was read under ("" when not asked). The tag is
+    read first: if the object changes in between, the later ``If-Match`` fails and the claim reads again."""
+    uri = storage.join(output, OWNER_FILE)
+    try:
+        tag = storage.stat(uri).etag if tagged else ""
+        raw = storage.read_bytes(uri)
+    except storage.StoragePermanentError as e:
+        if e.reason == storage.OBJECT_NOT_FOUND:
+            return None, ""
+        raise
+    return _parse_owner(raw, uri, output), tag
+
+
+def read_owner(output: str) -> dict[str, Any] | None:
+    if storage.is_remote(output):
+        return _read_owner_remote(output)[0]
+    path = os.path.join(output, OWNER_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise PermanentError(OUTPUT_IN_USE, f"{path} is unreadable ({e}); refusing to use {output}") from None
+    return _parse_owner(raw, path, output)
+
+
+def has_results(output: str) -> bool:
+    if storage.is_remote(output):
+        ck = storage.join(output, "checkpoints")
+        has_ck = any(o.uri[len(ck) + 1 :].startswith("step-") for o in storage.list_tree(ck))
+        return has_ck or bool(storage.list_tree(storage.join(output, MODEL_DIR)))
     ck = os.path.join(output, "checkpoints")
     has_ck = os.path.isdir(ck) and any(n.startswith("step-") for n in os.listdir(ck))
     return has_ck or os.path.isdir(os.path.join(output, MODEL_DIR))
+
+
+def _refuse_unowned(output: str, uid: str) -> None:
+    if uid and has_results(output):
+        raise PermanentError(
+            OUTPUT_IN_USE,
+            f"{output} already holds checkpoints or a model but no {OWNER_FILE} (another job, or an "
+            "older tauon); use another output path or empty it",
+        )
+
+
+def _judge(output: str, owner: dict[str, Any], uid: str, attempt: int) -> int:
+    """Refuse another job's output (``OutputInUse``) or a stale attempt (``Superseded``); the recorded
+    attempt otherwise."""
+    if uid and owner.get("uid") != uid:
+        raise PermanentError(
+            OUTPUT_IN_USE,
+            f"{output} belongs to job uid {owner.get('uid') or '(none)'} ({owner.get('job', '?')}), "
+            f"not to this job (uid {uid}); see {storage.join(output, OWNER_FILE)}. Nothing was overwritten",
+        )
+    recorded = int(owner.get("attempt", 0) or 0)
+    if recorded > attempt:
+        raise Superseded(f"{output}: attempt {recorded} is newer than this attempt {attempt}")
+    return recorded
 
 
 def claim(output: str, uid: str, job: str, attempt: int) -> dict[str, Any]:
@@ -223,37 +324,70 @@ def claim(output: str, uid: str, job: str, attempt: int) -> dict[str, Any]:
 
     Raises ``PermanentError(OutputInUse)`` for another job's output, ``Superseded`` for a stale attempt.
     """
+    owner = (
+        _claim_remote(output, uid, job, attempt)
+        if storage.is_remote(output)
+        else _claim_local(output, uid, job, attempt)
+    )
+    _CLAIMED[output] = uid
+    return owner
+
+
+def _claim_local(output: str, uid: str, job: str, attempt: int) -> dict[str, Any]:
     os.makedirs(output, exist_ok=True)
     path = os.path.join(output, OWNER_FILE)
     owner = read_owner(output)
     if owner is None:
-        if uid and _has_results(output):
-            raise PermanentError(
-                OUTPUT_IN_USE,
-                f"{output} already holds checkpoints or a model but no {OWNER_FILE} (another job, or an "
-                "older tauon); use another output path or empty it",
-            )
+        _refuse_unowned(output, uid)
         owner = {"uid": uid, "job": job, "attempt": attempt, "createdAt": time.time()}
         write_json_durable(path, owner)
         return owner
-    if uid and owner.get("uid") != uid:
-        raise PermanentError(
-            OUTPUT_IN_USE,
-            f"{output} belongs to job uid {owner.get('uid') or '(none)'} ({owner.get('job', '?')}), "
-            f"not to this job (uid {uid}); see {path}. Nothing was overwritten",
-        )
-    recorded = int(owner.get("attempt", 0) or 0)
-    if recorded > attempt:
-        raise Superseded(f"{output}: attempt {recorded} is newer than this attempt {attempt}")
-    if recorded < attempt:
+    if _judge(output, owner, uid, attempt) < attempt:
         owner = {**owner, "attempt": attempt}
         write_json_durable(path, owner)
     return owner
 
 
+def _owner_bytes(owner: dict[str, Any]) -> bytes:
+    return (json.dumps(owner, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _claim_remote(output: str, uid: str, job: str, attempt: int) -> dict[str, Any]:
+    """``claim`` on S3: create with ``If-None-Match: *``, raise the attempt with ``If-Match``; a lost
+    race reads the owner file again and decides again (the module docstring has the window left where a
+    store ignores both)."""
+    uri = storage.join(output, OWNER_FILE)
+    for _ in range(_CLAIM_TRIES):
+        owner, tag = _read_owner_remote(output, tagged=True)
+        if owner is None:
+            _refuse_unowned(output, uid)
+            mine = {"uid": uid, "job": job, "attempt": attempt, "createdAt": time.time()}
+            if not storage.write_bytes_if(uri, _owner_bytes(mine), absent=True):
+                continue  # created meanwhile by someone else: judge theirs
+            seen = _read_owner_remote(output)[0]  # read back: a store without If-None-Match
+            if seen is not None and seen.get("uid") == uid:
+                _judge(output, seen, uid, attempt)
+                return seen
+            continue
+        if _judge(output, owner, uid, attempt) == attempt:
+            return owner
+        raised = {**owner, "attempt": attempt}
+        if storage.write_bytes_if(uri, _owner_bytes(raised), etag=tag):
+            return raised
+    raise Superseded(f"{uri} kept changing while attempt {attempt} claimed it; another attempt is writing it")
+
+
 def check_fence(output: str, attempt: int) -> None:
-    """Before every write of checkpoints or the model: stop if a newer attempt has taken over."""
+    """Before every write of checkpoints or the model: stop if a newer attempt has taken over, or fail
+    ``OutputInUse`` if the owner file now names another job than the one this process claimed it for."""
     owner = read_owner(output)
+    mine = _CLAIMED.get(output, "")
+    if mine and owner is not None and owner.get("uid") != mine:
+        raise PermanentError(
+            OUTPUT_IN_USE,
+            f"{storage.join(output, OWNER_FILE)} now names job uid {owner.get('uid') or '(none)'}, not "
+            f"this job (uid {mine}) that claimed {output}; stopping before writing",
+        )
     recorded = int((owner or {}).get("attempt", 0) or 0)
     if recorded > attempt:
         raise Superseded(f"{output}: attempt {recorded} has taken over from this attempt {attempt}")

@@ -106,7 +106,10 @@ class Setup:
 
 
 def output_mount(cfg: JobConfig) -> str | None:
-    """The volume mounted for the output: ``output.mountPath`` in job.json, else $TAUON_OUTPUT_MOUNT."""
+    """The volume mounted for the output: ``output.mountPath`` in job.json, else $TAUON_OUTPUT_MOUNT; None
+    for an ``s3://`` output (no volume: containment is the prefix itself)."""
+    if cfg.output.path.startswith("s3://"):
+        return None
     out = cfg.raw.get("output") if isinstance(cfg.raw, dict) else None
     mp = out.get("mountPath") if isinstance(out, dict) else None
     if isinstance(mp, str) and mp.strip():
@@ -128,7 +131,30 @@ def prepare(cfg: JobConfig, d: dist.DistEnv) -> Prepared:
     if limit is not None and max_len > limit:
         log(d, f"warning: maxSeqLength {max_len} > model limit {limit}; using {limit}")
         max_len = limit
-    train_ds, val_ds = data.build_datasets(cfg, tokenizer, max_len)
+    cache: str | None = cfg.dataset.cache_storage or data.default_cache_root(cfg, output)
+    if not cfg.dataset.cache_storage:
+        # The default cache lies in the output, which claim_output takes only later: another job's output
+        # (or results without an owner file) is left untouched (the datasets are then built in memory and
+        # claim_output refuses the output); a stale attempt of this job stops here, before writing.
+        owner = out_mod.read_owner(output)
+        if owner is not None and cfg.uid and owner.get("uid") != cfg.uid:
+            cache = None
+        elif owner is None and cfg.uid and out_mod.has_results(output):
+            cache = None
+        else:
+            out_mod.check_fence(output, attempt)
+    train_ds, val_ds = data.build_datasets(
+        cfg,
+        tokenizer,
+        max_len,
+        cache=cache,
+        use_cache=cache is not None,
+        rank=d.rank,
+        world=d.world_size,
+        attempt=attempt,
+    )
+    if train_ds.report is not None:
+        log(d, train_ds.report.describe())
     return Prepared(cfg, tokenizer, hf_config, model_dir, train_ds, val_ds, max_len, output, attempt)
 
 
@@ -208,7 +234,9 @@ def _rank0_weights(prep: Prepared, d: dist.DistEnv) -> RankZeroWeights:
 
 def claim_output(prep: Prepared, d: dist.DistEnv) -> None:
     """Rank 0 takes the output (owner file, attempt), cleans what a crash left; every rank learns the
-    outcome, so all fail the same way."""
+    outcome, so all fail the same way (an unreachable store included: retryable, ``StorageUnreachable``)."""
+    from tauon_core.errors import RetryableError
+
     cfg = prep.cfg
     result: tuple[str, str, str] | None = None
     if d.is_main:
@@ -221,6 +249,8 @@ def claim_output(prep: Prepared, d: dist.DistEnv) -> None:
                 log(d, f"removed incomplete checkpoints: {', '.join(sorted(removed))}")
         except PermanentError as e:
             result = ("permanent", e.reason, e.message)
+        except RetryableError as e:
+            result = ("retryable", e.reason, e.message)
         except out_mod.Superseded as e:
             result = ("superseded", ATTEMPT_SUPERSEDED, str(e))
     result = dist.broadcast_object(d, result)
@@ -228,6 +258,8 @@ def claim_output(prep: Prepared, d: dist.DistEnv) -> None:
         return
     if result[0] == "permanent":
         raise PermanentError(result[1], result[2])
+    if result[0] == "retryable":
+        raise RetryableError(result[1], result[2])
     raise out_mod.Superseded(result[2])
 
 

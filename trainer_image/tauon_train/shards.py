@@ -9,15 +9,20 @@ everything else jsonl).
 Shards are listed and read through ``tauon_core.storage``: on ``s3://`` a failure is one of its named
 errors (``ObjectNotFound`` for a missing object, an empty prefix or a shard deleted after listing,
 ``BucketNotFound``, ``StorageAccessDenied``, retryable ``StorageUnreachable``). A local dataset that is
-missing or has no shard is ``DatasetNotFound``. A ``.gz`` shard is decompressed as a stream; corrupt or
-truncated data is ``InvalidDataset`` naming the shard and the line where it broke. Text is strict UTF-8
-(a leading BOM is dropped); undecodable bytes name their shard and line.
+missing or has no shard is ``DatasetNotFound``. A ``.gz`` shard is decompressed as a stream (several
+members allowed, output in pieces of at most 4 MiB whatever the ratio); corrupt or truncated data is
+``InvalidDataset`` naming the shard and the line where it broke. Text is strict UTF-8 (a leading BOM is
+dropped); undecodable bytes name their shard, line and byte.
+
+``read_text`` returns a shard whole (the in-memory path); ``iter_bytes`` and ``iter_lines`` stream it
+(the tokenized cache): memory holds one chunk and the longest line, never the shard.
 """
 
 from __future__ import annotations
 
 import os
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from tauon_core import storage
@@ -25,6 +30,8 @@ from tauon_core.errors import DATASET_NOT_FOUND, INVALID_DATASET, PermanentError
 
 SUFFIXES: dict[str, tuple[str, ...]] = {"jsonl": (".jsonl", ".jsonl.gz"), "csv": (".csv", ".csv.gz")}
 _CHUNK = 4 << 20
+_LINE_CHUNK = 1 << 20  # iter_lines: a chunk and its lines are what a shard costs in memory
+_BOM = b"\xef\xbb\xbf"
 
 
 def format_of(path: str) -> str:
@@ -79,47 +86,129 @@ def _local_tree(root: str) -> list[str]:
     return sorted(out)
 
 
-def _gunzip(uri: str, data: bytes) -> bytes:
-    """Decompress a gzip shard (several members allowed); errors name the line where the data broke."""
-    out = bytearray()
-    view = memoryview(data)
-    while view:
-        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+def _raw_chunks(shard: Shard, size: int) -> Iterator[bytes]:
+    """The shard's stored bytes in chunks of at most ``size`` (a local file or a streamed object)."""
+    uri = shard.uri
+    if storage.is_remote(uri):
+        with storage.open_read(uri) as f:
+            while chunk := f.read(size):
+                yield chunk
+        return
+    try:
+        with open(uri, "rb") as f:
+            while chunk := f.read(size):
+                yield chunk
+    except IsADirectoryError:
+        raise PermanentError(DATASET_NOT_FOUND, f"dataset path {uri} is not a file") from None
+    except OSError as e:
+        raise PermanentError(DATASET_NOT_FOUND, f"dataset file {uri} unreadable: {e.strerror}") from None
+
+
+class _Gunzip:
+    """Streaming gzip decompression (several members allowed) whose errors name the line where the data
+    broke; every output piece is at most ``piece`` bytes, whatever the compression ratio."""
+
+    def __init__(self, uri: str, piece: int = _CHUNK) -> None:
+        self.uri = uri
+        self.piece = piece
+        self.newlines = 0
+        self.d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self.in_member = False  # the current member has started and not ended
+
+    def _error(self, what: str) -> PermanentError:
+        return PermanentError(INVALID_DATASET, f"{self.uri}:{self.newlines + 1}: {what}")
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        full = False
+        while data or full:
+            if data:
+                self.in_member = True
+            try:
+                out = self.d.decompress(data, self.piece)
+            except zlib.error as e:
+                raise self._error(f"corrupt gzip data ({e})") from None
+            full = len(out) == self.piece
+            if out:
+                self.newlines += out.count(b"\n")
+                yield out
+            if self.d.eof:
+                data, full = self.d.unused_data, False
+                self.d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                self.in_member = False
+            else:
+                data = self.d.unconsumed_tail
+
+    def close(self) -> Iterator[bytes]:
+        if not self.in_member:
+            return
         try:
-            for i in range(0, len(view), _CHUNK):
-                out += d.decompress(view[i : i + _CHUNK])
-                if d.eof:
-                    break
-            out += d.flush()
+            out = self.d.flush()
         except zlib.error as e:
-            line = out.count(b"\n") + 1
-            raise PermanentError(INVALID_DATASET, f"{uri}:{line}: corrupt gzip data ({e})") from None
-        if not d.eof:
-            line = out.count(b"\n") + 1
-            raise PermanentError(INVALID_DATASET, f"{uri}:{line}: truncated gzip data (the shard ends early)")
-        view = memoryview(d.unused_data) if d.unused_data else memoryview(b"")
-    return bytes(out)
+            raise self._error(f"corrupt gzip data ({e})") from None
+        self.newlines += out.count(b"\n")
+        if out:
+            yield out
+        if not self.d.eof:
+            raise self._error("truncated gzip data (the shard ends early)")
+
+
+def iter_bytes(shard: Shard, size: int = _CHUNK) -> Iterator[bytes]:
+    """The shard's content (gunzipped when it ends in ``.gz``) in chunks of bounded size."""
+    if not shard.uri.lower().endswith(".gz"):
+        yield from _raw_chunks(shard, size)
+        return
+    gz = _Gunzip(shard.uri, size)
+    for chunk in _raw_chunks(shard, size):
+        yield from gz.feed(chunk)
+    yield from gz.close()
+
+
+def _not_utf8(uri: str, line: int, e: UnicodeDecodeError, at: int) -> PermanentError:
+    return PermanentError(
+        INVALID_DATASET, f"{uri}:{line}: not UTF-8 text ({e.reason} at byte {at + e.start})"
+    )
+
+
+def iter_lines(shard: Shard) -> Iterator[str]:
+    """The shard's text split after every ``\\n`` (kept), strict UTF-8, a leading BOM dropped: what
+    ``read_text(shard).splitlines`` at ``\\n`` would give, as a stream. The last line is what follows the
+    last newline (``""`` when the shard ends with one), so a shard yields ``count("\\n") + 1`` lines.
+    Memory holds one chunk and the longest line, never the shard."""
+    uri = shard.uri
+    carry: list[bytes] = []
+    pos = 0  # byte offset of the first byte in carry
+    bom = 0  # 3 once a leading BOM was dropped (byte offsets in messages count after it, as read_text's)
+    line = 1
+
+    def decode(raw: bytes) -> str:
+        nonlocal bom
+        if line == 1 and raw.startswith(_BOM):
+            raw, bom = raw[len(_BOM) :], len(_BOM)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _not_utf8(uri, line, e, pos - bom if line > 1 else 0) from None
+
+    for chunk in iter_bytes(shard, _LINE_CHUNK):
+        if b"\n" not in chunk:
+            carry.append(chunk)
+            continue
+        parts = chunk.split(b"\n")
+        parts[0] = b"".join([*carry, parts[0]])
+        carry = [parts.pop()]
+        for raw in parts:
+            yield decode(raw) + "\n"
+            pos += len(raw) + 1
+            line += 1
+    yield decode(b"".join(carry))
 
 
 def read_text(shard: Shard) -> str:
     """The whole shard as strict UTF-8 text (gunzipped when it ends in ``.gz``)."""
-    uri = shard.uri
-    if storage.is_remote(uri):
-        data = storage.read_bytes(uri)
-    else:
-        try:
-            with open(uri, "rb") as f:
-                data = f.read()
-        except IsADirectoryError:
-            raise PermanentError(DATASET_NOT_FOUND, f"dataset path {uri} is not a file") from None
-        except OSError as e:
-            raise PermanentError(DATASET_NOT_FOUND, f"dataset file {uri} unreadable: {e.strerror}") from None
-    if uri.lower().endswith(".gz"):
-        data = _gunzip(uri, data)
+    data = b"".join(iter_bytes(shard))
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise PermanentError(
-            INVALID_DATASET, f"{uri}:{line}: not UTF-8 text ({e.reason} at byte {e.start})"
-        ) from None
+        bom = len(_BOM) if data.startswith(_BOM) else 0
+        line = data[: bom + e.start].count(b"\n") + 1
+        raise _not_utf8(shard.uri, line, e, 0) from None

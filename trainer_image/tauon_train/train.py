@@ -271,7 +271,7 @@ class Trainer:
         eta = (self.total - st.step) * (elapsed / done) if done > 0 else None
         epochs_started = st.epoch + (1 if st.sample_pos else 0)
         rec = progress_record(st.step, self.total, epochs_started, self.last_loss, sps, tps, eta)
-        rec["resolved"] = final.resolved(self.setup)
+        rec["resolved"] = final.resolved(self.prep, self.setup)
         self.reporter.update(rec, force=force)
 
     def evaluate(self) -> EvalResult:
@@ -304,7 +304,7 @@ class Trainer:
             m = final.final_metrics(
                 self.prep, s, self.state, ev, self.times, self.resumed_from, self.total, d
             )
-            final.write_results(self.prep.output, m, final.resolved(s))
+            final.write_results(self.prep.output, m, final.resolved(self.prep, s))
             log(d, f"done: {m}")
         dist.barrier(d, s.device)
         return EXIT_OK
