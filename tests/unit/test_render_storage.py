@@ -79,3 +79,32 @@ def test_finetunejob_models_are_not_read_from_s3_yet() -> None:
     }
     with pytest.raises(ValidationError, match="spec.model.source|source"):
         FineTuneJob.model_validate(body)
+
+
+def test_finetunejob_output_and_cache_in_s3_pass_through_without_volumes() -> None:
+    from tauon.render.finetunejob import job_config, render_attempt
+
+    job = FineTuneJob.model_validate(
+        {
+            "apiVersion": "tauon.dev/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": "ft", "namespace": "ml", "uid": "u2"},
+            "spec": {
+                "model": {"source": "hf://org/m", "task": "causal-lm"},
+                "dataset": {"source": "s3://corpora/x/", "cache": {"storage": "s3://tok/cache/"}},
+                "output": {"storage": "s3://runs/ft"},
+                "storage": STORE,
+                "numNodes": 2,
+            },
+        }
+    )
+    conf = job_config(job, CFG)
+    assert conf["output"]["path"] == "s3://runs/ft"
+    assert conf["dataset"]["cache"]["path"] == "s3://tok/cache/"
+    pods = [c for c in render_attempt(job, CFG, 0) if c["kind"] == "Pod"]
+    assert len(pods) == 2
+    for pod in pods:
+        vols = pod["spec"].get("volumes", [])
+        assert not any("persistentVolumeClaim" in v or "hostPath" in v for v in vols)
+        env = {e["name"] for e in pod["spec"]["containers"][0]["env"]}
+        assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "TAUON_S3_ENDPOINT"} <= env

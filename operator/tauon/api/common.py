@@ -31,7 +31,6 @@ FILE_URI = r"file://(/|\./)[^\s]*"
 S3_URI = r"s3://[a-z0-9][-a-z0-9.]{1,61}[a-z0-9](/[^\s]*)?"
 
 MODEL_SOURCE_PATTERN = f"^({PVC_URI}|{HF_URI}|{FILE_URI})$"
-DATA_SOURCE_PATTERN = f"^({PVC_URI}|{FILE_URI})$"
 DATASET_SOURCE_PATTERN = f"^({PVC_URI}|{FILE_URI}|{S3_URI})$"
 SERVED_MODEL_SOURCE_PATTERN = f"^({PVC_URI}|{HF_URI}|{FILE_URI}|{S3_URI})$"
 

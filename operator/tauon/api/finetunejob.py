@@ -8,7 +8,6 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field
 
 from tauon.api.common import (
-    DATA_SOURCE_PATTERN,
     DATASET_SOURCE_PATTERN,
     MAX_LIST,
     MAX_LONG_STR,
@@ -276,10 +275,12 @@ class Hyperparameters(KubeModel):
 
 class OutputSpec(KubeModel):
     storage: str = source_field(
-        "Where results go: pvc://CLAIM/PATH or file://. Holds model/ (Hugging Face format, safetensors), "
-        "checkpoints/, metrics.json, progress.json and .tauon-owner.json (the owning job's uid: another "
-        "job's output is refused with OutputInUse). Path segments may not be empty, `.` or `..`.",
-        DATA_SOURCE_PATTERN,
+        "Where results go: pvc://CLAIM/PATH, file:// or s3://BUCKET/PREFIX (credentials and endpoint from "
+        "spec.storage.s3). Holds model/ (Hugging Face format, safetensors; on s3:// visible only once its "
+        "marker .tauon-complete.json is written, last), checkpoints/, metrics.json, progress.json and "
+        ".tauon-owner.json (the owning job's uid: another job's output is refused with OutputInUse). Path "
+        "segments may not be empty, `.` or `..`.",
+        DATASET_SOURCE_PATTERN,
         "spec.output.storage",
     )
     checkpoint_every_steps: int = Field(
