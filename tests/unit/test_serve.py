@@ -169,7 +169,8 @@ def test_model_source_resolution(tmp_path: Path) -> None:
     assert resolve_model_source("hf://org/other-model") == "org/other-model"
     (tmp_path / "config.json").write_text("{}")
     assert resolve_model_source(f"file://{tmp_path}") == str(tmp_path)
-    for bad in (str(tmp_path / "missing"), "s3://bucket/model", "hf://"):
+    assert resolve_model_source("s3://bucket/model/") == "s3://bucket/model/"  # downloaded at load
+    for bad in (str(tmp_path / "missing"), "gs://bucket/model", "s3:///model", "hf://"):
         with pytest.raises(ModelSourceError):
             resolve_model_source(bad)
     assert detect_task(["BertForSequenceClassification"]) == ("sequence-classification", True)

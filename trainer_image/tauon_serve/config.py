@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,10 @@ from .predictor import TASKS
 
 SERVER_NAME = "tauon-model-server"
 LOAD_DELAY_ENV = "TAUON_LOAD_DELAY_SECONDS"  # test-only: sleep this long before loading the model
+# An s3:// model is downloaded here (tauon_serve.download); the operator mounts a volume sized for it.
+DEFAULT_MODEL_CACHE_DIR = os.path.join(tempfile.gettempdir(), "tauon-models")
+DEFAULT_MODEL_DOWNLOAD_TIMEOUT_SECONDS = 1800.0
+DEFAULT_MODEL_DOWNLOAD_CONCURRENCY = 4
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,9 @@ class ServerConfig:
     log_level: str = "info"
     access_log: bool = False
     load_delay_seconds: float = 0.0
+    model_cache_dir: str = DEFAULT_MODEL_CACHE_DIR
+    model_download_timeout_seconds: float = DEFAULT_MODEL_DOWNLOAD_TIMEOUT_SECONDS
+    model_download_concurrency: int = DEFAULT_MODEL_DOWNLOAD_CONCURRENCY
 
 
 # (flag, env var, type, default, help)
@@ -59,7 +67,30 @@ _OPTIONS: list[tuple[str, str, Any, Any, str]] = [
         "TAUON_MODEL_DIR",
         str,
         None,
-        "model directory (Hugging Face format), file://PATH or hf://ORG/NAME",
+        "model directory (Hugging Face format), file://PATH, hf://ORG/NAME or s3://BUCKET/PREFIX/ "
+        "(downloaded into --model-cache-dir before loading)",
+    ),
+    (
+        "--model-cache-dir",
+        "TAUON_MODEL_CACHE_DIR",
+        str,
+        DEFAULT_MODEL_CACHE_DIR,
+        "s3:// models: the directory they are downloaded into (a volume sized for the model); a complete "
+        "copy there is reused",
+    ),
+    (
+        "--model-download-timeout-seconds",
+        "TAUON_MODEL_DOWNLOAD_TIMEOUT_SECONDS",
+        float,
+        DEFAULT_MODEL_DOWNLOAD_TIMEOUT_SECONDS,
+        "s3:// models: longest download (listing and verification included); beyond it the server exits 1",
+    ),
+    (
+        "--model-download-concurrency",
+        "TAUON_MODEL_DOWNLOAD_CONCURRENCY",
+        int,
+        DEFAULT_MODEL_DOWNLOAD_CONCURRENCY,
+        "s3:// models: objects downloaded at once",
     ),
     ("--name", "TAUON_MODEL_NAME", str, None, "model name in the URLs (/v2/models/NAME/...)"),
     ("--host", "TAUON_HOST", str, "0.0.0.0", "listen address"),
@@ -194,6 +225,9 @@ def _check(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
         (ns.threads >= 0, "--threads must be >= 0"),
         (ns.gil_switch_interval_ms >= 0, "--gil-switch-interval-ms must be >= 0"),
         (0 <= ns.port <= 65535, "--port must be 0..65535"),
+        (ns.model_download_timeout_seconds > 0, "--model-download-timeout-seconds must be > 0"),
+        (ns.model_download_concurrency >= 1, "--model-download-concurrency must be >= 1"),
+        (bool(ns.model_cache_dir), "--model-cache-dir must not be empty"),
     ]
     for ok, message in checks:
         if not ok:
@@ -255,4 +289,7 @@ def parse_args(argv: list[str] | None = None, env: MutableMapping[str, str] | No
         log_level=ns.log_level.lower(),
         access_log=ns.access_log,
         load_delay_seconds=delay,
+        model_cache_dir=ns.model_cache_dir,
+        model_download_timeout_seconds=ns.model_download_timeout_seconds,
+        model_download_concurrency=ns.model_download_concurrency,
     )

@@ -1,7 +1,9 @@
 """Loading a Hugging Face model directory into a :class:`~tauon_serve.predictor.Predictor` (torch +
 transformers, imported inside the functions so that ``serve --help`` stays fast).
 
-:func:`load_predictor` runs in the server's inference thread: it resolves ``--model``, reads
+:func:`load_predictor` runs in the server's inference thread: it resolves ``--model`` (:func:`model_path`:
+an ``s3://`` model is downloaded into ``--model-cache-dir`` first, :mod:`tauon_serve.download`, so the
+server stays not ready until the download is done and verified), reads
 ``config.json`` to pick the task (:func:`~tauon_serve.predictor.detect_task`), loads the tokenizer and
 the model for that task on the chosen device and dtype, works out the longest input, and hands them to
 the task's back-end (:class:`~tauon_serve.classifier.SequenceClassifier` or
@@ -70,14 +72,31 @@ def _lengths(model: Any, tokenizer: Any, task: str, cfg: ServerConfig) -> tuple[
     return int(positions), max_length
 
 
+def model_path(cfg: ServerConfig) -> str:
+    """The local directory (or hub id) to load ``--model`` from. An ``s3://`` model is downloaded (or a
+    complete, current copy in ``--model-cache-dir`` reused); its errors keep their named reasons
+    (``tauon_serve.download``, ``tauon_core.storage``)."""
+    if cfg.model.startswith("s3://"):
+        from .download import download_model  # fsspec/s3fs only when a model is in object storage
+
+        return download_model(
+            cfg.model,
+            cfg.model_cache_dir,
+            cfg.model_download_timeout_seconds,
+            concurrency=cfg.model_download_concurrency,
+        )
+    return resolve_model_source(cfg.model)
+
+
 def load_predictor(cfg: ServerConfig) -> Predictor:
+    source = cfg.model
+    path = model_path(cfg)  # before importing torch: a missing or partial model fails fast
+
     import torch
     from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    source = cfg.model
-    path = resolve_model_source(source)
     config = AutoConfig.from_pretrained(path)
     task, trained_head = detect_task(getattr(config, "architectures", None), cfg.task)
     dev = _pick_device(cfg.device)

@@ -14,7 +14,9 @@ The server state and the route modules talk to this interface only, so nothing o
 branches on the task. :func:`tauon_serve.loading.load_predictor` builds the right one for a model.
 
 ``resolve_model_source`` and ``detect_task`` are import-light; nothing here imports torch, so that
-``serve --help`` and argument errors stay fast.
+``serve --help`` and argument errors stay fast. An ``s3://`` model is only checked for its form here (the
+fail-fast check before the socket listens); :func:`tauon_serve.loading.model_path` downloads it
+(:mod:`tauon_serve.download`) in the inference thread, after the socket listens.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any
 
-from tauon_core.sources import resolve_source
+from tauon_core.sources import INVALID_SOURCE, ModelSourceError, resolve_source
 
 from .protocol import TensorSpec
 
@@ -82,7 +84,12 @@ class Predictor(ABC):
 
 def resolve_model_source(source: str) -> str:
     """Map ``--model`` to something ``from_pretrained`` accepts (a directory or a hub repo id), offline.
-    See ``tauon_core.sources``; raises ``ModelSourceError``."""
+    See ``tauon_core.sources``; raises ``ModelSourceError``. ``s3://BUCKET[/PREFIX]`` is returned as it
+    is once it names a bucket: it is downloaded when the model loads (``loading.model_path``)."""
+    if source.startswith("s3://"):
+        if not source[len("s3://") :].split("/", 1)[0]:
+            raise ModelSourceError(INVALID_SOURCE, f"--model {source!r} names no bucket")
+        return source
     resolved = resolve_source(source, what="--model")
     return resolved.path if resolved.path is not None else str(resolved.repo)
 
