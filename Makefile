@@ -59,6 +59,7 @@ bench: install
 	$(PY) bench/serving.py
 	$(PY) bench/llm_serving.py
 	$(PY) bench/memory.py
+	$(PY) bench/data.py
 	$(PY) bench/scale/run.py
 
 e2e-kind:

@@ -1001,7 +1001,9 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     (the same permutation torch's DistributedSampler draws before sharding)."""
     g = torch.Generator()
     g.manual_seed(seed + epoch)
-    return [int(i) for i in torch.randperm(n, generator=g)]
+    # tolist(), not iteration: iterating makes one 0-d tensor per sample and left ~560 bytes per sample
+    # in the rank's RSS (428 MB at 761k samples); tolist() is the same permutation at ~36 bytes each
+    return list(torch.randperm(n, generator=g).tolist())
 
 
 def _share(size: int, world_size: int, rank: int) -> tuple[int, int]:
