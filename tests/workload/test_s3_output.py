@@ -1,7 +1,8 @@
 """Outputs in object storage: checkpoints, the final model and the owner file under ``s3://`` on a real
 SeaweedFS, the real trainer under torchrun.
 
-A 2-rank fsdp job writes a checkpoint at every step into the store and is SIGKILLed mid-epoch; the prefix
+A 2-rank fsdp job reads the corpus as 4 shards (one gzipped) from the store, tokenizes it into a cache in
+the store, writes a checkpoint at every step into the store and is SIGKILLed mid-epoch; the prefix
 is copied once, then relaunched at 2 ranks on one copy and at 1 rank on the other. Both resume from the
 newest complete checkpoint in the store and, with the steps the killed run had checkpointed, train on
 every sample of the epoch exactly once (``$TAUON_TRACE_SAMPLES``). The model is published with its marker
@@ -12,6 +13,7 @@ Three torchrun launches, about 20-30 s each on the 2-core dev machine.
 
 from __future__ import annotations
 
+import gzip
 import json
 import subprocess
 import threading
@@ -26,7 +28,7 @@ from tauon_core import storage
 from tauon_core.errors import PermanentError, RetryableError, report_retryable
 from tests.net import free_port
 from tests.s3store import S3Store, seaweedfs
-from tests.workload.helpers import PYTHON, env, kill_tree, llama_job, torchrun_cmd, write_job
+from tests.workload.helpers import CORPUS, PYTHON, env, kill_tree, llama_job, torchrun_cmd, write_job
 
 pytestmark = pytest.mark.slow
 
@@ -37,6 +39,7 @@ BUCKET = "outputs"
 def store() -> Iterator[S3Store]:
     with seaweedfs() as s:
         s.client().create_bucket(Bucket=BUCKET)
+        _upload_corpus(s)
         yield s
 
 
@@ -47,14 +50,28 @@ def use_store(store: S3Store, monkeypatch: pytest.MonkeyPatch) -> S3Store:
     return store
 
 
+CORPUS_URI = f"s3://{BUCKET}/corpus/"
+
+
+def _upload_corpus(store: S3Store) -> None:
+    """The shipped corpus as 4 shards of 50 lines in the store, the third gzipped."""
+    lines = CORPUS.read_text().splitlines(keepends=True)
+    for i in range(4):
+        body = "".join(lines[i * 50 : (i + 1) * 50]).encode()
+        key = f"corpus/part-{i}.jsonl" + (".gz" if i == 2 else "")
+        store.client().put_object(Bucket=BUCKET, Key=key, Body=gzip.compress(body) if i == 2 else body)
+
+
 def _job(prefix: str) -> dict[str, Any]:
-    """One epoch (180 samples, 23 steps at 2 ranks) with a checkpoint at every step into ``prefix``."""
+    """One epoch (180 samples, 23 steps at 2 ranks) over the corpus in the store, tokenized into the
+    default cache (``<output>/data-cache``, in the store too), a checkpoint at every step into ``prefix``."""
     uri = f"s3://{BUCKET}/{prefix}"
     return llama_job(
         Path("/nonexistent"),  # replaced: the output is the prefix
         "fsdp",
         hyperparameters={"maxSteps": None, "epochs": 1},
         output={"storage": uri, "path": uri, "checkpointEverySteps": 1},
+        dataset={"source": CORPUS_URI, "path": CORPUS_URI},
     )
 
 
@@ -185,10 +202,6 @@ def test_the_published_model_loads(use_store: S3Store, resumed_two: str, tmp_pat
     assert model.config.num_hidden_layers == 2 and len(tok) == model.config.vocab_size
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="progress.json is written by metrics.ProgressReporter with local file I/O (not S3-aware yet)",
-)
 def test_progress_json_is_in_the_prefix(store: S3Store, resumed_two: str) -> None:
     assert "progress.json" in _keys(store, "a")
 
@@ -202,6 +215,8 @@ def test_one_rank_resumes_the_two_rank_checkpoint_from_the_store(
     assert "written by 2 rank(s) under fsdp" in stdout
     m = _get_json(store, "b/metrics.json")
     assert m["resumedFromStep"] == newest and m["worldSize"] == 1
+    # the copied prefix holds the killed run's tokenized cache: another world size reuses it
+    assert m["dataset"]["cacheHit"] is True and m["dataset"]["shards"] == 4
     _assert_each_sample_once(first, tmp_path, m)
     assert "model/.tauon-complete.json" in _keys(store, "b")
 
