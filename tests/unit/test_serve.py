@@ -5,6 +5,7 @@ batch splitting and the batcher itself. The real server process is tested in tes
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections import deque
@@ -563,3 +564,216 @@ def test_the_app_serves_any_predictor_through_the_interface(monkeypatch: pytest.
         r = client.post("/v1/completions", json={"model": "m", "prompt": "x"})
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     assert fake.calls == ["warm_up", "start", "drain", "close"]
+
+
+# -- hostile requests (issue 22): bodies, liveness, flags ---------------------------------------------
+
+
+def test_parse_args_hardening_flags() -> None:
+    from tauon_serve.config import parse_args
+
+    cfg = parse_args(["--model", "/m", "--name", "n"], env={})
+    assert (cfg.max_body_bytes, cfg.max_openai_body_bytes, cfg.max_inflight_body_bytes) == (
+        16 << 20,
+        2 << 20,
+        32 << 20,
+    )
+    assert (cfg.health_port, cfg.header_timeout_seconds, cfg.graceful_timeout_seconds) == (0, 10.0, 25.0)
+    env = {
+        "TAUON_HEALTH_PORT": "8081",
+        "TAUON_HEADER_TIMEOUT_SECONDS": "3",
+        "TAUON_MAX_OPENAI_BODY_BYTES": "4096",
+    }
+    cfg = parse_args(["--model", "/m", "--name", "n"], env=env)
+    assert (cfg.health_port, cfg.header_timeout_seconds, cfg.max_openai_body_bytes) == (8081, 3.0, 4096)
+    for bad in (
+        ["--health-port", "8080"],  # the main port
+        ["--header-timeout-seconds", "0"],
+        ["--max-inflight-body-bytes", "2048"],  # below --max-body-bytes
+    ):
+        with pytest.raises(SystemExit):
+            parse_args(["--model", "/m", "--name", "n", *bad], env={})
+
+
+def _fake_app(monkeypatch: pytest.MonkeyPatch, *flags: str, health: str | None = None) -> Any:
+    """The state and a TestClient over the real app with a fake causal LM (no torch)."""
+    from fastapi.testclient import TestClient
+
+    from tauon_serve.serve import create_app
+
+    state = _fake_state(monkeypatch, *flags, health=health)
+    return state, TestClient(create_app(state), raise_server_exceptions=False)
+
+
+def _fake_state(monkeypatch: pytest.MonkeyPatch, *flags: str, health: str | None = None) -> Any:
+    """A server state whose model is a fake causal LM (no torch): V1 echoes the texts ("boom" raises),
+    the OpenAI service answers 418 to whatever reaches it."""
+    from concurrent.futures import Executor
+
+    from tauon_serve import state as state_mod
+    from tauon_serve.config import parse_args
+    from tauon_serve.metrics import ServerMetrics
+    from tauon_serve.predictor import Predictor
+    from tauon_serve.protocol import GENERATION_SCHEMA, Generation
+
+    class FakeService:
+        max_model_length = 64
+
+        async def open(self, kind: str, body: Any) -> Any:
+            raise RequestError(418, "reached the service")
+
+    class Fake(Predictor):
+        task = "causal-lm"
+        schema = GENERATION_SCHEMA
+        labels: list[str] = []
+
+        def warm_up(self) -> None: ...
+
+        def start(self, executor: Executor, metrics: ServerMetrics) -> None:
+            self.openai = FakeService()  # type: ignore[assignment]
+
+        def begin_drain(self) -> None: ...
+
+        async def close(self, grace_seconds: float) -> None: ...
+
+        def check_inputs(self, texts: Any, where: Any) -> None: ...
+
+        async def infer(self, texts: list[str]) -> list[Generation]:
+            if texts == ["boom"]:
+                raise KeyError("boom")
+            return [Generation(t) for t in texts]
+
+        def describe(self) -> str:
+            return "fake"
+
+        def health_error(self) -> str | None:
+            return health
+
+    monkeypatch.setattr(state_mod, "load_predictor", lambda cfg: Fake())
+    return state_mod.ServerState(parse_args(["--model", "/m", "--name", "m", *flags], env={}))
+
+
+def _wait_ready(client: Any) -> None:
+    for _ in range(200):
+        if client.get("/v2/health/ready").status_code == 200:
+            return
+        time.sleep(0.02)
+    raise AssertionError("not ready")
+
+
+def test_bodies_are_capped_per_route_and_by_the_in_flight_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """B9/N5: OpenAI bodies have a cap of their own, smaller than V1/V2's; a body that would take the
+    bodies being read past --max-inflight-body-bytes is answered 503 + Retry-After, small bodies never
+    are, and every path gives its share back."""
+    flags = (
+        "--max-body-bytes=1048576",
+        "--max-openai-body-bytes=200000",
+        "--max-inflight-body-bytes=1048576",
+        "--max-text-chars=2000000",
+    )
+    state, client = _fake_app(monkeypatch, *flags)
+    with client:
+        _wait_ready(client)
+        big_chat = {"model": "m", "messages": [{"role": "user", "content": "x" * 250_000}]}
+        r = client.post("/v1/chat/completions", json=big_chat)
+        assert r.status_code == 413 and "--max-openai-body-bytes" in r.json()["error"]["message"]
+        r = client.post("/v1/models/m:predict", json={"instances": ["x" * 250_000]})
+        assert r.status_code == 200  # the same size is fine on V1 (its cap is --max-body-bytes)
+        r = client.post("/v1/models/m:predict", json={"instances": ["x" * 1_100_000]})
+        assert r.status_code == 413 and "--max-body-bytes" in r.json()["error"]
+        assert state.body_budget.used == 0
+
+        assert state.body_budget.take(1_000_000)  # other requests' bodies are being read
+        r = client.post("/v1/models/m:predict", json={"instances": ["x" * 100_000]})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert "--max-inflight-body-bytes" in r.json()["error"]
+        r = client.post("/v1/completions", json={"model": "m", "prompt": "y" * 100_000})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["type"] == "server_error"
+        r = client.post("/v1/models/m:predict", json={"instances": ["small"]})
+        assert r.status_code == 200  # a small body is never refused for the budget
+        state.body_budget.give(1_000_000)
+        for body in (b"{not json" + b" " * 100_000, json.dumps({"instances": ["z" * 100_000]}).encode()):
+            client.post("/v1/models/m:predict", content=body)
+        assert state.body_budget.used == 0  # given back after a 400 and a 200 alike
+
+        r = client.post("/v1/completions", json={"model": "m", "prompt": list(range(65))})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        r = client.post("/v1/completions", json={"model": "m", "prompt": list(range(64))})
+        assert r.status_code == 418  # fits the model length: the service gets it
+
+
+def test_liveness_reports_the_predictors_health_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    _, client = _fake_app(monkeypatch, health="the engine thread died: RuntimeError: boom")
+    with client:
+        _wait_ready(client)
+        r = client.get("/v2/health/live")
+        assert r.status_code == 503
+        assert r.json() == {"live": False, "error": "the engine thread died: RuntimeError: boom"}
+    _, client = _fake_app(monkeypatch)
+    with client:
+        _wait_ready(client)
+        assert client.get("/v2/health/live").json() == {"live": True}
+
+
+def test_an_unexpected_error_is_logged_once(monkeypatch: pytest.MonkeyPatch, caplog: Any) -> None:
+    """A 500 leaves one traceback (uvicorn's), not a second one from the handler."""
+    _, client = _fake_app(monkeypatch)
+    with client:
+        _wait_ready(client)
+        with caplog.at_level("ERROR", logger="tauon.serve"):
+            r = client.post("/v1/models/m:predict", json={"instances": ["boom"]})
+    assert r.status_code == 500 and r.json() == {"error": "internal error: KeyError"}
+    ours = [rec for rec in caplog.records if rec.name == "tauon.serve" and "unexpected error" in rec.message]
+    assert len(ours) == 1 and ours[0].exc_info is None
+
+
+def test_idle_connections_are_closed_and_never_block_the_health_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    """N2, in-process: the real uvicorn server (header-timeout protocol, --health-port) in a thread. 20
+    idle connections, one a slow loris, fill --limit-concurrency 8: the main port answers 503, the
+    health port 200; the header timeout closes every idle connection, then the main port answers."""
+    import socket
+
+    import httpx
+    import uvicorn
+
+    from tauon_serve.serve import _make_server_class, create_app, header_timeout_protocol, health_server
+    from tests.net import free_port
+
+    port, health_port = free_port(), free_port()
+    flags = (f"--port={port}", f"--health-port={health_port}", "--header-timeout-seconds=0.5")
+    state = _fake_state(monkeypatch, *flags, "--limit-concurrency=8")
+    protocol = header_timeout_protocol(0.5)
+    config = uvicorn.Config(
+        create_app(state),
+        host="127.0.0.1",
+        port=port,
+        http=protocol,
+        limit_concurrency=8,
+        log_level="warning",
+    )
+    server = _make_server_class()(config)
+    server.state = state
+    server.health = health_server(state, protocol)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    main, health = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{health_port}"
+    try:
+        for _ in range(200):
+            if server.started and httpx.get(main + "/v2/health/ready", timeout=2).status_code == 200:
+                break
+            time.sleep(0.05)
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
+        idle[0].sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n")  # never finishes its head
+        time.sleep(0.1)
+        assert httpx.get(main + "/v2/health/live", timeout=2).status_code == 503  # the cap is full
+        assert httpx.get(health + "/v2/health/live", timeout=2).json() == {"live": True}
+        assert httpx.get(health + "/v2/health/ready", timeout=2).status_code == 200
+        for s in idle:
+            s.settimeout(5)
+            assert s.recv(100) == b""  # closed by the server, unanswered
+            s.close()
+        assert httpx.get(main + "/v2/health/live", timeout=2).status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -309,3 +309,44 @@ def running_server(
         yield server
     finally:
         stop_server(server.proc)
+
+
+def save_tiny_llama(path: Path, max_positions: int = 2048) -> Path:
+    """A tiny random Llama with the repo's tiny BPE tokenizer (and its chat template), saved to ``path``:
+    the special tokens' rows of ``lm_head`` are zeroed and the others scaled up, so decoding never picks
+    EOS (lengths are exact) and sampling at T<1 stays far from them (as tests/workload/test_openai.py)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight *= 100
+        for special in tok.all_special_ids:
+            model.lm_head.weight[special].zero_()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def rss_high_water_mib(pid: int) -> float:
+    """The peak resident set size of a process so far (VmHWM), in MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmHWM for pid {pid}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +23,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.manifests import TINY_TOKENIZER
-from tests.workload.helpers import Server, running_server, wait_ready
+from tests.net import free_port
+from tests.workload.helpers import Server, http_status, running_server, wait_for, wait_ready
 
 NAME = "tiny-llama"
 MAX_MODEL_LENGTH = 2048
@@ -90,8 +92,21 @@ def server(lm: LM, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]
         yield wait_ready(srv)
 
 
+@pytest.fixture(scope="module")
+def long_server(lm: LM, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server whose --max-new-tokens (a server-wide cap on max_tokens) allows long answers."""
+    with running_server(
+        lm.path,
+        tmp_path_factory.mktemp("openai-long-server"),
+        f"--max-model-length={MAX_MODEL_LENGTH}",
+        f"--max-new-tokens={MAX_MODEL_LENGTH}",
+        name=NAME,
+    ) as srv:
+        yield wait_ready(srv)
+
+
 def bases(server: Server) -> list[str]:
-    return [server.url + "/v1", server.url + "/openai/v1"]
+    return [server.url + "/v1"]  # only /v1, as vLLM: one base URL on both runtimes (issue 21)
 
 
 def client(base: str) -> openai.OpenAI:
@@ -111,13 +126,16 @@ def scrape(server: Server) -> dict[str, float]:
 # -- the openai client -----------------------------------------------------------------------------
 
 
-def test_models_list_on_both_base_urls(server: Server) -> None:
+def test_models_list_on_v1_and_no_openai_prefix(server: Server) -> None:
     for base in bases(server):
         models = client(base).models.list()
         assert [m.id for m in models.data] == [NAME]
         assert models.data[0].object == "model" and models.data[0].owned_by == "tauon"
     kserve = httpx.get(server.url + "/v1/models").json()
     assert kserve["models"] == [NAME] and kserve["object"] == "list"
+    for path in ("/openai/v1/models", "/openai/v1/completions", "/openai/v1/chat/completions"):
+        method = "GET" if path.endswith("models") else "POST"
+        assert httpx.request(method, server.url + path, json={}, timeout=10).status_code == 404, path
 
 
 def test_completions_match_direct_greedy_generation(server: Server, lm: LM) -> None:
@@ -237,9 +255,10 @@ def test_bad_requests_get_openai_errors(
 def test_non_json_and_huge_bodies(server: Server) -> None:
     r = httpx.post(server.url + "/v1/chat/completions", content=b"{not json", timeout=30)
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
-    huge = b'{"model": "x", "prompt": "' + b"a" * (20 * 1024 * 1024) + b'"}'
-    r = httpx.post(server.url + "/openai/v1/completions", content=huge, timeout=60)
+    huge = b'{"model": "x", "prompt": "' + b"a" * (3 * 1024 * 1024) + b'"}'  # over --max-openai-body-bytes
+    r = httpx.post(server.url + "/v1/completions", content=huge, timeout=60)
     assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
+    assert "--max-openai-body-bytes" in r.json()["error"]["message"]
     with pytest.raises(openai.NotFoundError):
         client(server.url + "/v1").completions.create(model="nope", prompt="x")
 
@@ -247,7 +266,9 @@ def test_non_json_and_huge_bodies(server: Server) -> None:
 # -- continuous batching ---------------------------------------------------------------------------
 
 
-def test_short_request_finishes_before_a_running_long_one(server: Server) -> None:
+def test_short_request_finishes_before_a_running_long_one(long_server: Server) -> None:
+    server = long_server
+
     async def run() -> tuple[float, float, float]:
         c = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
         t0 = time.monotonic()
@@ -296,7 +317,7 @@ def test_32_concurrent_streams_complete(server: Server) -> None:
 
     async def run() -> list[tuple[int, str | None]]:
         c = openai.AsyncOpenAI(
-            base_url=server.url + "/openai/v1",
+            base_url=server.url + "/v1",
             api_key="unused",
             max_retries=0,
             timeout=180,
@@ -308,7 +329,8 @@ def test_32_concurrent_streams_complete(server: Server) -> None:
     assert results == [(8 + i % 5, "length") for i in range(32)]
 
 
-def test_closing_a_stream_frees_its_sequence(server: Server) -> None:
+def test_closing_a_stream_frees_its_sequence(long_server: Server) -> None:
+    server = long_server
     before = scrape(server)["tauon_server_generated_tokens_total"]
     body = {"model": NAME, "prompt": "go on", "max_tokens": 2000, "stream": True}
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
@@ -337,3 +359,51 @@ def test_kserve_v1_and_v2_still_generate(server: Server) -> None:
     c = client(server.url + "/v1")
     same = c.completions.create(model=NAME, prompt="hello world", max_tokens=MAX_NEW_TOKENS, temperature=0)
     assert same.choices[0].text == text
+
+
+# -- graceful shutdown -----------------------------------------------------------------------------
+
+
+def test_sigterm_drains_and_ends_a_long_stream_with_a_final_frame(
+    lm: LM, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """On SIGTERM readiness (on --health-port) turns 503 at once while liveness stays 200; a short
+    request in flight finishes; a stream still running at --graceful-timeout-seconds ends with an error
+    frame and ``data: [DONE]`` instead of a cut connection; the process exits 0."""
+    health = f"http://127.0.0.1:{free_port()}"
+    with running_server(
+        lm.path,
+        tmp_path_factory.mktemp("drain-server"),
+        f"--max-model-length={MAX_MODEL_LENGTH}",
+        "--max-new-tokens=2000",
+        "--graceful-timeout-seconds=2",
+        f"--health-port={health.rsplit(':', 1)[1]}",
+        name=NAME,
+    ) as srv:
+        wait_ready(srv)
+        long_body = {"model": NAME, "prompt": "go on", "max_tokens": 2000, "stream": True}
+        short_body = {"model": NAME, "prompt": "x", "max_tokens": 30, "stream": True}
+        url = srv.url + "/v1/completions"
+        with (
+            httpx.stream("POST", url, json=long_body, timeout=60) as long_r,
+            httpx.stream("POST", url, json=short_body, timeout=60) as short_r,
+        ):
+            long_lines, short_lines = long_r.iter_lines(), short_r.iter_lines()
+            lines = [next(long_lines) for _ in range(4)]
+            short = [next(short_lines)]  # both in flight
+            t0 = time.monotonic()
+            srv.proc.send_signal(signal.SIGTERM)
+            wait_for(lambda: http_status(health + "/v2/health/ready") == 503, 2, "not ready after SIGTERM")
+            assert http_status(health + "/v2/health/live") == 200
+            lines += list(long_lines)
+            ended = time.monotonic() - t0
+            short += list(short_lines)
+        assert srv.proc.wait(timeout=30) == 0
+    frames = [line.removeprefix("data: ") for line in lines if line]
+    assert frames[-1] == "[DONE]"
+    last = json.loads(frames[-2])
+    assert last["error"]["code"] == "unavailable" and "shut down" in last["error"]["message"], last
+    assert 1.8 < ended < 8, ended
+    short_frames = [line.removeprefix("data: ") for line in short if line]
+    assert short_frames[-1] == "[DONE]"  # the short stream finished within the grace period
+    assert json.loads(short_frames[-2])["choices"][0]["finish_reason"] == "length"

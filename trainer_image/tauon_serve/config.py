@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .predictor import TASKS
+from .scheduler import DEFAULT_MAX_BATCHED_TOKENS
 
 SERVER_NAME = "tauon-model-server"
 LOAD_DELAY_ENV = "TAUON_LOAD_DELAY_SECONDS"  # test-only: sleep this long before loading the model
@@ -25,6 +26,13 @@ LOAD_DELAY_ENV = "TAUON_LOAD_DELAY_SECONDS"  # test-only: sleep this long before
 DEFAULT_MODEL_CACHE_DIR = os.path.join(tempfile.gettempdir(), "tauon-models")
 DEFAULT_MODEL_DOWNLOAD_TIMEOUT_SECONDS = 1800.0
 DEFAULT_MODEL_DOWNLOAD_CONCURRENCY = 4
+MIB = 1024 * 1024
+DEFAULT_MAX_BODY_BYTES = 16 * MIB  # V1/V2: up to --max-instances texts of --max-text-chars each
+DEFAULT_MAX_OPENAI_BODY_BYTES = 2 * MIB  # OpenAI: one prompt or conversation within the model length
+DEFAULT_MAX_INFLIGHT_BODY_BYTES = 32 * MIB  # bodies being read and parsed, all requests together
+DEFAULT_GRACEFUL_TIMEOUT_SECONDS = 25.0
+DEFAULT_HEADER_TIMEOUT_SECONDS = 10.0
+DEFAULT_V1_NEW_TOKENS = 32  # V1/V2 tokens per text when --max-new-tokens is 0 (no cap)
 
 
 @dataclass(frozen=True)
@@ -37,27 +45,37 @@ class ServerConfig:
     max_latency_ms: float = 10.0
     max_instances: int = 256
     max_text_chars: int = 20000
-    max_body_bytes: int = 16 * 1024 * 1024
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_openai_body_bytes: int = DEFAULT_MAX_OPENAI_BODY_BYTES
+    max_inflight_body_bytes: int = DEFAULT_MAX_INFLIGHT_BODY_BYTES
     max_queued_instances: int = 4096
     task: str = "auto"
     device: str = "auto"
     dtype: str = "auto"
     max_seq_length: int = 0
-    max_new_tokens: int = 32
+    max_new_tokens: int = 0  # 0: no server-wide cap (V1/V2 then generate DEFAULT_V1_NEW_TOKENS)
     max_model_length: int = 0
+    max_batched_tokens: int = DEFAULT_MAX_BATCHED_TOKENS
     max_concurrent_sequences: int = 64
     max_queued_sequences: int = 256
     max_queue_wait_seconds: float = 60.0
     limit_concurrency: int = 1024
     threads: int = 0
     gil_switch_interval_ms: float = 0.5
-    graceful_timeout_seconds: float = 25.0
+    graceful_timeout_seconds: float = DEFAULT_GRACEFUL_TIMEOUT_SECONDS
+    health_port: int = 0
+    header_timeout_seconds: float = DEFAULT_HEADER_TIMEOUT_SECONDS
     log_level: str = "info"
     access_log: bool = False
     load_delay_seconds: float = 0.0
     model_cache_dir: str = DEFAULT_MODEL_CACHE_DIR
     model_download_timeout_seconds: float = DEFAULT_MODEL_DOWNLOAD_TIMEOUT_SECONDS
     model_download_concurrency: int = DEFAULT_MODEL_DOWNLOAD_CONCURRENCY
+
+    @property
+    def v1_new_tokens(self) -> int:
+        """Tokens a V1/V2 text generates: the cap, or DEFAULT_V1_NEW_TOKENS without one."""
+        return self.max_new_tokens or DEFAULT_V1_NEW_TOKENS
 
 
 # (flag, env var, type, default, help)
@@ -117,7 +135,28 @@ _OPTIONS: list[tuple[str, str, Any, Any, str]] = [
         20000,
         "longest single text in characters (413 beyond)",
     ),
-    ("--max-body-bytes", "TAUON_MAX_BODY_BYTES", int, 16 * 1024 * 1024, "largest request body (413 beyond)"),
+    (
+        "--max-body-bytes",
+        "TAUON_MAX_BODY_BYTES",
+        int,
+        DEFAULT_MAX_BODY_BYTES,
+        "largest KServe V1/V2 request body (413 beyond)",
+    ),
+    (
+        "--max-openai-body-bytes",
+        "TAUON_MAX_OPENAI_BODY_BYTES",
+        int,
+        DEFAULT_MAX_OPENAI_BODY_BYTES,
+        "largest OpenAI completions/chat request body (413 beyond)",
+    ),
+    (
+        "--max-inflight-body-bytes",
+        "TAUON_MAX_INFLIGHT_BODY_BYTES",
+        int,
+        DEFAULT_MAX_INFLIGHT_BODY_BYTES,
+        "request bodies over 64 KiB being read and parsed, all requests together; a body that would "
+        "exceed it is answered 503 + Retry-After",
+    ),
     (
         "--max-queued-instances",
         "TAUON_MAX_QUEUED_INSTANCES",
@@ -139,8 +178,18 @@ _OPTIONS: list[tuple[str, str, Any, Any, str]] = [
         "--max-new-tokens",
         "TAUON_MAX_NEW_TOKENS",
         int,
-        32,
-        "causal-lm: tokens generated per prompt by V1/V2 (greedy), and the OpenAI max_tokens default",
+        0,
+        "causal-lm: a server-wide cap on generated tokens per sequence (OpenAI max_tokens above it is "
+        "clamped, as on vLLM); 0 = no cap beyond the model length. V1/V2 generate this many tokens per "
+        f"text ({DEFAULT_V1_NEW_TOKENS} when 0)",
+    ),
+    (
+        "--max-batched-tokens",
+        "TAUON_MAX_BATCHED_TOKENS",
+        int,
+        DEFAULT_MAX_BATCHED_TOKENS,
+        "causal-lm: KV budget of the running batch in token slots (rows x longest sequence); a sequence "
+        "that would exceed it waits (one sequence alone is always admitted)",
     ),
     (
         "--max-model-length",
@@ -189,8 +238,25 @@ _OPTIONS: list[tuple[str, str, Any, Any, str]] = [
         "--graceful-timeout-seconds",
         "TAUON_GRACEFUL_TIMEOUT_SECONDS",
         float,
-        25.0,
-        "on SIGTERM, how long to wait for in-flight requests",
+        DEFAULT_GRACEFUL_TIMEOUT_SECONDS,
+        "on SIGTERM, how long in-flight requests and streams may take to finish (readiness is false "
+        "meanwhile); then streams end with an error frame and [DONE], other requests answer 503",
+    ),
+    (
+        "--health-port",
+        "TAUON_HEALTH_PORT",
+        int,
+        0,
+        "also serve /v2/health/live and /v2/health/ready on this port, outside --limit-concurrency "
+        "(0 = only on --port)",
+    ),
+    (
+        "--header-timeout-seconds",
+        "TAUON_HEADER_TIMEOUT_SECONDS",
+        float,
+        DEFAULT_HEADER_TIMEOUT_SECONDS,
+        "a connection that has not sent a complete request head this long after connecting (or after "
+        "its previous response) is closed",
     ),
     ("--log-level", "TAUON_LOG_LEVEL", str, "info", "debug | info | warning | error"),
 ]
@@ -214,9 +280,19 @@ def _check(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
         (ns.max_instances >= 1, "--max-instances must be >= 1"),
         (ns.max_text_chars >= 1, "--max-text-chars must be >= 1"),
         (ns.max_body_bytes >= 1024, "--max-body-bytes must be >= 1024"),
+        (ns.max_openai_body_bytes >= 1024, "--max-openai-body-bytes must be >= 1024"),
+        (
+            ns.max_inflight_body_bytes >= max(ns.max_body_bytes, ns.max_openai_body_bytes),
+            "--max-inflight-body-bytes must be >= --max-body-bytes and --max-openai-body-bytes",
+        ),
+        (ns.graceful_timeout_seconds >= 0, "--graceful-timeout-seconds must be >= 0"),
+        (ns.header_timeout_seconds > 0, "--header-timeout-seconds must be > 0"),
+        (0 <= ns.health_port <= 65535, "--health-port must be 0..65535"),
+        (ns.health_port == 0 or ns.health_port != ns.port, "--health-port must differ from --port"),
         (ns.task in ("auto", *TASKS), f"--task must be auto or one of {', '.join(TASKS)}"),
         (ns.dtype in ("auto", "fp32", "bf16", "fp16"), "--dtype must be auto, fp32, bf16 or fp16"),
-        (ns.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
+        (ns.max_new_tokens >= 0, "--max-new-tokens must be >= 0"),
+        (ns.max_batched_tokens >= 1, "--max-batched-tokens must be >= 1"),
         (ns.max_model_length >= 0, "--max-model-length must be >= 0"),
         (ns.max_concurrent_sequences >= 1, "--max-concurrent-sequences must be >= 1"),
         (ns.max_queued_sequences >= 1, "--max-queued-sequences must be >= 1"),
@@ -272,12 +348,15 @@ def parse_args(argv: list[str] | None = None, env: MutableMapping[str, str] | No
         max_instances=ns.max_instances,
         max_text_chars=ns.max_text_chars,
         max_body_bytes=ns.max_body_bytes,
+        max_openai_body_bytes=ns.max_openai_body_bytes,
+        max_inflight_body_bytes=ns.max_inflight_body_bytes,
         max_queued_instances=max(ns.max_queued_instances, ns.max_instances),
         task=ns.task,
         device=ns.device,
         dtype=ns.dtype,
         max_seq_length=ns.max_seq_length,
         max_new_tokens=ns.max_new_tokens,
+        max_batched_tokens=ns.max_batched_tokens,
         max_model_length=ns.max_model_length,
         max_concurrent_sequences=ns.max_concurrent_sequences,
         max_queued_sequences=ns.max_queued_sequences,
@@ -286,6 +365,8 @@ def parse_args(argv: list[str] | None = None, env: MutableMapping[str, str] | No
         threads=ns.threads,
         gil_switch_interval_ms=ns.gil_switch_interval_ms,
         graceful_timeout_seconds=ns.graceful_timeout_seconds,
+        health_port=ns.health_port,
+        header_timeout_seconds=ns.header_timeout_seconds,
         log_level=ns.log_level.lower(),
         access_log=ns.access_log,
         load_delay_seconds=delay,

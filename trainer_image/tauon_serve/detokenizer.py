@@ -17,8 +17,15 @@ stay, and the next token is decoded together with the held bytes. :meth:`Increme
 returns whatever is still held when the sequence ends. The concatenation of every returned piece is the
 decode of the whole sequence (tests check it on random token streams of a real tokenizer).
 
+A window whose text keeps ending in U+FFFD (a stream of bytes that never form a character) is not held
+for ever: after :data:`MAX_HELD_TOKENS` tokens it is released as it decodes (each invalid byte a U+FFFD, as
+the full decode gives them), so a step never decodes more than a bounded window.
+
 The stop-string helpers look only at the end of the text: a stop string that was not in the text before
-a step can only end in the text that step added.
+a step can only end in the text that step added, and the text that may still start one is at most the
+longest stop string less one character. Stop strings are bounded (:func:`stop_error`: at most
+:data:`MAX_STOP_STRINGS` of at most :data:`MAX_STOP_CHARS` characters each), so a step costs
+O(new text x longest stop), whatever the length of the output.
 """
 
 from __future__ import annotations
@@ -26,6 +33,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 REPLACEMENT = "\ufffd"  # what a decoder gives for bytes that are not (yet) a whole UTF-8 character
+MAX_HELD_TOKENS = 16  # a UTF-8 character is at most 4 bytes: a longer incomplete window is garbage
+MAX_STOP_STRINGS = 4  # as OpenAI's API
+MAX_STOP_CHARS = 256
 
 
 class IncrementalDetokenizer:
@@ -62,6 +72,10 @@ class IncrementalDetokenizer:
             out = new[self._sent :]
             self._advance(ids)
             return out
+        if len(ids) - self.read_offset > MAX_HELD_TOKENS:  # bytes that never form a character
+            out = new[self._sent :]
+            self._advance(ids)
+            return out
         complete = len(new.rstrip(REPLACEMENT))
         if complete <= self._sent:
             return ""
@@ -78,6 +92,18 @@ class IncrementalDetokenizer:
         return out
 
 
+def stop_error(stops: Sequence[str]) -> str | None:
+    """Why these stop strings are refused, or None: at most MAX_STOP_STRINGS, each 1..MAX_STOP_CHARS."""
+    if len(stops) > MAX_STOP_STRINGS:
+        return f"stop has {len(stops)} entries; at most {MAX_STOP_STRINGS} are allowed"
+    for s in stops:
+        if not s:
+            return "stop strings must not be empty"
+        if len(s) > MAX_STOP_CHARS:
+            return f"a stop string has {len(s)} characters; at most {MAX_STOP_CHARS} are allowed"
+    return None
+
+
 def find_stop(text: str, stops: Sequence[str], new_from: int = 0) -> int | None:
     """Index of the earliest stop string in ``text`` that ends at or after ``new_from`` (the start of the
     text added by this step; earlier text was checked before), or None."""
@@ -90,11 +116,22 @@ def find_stop(text: str, stops: Sequence[str], new_from: int = 0) -> int | None:
 
 
 def stop_prefix_len(text: str, stops: Sequence[str]) -> int:
-    """Characters at the end of ``text`` that may be the start of a stop string (not sent yet)."""
+    """Characters at the end of ``text`` that may be the start of a stop string (not sent yet).
+
+    Only ends of a stop's prefixes that equal the last character of ``text`` are tried, each compared
+    over at most the stop's length: O(occurrences x stop length), independent of ``len(text)``."""
+    if not text:
+        return 0
+    last = text[-1]
     keep = 0
     for s in stops:
-        for k in range(min(len(s) - 1, len(text)), keep, -1):
+        # k - 1 = the index in s of a character equal to text[-1], for k from the longest down
+        end = min(len(s) - 1, len(text))
+        i = s.rfind(last, 0, end)
+        while i >= 0 and i + 1 > keep:
+            k = i + 1
             if text.endswith(s[:k]):
                 keep = k
                 break
+            i = s.rfind(last, 0, i)
     return keep

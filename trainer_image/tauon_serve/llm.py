@@ -1,8 +1,16 @@
 """The causal-LM back-end: a Hugging Face causal LM behind the continuous-batching engine, serving V1/V2
 (:class:`CausalLM`) and the OpenAI completions and chat API (:class:`LLMService`).
 
-V1/V2: every text is a greedy sequence of ``--max-new-tokens`` (or fewer when the model length leaves
-less room) in the continuous batch; the prompt is truncated from the left.
+V1/V2: every text is a greedy sequence of ``--max-new-tokens`` (``DEFAULT_V1_NEW_TOKENS`` when 0; fewer
+when the model length leaves less room) in the continuous batch; the prompt is truncated from the left. The texts of one request
+succeed or fail together: when one is refused or fails, the others are cancelled.
+
+``--max-new-tokens`` is a server-wide cap on both APIs (as vLLM's ``--override-generation-config
+{"max_new_tokens": N}``): an OpenAI request without ``max_tokens`` gets min(cap, room left by the
+model length), one that asks for more than the cap is clamped to it silently, and one whose
+``max_tokens`` exceeds the room left by the model length is refused (400). 0 (the default) means no cap:
+a request without ``max_tokens`` may use the whole room, as on vLLM; V1/V2 texts then generate
+``DEFAULT_V1_NEW_TOKENS``.
 
 OpenAI: requests are validated (:mod:`tauon_serve.openai_api`), tokenized, checked against the model
 length, and submitted to :class:`tauon_serve.generation.GenerationEngine`; :meth:`LLMService.open`
@@ -22,13 +30,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .config import ServerConfig
+from .detokenizer import stop_error
 from .generation import AsyncSequence, GenerationEngine
 from .openai_api import (
     ChunkWriter,
     Defaults,
     GenerationRequest,
     OpenAIError,
-    chat_prompt,
+    chat_prompt_ids,
     new_id,
     parse_chat,
     parse_completion,
@@ -84,9 +93,12 @@ class CausalLM(Predictor):
             enc = self.tokenizer(
                 ["warm up"], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
             ).to(self.device)
+            # Only what a causal LM takes: a BERT-style tokenizer also returns token_type_ids, which
+            # generate() refuses ("model_kwargs are not used by the model").
             self.model.generate(
-                **enc,
-                max_new_tokens=self.config.max_new_tokens,
+                input_ids=enc["input_ids"],
+                attention_mask=enc["attention_mask"],
+                max_new_tokens=self.config.v1_new_tokens,
                 do_sample=False,
                 pad_token_id=self.tokenizer.pad_token_id,
             )
@@ -102,6 +114,7 @@ class CausalLM(Predictor):
             max_waiting=cfg.max_queued_sequences,
             max_queue_wait_s=cfg.max_queue_wait_seconds or None,
             metrics=metrics.engine_metrics(),
+            max_batched_tokens=cfg.max_batched_tokens,
         )
         self.engine.start()
         self.openai = LLMService(
@@ -115,6 +128,9 @@ class CausalLM(Predictor):
     def begin_drain(self) -> None:
         pass  # new work is refused by the state; the engine finishes its sequences in close()
 
+    def health_error(self) -> str | None:
+        return self.engine.health_error() if self.engine is not None else None
+
     async def close(self, grace_seconds: float) -> None:
         if self.engine is not None:
             await asyncio.to_thread(self.engine.close, grace_seconds)
@@ -125,28 +141,26 @@ class CausalLM(Predictor):
                 raise RequestError(400, f"{where(i)} is empty; a causal-lm prompt must not be empty")
 
     async def infer(self, texts: list[str]) -> Sequence[Generation]:
+        """One greedy generation per text. All or nothing: when one sequence is refused (queue full,
+        shutting down) or fails, its siblings are cancelled and the request gets that error."""
         engine = self.engine
         assert engine is not None
-        jobs = []
-        for text in texts:
-            ids = list(self.tokenizer(text)["input_ids"])[-(engine.max_model_length - 1) :]
-            room = engine.max_model_length - len(ids)
-            params = SamplingParams(max_tokens=max(1, min(self.config.max_new_tokens, room)))
-            jobs.append(engine.generate(ids, params))
+        seqs: list[AsyncSequence] = []
         try:
-            done = await asyncio.gather(*jobs)
+            for text in texts:
+                ids = list(self.tokenizer(text)["input_ids"])[-(engine.max_model_length - 1) :]
+                room = engine.max_model_length - len(ids)
+                params = SamplingParams(max_tokens=max(1, min(self.config.v1_new_tokens, room)))
+                seqs.append(engine.submit(ids, params))
+            texts_out = await asyncio.gather(*(_collect(seq) for seq in seqs))
         except QueueFull as exc:
             raise RequestError(503, f"the server is overloaded: {exc}; retry later") from None
         except EngineClosed:
             raise RequestError(503, "the server is shutting down") from None
-        out: list[Generation] = []
-        for text, event in done:
-            if event.finish_reason == "timeout":
-                raise RequestError(503, f"the server is overloaded: {event.error}; retry later")
-            if event.finish_reason == "error":
-                raise RequestError(500, f"inference failed: {event.error}")
-            out.append(Generation(text))
-        return out
+        finally:
+            for seq in seqs:
+                seq.cancel()  # a no-op for the finished ones
+        return [Generation(text) for text in texts_out]
 
     def describe(self) -> str:
         return (
@@ -243,9 +257,9 @@ class LLMService:
 
     async def prompt_ids(self, req: GenerationRequest) -> list[int]:
         if req.kind == "chat":
-            templated = bool(getattr(self.tokenizer, "chat_template", None))
-            text = chat_prompt(self.tokenizer, req.messages)
-            return await self._encode_async(text, not templated, "messages")
+            # content is plain text (a special token's text cannot forge a turn); rest/openai.py already
+            # bounded the characters (check_sizes), and templating runs off the event loop
+            return await asyncio.to_thread(chat_prompt_ids, self.tokenizer, req.messages)
         if isinstance(req.prompt, list):
             bad = [t for t in req.prompt if t >= self.vocab_size]
             if bad:
@@ -273,7 +287,11 @@ class LLMService:
                 param="max_tokens",
                 code="context_length_exceeded",
             )
-        max_tokens = req.max_tokens if req.max_tokens is not None else min(self.defaults.max_new_tokens, room)
+        cap = self.defaults.max_new_tokens or room  # --max-new-tokens: a server-wide cap (0: none)
+        max_tokens = min(req.max_tokens, cap) if req.max_tokens is not None else min(cap, room)
+        problem = stop_error(req.stop)  # openai_api validates it; the engine's bound, checked again
+        if problem is not None:
+            raise OpenAIError(400, problem, param="stop")
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=req.temperature,
@@ -304,6 +322,20 @@ class LLMService:
         params = self.sampling(req, len(ids))
         seq = self.submit(ids, params)
         return Completion(req, seq, new_id(kind), self.defaults.served_name)
+
+
+async def _collect(seq: AsyncSequence) -> str:
+    """The whole text of one V1/V2 sequence; RequestError 503 (queue timeout) or 500 (failed)."""
+    parts: list[str] = []
+    while True:
+        event = await seq.next_event()
+        parts.append(event.text)
+        if event.finish_reason == "timeout":
+            raise RequestError(503, f"the server is overloaded: {event.error}; retry later")
+        if event.finish_reason in ("error", "cancelled"):
+            raise RequestError(500, f"inference failed: {event.error or event.finish_reason}")
+        if event.finish_reason is not None:
+            return "".join(parts)
 
 
 def _finish(event: Event) -> str:

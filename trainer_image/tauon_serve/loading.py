@@ -52,7 +52,22 @@ def _load_model(task: str, path: str, torch_dtype: Any, tokenizer: Any) -> Any:
     tokenizer.truncation_side = "left"  # keep the end of a long prompt
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    _only_model_inputs(model, tokenizer)
     return model
+
+
+def _only_model_inputs(model: Any, tokenizer: Any) -> None:
+    """A causal LM trained with a BERT-style tokenizer: the tokenizer returns ``token_type_ids``, which
+    the model's forward does not take (``generate`` refuses them). Ask the tokenizer for only the inputs
+    the forward names."""
+    import inspect
+
+    names = list(getattr(tokenizer, "model_input_names", None) or [])
+    accepted = inspect.signature(model.forward).parameters
+    kept = [n for n in names if n in accepted]
+    if kept != names and "input_ids" in kept:
+        log.info("the tokenizer's %s are not inputs of the model: not passed", sorted(set(names) - set(kept)))
+        tokenizer.model_input_names = kept
 
 
 def _lengths(model: Any, tokenizer: Any, task: str, cfg: ServerConfig) -> tuple[int, int]:
@@ -66,7 +81,7 @@ def _lengths(model: Any, tokenizer: Any, task: str, cfg: ServerConfig) -> tuple[
     tok_max = getattr(tokenizer, "model_max_length", None) or positions
     max_length = min(int(positions), int(tok_max) if tok_max < 1_000_000 else int(positions))
     if task == CAUSAL_LM:
-        max_length = max(1, max_length - cfg.max_new_tokens)
+        max_length = max(1, max_length - cfg.v1_new_tokens)
     if cfg.max_seq_length > 0:
         max_length = min(max_length, cfg.max_seq_length)
     return int(positions), max_length

@@ -9,13 +9,21 @@ Every problem raises :class:`OpenAIError`, answered as OpenAI does:
 
 from __future__ import annotations
 
+import copy
 import json
+import re
 import time
 import uuid
+import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-MAX_STOP = 4
+from .detokenizer import MAX_STOP_STRINGS, stop_error
+
+# A prompt of more characters than this per token of the model length is refused before it is
+# tokenized: no tokenizer averages more (llm.CHARS_PER_TOKEN_BOUND is the same bound).
+CHARS_PER_TOKEN_BOUND = 64
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 
 # Accepted only with their neutral value; anything else is refused with 400 naming the parameter.
@@ -124,6 +132,69 @@ def _bad(message: str, param: str, code: str | None = "invalid_value") -> OpenAI
     return OpenAIError(400, message, param=param, code=code)
 
 
+def _check_unicode(text: str, param: str) -> str:
+    """``text`` unless it holds a lone surrogate (JSON's ``"\\ud800"``), which no tokenizer takes."""
+    if not text.isascii():  # O(1) for an ASCII string
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise _bad(
+                f"{param} is not valid Unicode: a lone surrogate at character {exc.start}", param
+            ) from None
+    return text
+
+
+# -- sizes, before any pass over the body ---------------------------------------------------------
+
+
+def check_sizes(kind: str, body: Any, max_model_length: int) -> None:
+    """Refuse a prompt that cannot fit the model length from its sizes alone: token ids, messages,
+    content parts and characters are counted (``len``, no per-item validation, at most one look at each
+    of ``max_model_length`` messages) before :func:`parse_completion` / :func:`parse_chat` walk it.
+    Malformed bodies pass through to the parsers, which name what is wrong."""
+    if not isinstance(body, dict):
+        return
+    max_chars = max_model_length * CHARS_PER_TOKEN_BOUND
+    if kind == "completion":
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]
+        if isinstance(prompt, list) and len(prompt) > max_model_length:
+            raise _too_long(max_model_length, f"{len(prompt)} tokens", "prompt")
+        if isinstance(prompt, str) and len(prompt) > max_chars:
+            raise _too_long(max_model_length, f"{len(prompt)} characters", "prompt")
+        return
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return
+    if len(messages) > max_model_length:  # every message is at least one token of the prompt
+        raise _too_long(max_model_length, f"{len(messages)} messages", "messages")
+    parts = chars = 0
+    for msg in messages:
+        content = msg.get("content") if isinstance(msg, dict) else None
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            parts += len(content)
+            if parts > max_model_length:
+                raise _too_long(max_model_length, f"more than {max_model_length} content parts", "messages")
+            chars += sum(
+                len(p["text"]) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
+            )
+        if chars > max_chars:
+            raise _too_long(max_model_length, f"more than {max_chars} characters", "messages")
+
+
+def _too_long(max_model_length: int, what: str, param: str) -> OpenAIError:
+    return OpenAIError(
+        400,
+        f"This model's maximum context length is {max_model_length} tokens; the prompt is {what} "
+        "(--max-model-length)",
+        param=param,
+        code="context_length_exceeded",
+    )
+
+
 def _check_model(body: dict[str, Any], defaults: Defaults) -> None:
     model = body.get("model")
     if model is None:
@@ -184,13 +255,16 @@ def _stop(body: dict[str, Any]) -> tuple[str, ...]:
         return ()
     if isinstance(value, str):
         value = [value]
-    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+    if not isinstance(value, list):
         raise _bad("stop must be a string or a list of strings", "stop", "invalid_type")
-    if len(value) > MAX_STOP:
-        raise _bad(f"stop has {len(value)} entries; at most {MAX_STOP} are allowed", "stop")
-    if any(s == "" for s in value):
-        raise _bad("stop strings must not be empty", "stop")
-    return tuple(value)
+    if len(value) > MAX_STOP_STRINGS:  # before any pass over the entries
+        raise _bad(f"stop has {len(value)} entries; at most {MAX_STOP_STRINGS} are allowed", "stop")
+    if not all(isinstance(s, str) for s in value):
+        raise _bad("stop must be a string or a list of strings", "stop", "invalid_type")
+    problem = stop_error(value)  # the engine's bound: 1..MAX_STOP_CHARS characters each
+    if problem:
+        raise _bad(problem, "stop")
+    return tuple(_check_unicode(s, "stop") for s in value)
 
 
 def _stream(body: dict[str, Any]) -> tuple[bool, bool]:
@@ -259,6 +333,8 @@ def parse_completion(body: Any, defaults: Defaults) -> GenerationRequest:
         raise _bad("prompt must be a string or a list of token ids", "prompt", "invalid_type")
     if prompt == "":
         raise _bad("prompt must not be empty", "prompt")
+    if isinstance(prompt, str):
+        _check_unicode(prompt, "prompt")
     return GenerationRequest(
         kind="completion",
         prompt=prompt,
@@ -270,7 +346,7 @@ def parse_completion(body: Any, defaults: Defaults) -> GenerationRequest:
 
 def _content(value: Any, where: str) -> str:
     if isinstance(value, str):
-        return value
+        return _check_unicode(value, where)
     if isinstance(value, list):
         parts: list[str] = []
         for k, part in enumerate(value):
@@ -282,7 +358,7 @@ def _content(value: Any, where: str) -> str:
                 raise _bad(
                     f"{where}[{k}] must be {{'type': 'text', 'text': str}} (only text is supported)", where
                 )
-            parts.append(part["text"])
+            parts.append(_check_unicode(part["text"], f"{where}[{k}].text"))
         return "".join(parts)
     raise _bad(f"{where} must be a string or a list of text parts", where, "invalid_type")
 
@@ -324,13 +400,111 @@ def default_chat_prompt(messages: tuple[tuple[str, str], ...]) -> str:
     return "".join(f"<|{role}|>\n{content}\n" for role, content in messages) + "<|assistant|>\n"
 
 
-def chat_prompt(tokenizer: Any, messages: tuple[tuple[str, str], ...]) -> str:
-    if getattr(tokenizer, "chat_template", None):
+def chat_prompt(tokenizer: Any, messages: Sequence[tuple[str, str]]) -> str:
+    """The conversation as the model's chat template writes it (OpenAIError 400 when the template refuses
+    the messages, e.g. roles that do not alternate), or :func:`default_chat_prompt` without one."""
+    if not getattr(tokenizer, "chat_template", None):
+        return default_chat_prompt(tuple(messages))
+    try:
         rendered = tokenizer.apply_chat_template(
             [{"role": r, "content": c} for r, c in messages], add_generation_prompt=True, tokenize=False
         )
-        return str(rendered)
-    return default_chat_prompt(messages)
+    except Exception as exc:  # jinja2's TemplateError, or whatever the template's raise_exception raises
+        raise _bad(
+            f"messages do not fit this model's chat template: {type(exc).__name__}: {str(exc)[:200]}",
+            "messages",
+            "invalid_chat_template",
+        ) from None
+    return str(rendered)
+
+
+def chat_prompt_ids(tokenizer: Any, messages: Sequence[tuple[str, str]]) -> list[int]:
+    """The chat prompt's token ids, where a message's content is always text: a special token's text in
+    it (``</s>``, ``<|im_start|>``) is tokenized as the characters it is, never as the control token, so
+    a user cannot forge a turn. The template's own special tokens stay special. Without such text in any
+    message the prompt is tokenized whole, exactly as before."""
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    special = _special_pattern(tokenizer)
+    if special is None or not any(special.search(content) for _, content in messages):
+        return list(
+            tokenizer(chat_prompt(tokenizer, messages), add_special_tokens=not templated)["input_ids"]
+        )
+    pieces = _prompt_pieces(tokenizer, messages) if templated else _default_pieces(messages)
+    plain = _plain_tokenizer(tokenizer)
+    ids: list[int] = []
+    for text, is_content in pieces:
+        if text:
+            enc = plain if is_content else tokenizer
+            ids += enc(text, add_special_tokens=False)["input_ids"]
+    if not templated:  # the tokenizer's own BOS/EOS, as tokenizer(text) adds them
+        prefix, suffix = _added_special_ids(tokenizer)
+        ids = prefix + ids + suffix
+    return ids
+
+
+_PIECE = re.compile("\ue000([0-9a-f]{32}):([0-9]+)\ue001")  # a placeholder for message i's content
+
+
+def _prompt_pieces(tokenizer: Any, messages: Sequence[tuple[str, str]]) -> list[tuple[str, bool]]:
+    """The template rendered around placeholders: (text, is_content) pieces in prompt order."""
+    nonce = uuid.uuid4().hex
+    holders = [(role, f"\ue000{nonce}:{i}\ue001") for i, (role, _) in enumerate(messages)]
+    rendered = chat_prompt(tokenizer, holders)
+    pieces: list[tuple[str, bool]] = []
+    pos = 0
+    for m in _PIECE.finditer(rendered):
+        if m.group(1) != nonce:
+            continue
+        pieces.append((rendered[pos : m.start()], False))
+        pieces.append((messages[int(m.group(2))][1], True))
+        pos = m.end()
+    pieces.append((rendered[pos:], False))
+    return pieces
+
+
+def _default_pieces(messages: Sequence[tuple[str, str]]) -> list[tuple[str, bool]]:
+    pieces: list[tuple[str, bool]] = []
+    for role, content in messages:
+        pieces += [(f"<|{role}|>\n", False), (content, True), ("\n", False)]
+    return [*pieces, ("<|assistant|>\n", False)]
+
+
+_SPECIAL_PATTERNS: weakref.WeakKeyDictionary[Any, re.Pattern[str] | None] = weakref.WeakKeyDictionary()
+_PLAIN: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def _special_pattern(tokenizer: Any) -> re.Pattern[str] | None:
+    """One regex matching the text of any of the tokenizer's special tokens (None: it has none)."""
+    if tokenizer not in _SPECIAL_PATTERNS:
+        texts = set(getattr(tokenizer, "all_special_tokens", []) or [])
+        decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        texts |= {str(t.content) for t in decoder.values() if getattr(t, "special", False)}
+        texts = {t for t in texts if t}
+        alternatives = "|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True))
+        _SPECIAL_PATTERNS[tokenizer] = re.compile(alternatives) if texts else None
+    return _SPECIAL_PATTERNS[tokenizer]
+
+
+def _plain_tokenizer(tokenizer: Any) -> Any:
+    """A copy of the tokenizer that reads special tokens' text as text (``split_special_tokens``). A copy:
+    switching the shared tokenizer back and forth would race with other threads using it."""
+    plain = _PLAIN.get(tokenizer)
+    if plain is None:
+        plain = copy.deepcopy(tokenizer)
+        plain.split_special_tokens = True
+        plain("", add_special_tokens=False)  # applies the setting now, before any other thread uses it
+        _PLAIN[tokenizer] = plain
+    return plain
+
+
+def _added_special_ids(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The ids ``tokenizer(text)`` puts before and after the text's own (BOS, EOS...)."""
+    bare = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    full = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+    for start in range(len(full) - len(bare) + 1):
+        if full[start : start + len(bare)] == bare:
+            return full[:start], full[start + len(bare) :]
+    return [], []
 
 
 # -- responses -----------------------------------------------------------------------------------
@@ -419,6 +593,11 @@ class ChunkWriter:
 
     def error(self, err: OpenAIError) -> bytes:
         return sse(err.body()) + DONE
+
+
+def shutdown_frame(message: str) -> bytes:
+    """The last frames of a stream the server ends at its shutdown deadline: an error, then [DONE]."""
+    return sse(OpenAIError(503, message, code="unavailable").body()) + DONE
 
 
 DONE = b"data: [DONE]\n\n"

@@ -81,6 +81,11 @@ class Predictor(ABC):
     def describe(self) -> str:
         """How the model is batched, for the "ready" log line."""
 
+    def health_error(self) -> str | None:
+        """Why this model can no longer serve (the liveness probe fails with it), or None when healthy.
+        Called on the event loop; must be cheap and must not block."""
+        return None
+
 
 def resolve_model_source(source: str) -> str:
     """Map ``--model`` to something ``from_pretrained`` accepts (a directory or a hub repo id), offline.

@@ -5,8 +5,12 @@ The socket listens at once; :meth:`ServerState.load` loads the model in the sing
 (``--threads``, :func:`~tauon_serve.loading.load_predictor`, one warm-up pass), then starts the predictor
 on the event loop; until then ``ready`` is false and inference answers 503 ("still loading", or the load
 error). A model that fails to load calls ``on_fatal`` (the process exits 1). :meth:`begin_shutdown`
-makes the server not ready and lets the predictor drain; :meth:`close` waits for queued and in-flight
-work. The state never looks at the task: what differs between back-ends is behind the predictor.
+makes the server not ready and lets the predictor drain; ``--graceful-timeout-seconds`` later
+:attr:`ServerState.cut` is set, and whatever is still in flight ends (a stream with an error frame and
+``[DONE]``, a request with 503). :meth:`close` waits for queued and in-flight work. The state never
+looks at the task: what differs between back-ends is behind the predictor.
+
+:class:`BodyBudget` bounds the request bodies being read and parsed, all requests together.
 """
 
 from __future__ import annotations
@@ -26,6 +30,31 @@ from .protocol import MODEL_VERSION, Limits, RequestError
 log = logging.getLogger("tauon.serve")
 
 
+# A body up to this size is never charged to the in-flight budget: small requests are always read (their
+# total is bounded by --limit-concurrency), so big bodies cannot starve them.
+BUDGET_FREE_BYTES = 64 * 1024
+
+
+class BodyBudget:
+    """Bytes of request bodies being read and parsed at once, all requests together (--max-inflight-body-
+    bytes). A request charges its body once it passes :data:`BUDGET_FREE_BYTES`, chunk by chunk, and
+    gives it all back when its body is parsed or it fails, on every path."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, n: int) -> bool:
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.used -= n
+        assert self.used >= 0, "body budget given back more than taken"
+
+
 class ServerState:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
@@ -36,6 +65,10 @@ class ServerState:
         self.predictor: Predictor | None = None  # set once loaded AND started
         self.created = int(time.time())
         self.draining = False
+        self.body_budget = BodyBudget(config.max_inflight_body_bytes)
+        # Set --graceful-timeout-seconds after shutdown begins: in-flight work still running ends then.
+        self.cut = asyncio.Event()
+        self._cut_timer: asyncio.TimerHandle | None = None
         self.load_error: str | None = None
         self.exit_code = 0
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -89,15 +122,30 @@ class ServerState:
             "model %r ready in %.1fs (%s)", self.config.name, time.perf_counter() - t0, predictor.describe()
         )
 
+    def health_error(self) -> str | None:
+        """Why the server is not live (the liveness probe answers 503 with it), or None."""
+        return self.predictor.health_error() if self.predictor is not None else None
+
     def begin_shutdown(self) -> None:
         if not self.draining:
-            log.info("shutdown requested: not ready; draining queued and in-flight requests")
+            grace = self.config.graceful_timeout_seconds
+            log.info(
+                "shutdown requested: not ready; draining queued and in-flight requests (up to %gs)", grace
+            )
+            if self.loop is not None and not self.loop.is_closed():
+                self._cut_timer = self.loop.call_later(grace, self._cut)
         self.draining = True
         self.metrics.model_ready.set(0)
         if self.predictor is not None:
             self.predictor.begin_drain()
 
+    def _cut(self) -> None:
+        log.warning("graceful shutdown timeout: ending the requests still in flight")
+        self.cut.set()
+
     async def close(self) -> None:
+        if self._cut_timer is not None:
+            self._cut_timer.cancel()
         if self.predictor is not None:
             await self.predictor.close(self.config.graceful_timeout_seconds)
 

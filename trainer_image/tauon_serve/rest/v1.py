@@ -13,11 +13,12 @@ from fastapi.responses import JSONResponse
 from ..openai_api import models_list
 from ..protocol import parse_v1_predict, v1_prediction
 from ..state import ServerState
-from .common import json_body, until_disconnect
+from .common import BodyCap, json_body, until_disconnect
 
 
 def add_routes(app: FastAPI, state: ServerState) -> None:
     cfg = state.config
+    cap = BodyCap(cfg.max_body_bytes, "--max-body-bytes")
 
     @app.get("/v1/models")
     async def v1_list() -> dict[str, Any]:
@@ -36,9 +37,9 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
         name = request.path_params["name"]
         state.check_model(name)
         predictor = state.check_ready()
-        texts = parse_v1_predict(await json_body(request, cfg.max_body_bytes), state.limits)
+        texts = parse_v1_predict(await json_body(request, cap, state.body_budget), state.limits)
         predictor.check_inputs(texts, lambda i: f"instances[{i}]")
-        results = await until_disconnect(request, predictor.infer(texts))
+        results = await until_disconnect(request, predictor.infer(texts), state.cut)
         # JSONResponse directly: skips FastAPI's jsonable_encoder walk over every float
         return JSONResponse({"predictions": [v1_prediction(r) for r in results]})
 

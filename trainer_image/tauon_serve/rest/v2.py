@@ -15,7 +15,10 @@ from ..config import SERVER_NAME
 from ..predictor import Predictor
 from ..protocol import MODEL_VERSION, model_metadata, parse_v2_infer, v2_outputs
 from ..state import ServerState
-from .common import json_body, until_disconnect
+from .common import BodyCap, json_body, until_disconnect
+
+LIVE_PATH = "/v2/health/live"
+READY_PATH = "/v2/health/ready"
 
 
 def server_version() -> str:
@@ -38,18 +41,40 @@ def _metadata(state: ServerState, predictor: Predictor) -> dict[str, Any]:
     return model_metadata(cfg.name, predictor.schema, len(predictor.labels), parameters)
 
 
+def live(state: ServerState) -> JSONResponse:
+    """``/v2/health/live``: 503 with the reason once the model is loaded but unhealthy (its engine
+    stopped), so the kubelet restarts the container."""
+    error = state.health_error()
+    if error is not None:
+        return JSONResponse({"live": False, "error": error}, status_code=503)
+    return JSONResponse({"live": True})
+
+
+def ready(state: ServerState) -> JSONResponse:
+    return JSONResponse({"ready": state.ready}, status_code=200 if state.ready else 503)
+
+
+def add_health_routes(app: Any, state: ServerState) -> None:
+    """The probes: on the main app, and alone on the --health-port app."""
+
+    async def live_route(request: Request) -> JSONResponse:
+        return live(state)
+
+    async def ready_route(request: Request) -> JSONResponse:
+        return ready(state)
+
+    app.add_route(LIVE_PATH, live_route, methods=["GET"])
+    app.add_route(READY_PATH, ready_route, methods=["GET"])
+
+
 def add_routes(app: FastAPI, state: ServerState) -> None:
+    cap = BodyCap(state.config.max_body_bytes, "--max-body-bytes")
+
     @app.get("/v2")
     async def server_metadata() -> dict[str, Any]:
         return {"name": SERVER_NAME, "version": server_version(), "extensions": []}
 
-    @app.get("/v2/health/live")
-    async def live() -> dict[str, Any]:
-        return {"live": True}
-
-    @app.get("/v2/health/ready")
-    async def ready() -> JSONResponse:
-        return JSONResponse({"ready": state.ready}, status_code=200 if state.ready else 503)
+    add_health_routes(app, state)
 
     @app.get("/v2/models/{name}")
     @app.get("/v2/models/{name}/versions/{version}")
@@ -68,10 +93,10 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
         name = request.path_params["name"]
         state.check_model(name, request.path_params.get("version"))
         predictor = state.check_ready()
-        body = await json_body(request, state.config.max_body_bytes)
+        body = await json_body(request, cap, state.body_budget)
         req = parse_v2_infer(body, state.limits, predictor.output_names)
         predictor.check_inputs(req.texts, lambda i: f"inputs[0].data[{i}]")
-        results = await until_disconnect(request, predictor.infer(req.texts))
+        results = await until_disconnect(request, predictor.infer(req.texts), state.cut)
         response: dict[str, Any] = {"model_name": name, "model_version": MODEL_VERSION}
         if req.id is not None:
             response["id"] = req.id
