@@ -262,7 +262,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         messages: list[dict[str, str]] = []
         if args.system:
             messages.append({"role": "system", "content": args.system})
-        print(f"chatting with {args.isvc} (Ctrl-D to quit)", file=sys.stderr)
+        # the OpenAI API of either runtime: status.openai.baseURL's path (/v1) on a reachable URL
+        print(f"chatting with {args.isvc} at {svc.openai_base_url} (Ctrl-D to quit)", file=sys.stderr)
         while True:
             try:
                 prompt = input("> ")

@@ -410,9 +410,9 @@ INVALID: list[tuple[str, dict, str]] = [
         "spec.generation.maxNewTokens must be smaller than spec.generation.maxModelLength",
     ),
     (
-        "tis-new-tokens-vs-default-length",
-        with_(tis(), "spec.generation", {"maxNewTokens": 5000}),
-        "spec.generation.maxNewTokens must be smaller than spec.generation.maxModelLength",
+        "tis-vllm-s3-model",
+        with_(with_(tis(), "spec.model", {"source": "s3://bucket/models/llama"}), "spec.runtime", "vllm"),
+        "spec.runtime vllm cannot serve s3:// models",
     ),
     (
         "tis-concurrency-min",
@@ -457,6 +457,9 @@ VALID: list[tuple[str, dict]] = [
         ),
     ),
     ("tis-startup", with_(tis(), "spec.startupTimeoutSeconds", 7200)),
+    # maxModelLength has no default (the model's own): a cap alone is never compared with a guess
+    ("tis-new-tokens-alone", with_(tis(), "spec.generation", {"maxNewTokens": 5000})),
+    ("tis-auto-s3-model", with_(tis(), "spec.model", {"source": "s3://bucket/models/llama"})),
 ]
 
 
@@ -555,7 +558,7 @@ def test_explain_prints_field_descriptions(cluster: Cluster):
         ("finetunejob.spec.dataset.packing", "attention never crosses"),
         ("finetunejob.status.resolved.strategy", "rank 0 reports it"),
         ("inferenceservice.spec.runtime", "vllm when the served task is causal-lm"),
-        ("inferenceservice.spec.generation.maxModelLength", "Defaults to 4096"),
+        ("inferenceservice.spec.generation.maxModelLength", "Unset: the model's own"),
         ("inferenceservice.spec.startupTimeoutSeconds", "Defaults to 1800"),
         ("inferenceservice.status.openai.baseURL", "OpenAI-compatible base URL"),
     ):

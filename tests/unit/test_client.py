@@ -4,8 +4,12 @@ the field, and the package imports no torch."""
 from __future__ import annotations
 
 import importlib
+import io
 import json
 import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -493,3 +497,157 @@ def test_chat_without_openai_says_what_to_install(monkeypatch: pytest.MonkeyPatc
     svc = InferenceServiceHandle(UrlBackend("http://127.0.0.1:9"), "llm")
     with pytest.raises(MissingDependency, match="needs the 'openai' package: pip install openai"):
         svc.chat("hi")
+
+
+# -- the OpenAI API through status.openai.baseURL (either runtime) -------------------------------------
+
+
+class _VllmStandIn(BaseHTTPRequestHandler):
+    """Answers like `vllm serve`: the OpenAI API under /v1 only and /health; anything else is 404."""
+
+    paths: list[str] = []
+
+    def log_message(self, *args: Any) -> None:
+        return None
+
+    def _json(self, code: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        self.paths.append(f"GET {self.path}")
+        if self.path == "/health":
+            self._json(200, {})
+        elif self.path == "/v1/models":
+            self._json(
+                200, {"object": "list", "data": [{"id": "llm", "object": "model", "owned_by": "vllm"}]}
+            )
+        else:
+            self._json(404, {"detail": "Not Found"})
+
+    def do_POST(self) -> None:
+        self.paths.append(f"POST {self.path}")
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if body.get("model") != "llm":
+            self._json(404, {"error": {"message": "model not found", "type": "NotFoundError", "code": 404}})
+        elif self.path == "/v1/completions":
+            self._json(
+                200,
+                {
+                    "id": "c",
+                    "object": "text_completion",
+                    "created": 0,
+                    "model": "llm",
+                    "choices": [{"index": 0, "text": " world", "finish_reason": "length"}],
+                },
+            )
+        elif self.path == "/v1/chat/completions" and body.get("stream"):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            for piece in ("Hel", "lo"):
+                chunk = {
+                    "id": "x",
+                    "object": "chat.completion.chunk",
+                    "created": 0,
+                    "model": "llm",
+                    "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}],
+                }
+                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            self.wfile.write(b"data: [DONE]\n\n")
+        elif self.path == "/v1/chat/completions":
+            self._json(
+                200,
+                {
+                    "id": "x",
+                    "object": "chat.completion",
+                    "created": 0,
+                    "model": "llm",
+                    "choices": [
+                        {
+                            "index": 0,
+                            "finish_reason": "stop",
+                            "message": {"role": "assistant", "content": "Hello"},
+                        }
+                    ],
+                },
+            )
+        else:
+            self._json(404, {"detail": "Not Found"})
+
+
+@pytest.fixture
+def vllm_stand_in() -> Iterator[str]:
+    _VllmStandIn.paths = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _VllmStandIn)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+class _ClusterLike:
+    """A backend whose InferenceService status is the operator's for a vLLM predictor (in-cluster URLs)
+    and whose endpoint is what a port-forward gives: the stand-in server."""
+
+    namespace = "default"
+    where = "a cluster"
+
+    def __init__(self, endpoint: str) -> None:
+        self._endpoint = endpoint
+
+    def get(self, kind: str, name: str) -> dict[str, Any]:
+        url = f"http://{name}.default.svc.cluster.local"
+        status = {
+            "phase": "Ready",
+            "conditions": [{"type": "Ready", "status": "True", "reason": "Serving"}],
+            "url": url,
+            "resolved": {"runtime": "vllm"},
+            "openai": {"baseURL": f"{url}/v1", "model": name},
+        }
+        return {"kind": kind, "metadata": {"name": name}, "status": status}
+
+    def endpoint(self, name: str) -> str:
+        return self._endpoint
+
+    def close(self) -> None:
+        return None
+
+
+def test_sdk_reaches_a_vllm_runtime_through_the_status_base_url(vllm_stand_in: str) -> None:
+    from tauon.client import InferenceServiceHandle
+    from tauon.client.handles import openai_base
+
+    svc = InferenceServiceHandle(_ClusterLike(vllm_stand_in), "llm")  # type: ignore[arg-type]
+    assert svc.status().resolved.runtime == "vllm"
+    assert svc.openai_base_url == f"{vllm_stand_in}/v1"
+    assert svc.chat("hi") == "Hello"
+    assert "".join(svc.chat([{"role": "user", "content": "hi"}], stream=True)) == "Hello"
+    assert svc.complete("hello") == " world"
+    assert [m.id for m in svc.openai_client().models.list().data] == ["llm"]
+    assert all(p.split()[1].startswith("/v1/") for p in _VllmStandIn.paths), _VllmStandIn.paths
+    assert openai_base("http://127.0.0.1:1/", None) == "http://127.0.0.1:1/v1"
+    assert openai_base("http://h:1", "http://svc.ns.svc.cluster.local/v1/") == "http://h:1/v1"
+
+
+def test_tauon_chat_with_url_reaches_a_vllm_server(
+    vllm_stand_in: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`tauon chat NAME --url URL` against a server with vLLM's paths: ready through /health, chat
+    through /v1."""
+    from tauon.cli import main
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
+    assert main(["chat", "llm", "--url", vllm_stand_in, "--timeout", "10"]) == 0
+    out = capsys.readouterr()
+    assert out.out == "> Hello\n> "  # the prompt, the streamed answer, the next prompt (then EOF)
+    assert f"at {vllm_stand_in}/v1" in out.err
+    assert "POST /v1/chat/completions" in _VllmStandIn.paths

@@ -174,3 +174,20 @@ def test_pod_template_keys_under_tauon_dev_are_refused():
         for key in ("labels", "annotations"):
             (rule,) = tpl[key]["x-kubernetes-validations"]
             assert rule["rule"] == "self.all(k, !k.startsWith('tauon.dev/'))"
+
+
+def test_inferenceservice_admission_knows_what_vllm_would_refuse():
+    """vLLM cannot read s3:// models (main or canary): refused at admission with runtime vllm; the
+    generation limits have no default (each runtime then takes the model's own length)."""
+    spec = schema_of("inferenceservices.tauon.dev.yaml")["properties"]["spec"]
+    rules = {r["message"]: r["rule"] for r in spec["x-kubernetes-validations"]}
+    (s3,) = (rule for msg, rule in rules.items() if msg.startswith("spec.runtime vllm cannot serve s3://"))
+    assert "self.model.source.startsWith('s3://')" in s3
+    assert "self.canary.model.source.startsWith('s3://')" in s3
+    gen = spec["properties"]["generation"]
+    assert "Defaults to" not in gen["properties"]["maxModelLength"]["description"]
+    assert "Defaults to" not in gen["properties"]["maxNewTokens"]["description"]
+    (length_rule,) = gen["x-kubernetes-validations"]
+    assert length_rule["rule"] == (
+        "!has(self.maxNewTokens) || !has(self.maxModelLength) || self.maxNewTokens < self.maxModelLength"
+    )

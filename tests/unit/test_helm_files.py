@@ -130,3 +130,60 @@ def test_dashboard_is_valid_grafana_json():
         if panel["type"] != "row":
             assert panel["targets"], panel["title"]
             assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+
+
+# metric of the vLLM runtime -> its counterpart of the tauon runtime, drawn in the same panel
+SIDE_BY_SIDE = {
+    "vllm:num_requests_running": "tauon_server_running_sequences",
+    "vllm:num_requests_waiting": "tauon_server_waiting_sequences",
+    "vllm:time_to_first_token_seconds_bucket": "tauon_server_time_to_first_token_seconds_bucket",
+    "vllm:generation_tokens_total": "tauon_server_generated_tokens_total",
+    "vllm:prompt_tokens_total": "tauon_server_generated_tokens_total",
+    "vllm:e2e_request_latency_seconds_bucket": "tauon_server_request_duration_seconds_bucket",
+}
+
+
+def test_dashboard_draws_the_vllm_runtime_beside_the_tauon_one():
+    board = json.loads((CHART / "files" / "dashboards" / "tauon-overview.json").read_text())
+    exprs = {
+        p["title"]: " ".join(t["expr"] for t in p["targets"]) for p in board["panels"] if p["type"] != "row"
+    }
+    for vllm_metric, tauon_metric in SIDE_BY_SIDE.items():
+        panels = [title for title, expr in exprs.items() if re.search(rf"{vllm_metric}\{{", expr)]
+        assert panels, f"no panel draws {vllm_metric}"
+        assert any(tauon_metric in exprs[title] for title in panels), (vllm_metric, panels)
+    for title, expr in exprs.items():
+        if "vllm:" in expr:  # the PodMonitor's target labels, as for the tauon metrics
+            assert 'namespace=~"$namespace"' in expr and "inferenceservice" in expr, title
+    rows = [p for p in board["panels"] if p["type"] == "row"]
+    assert any("vLLM" in r["title"] for r in rows)
+
+
+def test_server_podmonitor_scrapes_vllm_pods_too():
+    """The server PodMonitor selects the labels every model server pod gets (both runtimes) and scrapes
+    the port named http at /metrics, where `vllm serve` publishes vllm:* as well."""
+    from tauon.api.inferenceservice import InferenceService
+    from tauon.render.config import OperatorConfig
+    from tauon.render.inferenceservice import ModelLocation, render_deployment
+    from tests.manifests import inferenceservice
+
+    text = (CHART / "templates" / "podmonitor.yaml").read_text()
+    server = text[text.index("{{- if $pm.server }}") :]
+    assert "app.kubernetes.io/name: tauon-model-server" in server
+    assert "key: tauon.dev/inference-service" in server
+    assert re.search(r"- port: http\n\s+path: /metrics\n", server)
+    body = inferenceservice(
+        "llm",
+        base={"model": {"source": "hf://org/llm", "task": "causal-lm"}},
+        resources={"limits": {"nvidia.com/gpu": "1"}},
+    )
+    dep = render_deployment(
+        InferenceService.model_validate(body), "predictor", ModelLocation("hf://org/llm"), 1, OperatorConfig()
+    )
+    pod = dep["spec"]["template"]
+    assert dep["metadata"]["annotations"]["tauon.dev/runtime"] == "vllm"
+    assert pod["metadata"]["labels"]["app.kubernetes.io/name"] == "tauon-model-server"
+    assert "tauon.dev/inference-service" in pod["metadata"]["labels"]
+    (c,) = pod["spec"]["containers"]
+    port = str(OperatorConfig().server_port)
+    assert [p["name"] for p in c["ports"]] == ["http"] and c["args"][c["args"].index("--port") + 1] == port

@@ -790,6 +790,28 @@ def test_gpus_and_causal_lm_resolve_to_vllm() -> None:
     assert w.status["openai"]["baseURL"].endswith("/v1")
 
 
+def test_gpus_and_causal_lm_in_s3_resolve_to_tauon_which_downloads_it() -> None:
+    """vLLM cannot read s3:// models: auto picks the tauon runtime (status and Deployment agree)."""
+    gpu = {"limits": {"nvidia.com/gpu": "1"}}
+    job = llm_job()
+    job["spec"]["output"]["storage"] = "s3://models/ft"
+    w = World(isvc_body(model=LLM_REF, resources=gpu), [job], auto_ready=True)
+    w.converge()
+    assert w.status["model"]["source"] == "s3://models/ft/model"
+    assert w.status["resolved"] == {"runtime": "tauon"}
+    dep = w.dep(PRED)
+    assert dep is not None and dep["metadata"]["annotations"]["tauon.dev/runtime"] == "tauon"
+    assert w.status["openai"]["baseURL"].endswith("/v1")
+
+
+def test_vllm_without_a_gpu_fails_with_invalid_spec_instead_of_crash_looping() -> None:
+    w = World(isvc_body(model={"source": "pvc://models/llm", "task": "causal-lm"}, runtime="vllm"))
+    w.converge()
+    assert w.cs("ModelReady") == ("False", "InvalidSpec")
+    assert "request nvidia.com/gpu" in (w.cond("ModelReady") or {})["message"]
+    assert w.status["phase"] == "Failed" and w.dep(PRED) is None
+
+
 def test_classifier_has_no_openai_status() -> None:
     w = World(isvc_body(model={"source": "pvc://models/minilm", "task": "sequence-classification"}))
     w.converge()

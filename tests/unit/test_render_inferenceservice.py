@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 from typing import Any
 
 import pytest
@@ -31,6 +32,8 @@ from tauon.render.inferenceservice import (
     split_replicas,
     startup_probe_timing,
     url,
+    vllm_args,
+    vllm_model_arg,
 )
 from tests.manifests import PVC_MINILM, PVC_SPEC, finetunejob, inferenceservice
 
@@ -282,14 +285,15 @@ def test_predictor_deployment_shape() -> None:
         "8",
         "--max-latency-ms",
         "5",
-        "--max-model-length",
-        "4096",
-        "--max-new-tokens",
-        "256",
         "--max-concurrent-sequences",
         "64",
+        "--health-port",
+        "8081",
+    ]  # no generation limits set: the server's own (the model's length), nothing rendered
+    assert c["ports"] == [
+        {"name": "http", "containerPort": 8080, "protocol": "TCP"},
+        {"name": "health", "containerPort": 8081, "protocol": "TCP"},
     ]
-    assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
     assert dep["metadata"]["annotations"][ANN_MODEL_SOURCE] == "pvc://models/minilm"
     assert ANN_FINE_TUNE_JOB not in dep["metadata"]["annotations"]
 
@@ -307,8 +311,10 @@ def test_image_override_task_and_fine_tune_job_annotation() -> None:
 def test_probes() -> None:
     c = container(predictor(isvc()))
     ready, live, startup = c["readinessProbe"], c["livenessProbe"], c["startupProbe"]
-    assert ready["httpGet"] == {"path": "/v2/health/ready", "port": "http", "scheme": "HTTP"}
-    assert live["httpGet"] == {"path": "/v2/health/live", "port": "http", "scheme": "HTTP"}
+    # on the health listener, which the request cap and idle connections never reach
+    assert ready["httpGet"] == {"path": "/v2/health/ready", "port": "health", "scheme": "HTTP"}
+    assert live["httpGet"] == {"path": "/v2/health/live", "port": "health", "scheme": "HTTP"}
+    assert startup["httpGet"]["port"] == "health"
     assert startup["httpGet"]["path"] == "/v2/health/live"
     # model loading: the default budget is spec.startupTimeoutSeconds' default, 30 minutes
     assert startup["periodSeconds"] * startup["failureThreshold"] == 1800
@@ -418,7 +424,8 @@ def test_hf_model_is_passed_through() -> None:
     svc = isvc(model={"source": "hf://sentence-transformers/all-MiniLM-L6-v2"})
     dep = predictor(svc, source="hf://sentence-transformers/all-MiniLM-L6-v2")
     assert container(dep)["args"][1] == "hf://sentence-transformers/all-MiniLM-L6-v2"
-    assert [v["name"] for v in dep["spec"]["template"]["spec"]["volumes"]] == ["tmp"]
+    # no claim to mount: the server downloads it into the model cache volume
+    assert [v["name"] for v in dep["spec"]["template"]["spec"]["volumes"]] == ["tmp", "model-cache"]
 
 
 def test_file_model_needs_allow_host_paths() -> None:
@@ -549,6 +556,15 @@ def test_resolve_runtime(spec: dict[str, Any], task: str | None, expected: str) 
     assert resolve_runtime(isvc(**spec), task) == expected
 
 
+def test_auto_serves_s3_models_with_tauon_which_downloads_them() -> None:
+    svc = isvc(model={"source": "s3://models/llama", "task": "causal-lm"}, resources=GPUS)
+    assert resolve_runtime(svc, "causal-lm", "s3://models/llama") == "tauon"
+    assert resolve_runtime(svc, "causal-lm", "hf://org/llama") == "vllm"
+    dep = predictor(svc, source="s3://models/llama")
+    assert dep["metadata"]["annotations"][ANN_RUNTIME] == "tauon"
+    assert container(dep)["command"] == ["python", "-m", "tauon_serve.serve"]
+
+
 def test_task_comes_from_the_spec_else_from_the_fine_tune_job() -> None:
     svc = isvc(model={"fineTuneJobRef": {"name": "pre"}}, resources=GPUS)
     loc = ModelLocation("pvc://out/pre/model", "pre", "causal-lm")
@@ -573,6 +589,10 @@ def test_job_model_location_and_annotations_round_trip() -> None:
     assert location_from_annotations({}) is None
 
 
+def flag_of(args: list[str], name: str) -> str | None:
+    return str(args[args.index(name) + 1]) if name in args else None
+
+
 @pytest.mark.parametrize("gpus", [1, 2, 8])
 def test_vllm_container_follows_generation_and_gpu_count(gpus: int) -> None:
     res = {"requests": {"nvidia.com/gpu": str(gpus)}, "limits": {"nvidia.com/gpu": str(gpus)}}
@@ -584,16 +604,14 @@ def test_vllm_container_follows_generation_and_gpu_count(gpus: int) -> None:
     assert c["command"] == ["vllm"]
     args = c["args"]
     assert args[:2] == ["serve", "/mnt/tauon/pvc/models/llama"]
-
-    def flag(name: str) -> str:
-        return str(args[args.index(name) + 1])
-
-    assert flag("--served-model-name") == "sentiment" == served_model_name(svc)
-    assert flag("--port") == "8080"
-    assert flag("--tensor-parallel-size") == str(gpus)
-    assert flag("--max-model-len") == "8192"
-    assert flag("--max-num-seqs") == "16"
-    assert '"max_new_tokens":512' in flag("--override-generation-config")
+    assert flag_of(args, "--served-model-name") == "sentiment" == served_model_name(svc)
+    assert flag_of(args, "--port") == "8080"
+    assert flag_of(args, "--tensor-parallel-size") == str(gpus)
+    assert flag_of(args, "--max-model-len") == "8192"
+    assert flag_of(args, "--max-num-seqs") == "16"
+    assert flag_of(args, "--max-num-batched-tokens") is None  # vLLM's default holds 16 sequences
+    assert json.loads(flag_of(args, "--override-generation-config") or "") == {"max_new_tokens": 512}
+    assert args == vllm_args(svc, "/mnt/tauon/pvc/models/llama", CFG)
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert c[probe]["httpGet"] == {"path": "/health", "port": "http", "scheme": "HTTP"}
     assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
@@ -603,21 +621,143 @@ def test_vllm_container_follows_generation_and_gpu_count(gpus: int) -> None:
     shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
     assert shm["emptyDir"]["medium"] == "Memory" and shm["emptyDir"]["sizeLimit"]
     assert env_of(dep)["HOME"] == "/tmp"
+    assert env_of(dep)["HF_HOME"] == "/tmp/hf"  # a pvc:// model: nothing to download, no cache volume
+    assert not any(v["name"] == "model-cache" for v in pod["volumes"])
     # same labels as the tauon runtime: the Service, the PodMonitor and the scale selector still match
     assert dep["spec"]["template"]["metadata"]["labels"]["tauon.dev/inference-service"] == "sentiment"
 
 
+def test_vllm_renders_only_the_generation_limits_the_spec_sets() -> None:
+    """Unset maxModelLength: vLLM derives the length from the model (a fixed 4096 made it refuse a
+    shorter model and silently cut a longer one). Unset maxNewTokens: no server-wide cap."""
+    svc = isvc(model=CAUSAL, resources=GPUS)
+    assert svc.spec.generation.max_model_length is None and svc.spec.generation.max_new_tokens is None
+    args = container(predictor(svc, source="pvc://models/llama"))["args"]
+    assert "--max-model-len" not in args and "--override-generation-config" not in args
+    assert flag_of(args, "--max-num-seqs") == "64"
+    only_cap = isvc(model=CAUSAL, resources=GPUS, generation={"maxNewTokens": 100})
+    args = container(predictor(only_cap, source="pvc://models/llama"))["args"]
+    assert "--max-model-len" not in args
+    assert flag_of(args, "--override-generation-config") == '{"max_new_tokens":100}'
+
+
+@pytest.mark.parametrize(("seqs", "batched"), [(2048, None), (2049, "2049"), (4096, "4096")])
+def test_vllm_batched_tokens_hold_the_concurrent_sequences(seqs: int, batched: str | None) -> None:
+    """vLLM refuses --max-num-seqs above --max-num-batched-tokens, whose default is 2048 on GPUs under
+    70 GiB: more concurrent sequences than that raise the batched tokens with them."""
+    svc = isvc(model=CAUSAL, resources=GPUS, generation={"maxConcurrentSequences": seqs})
+    args = container(predictor(svc, source="pvc://models/llama"))["args"]
+    assert flag_of(args, "--max-num-batched-tokens") == batched
+
+
+def test_vllm_takes_hf_ids_without_the_scheme_and_caches_them_on_the_cache_volume() -> None:
+    svc = isvc(
+        model={"source": "hf://org/llama-3", "task": "causal-lm"},
+        resources=GPUS,
+        storage={"modelCacheSize": "40Gi"},
+    )
+    assert vllm_model_arg("hf://org/llama-3") == "org/llama-3"
+    assert vllm_model_arg("/mnt/tauon/pvc/m/x") == "/mnt/tauon/pvc/m/x"
+    dep = predictor(svc, source="hf://org/llama-3")
+    c = container(dep)
+    assert c["args"][:2] == ["serve", "org/llama-3"]
+    assert not any(a.startswith("hf://") for a in c["args"])
+    pod = dep["spec"]["template"]["spec"]
+    assert {"name": "model-cache", "emptyDir": {"sizeLimit": "40Gi"}} in pod["volumes"]
+    assert {"name": "model-cache", "mountPath": "/var/cache/tauon/models"} in c["volumeMounts"]
+    assert env_of(dep)["HF_HOME"] == "/var/cache/tauon/models/hf"
+    assert "TAUON_MODEL_CACHE_DIR" not in env_of(dep)  # that one is for s3:// downloads
+
+
+def test_tauon_runtime_caches_hf_models_on_the_cache_volume_too() -> None:
+    svc = isvc(model={"source": "hf://org/minilm"})
+    dep = predictor(svc, source="hf://org/minilm")
+    assert container(dep)["args"][1] == "hf://org/minilm"  # the tauon server reads hf:// itself
+    assert env_of(dep)["HF_HOME"] == "/var/cache/tauon/models/hf"
+    assert {"name": "model-cache", "emptyDir": {}} in dep["spec"]["template"]["spec"]["volumes"]
+    user = isvc(model={"source": "hf://org/minilm"}, env=[{"name": "HF_HOME", "value": "/data/hf"}])
+    assert env_of(predictor(user, source="hf://org/minilm"))["HF_HOME"] == "/data/hf"
+
+
+@pytest.mark.parametrize("runtime", ["tauon", "vllm"])
+def test_server_pods_drain_before_they_stop(runtime: str) -> None:
+    """A preStop hook keeps the server up while the pod leaves the Service's endpoints; the grace period
+    covers the hook and the server's own drain."""
+    dep = predictor(isvc(model=CAUSAL, runtime=runtime, resources=GPUS), source="pvc://models/llama")
+    pod = dep["spec"]["template"]["spec"]
+    hook = container(dep)["lifecycle"]["preStop"]["exec"]["command"]
+    grace = pod["terminationGracePeriodSeconds"]
+    if runtime == "tauon":
+        assert hook == ["sleep", "5"]
+        assert grace >= 5 + 25  # + the server's --graceful-timeout-seconds default
+    else:
+        assert hook[:2] == ["python3", "-c"]
+        assert grace >= 5 + 60
+        compile(hook[2], "preStop", "exec")  # valid Python
+        assert "http://127.0.0.1:8080/metrics" in hook[2] and "vllm:num_requests_running{" in hook[2]
+
+
+def test_vllm_drain_hook_waits_for_running_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The vLLM preStop script against a fake /metrics: it polls until no request runs or waits."""
+    import time as real_time
+    import urllib.request
+
+    pages = iter(
+        [
+            'vllm:num_requests_running{engine="0",model_name="m"} 2.0\nvllm:num_requests_waiting{engine="0",model_name="m"} 1.0\n',
+            '# HELP x\nvllm:num_requests_running{engine="0",model_name="m"} 0.0\nvllm:num_requests_waiting{engine="0",model_name="m"} 0.0\n',
+        ]
+    )
+    polls: list[str] = []
+
+    class Page:
+        def __init__(self, text: str) -> None:
+            self.text = text
+
+        def read(self) -> bytes:
+            return self.text.encode()
+
+    def urlopen(url: str, timeout: float) -> Page:
+        polls.append(url)
+        return Page(next(pages))
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(real_time, "sleep", lambda s: None)
+    hook = container(predictor(isvc(model=CAUSAL, runtime="vllm", resources=GPUS)))["lifecycle"]
+    exec(hook["preStop"]["exec"]["command"][2], {})
+    assert polls == ["http://127.0.0.1:8080/metrics"] * 2
+
+
 def test_vllm_image_from_operator_config_and_spec_image_wins() -> None:
-    svc = isvc(model=CAUSAL, runtime="vllm")
+    svc = isvc(model=CAUSAL, runtime="vllm", resources=GPUS)
     assert container(predictor(svc, OperatorConfig(vllm_image="reg/vllm:1")))["image"] == "reg/vllm:1"
-    svc = isvc(model=CAUSAL, runtime="vllm", image="reg/mine:2")
+    svc = isvc(model=CAUSAL, runtime="vllm", image="reg/mine:2")  # its own build: no GPU needed
     assert container(predictor(svc))["image"] == "reg/mine:2"
+
+
+@pytest.mark.parametrize(
+    "resources",
+    [{}, {"requests": {"cpu": "4"}}, {"limits": {"nvidia.com/gpu": "0"}}],
+)
+def test_vllm_image_without_a_gpu_is_invalid(resources: dict[str, Any]) -> None:
+    """The operator's vLLM image (CUDA) stops at once without a GPU ("Failed to infer device type")."""
+    svc = isvc(model=CAUSAL, runtime="vllm", resources=resources)
+    with pytest.raises(InvalidSpec, match=r"spec.resources: runtime vllm .* request nvidia.com/gpu"):
+        predictor(svc)
+    mig = isvc(model=CAUSAL, runtime="vllm", resources={"limits": {"nvidia.com/mig-1g.10gb": "1"}})
+    assert container(predictor(mig))["command"] == ["vllm"]
 
 
 def test_vllm_with_a_classifier_is_invalid() -> None:
     svc = isvc(model={"source": "pvc://m/x", "task": "sequence-classification"}, runtime="vllm")
     with pytest.raises(InvalidSpec, match="vllm serves causal-lm models only"):
         predictor(svc)
+
+
+def test_tauon_runtime_renders_generation_limits_only_when_set() -> None:
+    args = container(predictor(isvc(model=CAUSAL)))["args"]
+    assert "--max-model-length" not in args and "--max-new-tokens" not in args
+    assert flag_of(args, "--max-concurrent-sequences") == "64"
 
 
 def test_tauon_runtime_gets_the_generation_flags() -> None:
@@ -635,7 +775,8 @@ def test_tauon_runtime_gets_the_generation_flags() -> None:
 @pytest.mark.parametrize("timeout", [1, 7, 30, 95, 301, 1800, 86400])
 @pytest.mark.parametrize("runtime", ["tauon", "vllm"])
 def test_startup_probe_budget_is_the_startup_timeout(timeout: int, runtime: str) -> None:
-    c = container(predictor(isvc(model=CAUSAL, runtime=runtime, startupTimeoutSeconds=timeout)))
+    svc = isvc(model=CAUSAL, runtime=runtime, startupTimeoutSeconds=timeout, resources=GPUS)
+    c = container(predictor(svc))
     probe = c["startupProbe"]
     assert probe["periodSeconds"] * probe["failureThreshold"] == timeout
     assert 1 <= probe["periodSeconds"] <= 10

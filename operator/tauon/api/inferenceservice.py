@@ -46,9 +46,10 @@ class ServedModelSpec(KubeModel):
         description="A FineTuneJob in the same namespace; served once it Succeeded (its output model).",
     )
     source: str | None = source_field(
-        "A Hugging Face model directory: pvc://CLAIM/PATH, hf://ORG/NAME, s3://BUCKET/PREFIX (downloaded "
-        "into the model cache before the server starts; tauon runtime only; credentials from "
-        "spec.storage.s3) or file:// (dev only). Path segments may not be empty, `.` or `..`.",
+        "A Hugging Face model directory: pvc://CLAIM/PATH, hf://ORG/NAME (downloaded by the server into "
+        "the model cache), s3://BUCKET/PREFIX (downloaded into the model cache before the server starts; "
+        "tauon runtime only; credentials from spec.storage.s3) or file:// (dev only). Path segments may "
+        "not be empty, `.` or `..`.",
         SERVED_MODEL_SOURCE_PATTERN,
         "model.source",
         required=False,
@@ -110,8 +111,8 @@ class Generation(KubeModel):
             "x-kubernetes-validations": [
                 {
                     "rule": (
-                        "!has(self.maxNewTokens) || "
-                        "self.maxNewTokens < (has(self.maxModelLength) ? self.maxModelLength : 4096)"
+                        "!has(self.maxNewTokens) || !has(self.maxModelLength) || "
+                        "self.maxNewTokens < self.maxModelLength"
                     ),
                     "message": "spec.generation.maxNewTokens must be smaller than spec.generation.maxModelLength",
                 }
@@ -119,17 +120,26 @@ class Generation(KubeModel):
         }
     )
 
-    max_model_length: int = Field(
-        default=4096,
+    max_model_length: int | None = Field(
+        default=None,
         ge=16,
         le=1048576,
-        description="Longest sequence, prompt plus generated tokens; a longer request gets 400.",
+        description=(
+            "Longest sequence, prompt plus generated tokens; a longer request gets 400. Unset: the "
+            "model's own (max_position_embeddings in its config.json). vllm: --max-model-len, and vLLM "
+            "refuses to start when it exceeds the model's positions; tauon: at most the model's."
+        ),
     )
-    max_new_tokens: int = Field(
-        default=256,
+    max_new_tokens: int | None = Field(
+        default=None,
         ge=1,
         le=1048576,
-        description="Tokens generated when a request sets no max_tokens.",
+        description=(
+            "Server-wide cap on the tokens generated for one request, on both runtimes: a request's "
+            "max_tokens above it is lowered to it, and a request without max_tokens generates at most "
+            "this many (vllm: --override-generation-config max_new_tokens). Unset: no cap but the "
+            "model length (vllm) or the tauon server's default."
+        ),
     )
     max_concurrent_sequences: int = Field(
         default=64,
@@ -151,9 +161,10 @@ class ServingStorage(StorageSpec):
         pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$",
         max_length=32,
         description=(
-            "Size limit of the volume an s3:// model is downloaded into before the server starts (an "
-            "emptyDir; e.g. 20Gi for a 7B model in bf16). Unset: no limit beyond the node's ephemeral "
-            "storage."
+            "Size limit of the model cache volume (an emptyDir at /var/cache/tauon/models that survives "
+            "container restarts): an s3:// model is downloaded into it before the server starts, and "
+            "hf:// models are downloaded into it (HF_HOME) by either runtime; e.g. 20Gi for a 7B model "
+            "in bf16. Unset: no limit beyond the node's ephemeral storage."
         ),
     )
 
@@ -168,7 +179,20 @@ class InferenceServiceSpec(KubeModel):
                         "!has(self.model.task) || self.model.task == 'causal-lm'"
                     ),
                     "message": "spec.runtime vllm serves causal-lm models only",
-                }
+                },
+                {
+                    "rule": (
+                        "!(has(self.runtime) && self.runtime == 'vllm') || "
+                        "((!has(self.model.source) || !self.model.source.startsWith('s3://')) && "
+                        "(!has(self.canary) || !has(self.canary.model.source) || "
+                        "!self.canary.model.source.startsWith('s3://')))"
+                    ),
+                    "message": (
+                        "spec.runtime vllm cannot serve s3:// models (vLLM reads local directories and "
+                        "hf:// ids only): set spec.runtime tauon, which downloads them, or copy the model "
+                        "to a pvc:// volume"
+                    ),
+                },
             ]
         }
     )
@@ -184,9 +208,10 @@ class InferenceServiceSpec(KubeModel):
         default="auto",
         description=(
             "Model server: tauon (python -m tauon_serve.serve: KServe V1/V2 and, for causal-lm, the OpenAI "
-            "API) or vllm (vllm serve, the operator's --vllm-image; causal-lm only). auto: vllm when the "
-            "served task is causal-lm and the pods request nvidia.com/gpu, tauon otherwise. The choice "
-            "is reported in status.resolved.runtime."
+            "API) or vllm (vllm serve, the operator's --vllm-image; causal-lm only; not s3:// models; "
+            "the pods must request nvidia.com/gpu unless spec.image is set). "
+            "auto: vllm when the served task is causal-lm, the pods request nvidia.com/gpu and the model "
+            "is not in s3://, tauon otherwise. The choice is reported in status.resolved.runtime."
         ),
     )
     generation: Generation = Field(
@@ -223,7 +248,10 @@ class InferenceServiceSpec(KubeModel):
     )
     storage: ServingStorage | None = Field(
         default=None,
-        description="Object storage settings for s3:// models (endpoint, region, credentials, cache size).",
+        description=(
+            "Object storage settings for s3:// models (endpoint, region, credentials) and the size of "
+            "the model cache volume (s3:// and hf:// models)."
+        ),
     )
 
 

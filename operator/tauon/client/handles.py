@@ -6,6 +6,7 @@ import json
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Protocol
@@ -171,14 +172,21 @@ class InferenceServiceHandle:
         out = self._post(f"/v2/models/{self.name}/infer", body, timeout)
         return split_outputs(out.get("outputs") or [], len(texts))
 
+    @property
+    def openai_base_url(self) -> str:
+        """The OpenAI API's base URL, reachable from this process: the path of status.openai.baseURL (where
+        the service's runtime serves it, /v1 on both) on `url` (its host is in-cluster); `url` + /v1
+        when the status names none."""
+        return openai_base(self.url, self.status().openai.base_url)
+
     def openai_client(self, **kwargs: Any) -> openai.OpenAI:
-        """An `openai.OpenAI` client pointed at the service's OpenAI API (/openai/v1)."""
+        """An `openai.OpenAI` client pointed at the service's OpenAI API (`openai_base_url`)."""
         try:
             import openai
         except ImportError:
             raise MissingDependency("openai", "chat()/complete()/openai_client()") from None
         kwargs.setdefault("api_key", "unused")
-        return openai.OpenAI(base_url=f"{self.url}/openai/v1", **kwargs)
+        return openai.OpenAI(base_url=self.openai_base_url, **kwargs)
 
     def chat(
         self, messages: list[dict[str, str]] | str, stream: bool = False, **kwargs: Any
@@ -211,6 +219,13 @@ class InferenceServiceHandle:
 
     def delete(self) -> None:
         self._backend.delete(self.kind, self.name)
+
+
+def openai_base(reachable: str, status_base_url: str | None) -> str:
+    """`reachable` (a base URL of the service from here) with the path of `status_base_url` (the status'
+    in-cluster OpenAI base URL, e.g. http://svc.ns.svc.cluster.local/v1), else with /v1."""
+    path = urllib.parse.urlsplit(status_base_url).path.rstrip("/") if status_base_url else "/v1"
+    return reachable.rstrip("/") + (path or "/v1")
 
 
 def split_outputs(outputs: list[Manifest], n: int) -> list[dict[str, Any]]:

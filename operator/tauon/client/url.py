@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from tauon.api.names import READY, Manifest
 from tauon.client.errors import TauonError
 
+READY_PATHS = ("/v2/health/ready", "/health")
+
 
 class UrlBackend:
     def __init__(self, url: str):
@@ -17,16 +19,22 @@ class UrlBackend:
         self.where = self.url
 
     def _ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.url}/v2/health/ready", timeout=2) as r:
-                return bool(r.status == 200)
-        except OSError:
-            return False
+        """The tauon server's readiness (/v2/health/ready), else vLLM's (/health: 200 once its engine
+        is up; it serves no /v2)."""
+        for path in READY_PATHS:
+            try:
+                with urllib.request.urlopen(f"{self.url}{path}", timeout=2) as r:
+                    if r.status == 200:
+                        return True
+            except OSError:
+                continue
+        return False
 
     def get(self, kind: str, name: str) -> Manifest | None:
         ready = "True" if self._ready() else "False"
         status: Manifest = {"phase": "Ready" if ready == "True" else "Pending", "url": self.url}
         status["conditions"] = [{"type": READY, "status": ready, "reason": "Probed"}]
+        status["openai"] = {"baseURL": f"{self.url}/v1", "model": name}  # both runtimes serve /v1
         return {"kind": kind, "metadata": {"name": name}, "status": status}
 
     def endpoint(self, name: str) -> str:

@@ -161,6 +161,8 @@ def prepare(pod: Manifest, configmaps: dict[str, Manifest], root: Path, ports: P
     args = [rewrite(str(a)) for a in (c.get("command") or []) + (c.get("args") or [])]
     if "http" in local_ports:
         args = _replace_flag(args, "--port", str(local_ports["http"]))
+    if "health" in local_ports:
+        args = _replace_flag(args, "--health-port", str(local_ports["health"]))
     if not args:
         raise Unsupported(f"pod {meta['name']}: the container has no command (images are not run locally)")
     return Prepared(args, env, root, term, local_ports)

@@ -411,7 +411,7 @@ def step_serving_status(ctx: Ctx, p: Pass) -> None:
     """status.resolved.runtime, and status.openai for causal LMs (or vllm): how to call the service."""
     isvc, st = ctx.obj, ctx.st
     task = served_task(isvc.spec.model, p.serving)
-    runtime = resolve_runtime(isvc, task)
+    runtime = resolve_runtime(isvc, task, p.serving.source if p.serving is not None else None)
     st.resolved.runtime = runtime
     if task == "causal-lm" or runtime == "vllm":
         st.openai.base_url = openai_base_url(isvc, p.cfg)

@@ -4,6 +4,10 @@ Children of an InferenceService `<name>`:
 - Deployment `<name>-predictor` serving the main model, and `<name>-canary` serving the canary's model when
   `spec.canary` is set (and its model is known). Both run the trainer image's model server
   (`python -m tauon_serve.serve`) on port `cfg.server_port` (8080), named `http`.
+  With runtime vllm (see `resolve_runtime`) the container runs `vllm serve` instead (`vllm_args`: only
+  what the spec sets, vLLM's defaults otherwise). Models the pod downloads (hf://, s3://) go to the model
+  cache volume; each server drains on termination (a preStop hook, then its own drain; see
+  PRESTOP_SECONDS).
 - Service `<name>` (ClusterIP, port 80 -> `http`) selecting `tauon.dev/inference-service: <name>`, that is
   the pods of both Deployments: the canary's traffic share is its share of the ready replicas.
 - HorizontalPodAutoscaler `<name>` (autoscaling/v2, CPU utilisation) targeting `<name>-predictor`, only
@@ -71,11 +75,33 @@ SERVICE_PORT = 80
 TMP_DIR = "/tmp"
 HF_HOME = "/tmp/hf"
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
-# the server drains in-flight requests for up to 25 s on SIGTERM (--graceful-timeout-seconds)
-TERMINATION_GRACE_SECONDS = 30
 SHM_DIR = "/dev/shm"
-MODEL_CACHE_DIR = "/var/cache/tauon/models"  # where an s3:// model is downloaded before the server starts
+# the model cache volume: an s3:// model is downloaded there before the server starts, hf:// models by
+# the server itself (HF_HOME below it); an emptyDir sized by spec.storage.modelCacheSize
+MODEL_CACHE_DIR = "/var/cache/tauon/models"
+CACHED_HF_HOME = f"{MODEL_CACHE_DIR}/hf"
 VLLM_SHM_SIZE = "8Gi"  # NCCL between tensor-parallel workers
+
+# Graceful drain. A terminating pod leaves the Service's endpoints while its preStop hook runs, so
+# requests stop arriving before the server gets SIGTERM.
+# - tauon: preStop sleeps PRESTOP_SECONDS, then on SIGTERM the server finishes in-flight requests for up
+#   to 25 s (its --graceful-timeout-seconds default).
+# - vLLM 0.11 cancels in-flight requests at SIGTERM (no drain of its own): its preStop also waits, up to
+#   VLLM_DRAIN_SECONDS, until its /metrics report no running or waiting request.
+# terminationGracePeriodSeconds covers the hook plus the drain, with a margin.
+PRESTOP_SECONDS = 5
+# tauon's server answers its probes on a second listener that the request cap (--limit-concurrency) and
+# idle connections never reach; the Service does not expose it
+HEALTH_PORT = 8081
+HEALTH_PORT_NAME = "health"
+TAUON_DRAIN_SECONDS = 25
+VLLM_DRAIN_SECONDS = 60
+GRACE_MARGIN_SECONDS = 5
+TERMINATION_GRACE_SECONDS = PRESTOP_SECONDS + TAUON_DRAIN_SECONDS + GRACE_MARGIN_SECONDS
+VLLM_TERMINATION_GRACE_SECONDS = PRESTOP_SECONDS + VLLM_DRAIN_SECONDS + GRACE_MARGIN_SECONDS
+# vLLM's default --max-num-batched-tokens for its OpenAI server on GPUs under 70 GiB (and A100s); it
+# refuses to start when --max-num-seqs is larger
+VLLM_MIN_DEFAULT_BATCHED_TOKENS = 2048
 
 
 def predictor_name(name: str) -> str:
@@ -121,13 +147,16 @@ def served_model_name(isvc: InferenceService) -> str:
 # -- runtime -------------------------------------------------------------------------------------------
 
 
-def resolve_runtime(isvc: InferenceService, task: str | None) -> Runtime:
-    """spec.runtime after resolving auto: vllm when the served `task` is causal-lm and the pods request
-    nvidia.com/gpu, tauon otherwise (also when the task is unknown: the tauon server reads it from the
-    model)."""
+def resolve_runtime(isvc: InferenceService, task: str | None, source: str | None = None) -> Runtime:
+    """spec.runtime after resolving auto: vllm when the served `task` is causal-lm, the pods request
+    nvidia.com/gpu and the model (`source`, when known) is not in s3:// (vLLM cannot read it; the tauon
+    server downloads it), tauon otherwise (also when the task is unknown: the tauon server reads it from
+    the model)."""
     chosen = isvc.spec.runtime
     if chosen != "auto":
         return chosen
+    if source is not None and source.startswith("s3://"):
+        return "tauon"
     return "vllm" if task == CAUSAL_LM and gpu_count(isvc.spec.resources) > 0 else "tauon"
 
 
@@ -309,13 +338,14 @@ def _dedupe_env(env: list[Manifest]) -> list[Manifest]:
 THREADS_ENV = "OMP_NUM_THREADS"
 
 
-def server_env(isvc: InferenceService, model_spec: ServedModelSpec) -> list[Manifest]:
+def server_env(isvc: InferenceService, model_spec: ServedModelSpec, hf_home: str = HF_HOME) -> list[Manifest]:
     """The server's environment. ``OMP_NUM_THREADS`` (torch's intra-op threads) is the container's CPU
     limit, rounded up (Kubernetes' ``resourceFieldRef`` with divisor 1), or the node's allocatable CPUs
     without a limit: a server limited to 1 CPU on a 64-core node would otherwise run 64 threads under a
-    1-CPU quota and be throttled. The user's own ``OMP_NUM_THREADS`` (or ``HF_*``) wins."""
+    1-CPU quota and be throttled. ``HF_HOME`` is `hf_home` (in the model cache for hf:// models). The
+    user's own ``OMP_NUM_THREADS`` (or ``HF_*``) wins."""
     ours: list[Manifest] = [
-        {"name": "HF_HOME", "value": HF_HOME},
+        {"name": "HF_HOME", "value": hf_home},
         {"name": "XDG_CACHE_HOME", "value": f"{TMP_DIR}/cache"},
         {
             "name": THREADS_ENV,
@@ -333,9 +363,9 @@ def server_env(isvc: InferenceService, model_spec: ServedModelSpec) -> list[Mani
     )
 
 
-def _probe(path: str, period: int, timeout: int, failures: int) -> Manifest:
+def _probe(path: str, port: str, period: int, timeout: int, failures: int) -> Manifest:
     return {
-        "httpGet": {"path": path, "port": PORT_NAME, "scheme": "HTTP"},
+        "httpGet": {"path": path, "port": port, "scheme": "HTTP"},
         "periodSeconds": period,
         "timeoutSeconds": timeout,
         "successThreshold": 1,
@@ -343,19 +373,24 @@ def _probe(path: str, period: int, timeout: int, failures: int) -> Manifest:
     }
 
 
-def _probes(isvc: InferenceService, live: str, ready: str) -> Manifest:
+def _probes(isvc: InferenceService, live: str, ready: str, port: str = PORT_NAME) -> Manifest:
     """startupProbe with a budget of exactly spec.startupTimeoutSeconds (large models load for minutes),
     then liveness and readiness."""
     period, failures = startup_probe_timing(isvc.spec.startup_timeout_seconds)
     return {
-        "startupProbe": _probe(live, period=period, timeout=3, failures=failures),
-        "readinessProbe": _probe(ready, period=5, timeout=3, failures=3),
-        "livenessProbe": _probe(live, period=10, timeout=5, failures=3),
+        "startupProbe": _probe(live, port, period=period, timeout=3, failures=failures),
+        "readinessProbe": _probe(ready, port, period=5, timeout=3, failures=3),
+        "livenessProbe": _probe(live, port, period=10, timeout=5, failures=3),
     }
 
 
 def _tauon_container(
-    isvc: InferenceService, model_spec: ServedModelSpec, path: str, task: Task | None, cfg: OperatorConfig
+    isvc: InferenceService,
+    model_spec: ServedModelSpec,
+    path: str,
+    task: Task | None,
+    cfg: OperatorConfig,
+    hf_home: str,
 ) -> Manifest:
     spec = isvc.spec
     gen = spec.generation
@@ -370,13 +405,17 @@ def _tauon_container(
         str(spec.batching.max_batch_size),
         "--max-latency-ms",
         str(spec.batching.max_latency_milliseconds),
-        "--max-model-length",
-        str(gen.max_model_length),
-        "--max-new-tokens",
-        str(gen.max_new_tokens),
         "--max-concurrent-sequences",
         str(gen.max_concurrent_sequences),
+        # probes on their own listener: idle or slow clients holding the request cap never fail them
+        "--health-port",
+        str(HEALTH_PORT),
     ]
+    # unset: the server's own (the model's max_position_embeddings; its --max-new-tokens default)
+    if gen.max_model_length is not None:
+        args += ["--max-model-length", str(gen.max_model_length)]
+    if gen.max_new_tokens is not None:
+        args += ["--max-new-tokens", str(gen.max_new_tokens)]
     if task is not None:
         args += ["--task", task]
     # The socket listens at once and the model loads in the background: liveness answers early,
@@ -385,19 +424,47 @@ def _tauon_container(
         "image": spec.image or cfg.default_image,
         "command": ["python", "-m", "tauon_serve.serve"],
         "args": args,
-        "env": server_env(isvc, model_spec),
-        **_probes(isvc, "/v2/health/live", "/v2/health/ready"),
+        "env": server_env(isvc, model_spec, hf_home),
+        **_probes(isvc, "/v2/health/live", "/v2/health/ready", HEALTH_PORT_NAME),
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SECONDS)]}}},
     }
 
 
-def _vllm_container(
-    isvc: InferenceService, model_spec: ServedModelSpec, path: str, cfg: OperatorConfig
-) -> Manifest:
+def vllm_model_arg(path: str) -> str:
+    """What `vllm serve` takes for a model: a local directory, or a Hugging Face id `org/name` (read
+    from HF_HOME, downloaded there first) for hf://org/name."""
+    return path.removeprefix("hf://")
+
+
+def vllm_drain_command(port: int) -> list[str]:
+    """The vLLM container's preStop: wait PRESTOP_SECONDS, then until its /metrics report no running or
+    waiting request (at most VLLM_DRAIN_SECONDS; at once when /metrics does not answer)."""
+    script = (
+        "import time, urllib.request as u\n"
+        f"time.sleep({PRESTOP_SECONDS})\n"
+        f"end = time.monotonic() + {VLLM_DRAIN_SECONDS}\n"
+        "while time.monotonic() < end:\n"
+        "    try:\n"
+        f"        text = u.urlopen('http://127.0.0.1:{port}/metrics', timeout=2).read().decode()\n"
+        "    except Exception:\n"
+        "        break\n"
+        "    busy = sum(float(line.rsplit(' ', 1)[1]) for line in text.splitlines()\n"
+        "               if line.startswith(('vllm:num_requests_running{', 'vllm:num_requests_waiting{')))\n"
+        "    if busy == 0:\n"
+        "        break\n"
+        "    time.sleep(1)\n"
+    )
+    return ["python3", "-c", script]
+
+
+def vllm_args(isvc: InferenceService, path: str, cfg: OperatorConfig) -> list[str]:
+    """`vllm serve` arguments from what the spec says; vLLM's own defaults (the model's context length,
+    its generation config) for what it leaves unset. tests/contract runs them through vLLM's parser."""
     spec = isvc.spec
     gen = spec.generation
     args = [
         "serve",
-        path,
+        vllm_model_arg(path),
         "--served-model-name",
         served_model_name(isvc),
         "--host",
@@ -406,24 +473,36 @@ def _vllm_container(
         str(cfg.server_port),
         "--tensor-parallel-size",
         str(max(1, gpu_count(spec.resources))),
-        "--max-model-len",
-        str(gen.max_model_length),
         "--max-num-seqs",
         str(gen.max_concurrent_sequences),
-        # the default max_tokens of requests that set none (merged over the model's generation_config)
-        "--override-generation-config",
-        json.dumps({"max_new_tokens": gen.max_new_tokens}, separators=(",", ":")),
     ]
-    env = server_env(isvc, model_spec)
+    if gen.max_concurrent_sequences > VLLM_MIN_DEFAULT_BATCHED_TOKENS:
+        # vLLM refuses max_num_seqs above max_num_batched_tokens, whose default depends on the GPU
+        args += ["--max-num-batched-tokens", str(gen.max_concurrent_sequences)]
+    if gen.max_model_length is not None:
+        args += ["--max-model-len", str(gen.max_model_length)]
+    if gen.max_new_tokens is not None:
+        # merged over the model's generation_config: vLLM caps every request's max_tokens at it
+        cap = json.dumps({"max_new_tokens": gen.max_new_tokens}, separators=(",", ":"))
+        args += ["--override-generation-config", cap]
+    return args
+
+
+def _vllm_container(
+    isvc: InferenceService, model_spec: ServedModelSpec, path: str, cfg: OperatorConfig, hf_home: str
+) -> Manifest:
+    spec = isvc.spec
+    env = server_env(isvc, model_spec, hf_home)
     # vLLM caches compiled kernels under $HOME; the root filesystem is read-only
     env = _dedupe_env([{"name": "HOME", "value": TMP_DIR}, *env])
     # vLLM answers /health only once the engine is up: the startup probe holds the load budget
     return {
         "image": spec.image or cfg.vllm_image,
         "command": ["vllm"],
-        "args": args,
+        "args": vllm_args(isvc, path, cfg),
         "env": env,
         **_probes(isvc, "/health", "/health"),
+        "lifecycle": {"preStop": {"exec": {"command": vllm_drain_command(cfg.server_port)}}},
     }
 
 
@@ -446,22 +525,26 @@ def _server_pod_spec(
     gpus: int,
     cfg: OperatorConfig,
 ) -> Manifest:
-    """The server pod: one container (tauon's server or vllm), its scratch volumes and the model's."""
+    """The server pod: one container (tauon's server or vllm), its scratch volumes and the model's. A
+    model downloaded by the pod (s3://, hf://) goes to the model cache volume."""
     spec = isvc.spec
+    cached = path.startswith(("s3://", "hf://"))
+    hf_home = CACHED_HF_HOME if cached else HF_HOME
     runtime_part = (
-        _vllm_container(isvc, model_spec, path, cfg)
+        _vllm_container(isvc, model_spec, path, cfg, hf_home)
         if runtime == "vllm"
-        else _tauon_container(isvc, model_spec, path, task, cfg)
+        else _tauon_container(isvc, model_spec, path, task, cfg, hf_home)
     )
     volume_mounts: list[Manifest] = [{"name": "tmp", "mountPath": TMP_DIR}]
     volumes: list[Manifest] = [{"name": "tmp", "emptyDir": {}}]
     if runtime == "vllm":
         volume_mounts.append({"name": "dshm", "mountPath": SHM_DIR})
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": VLLM_SHM_SIZE}})
-    if path.startswith("s3://"):
+    if cached:
         volume_mounts.append({"name": "model-cache", "mountPath": MODEL_CACHE_DIR})
         size = spec.storage.model_cache_size if spec.storage is not None else None
         volumes.append({"name": "model-cache", "emptyDir": {"sizeLimit": size} if size else {}})
+    if path.startswith("s3://"):
         runtime_part["env"] = [
             *runtime_part["env"],
             {"name": "TAUON_MODEL_CACHE_DIR", "value": MODEL_CACHE_DIR},
@@ -471,7 +554,14 @@ def _server_pod_spec(
         "image": runtime_part.pop("image"),
         "imagePullPolicy": "IfNotPresent",
         **runtime_part,
-        "ports": [{"name": PORT_NAME, "containerPort": cfg.server_port, "protocol": "TCP"}],
+        "ports": [
+            {"name": PORT_NAME, "containerPort": cfg.server_port, "protocol": "TCP"},
+            *(
+                [{"name": HEALTH_PORT_NAME, "containerPort": HEALTH_PORT, "protocol": "TCP"}]
+                if runtime == "tauon"
+                else []
+            ),
+        ],
         "resources": container_resources(spec.resources),
         "securityContext": {**container_security(), "readOnlyRootFilesystem": True},
         "terminationMessagePath": "/dev/termination-log",
@@ -480,13 +570,23 @@ def _server_pod_spec(
     }
     pod_spec: Manifest = {
         "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "terminationGracePeriodSeconds": (
+            VLLM_TERMINATION_GRACE_SECONDS if runtime == "vllm" else TERMINATION_GRACE_SECONDS
+        ),
         "securityContext": pod_security(cfg),
         "containers": [container],
         "volumes": [*volumes, *storage.volumes],
     }
     apply_overrides(pod_spec, spec.pod_template, [GPU_TOLERATION] if gpus > 0 else [])
     return pod_spec
+
+
+def _requests_gpus(isvc: InferenceService) -> bool:
+    """Whether the pods ask for an NVIDIA device (nvidia.com/gpu, or a MIG slice nvidia.com/mig-*)."""
+    res = isvc.spec.resources
+    return any(
+        k.startswith("nvidia.com/") and str(v) != "0" for k, v in {**res.limits, **res.requests}.items()
+    )
 
 
 def _model_annotations(model: ModelLocation, task: Task | None, runtime: Runtime) -> dict[str, str]:
@@ -515,13 +615,18 @@ def render_deployment(
     storage, path = _model_storage(model, field, cfg)
     gpus = gpu_count(spec.resources)
     task = served_task(model_spec, model)
-    runtime = resolve_runtime(isvc, task)
+    runtime = resolve_runtime(isvc, task, model.source)
     if runtime == "vllm" and task not in (None, CAUSAL_LM):
         raise InvalidSpec(f"spec.runtime: vllm serves causal-lm models only ({where} is {task})")
     if runtime == "vllm" and path.startswith("s3://"):
         raise InvalidSpec(
             f"{field}: s3:// models are served by the tauon runtime only for now (set spec.runtime: tauon, "
             "or copy the model to a pvc:// volume for vllm)"
+        )
+    if runtime == "vllm" and spec.image is None and not _requests_gpus(isvc):
+        raise InvalidSpec(
+            "spec.resources: runtime vllm runs the operator's CUDA vLLM image, which does not start "
+            "without a GPU: request nvidia.com/gpu (or set spec.image to a vLLM build for your hardware)"
         )
     pod_spec = _server_pod_spec(isvc, model_spec, storage, path, task, runtime, gpus, cfg)
 
@@ -637,6 +742,8 @@ __all__ = [
     "served_task",
     "startup_probe_timing",
     "predictor_name",
+    "vllm_args",
+    "vllm_model_arg",
     "render",
     "render_deployment",
     "render_hpa",
