@@ -58,9 +58,16 @@ def serve(port: int, addr: str = "0.0.0.0") -> None:
 
 
 def set_phase_counts(gauge: Gauge, counts: dict[tuple[str, str], int]) -> None:
-    """Replace the gauge's series by these (namespace, phase) counts; vanished series go to 0."""
+    """Replace the gauge's series by these (namespace, phase) counts. A phase that emptied in a namespace
+    that still has objects reads 0; every series of a namespace with no objects left is removed, so the
+    gauge does not keep a series for every namespace it ever saw."""
+    live = {ns for ns, _ in counts}
     for labels in list(gauge._metrics):
-        if labels not in counts:
+        if labels in counts:
+            continue
+        if labels[0] in live:
             gauge.labels(*labels).set(0)
+        else:
+            gauge.remove(*labels)
     for (ns, phase), n in counts.items():
         gauge.labels(ns, phase).set(n)

@@ -67,6 +67,65 @@ def test_indexes_capture_only_named_indexes() -> None:
     assert idx.live(ix.FTJ, ("ns", "ft"))["metadata"]["uid"] == "u"  # type: ignore[index]
 
 
+def _pod(uid: str, rv: str, phase: str = "Running") -> dict[str, Any]:
+    pod = body(uid, "2026-01-01T00:00:00Z", rv, kind="Pod", status={"phase": phase})
+    pod["metadata"]["name"] = f"ft-{uid}"
+    return pod
+
+
+def test_a_pod_relist_drops_pods_deleted_while_the_watch_was_away() -> None:
+    """Kopf does not diff a 410 re-list: a pod deleted while the watch was disconnected stays in the index
+    (Running). A LIST of the job's pods (at resourceVersion 10) drops it; a pod the index saw after the
+    LIST was served (rv 20) is kept, and so is one the LIST returned."""
+    key = ("ns", "ft")
+    kept, deleted, newer = _pod("a", "5"), _pod("b", "9"), _pod("c", "20")
+    view = {key: [kept, deleted, newer]}
+    idx = ix.Indexes()
+    idx.capture({ix.FTJ_PODS: view})
+    dropped = idx.resync(ix.FTJ_PODS, key, listed=[_pod("a", "7")], list_rv="10")
+    assert dropped == ["ft-b"]
+    assert sorted(b["metadata"]["uid"] for b in idx.bodies(ix.FTJ_PODS, key)) == ["a", "c"]
+    # once Kopf itself forgets the pod (a later DELETED event), nothing is remembered about it
+    view[key] = [kept, newer]
+    idx.resync(ix.FTJ_PODS, key, listed=[kept, newer], list_rv="30")
+    assert idx.gone_count() == 0
+
+
+def test_an_unparseable_list_resource_version_drops_nothing() -> None:
+    key = ("ns", "ft")
+    idx = ix.Indexes()
+    idx.capture({ix.FTJ_PODS: {key: [_pod("b", "9")]}})
+    assert idx.resync(ix.FTJ_PODS, key, listed=[], list_rv="") == []
+    assert len(idx.bodies(ix.FTJ_PODS, key)) == 1
+
+
+async def test_a_job_pass_resyncs_its_pods_at_most_once_a_period(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tauon.api.names import LABEL_JOB
+    from tauon.handlers import finetunejob as ftj
+    from tauon.handlers.runtime import RT
+
+    key = ("ns", "ft")
+    calls: list[tuple[str, str, Any]] = []
+
+    class Kube:
+        async def _call(self, method: str, p: str, query: Any = None, **_: Any) -> dict[str, Any]:
+            calls.append((method, p, query))
+            return {"metadata": {"resourceVersion": "10"}, "items": []}
+
+    idx = ix.Indexes()
+    idx.capture({ix.FTJ_PODS: {key: [_pod("b", "9")]}})
+    monkeypatch.setattr(RT, "indexes", idx)
+    monkeypatch.setattr(RT, "kube", Kube())
+    ftj._resynced.clear()
+    await ftj.resync_pods("ns", "ft", now=100.0)
+    assert calls == [("GET", "/api/v1/namespaces/ns/pods", [("labelSelector", f"{LABEL_JOB}=ft")])]
+    assert idx.bodies(ix.FTJ_PODS, key) == []
+    await ftj.resync_pods("ns", "ft", now=100.0 + ftj.POD_RESYNC_SECONDS - 1)
+    assert len(calls) == 1
+    await ftj.resync_pods("ns", "ft", now=100.0 + ftj.POD_RESYNC_SECONDS)
+    assert len(calls) == 2
+
+
 def test_every_index_handler_uses_a_named_id() -> None:
     import kopf
 

@@ -131,3 +131,49 @@ def test_two_electors_never_lead_together() -> None:
     assert not any(x and y for _, x, y in history), "two leaders at once"
     cut = next(t for t, x, _ in history if t > 20 and not x)
     assert cut - 20 <= RENEW_DEADLINE_SECONDS + 1
+
+
+def test_a_slow_get_does_not_backdate_the_observation() -> None:
+    """A follower's GET sent at t=1 is answered at t=10 with a record the leader renewed at t=9 (valid
+    until 19). Stamped with the send time (t=1), the follower would take over at t=16 while the leader
+    still leads; stamped when the answer arrives (t=10, as client-go does), it waits until t=25."""
+    store = Store()
+    clock = [0.0]
+    a = Elector(store.client("a"), "ns", "l", me="a", clock=lambda: clock[0])  # type: ignore[arg-type]
+    fast = store.client("b")
+
+    class SlowClient:
+        slow = True
+
+        async def get(self, kind: str, ns: str, name: str) -> Manifest | None:
+            if self.slow:
+                self.slow = False
+                clock[0] = 9.0
+                await a.once()  # the leader renews while the follower's GET is in flight
+                store.down.add("a")  # then it is cut off: it leads until 9 + RENEW_DEADLINE_SECONDS
+                clock[0] = 10.0
+            return await fast.get(kind, ns, name)  # type: ignore[no-any-return]
+
+        def __getattr__(self, attr: str) -> Any:
+            return getattr(fast, attr)
+
+    b = Elector(SlowClient(), "ns", "l", me="b", clock=lambda: clock[0])  # type: ignore[arg-type]
+    both: list[float] = []
+
+    async def scenario() -> None:
+        await a.once()  # t=0: a creates the lease
+        clock[0] = 1.0
+        await b.once()  # sent at 1, answered at 10
+        while clock[0] < 40:
+            clock[0] += 1.0
+            for e in (a, b):
+                try:
+                    await e.once()
+                except TimeoutError:
+                    pass
+            if a.leading() and b.leading():
+                both.append(clock[0])
+
+    asyncio.run(scenario())
+    assert not both, f"two leaders at t={both}"
+    assert b.leading()

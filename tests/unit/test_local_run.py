@@ -59,7 +59,9 @@ def test_server_argv_is_the_rendered_one_mapped_locally(tmp_path: Path) -> None:
         obj, "predictor", ModelLocation(f"file://{model_dir}"), 1, OperatorConfig(allow_host_paths=True)
     )
     args = rendered["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert prep.argv[3 : 3 + len(args)] == [a if a != "8080" else "18555" for a in args]
+    local = {"8080": "18555", "8081": str(prep.ports["health"])}  # the health listener: a free port
+    assert prep.ports["health"] not in (8081, 18555)
+    assert prep.argv[3 : 3 + len(args)] == [local.get(a, a) for a in args]
     # container paths (the /tmp emptyDir) map under the run's directory
     assert prep.env["HF_HOME"].startswith(str(tmp_path / "runs" / ".local"))
 
@@ -412,3 +414,47 @@ def test_a_failed_local_job_cannot_be_served(tmp_path: Path) -> None:
     status.fail("Interrupted", "stopped")
     with pytest.raises(Unsupported, match=r"FineTuneJob broken failed \(Interrupted: stopped\)"):
         prepare_server(isvc({"fineTuneJobRef": {"name": "broken"}}), tmp_path, None)
+
+
+CLAIM_SCRIPT = """
+import json, os, sys
+from tauon_core.errors import PermanentError
+from tauon_train.output import claim
+try:
+    claim(sys.argv[1], os.environ.get("TAUON_JOB_UID", ""), sys.argv[2], 0)
+except PermanentError as e:
+    open(os.environ["TAUON_TERMINATION_LOG"], "w").write(
+        json.dumps({"retryable": False, "reason": e.reason, "message": e.message}))
+    sys.exit(2)
+"""
+
+
+def test_a_local_job_owns_its_output_and_another_job_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two `tauon run --local` of different jobs on one output: the second fails OutputInUse (as on a
+    cluster) instead of resuming the first one's checkpoints; re-running the first resumes (same owner).
+    The ranks are stand-ins that only claim the output with the trainer's own `claim`."""
+    out = tmp_path / "out"
+    real_start = lp.start
+
+    def start(prep: lp.Prepared, log: Path) -> Any:
+        prep.argv = [sys.executable, "-c", CLAIM_SCRIPT, str(out), "job"]
+        return real_start(prep, log)
+
+    monkeypatch.setattr(lp, "start", start)
+
+    def job(name: str) -> FineTuneJob:
+        j = ftjob(tmp_path, numNodes=1)
+        j.metadata.name, j.metadata.uid = name, None
+        return j
+
+    assert local_run.run_finetunejob(job("first"), out, quiet=True) == 0
+    owner = json.loads((out / ".tauon-owner.json").read_text())
+    assert owner["uid"], "a local job claimed its output without an identity"
+    assert local_run.run_finetunejob(job("second"), out, quiet=True) == 2
+    st = written(tmp_path)
+    assert st.phase == "Failed" and st.last_failure is not None
+    assert st.last_failure.reason == "OutputInUse"
+    assert local_run.run_finetunejob(job("first"), out, quiet=True) == 0  # the same job again: its output
+    assert json.loads((out / ".tauon-owner.json").read_text())["uid"] == owner["uid"]

@@ -61,6 +61,8 @@ OUTPUT_IN_USE = "OutputInUse"  # the output belongs to another job (owner file w
 FOREIGN_CONFIG = "ForeignConfig"  # job.json's uid differs from $TAUON_JOB_UID
 INVALID_OUTPUT = "InvalidOutput"  # output.path resolves outside its mount, or has ./../empty segments
 ATTEMPT_SUPERSEDED = "AttemptSuperseded"  # a newer attempt owns the output (retryable: this pod is stale)
+CHECKPOINT_CORRUPT = "CheckpointCorrupt"  # a checkpoint's data is bad (checksum, refused pickle, no shard)
+CHECKPOINT_UNREADABLE = "CheckpointUnreadable"  # loading failed otherwise (EIO, OOM): retryable, kept
 
 
 def termination_log_path() -> str | None:

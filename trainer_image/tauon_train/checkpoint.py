@@ -2,8 +2,8 @@
 in a local directory or under an ``s3://`` prefix.
 
 ``Checkpointer`` owns the checkpoints of a run: ``save`` (the attempt fence, every rank's shards, rank 0's
-commit), ``resume`` (the newest checkpoint that validates, older ones as fallback, a checkpoint that fails
-to load moved aside) and ``check_fence``. The functions below it are the layout; each takes a local path
+commit), ``resume`` (the newest checkpoint that validates, older ones as fallback, one whose data fails to load
+moved aside unless it is the last) and ``check_fence``. The functions below it are the layout; each takes a local path
 or an ``s3://`` URI.
 
 Layout under ``<output>/checkpoints/``::
@@ -15,7 +15,7 @@ Layout under ``<output>/checkpoints/``::
       rng/rank-R.pt          RNG states of rank R (restored when the world size is unchanged)
       state.json             step, epoch, global sample position in the epoch, world size, strategy,
                              owner uid, running loss sums
-      complete               written last; a checkpoint without it is never loaded
+      complete               written last (the sha256 of every other file); without it, never loaded
     .tmp-step-N-<random>/    local only: being written (or left by a crash; removed at the next start)
 
 Visibility. Locally a checkpoint is written into ``.tmp-step-N-*`` and renamed into place in one
@@ -36,35 +36,64 @@ under ddp loads under fsdp and the other way round, at any world size (DCP resha
 learning-rate schedule is a function of the step and is recomputed, not stored.
 
 Only the newest ``KEEP`` complete checkpoints are kept. ``validate`` checks a checkpoint without loading
-it (metadata readable, every shard file present and long enough), so a truncated newest checkpoint
-falls back to the previous one before any tensor is touched. A checkpoint that validates but still
-fails to load is quarantined (``.corrupt-step-N-*``; on S3 its ``complete`` is deleted), removed at the
-next start, and the run fails retryably: the restart resumes from the previous one.
+it, so a bad newest checkpoint falls back to the previous one before any tensor is touched.
+
+A checkpoint is untrusted input (anyone who can write the output directory could plant one):
+
+- ``complete`` records the sha256 of every other file of the checkpoint (``SUMS``), computed by rank 0 at
+  commit; ``validate`` checks ``.metadata`` against it before unpickling it, then every shard's size and
+  every file's checksum. (A checkpoint of an older trainer has no checksums: sizes only.) They catch
+  corruption and partial tampering; whoever can rewrite ``complete`` too is stopped by the next point.
+- DCP's ``.metadata`` is a pickle: it is read only through ``_MetadataUnpickler`` (DCP's metadata types,
+  ``torch.Size``, dtypes, layouts, nothing callable beyond them), by ``validate`` and by DCP itself during
+  the load (``_reader`` overrides ``read_metadata``); non-tensor values in the shards (optimizer
+  hyperparameters) must load with ``weights_only=True``. Anything else is ``UnsafeCheckpoint``.
+- ``state.json`` names the job that wrote it (``owner_uid``): a checkpoint of another job than the one
+  that claimed the output is refused (``OutputInUse``), never resumed.
+
+Failures while loading are judged by cause. Data errors (``CheckpointDataError``: a checksum mismatch, a
+refused pickle, a missing shard, unparseable content) move the checkpoint aside (``.corrupt-step-N-*``,
+removed at the next start; on S3 its ``complete`` is deleted) and the run fails retryably, so the restart
+resumes from the previous one; but the last remaining checkpoint is never moved: the run fails
+``CheckpointCorrupt`` (permanent) and keeps it, as it does when no complete checkpoint validates (never a
+silent restart from step 0). Any other failure (EIO, an OOM at a new world size, a collective timeout)
+keeps the checkpoint and fails retryably (``CheckpointUnreadable``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
 import json
 import os
+import pickle
 import random
 import re
 import secrets
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
 from tauon_core import storage
-from tauon_core.errors import ATTEMPT_SUPERSEDED, PermanentError, RetryableError
+from tauon_core.errors import (
+    ATTEMPT_SUPERSEDED,
+    CHECKPOINT_CORRUPT,
+    CHECKPOINT_UNREADABLE,
+    OUTPUT_IN_USE,
+    PermanentError,
+    RetryableError,
+)
 
 from . import dist
-from .output import Superseded, check_fence, fence_status, fsync_dir, fsync_tree
+from .output import Superseded, check_fence, claimed_uid, fence_status, fsync_dir, fsync_tree
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
@@ -77,7 +106,63 @@ COMPLETE = "complete"
 STATE = "state.json"
 DCP_DIR = "dcp"
 RNG_DIR = "rng"
+METADATA = f"{DCP_DIR}/.metadata"  # relative to the checkpoint, as the checksums name files
+SUMS = "sha256"  # the key of the per-file checksums in the ``complete`` marker
 _STEP_RE = re.compile(r"^step-(\d+)$")
+_SHARD_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")  # a file directly in dcp/ (no / or ..)
+_HASH_CHUNK = 8 << 20
+_HASH_THREADS = 8
+
+
+class CheckpointDataError(Exception):
+    """The checkpoint's own content is bad: a checksum mismatch, a refused pickle, a missing shard,
+    unparseable data. The only kind of load failure that moves a checkpoint aside."""
+
+
+class UnsafeCheckpoint(CheckpointDataError):
+    """A pickle in the checkpoint refers to something other than DCP's metadata types or plain values;
+    it is refused before anything it names is called."""
+
+
+# What DCP's ``.metadata`` pickle may name (found by pickling the metadata of real DDP and FSDP saves).
+_METADATA_GLOBALS = frozenset(
+    {
+        *(
+            ("torch.distributed.checkpoint.metadata", n)
+            for n in (
+                "Metadata",
+                "MetadataIndex",
+                "StorageMeta",
+                "TensorProperties",
+                "TensorStorageMetadata",
+                "BytesStorageMetadata",
+                "ChunkStorageMetadata",
+                "_MEM_FORMAT_ENCODING",
+            )
+        ),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),  # a torch.layout by name (a lookup, nothing else)
+        ("pathlib", "PosixPath"),  # storage_meta.checkpoint_id
+        ("pathlib", "PurePosixPath"),
+        ("collections", "OrderedDict"),
+    }
+)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP metadata only: any other class or function (``os.system``, ``builtins.eval``...) is
+    refused with ``UnsafeCheckpoint`` when the pickle names it, before it could be called."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _METADATA_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise UnsafeCheckpoint(
+            f"DCP metadata names {module}.{name}, which is not one of DCP's metadata types; refusing to "
+            "unpickle it (a checkpoint written by something other than torch.distributed.checkpoint)"
+        )
 
 
 @dataclass
@@ -246,23 +331,108 @@ def _writer(path: str) -> FileSystemWriter:
     return _share_filesystem(_Writer(path, sync_files=False, **storage.fsspec_options(path)), path)
 
 
+def load_metadata(f: BinaryIO, where: str) -> Any:
+    """DCP's ``Metadata`` from the pickle in ``f`` through ``_MetadataUnpickler``, checked to be one (its
+    shard files plain names inside dcp/). ``CheckpointDataError`` (``UnsafeCheckpoint``) for anything
+    else; a failure to read ``f`` (the store's) propagates."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    try:
+        md = _MetadataUnpickler(f).load()
+    except CheckpointDataError:
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, LookupError) as e:
+        raise CheckpointDataError(f"{where} unreadable: {type(e).__name__}: {e}") from None
+    if not isinstance(md, Metadata) or not isinstance(md.storage_data, dict):
+        raise UnsafeCheckpoint(f"{where} holds a {type(md).__name__}, not DCP metadata")
+    for info in md.storage_data.values():
+        rel = getattr(info, "relative_path", None)
+        if not isinstance(info, _StorageInfo) or not isinstance(rel, str) or not _SHARD_NAME_RE.match(rel):
+            raise UnsafeCheckpoint(f"{where} names a shard file {rel!r} outside its directory")
+    return md
+
+
+@contextlib.contextmanager
+def _data_errors(where: str) -> Iterator[None]:
+    """Content that fails to parse, or a file of the checkpoint that is not there, is the checkpoint's
+    fault (``CheckpointDataError``); anything else (EIO, OOM, a timeout) propagates unchanged."""
+    try:
+        yield
+    except (pickle.UnpicklingError, EOFError, FileNotFoundError) as e:
+        raise CheckpointDataError(f"{where}: {type(e).__name__}: {e}") from None
+
+
+def _safe_read_metadata(reader: Any, rank: int | None) -> Any:
+    """DCP's ``FileSystemReader.read_metadata`` through ``load_metadata`` (torch unpickles it unrestricted).
+    Only the global ``.metadata`` (tauon never writes rank-local ones, which DCP falls back to). DCP turns
+    a failure here into an ``AssertionError`` naming it: the reader keeps the error as ``data_error``."""
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    if rank is not None:
+        raise reader.data_error or CheckpointDataError("rank-local DCP metadata is never used")
+    md_path = reader._get_metadata_path(None)
+    try:
+        with _data_errors(str(md_path)), reader.fs.create_stream(md_path, "rb") as f:
+            md = load_metadata(f, str(md_path))
+    except CheckpointDataError as e:
+        reader.data_error = e
+        raise
+    if getattr(md, "storage_meta", None) is None:
+        md.storage_meta = StorageMeta()
+    md.storage_meta.load_id = reader.load_id
+    return md
+
+
 def _reader(path: str) -> FileSystemReader:
+    """The DCP reader for ``path``: metadata through the restricted unpickler (wherever DCP reads it, in
+    ``dcp.load`` too), content errors as ``CheckpointDataError``; on S3 the named storage errors."""
     from torch.distributed.checkpoint.filesystem import FileSystemReader
     from torch.distributed.checkpoint.fsspec_filesystem import FsspecReader
 
-    if not _remote(path):
-        return FileSystemReader(path)
+    class _LocalReader(FileSystemReader):
+        data_error: CheckpointDataError | None = None
 
-    class _Reader(FsspecReader):
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-            with storage.storage_failures(storage.join(path, ".metadata")):
-                return super().read_metadata(*args, **kwargs)
+            return _safe_read_metadata(self, kwargs.get("rank"))
 
         def read_data(self, plan: Any, planner: Any) -> Any:
-            with storage.storage_failures(path):
+            with _data_errors(path):
+                return super().read_data(plan, planner)
+
+    if not _remote(path):
+        return _LocalReader(path)
+
+    class _Reader(FsspecReader):
+        data_error: CheckpointDataError | None = None
+
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            with storage.storage_failures(storage.join(path, ".metadata")):
+                return _safe_read_metadata(self, kwargs.get("rank"))
+
+        def read_data(self, plan: Any, planner: Any) -> Any:
+            with _data_errors(path), storage.storage_failures(path):
                 return super().read_data(plan, planner)
 
     return _share_filesystem(_Reader(path, **storage.fsspec_options(path)), path)
+
+
+def _planner() -> Any:
+    """DCP's default load planner, except that non-tensor values (optimizer hyperparameters) must be
+    plain data (``torch.load(weights_only=True)``); DCP itself unpickles them unrestricted."""
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    class _Planner(DefaultLoadPlanner):
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            try:
+                torch.load(value, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as e:
+                fqn = read_item.dest_index.fqn
+                raise UnsafeCheckpoint(f"value {fqn} is not plain data: {e}") from None
+            value.seek(0)  # only plain data: the default (unrestricted) load runs nothing else
+            super().load_bytes(read_item, value)
+
+    return _Planner()
 
 
 def _share_filesystem(dcp_io: T, path: str) -> T:
@@ -316,18 +486,91 @@ def write_shards(tmp: str, app_state: dict[str, Any], rank: int, rng: dict[str, 
         os.fsync(f.fileno())
 
 
+# --- checksums (recorded in ``complete`` at commit, verified before any load) -----------------------
+
+
+def checkpoint_files(path: str) -> list[str]:
+    """Every file of the checkpoint at ``path`` but ``complete``, relative (``/``-separated), sorted."""
+    if _remote(path):
+        base = path.rstrip("/") + "/"
+        rels = [o.uri[len(base) :] for o in storage.list_tree(path)]
+    else:
+        rels = [
+            os.path.relpath(os.path.join(d, n), path).replace(os.sep, "/")
+            for d, _dirs, files in os.walk(path)
+            for n in files
+        ]
+    return sorted(r for r in rels if r != COMPLETE)
+
+
+def _sha256(uri: str) -> str:
+    h = hashlib.sha256()
+    with storage.open_read(uri) if _remote(uri) else open(uri, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checksums(path: str, rels: list[str]) -> dict[str, str]:
+    """sha256 of each of ``rels`` under ``path`` (several files at once: hashlib releases the GIL)."""
+    if not rels:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(_HASH_THREADS, len(rels))) as pool:
+        return dict(zip(rels, pool.map(lambda rel: _sha256(storage.join(path, rel)), rels), strict=True))
+
+
+def _marker(path: str, state: TrainState) -> dict[str, Any]:
+    """The ``complete`` marker: the step, and the sha256 of every other file of the checkpoint."""
+    return {"step": state.step, "time": time.time(), SUMS: checksums(path, checkpoint_files(path))}
+
+
+def recorded_checksums(path: str) -> dict[str, str] | None:
+    """The checksums in ``complete``; None for a marker without them (a checkpoint of an older trainer)."""
+    raw = storage.read_bytes(storage.join(path, COMPLETE)) if _remote(path) else _read_local(path, COMPLETE)
+    data = json.loads(raw)
+    sums = data.get(SUMS) if isinstance(data, dict) else None
+    if sums is None:
+        return None
+    if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
+        raise ValueError(f"{COMPLETE}: {SUMS} is not a map of file to checksum")
+    return sums
+
+
+def _read_local(path: str, rel: str) -> bytes:
+    with open(os.path.join(path, rel), "rb") as f:
+        return f.read()
+
+
+def verify_checksums(path: str, rels: list[str], sums: dict[str, str]) -> str | None:
+    """None when each of ``rels`` exists and matches its recorded sha256; else the first that does not.
+    A read error other than a missing file propagates (the store's, not the checkpoint's)."""
+    unrecorded = [rel for rel in rels if rel not in sums]
+    if unrecorded:
+        return f"{unrecorded[0]} has no recorded checksum"
+    try:
+        actual = checksums(path, rels)
+    except (FileNotFoundError, storage.StoragePermanentError) as e:
+        if isinstance(e, PermanentError) and not _missing(e):
+            raise
+        return f"a file is missing ({e})"
+    bad = [rel for rel in rels if actual[rel] != sums[rel]]
+    if bad:
+        return f"checksum mismatch: {bad[0]} (sha256 {actual[bad[0]][:16]}, recorded {sums[bad[0]][:16]})"
+    return None
+
+
 def commit(tmp: str, ckdir: str, state: TrainState, keep: int = KEEP) -> str:
     """Rank 0, once every rank's shards are written: state.json, the ``complete`` marker (locally: fsync,
     rename into place), prune. Returns the checkpoint's path."""
     if _remote(tmp):
         _write_json(storage.join(tmp, STATE), asdict(state))
-        _write_json(storage.join(tmp, COMPLETE), {"step": state.step, "time": time.time()})
+        _write_json(storage.join(tmp, COMPLETE), _marker(tmp, state))
         prune(ckdir, keep)
         return tmp
     name = step_dir_name(state.step)
     try:
         _write_json(os.path.join(tmp, STATE), asdict(state))
-        _write_json(os.path.join(tmp, COMPLETE), {"step": state.step, "time": time.time()})
+        _write_json(os.path.join(tmp, COMPLETE), _marker(tmp, state))
         fsync_tree(tmp)
         final = os.path.join(ckdir, name)
         if os.path.exists(final):  # re-saving the same step (e.g. after a resume): swap it out
@@ -388,29 +631,21 @@ def _shard_sizes(dcp_dir: str, names: list[str]) -> dict[str, int]:
     return out
 
 
-def validate(path: str) -> str | None:
-    """None when ``path`` looks loadable; else what is wrong (read without loading any tensor). Storage
-    errors other than a missing object propagate (an unreachable store is not a bad checkpoint)."""
-    try:
-        read_state(path)
-    except (OSError, ValueError, TypeError, storage.StoragePermanentError) as e:
-        if isinstance(e, PermanentError) and not _missing(e):
-            raise
-        return f"{STATE} unreadable: {e}"
-    dcp_dir = storage.join(path, DCP_DIR)
-    try:
-        md = _reader(dcp_dir).read_metadata()
-    except (RetryableError, PermanentError) as e:
-        if not _missing(e):
-            raise
-        return f"DCP metadata unreadable: {e}"
-    except Exception as e:
-        return f"DCP metadata unreadable: {type(e).__name__}: {e}"
+def read_metadata(dcp_dir: str) -> Any:
+    """The DCP metadata of ``dcp_dir`` through the restricted unpickler (``UnsafeCheckpoint`` otherwise)."""
+    return _reader(dcp_dir).read_metadata()
+
+
+def _shard_needs(md: Any) -> dict[str, int]:
+    """Each shard file the metadata names and the size it must have at least."""
     sizes: dict[str, int] = {}
     for info in md.storage_data.values():
         rel = info.relative_path
-        need = int(info.offset) + int(info.length)
-        sizes[rel] = max(sizes.get(rel, 0), need)
+        sizes[rel] = max(sizes.get(rel, 0), int(info.offset) + int(info.length))
+    return sizes
+
+
+def _check_sizes(dcp_dir: str, sizes: dict[str, int]) -> str | None:
     have = _shard_sizes(dcp_dir, sorted(sizes))
     for rel, need in sorted(sizes.items()):
         if rel not in have:
@@ -420,11 +655,59 @@ def validate(path: str) -> str | None:
     return None
 
 
+def validate(path: str) -> str | None:
+    """None when ``path`` looks loadable; else what is wrong with its data. Nothing is unpickled before
+    its checksum matched: the metadata's checksum, then the metadata (restricted unpickler), the shard
+    sizes, then every other file's checksum (checkpoints of older trainers have none: sizes only).
+    Storage errors other than a missing object propagate (an unreachable store is not a bad checkpoint),
+    so does a local read error other than a missing file (EIO)."""
+    try:
+        read_state(path)
+        sums = recorded_checksums(path)
+    except (FileNotFoundError, ValueError, TypeError, storage.StoragePermanentError) as e:
+        if isinstance(e, PermanentError) and not _missing(e):
+            raise
+        return f"{STATE} or {COMPLETE} unreadable: {e}"
+    if sums is not None:
+        problem = verify_checksums(path, [METADATA], sums)
+        if problem is not None:
+            return problem
+    dcp_dir = storage.join(path, DCP_DIR)
+    try:
+        needs = _shard_needs(read_metadata(dcp_dir))
+    except CheckpointDataError as e:
+        return f"DCP metadata refused: {type(e).__name__}: {e}"
+    except (RetryableError, PermanentError) as e:
+        if not _missing(e):
+            raise
+        return f"DCP metadata unreadable: {e}"
+    problem = _check_sizes(dcp_dir, needs)
+    if problem is not None or sums is None:
+        return problem
+    rest = sorted({*sums, *(f"{DCP_DIR}/{rel}" for rel in needs)} - {METADATA})
+    return verify_checksums(path, rest, sums)
+
+
 def load_shards(path: str, app_state: dict[str, Any]) -> None:
     """Every rank (collective): fill ``app_state`` in place from the checkpoint (resharding as needed)."""
     from torch.distributed.checkpoint import state_dict_loader
+    from torch.distributed.checkpoint.api import CheckpointException
 
-    state_dict_loader.load(app_state, storage_reader=_reader(storage.join(path, DCP_DIR)))
+    reader = _reader(storage.join(path, DCP_DIR))
+    try:
+        state_dict_loader.load(app_state, storage_reader=reader, planner=_planner())
+    except (Exception, CheckpointException) as e:
+        refused = getattr(reader, "data_error", None)
+        if refused is not None:  # DCP reports a metadata failure as an AssertionError: the named one
+            raise refused from e
+        raise
+
+
+def is_data_error(exc: BaseException) -> bool:
+    """Whether a load failure (``exc``, or any rank's failure inside DCP's ``CheckpointException``) is
+    the checkpoint's own data: only those move a checkpoint aside."""
+    inner = [f[0] for f in getattr(exc, "failures", {}).values()] or [exc]
+    return any(isinstance(e, CheckpointDataError) or _missing(e) for e in inner)
 
 
 def quarantine(path: str) -> str:
@@ -573,7 +856,8 @@ class Checkpointer:
 
     def resume(self) -> TrainState | None:
         """Load the newest complete checkpoint that validates (logging each one skipped); None when there
-        is none. One that fails to load anyway is quarantined and the run fails (retryable)."""
+        is none. One that fails to load anyway: a data error moves it aside (never the last one) and
+        the run fails; any other error (EIO, OOM, a timeout) keeps it and fails retryably."""
         from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
@@ -587,12 +871,14 @@ class Checkpointer:
             load_shards(path, st)  # DCP gathers errors: every rank raises together
         except (Exception, CheckpointException) as e:
             named = _named(e, path)
-            if isinstance(named, RetryableError | PermanentError) and not _missing(named):
+            if is_data_error(e) or _missing(named):  # rank 0 decides; every rank raises the same
+                raise _unpack(_on_main(d, lambda: _pack(self._set_aside(path, named)))) from None
+            if isinstance(named, RetryableError | PermanentError):
                 raise named from None  # the store's failure, not the checkpoint's: keep it
-            moved = _on_main(d, lambda: quarantine(path))
-            raise RuntimeError(
-                f"checkpoint {path} failed to load ({type(e).__name__}: {e}); moved aside to {moved}"
-                "; the restart resumes from the previous checkpoint"
+            raise RetryableError(
+                CHECKPOINT_UNREADABLE,
+                f"loading checkpoint {path} failed ({type(named).__name__}: {named}); it is kept and the "
+                "restart loads it again",
             ) from e
         set_state_dict(
             self.module,
@@ -622,17 +908,67 @@ class Checkpointer:
         if rng is not None:
             restore_rng(rng, self.device)
 
+    def _set_aside(self, path: str, err: BaseException) -> Exception:
+        """Rank 0, after a data error loading ``path``: the error to raise. It is moved aside when an
+        older checkpoint is left to resume from; the last one is never moved (or deleted)."""
+        if len(list_complete(self.dir)) <= 1:
+            return PermanentError(
+                CHECKPOINT_CORRUPT,
+                f"checkpoint {path} failed to load ({err}) and is the only checkpoint left; it is kept. "
+                "Move it aside to train from step 0",
+            )
+        moved = quarantine(path)
+        return RetryableError(
+            CHECKPOINT_CORRUPT,
+            f"checkpoint {path} failed to load ({err}); moved aside to {moved}; the restart resumes from "
+            "the previous checkpoint",
+        )
+
     def _newest_valid(self) -> tuple[str, TrainState] | None:
-        """Rank 0: the newest complete checkpoint that ``validate`` accepts, and its state."""
+        """Rank 0: the newest complete checkpoint that ``validate`` accepts, and its state. Another job's
+        checkpoint fails ``OutputInUse``; complete checkpoints none of which validates fail
+        ``CheckpointCorrupt`` (all kept: never a silent restart from step 0); a read error of the
+        store fails retryably."""
+        problems: list[str] = []
         for step, path in reversed(list_complete(self.dir)):
-            problem = validate(path)
+            self._check_owner(path)
+            try:
+                problem = validate(path)
+            except OSError as e:
+                raise RetryableError(
+                    CHECKPOINT_UNREADABLE, f"checkpoint {path} could not be read ({e}); it is kept"
+                ) from None
             if problem is None:
                 return path, read_state(path)
+            problems.append(f"step {step}: {problem}")
             dist.log(
                 self.d,
                 f"warning: checkpoint {path} (step {step}) is not loadable ({problem}); trying an older one",
             )
+        if problems:
+            raise PermanentError(
+                CHECKPOINT_CORRUPT,
+                f"no checkpoint under {self.dir} is loadable ({'; '.join(problems)}); all are kept. "
+                "Move them aside to train from step 0",
+            )
         return None
+
+    def _check_owner(self, path: str) -> None:
+        """Refuse a checkpoint written by another job than the one this process claimed the output for
+        (``state.json``'s ``owner_uid``); an unreadable state is ``validate``'s to report."""
+        uid = claimed_uid(self.output)
+        if not uid:
+            return
+        try:
+            owner = read_state(path).owner_uid
+        except (OSError, ValueError, TypeError, storage.StoragePermanentError):
+            return
+        if owner != uid:
+            raise PermanentError(
+                OUTPUT_IN_USE,
+                f"checkpoint {path} was written by job uid {owner or '(none)'}, not by this job (uid "
+                f"{uid}); refusing to resume another job's checkpoint. Nothing was changed",
+            )
 
     def _options(self) -> StateDictOptions:
         from torch.distributed.checkpoint.state_dict import StateDictOptions

@@ -377,6 +377,12 @@ def _claim_remote(output: str, uid: str, job: str, attempt: int) -> dict[str, An
     raise Superseded(f"{uri} kept changing while attempt {attempt} claimed it; another attempt is writing it")
 
 
+def claimed_uid(output: str) -> str:
+    """The job uid this process (rank 0) claimed ``output`` for; "" before a claim or for a job without
+    a uid (hand-written job.json)."""
+    return _CLAIMED.get(output, "")
+
+
 def check_fence(output: str, attempt: int) -> None:
     """Before every write of checkpoints or the model: stop if a newer attempt has taken over, or fail
     ``OutputInUse`` if the owner file now names another job than the one this process claimed it for."""

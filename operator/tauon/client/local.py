@@ -20,6 +20,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from tauon.api import FineTuneJobStatus, InferenceServiceStatus
+from tauon.api.common import NAME_MAX, NAME_PATTERN
 from tauon.api.names import (
     API_VERSION,
     FAILED,
@@ -43,7 +45,7 @@ from tauon.api.names import (
     Manifest,
     local_service_status_file,
 )
-from tauon.client.errors import AlreadyExists, NotFound
+from tauon.client.errors import AlreadyExists, NotFound, SpecError
 from tauon.client.logs import merge_files
 
 # where `tauon run --local` keeps an object's status (tauon.local.run, which this package may not import)
@@ -116,6 +118,17 @@ class LocalBackend:
     def output_dir(self, name: str) -> Path:
         return self.workdir / name
 
+    def _checked_dir(self, kind: str, name: str) -> Path:
+        """``output_dir(name)`` for a name that may be removed: a DNS label (as the API requires) whose
+        resolved directory is directly inside the run directory (no ``..``, no absolute path, no symlink
+        out of it); anything else is refused before any file is touched."""
+        if not (re.fullmatch(NAME_PATTERN, name) and len(name) <= NAME_MAX):
+            raise SpecError(kind, name, {"metadata.name": f"must match {NAME_PATTERN} (at most {NAME_MAX})"})
+        path = self.output_dir(name)
+        if path.resolve().parent != self.workdir:
+            raise SpecError(kind, name, {"metadata.name": f"{path} resolves outside {self.workdir}"})
+        return path
+
     def default_output(self, name: str) -> str:
         return f"file://{self.output_dir(name)}"
 
@@ -180,13 +193,14 @@ class LocalBackend:
         }
 
     def delete(self, kind: str, name: str) -> None:
+        target = self._checked_dir(kind, name)
         run = self.runs.pop((kind, name), None)
         if run is None and self.get(kind, name) is None:
             raise NotFound(kind, name, self.where)
         if run is not None:
             _stop(run.proc)
         if kind == FINETUNEJOB:  # a local job's only state is its run directory
-            shutil.rmtree(self.output_dir(name), ignore_errors=True)
+            shutil.rmtree(target, ignore_errors=True)
 
     # -- logs and endpoints ------------------------------------------------------------------------------
     def logs(self, name: str, follow: bool) -> Iterator[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import time
 from typing import Any
 
 import aiohttp
@@ -18,7 +19,7 @@ from tauon.handlers import indexes as ix
 from tauon.handlers import inferenceservice, progress
 from tauon.handlers.runtime import RT
 from tauon.handlers.skeleton import Controller, register
-from tauon.kube.client import owned_by
+from tauon.kube.client import owned_by, path
 from tauon.reconcile import pods as P
 from tauon.reconcile.finetunejob import Observed, reconcile
 from tauon.reconcile.plan import Plan
@@ -29,6 +30,8 @@ CONTROLLER = "finetunejob"
 CHILD = {LABEL_JOB: kopf.PRESENT}
 _backoff = progress.Backoff()
 _reported: dict[ix.Key, str] = {}  # job -> the /progress failure last logged (logged once per change)
+POD_RESYNC_SECONDS = 60.0  # a job's pod index is compared with a LIST of its pods at most this often
+_resynced: dict[ix.Key, float] = {}  # job -> monotonic time of its last pod LIST
 
 # Index and watch handlers take every keyword Kopf passes (**kwargs) and name only what they use, with
 # the types of kopf's IndexingFn/WatchingFn protocols (namespace is None for cluster-scoped objects).
@@ -57,6 +60,7 @@ async def on_job(type: str, namespace: str | None, name: str, **kwargs: Any) -> 
     inferenceservice.on_job_change(ns, name)
     if type == "DELETED":
         RT.forget((CONTROLLER, ns, name))
+        _resynced.pop((ns, name), None)
         return
     # the echo of our own status write: the children that pass created are still on their way through
     # their watches, so wait for them (and the pods' events) and make one pass of it all
@@ -100,10 +104,33 @@ def _owned(index: str, key: ix.Key, uid: str) -> list[dict[str, Any]]:
     return [b for b in RT.indexes.bodies(index, key) if owned_by(b, uid)]
 
 
+async def resync_pods(ns: str, name: str, now: float | None = None) -> None:
+    """At most every POD_RESYNC_SECONDS per job: LIST the job's pods and hide the pod index's entries the
+    LIST proves gone (deleted while the watch was away; Kopf does not diff a re-list). Best effort: a
+    failed LIST is tried again at the next pass."""
+    assert RT.kube is not None
+    key, t = (ns, name), time.monotonic() if now is None else now
+    if t - _resynced.get(key, -POD_RESYNC_SECONDS) < POD_RESYNC_SECONDS:
+        return
+    try:
+        got = await RT.kube._call("GET", path("Pod", ns), query=[("labelSelector", f"{LABEL_JOB}={name}")])
+    except Exception as e:
+        log.warning("listing the pods of FineTuneJob %s/%s failed: %s", ns, name, e)
+        return
+    _resynced[key] = t
+    items = [dict(i) for i in got.get("items") or []]
+    rv = str((got.get("metadata") or {}).get("resourceVersion") or "")
+    dropped = RT.indexes.resync(ix.FTJ_PODS, key, items, rv)
+    if dropped:
+        log.warning("FineTuneJob %s/%s: pods gone but still indexed: %s", ns, name, ", ".join(dropped))
+
+
 async def plan_job(job: FineTuneJob, body: dict[str, Any], uid: str, now: dt.datetime) -> Plan:
     assert RT.kube is not None
     ns, name = job.metadata.namespace or "", job.metadata.name
     key = (ns, name)
+    if job.status.phase not in ("Succeeded", "Failed"):
+        await resync_pods(ns, name)
     cms = _owned(ix.FTJ_CONFIGMAPS, key, uid)
     svcs = _owned(ix.FTJ_SERVICES, key, uid)
     pods = _owned(ix.FTJ_PODS, key, uid)

@@ -3,7 +3,10 @@
 Kopf passes every index to every handler as a keyword argument named after the index handler's id; the
 ids below are the only names used anywhere. Each index maps (namespace, owner name) to the bodies Kopf
 saw. After a watch re-list an index can still hold an object that is gone, or an old object beside a new
-one of the same name: `live` picks the one to act on.
+one of the same name: `live` picks the one to act on. Kopf does not diff a re-list (410 Gone): a pod
+deleted while the watch was disconnected stays in the pod index, Running, until Kopf restarts. `resync`
+compares an index key with a LIST of the same objects and hides the ones the LIST proves gone
+(`stale_uids`); the job handler runs it for each job's pods now and then.
 """
 
 from __future__ import annotations
@@ -98,6 +101,22 @@ def _rv(obj: Manifest) -> int:
         return 0
 
 
+def _uid(obj: Manifest) -> str:
+    return str((obj.get("metadata") or {}).get("uid") or "")
+
+
+def stale_uids(indexed: list[Manifest], listed: list[Manifest], list_rv: str) -> set[str]:
+    """The uids of ``indexed`` bodies a LIST answered at resourceVersion ``list_rv`` proves gone: not in
+    ``listed`` and not newer than the LIST (a body the watch delivered after the LIST was served is not
+    in it, and stays). An unparseable ``list_rv`` proves nothing."""
+    try:
+        at = int(list_rv)
+    except ValueError:
+        return set()
+    present = {_uid(b) for b in listed}
+    return {u for b in indexed if (u := _uid(b)) and u not in present and 0 < _rv(b) <= at}
+
+
 def live(bodies: list[Manifest]) -> Manifest | None:
     """The body to act on: not being deleted if any is not, then the newest (creation, resourceVersion)."""
     if not bodies:
@@ -115,6 +134,7 @@ class Indexes:
 
     def __init__(self) -> None:
         self._views: dict[str, Mapping[Any, Any]] = {}
+        self._gone: dict[tuple[str, Key], set[str]] = {}  # (index, key) -> uids a LIST proved gone
 
     def capture(self, kwargs: Mapping[str, Any]) -> None:
         for name in ALL:
@@ -122,12 +142,38 @@ class Indexes:
             if view is not None:
                 self._views[name] = view
 
-    def bodies(self, index: str, key: Key) -> list[Manifest]:
-        """Copies of what the index holds for key."""
+    def _held(self, index: str, key: Key) -> list[Manifest]:
         view = self._views.get(index)
         if view is None or key not in view:
             return []
         return [dict(v) for v in view[key]]
+
+    def bodies(self, index: str, key: Key) -> list[Manifest]:
+        """Copies of what the index holds for key, but for objects a LIST proved gone."""
+        gone = self._gone.get((index, key), set())
+        return [b for b in self._held(index, key) if _uid(b) not in gone]
+
+    def resync(self, index: str, key: Key, listed: list[Manifest], list_rv: str) -> list[str]:
+        """Hide what the index holds for ``key`` that a LIST of the same objects (``listed``, answered at
+        ``list_rv``) proves gone; returns their names (newly hidden). Uids Kopf itself has forgotten are
+        forgotten here too, so this remembers only ghosts the index still holds."""
+        held = self._held(index, key)
+        before = self._gone.get((index, key), set())
+        still = {_uid(b) for b in held}
+        gone = (before & still) | stale_uids(held, listed, list_rv)
+        if gone:
+            self._gone[(index, key)] = gone
+        else:
+            self._gone.pop((index, key), None)
+        view = self._views.get(index) or {}
+        for k in [k for k in self._gone if k[0] == index and k[1] not in view]:
+            del self._gone[k]  # the whole key left the index (its job was deleted)
+        return sorted(
+            str((b.get("metadata") or {}).get("name") or _uid(b)) for b in held if _uid(b) in gone - before
+        )
+
+    def gone_count(self) -> int:
+        return sum(len(u) for u in self._gone.values())
 
     def live(self, index: str, key: Key) -> Manifest | None:
         return live(self.bodies(index, key))

@@ -7,7 +7,8 @@ Without it the operator runs alone and always leads (a single replica, local run
 Timing (the client-go defaults): the lease lasts LEASE_SECONDS (15 s); the leader renews every RENEW_SECONDS
 (5 s) and counts itself leader only until RENEW_DEADLINE_SECONDS (10 s) after it SENT its last successful
 renewal; a follower takes over only when the lease record has not changed for LEASE_SECONDS by its own
-monotonic clock since it first saw it (no wall-clock comparison between machines). The 5 s gap is the
+monotonic clock since it first saw it (the moment its GET was answered, never when it was sent: a slow GET
+must not backdate a renewal it returns; no wall-clock comparison between machines). The 5 s gap is the
 margin against both holding it. Writes are optimistic (resourceVersion): of two candidates, one wins.
 
 The decision is pure (`decide`); `Elector` does the I/O.
@@ -118,13 +119,17 @@ class Elector:
         return self.clock() < self._valid_until
 
     async def once(self) -> None:
-        t0 = self.clock()
+        sent = self.clock()
         lease = await self.kube.get("Lease", self.namespace, self.name)
-        action = decide(lease, self.me, self._seen, t0)
+        # A record is observed when the answer arrives, not when the GET was sent (as client-go stamps
+        # it): the holder may have renewed while a slow GET was in flight, and a record stamped with the
+        # send time would age by the GET's latency too early. Our own deadline counts from `sent`.
+        received = self.clock()
+        action = decide(lease, self.me, self._seen, received)
         if action == "wait":
             holder, renew, duration = holder_of(lease)
             if self._seen is None or (self._seen.holder, self._seen.renew_time) != (holder, renew):
-                self._seen = Seen(holder, renew, duration, t0)
+                self._seen = Seen(holder, renew, duration, received)
             self._lose(f"held by {holder}")
             return
         was = self.leading()
@@ -137,7 +142,7 @@ class Elector:
         except Stale:  # another candidate wrote first
             self._lose("another candidate won")
             return
-        self._valid_until = t0 + RENEW_DEADLINE_SECONDS
+        self._valid_until = sent + RENEW_DEADLINE_SECONDS
         self._seen = None
         if not was:
             log.warning("leader election: %s leads (Lease %s/%s)", self.me, self.namespace, self.name)

@@ -13,6 +13,11 @@ the pods (ranks) or the predictor Deployment (server) the kubelet would report. 
 a gang or a server, so it plans with backoffLimit 0 (a failed rank fails the job) and serves one predictor
 replica (no canary, no autoscaling); what only a local run can hit gets its own Failed reason:
 `Interrupted` (Ctrl-C/SIGTERM), `Unsupported` (a pod a process cannot run), `ServerExited`.
+
+Identity: a manifest has no uid, but the trainer's output ownership (`.tauon-owner.json`) needs one. A
+local FineTuneJob is identified by its namespace and name (`local_uid`, a name-based UUID): running the
+same job again resumes its checkpoints, as a restarted gang does; another job pointed at the same output
+fails `OutputInUse`, as a re-created job on a cluster does. A uid the manifest carries is kept.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -322,9 +328,19 @@ def _watch(ranks: list[RankRun], status: JobStatus, interrupt: _Interrupt, quiet
             time.sleep(0.5)
 
 
+LOCAL_UID_NAMESPACE = uuid.UUID("6f0d5bd4-3c1e-4d7a-9a55-2f3c1b7e9d10")  # names local jobs' uids
+
+
+def local_uid(job: FineTuneJob) -> str:
+    """The uid of a local FineTuneJob: stable for its namespace/name, different for any other job."""
+    meta = job.metadata
+    return str(uuid.uuid5(LOCAL_UID_NAMESPACE, f"{meta.namespace or 'default'}/{meta.name}"))
+
+
 def run_finetunejob(job: FineTuneJob, output: Path, quiet: bool = False) -> int:
     """Train locally; returns the process exit status (0 on success). <output>/status.json follows it."""
     output = output.resolve()
+    job.metadata.uid = job.metadata.uid or local_uid(job)  # the output's owner (module docstring)
     job.spec.output.storage = f"file://{output}"
     cfg = OperatorConfig(allow_host_paths=True)
     status = JobStatus(job, output, cfg)
