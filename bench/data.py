@@ -12,11 +12,16 @@ Measured in the same run, so the figures are ratios on this shared machine:
 - tokenization throughput (tokens/s of the cold build, from metrics.json ``dataset``) with 2 ranks vs
   1 rank on the same corpus (target >= 1.7x on 2 idle cores; this machine's cores are shared);
 - loader throughput: tokens/s one rank reads from the cached entry through ``build_datasets`` items,
-  from local disk (target >= 1M tokens/s) and from SeaweedFS on loopback (reported).
+  from local disk (target >= 1M tokens/s) and from SeaweedFS on loopback (reported), in the trainer's
+  pattern (one item at a time, shuffled). From SeaweedFS three ways in the same run: the reader's
+  previous settings (1 MiB blocks, no read-ahead: ``loaderTokensPerSecondS3Before``), its current ones
+  (``loaderTokensPerSecondS3``), and micro-batches of 4 with the next one prefetched
+  (``CorpusDataset.prefetch``: ``loaderTokensPerSecondS3Prefetch``).
 
-Writes bench/results/data.json.
+Writes bench/results/data.json. ``--loader-only`` builds the LARGE corpus's cache in this process and
+measures only the loader figures, updating them in an existing data.json (the other figures are kept).
 
-    python bench/data.py [--small 8] [--large 128] [--no-s3]
+    python bench/data.py [--small 8] [--large 128] [--no-s3] [--loader-only]
 """
 
 from __future__ import annotations
@@ -180,25 +185,61 @@ def run_trainer(tmp: Path, cfg: dict[str, Any], nproc: int) -> dict[str, Any]:
     }
 
 
-def loader_tokens_per_second(cfg: dict[str, Any], seconds: float = 3.0) -> float:
-    """One rank reading training items from the cached entry (what each step's batches are made of)."""
+# the s3 reader's settings before the read-ahead (issue 20): 1 MiB blocks, 64 of them, nothing ahead
+BEFORE = {"_BLOCK": 1 << 20, "_BLOCKS": 64, "_AHEAD": 0}
+S3_WARMUP = 15.0
+
+
+def loader_tokens_per_second(
+    cfg: dict[str, Any],
+    seconds: float = 3.0,
+    batch: int = 0,
+    settings: dict[str, int] | None = None,
+    warmup: float = 0.0,
+    shuffled: bool = True,
+) -> float:
+    """One rank reading training items from the cached entry (what each step's batches are made of), in
+    a shuffled order: one item at a time as the trainer reads them (``batch`` 0), or micro-batches of
+    ``batch`` items with the next one prefetched. ``settings`` override the s3 reader's (tokcache).
+    The rate over ``seconds`` after ``warmup`` seconds of reading (the block cache filled: steady state).
+    ``shuffled=False``: the items in order (a scan, as an evaluation pass reads its split)."""
     sys.path.insert(0, str(REPO / "trainer_image"))
     from transformers import AutoTokenizer
 
-    from tauon_train import data
+    from tauon_train import data, tokcache
     from tauon_train.config import parse_config
 
-    jc = parse_config(cfg)
-    tok = AutoTokenizer.from_pretrained(str(TOKENIZER))
-    train, _ = data.build_datasets(jc, tok)
+    saved = {k: getattr(tokcache, k) for k in settings or {}}
+    for k, v in (settings or {}).items():
+        setattr(tokcache, k, v)
+    try:
+        jc = parse_config(cfg)
+        tok = AutoTokenizer.from_pretrained(str(TOKENIZER))
+        train, _ = data.build_datasets(jc, tok)
+    finally:
+        for k, v in saved.items():
+            setattr(tokcache, k, v)
+    assert isinstance(train, data.CorpusDataset)
     n, tokens, t0 = len(train), 0, time.monotonic()
     order = list(range(n))
-    random.Random(0).shuffle(order)
-    i = 0
-    while time.monotonic() - t0 < seconds:
-        tokens += len(train[order[i % n]]["input_ids"])
-        i += 1
-    return tokens / (time.monotonic() - t0)
+    if shuffled:
+        random.Random(0).shuffle(order)
+    i, t1 = 0, None
+    while time.monotonic() - t0 < warmup + seconds:
+        if t1 is None and time.monotonic() - t0 >= warmup:
+            tokens, t1 = 0, time.monotonic()
+        if batch:
+            nxt = [order[(i + batch + k) % n] for k in range(batch)]
+            train.prefetch(nxt)
+            items = train.__getitems__([order[(i + k) % n] for k in range(batch)])
+            tokens += sum(len(it["input_ids"]) for it in items)
+            i += batch
+        else:
+            tokens += len(train[order[i % n]]["input_ids"])
+            i += 1
+    rate = tokens / (time.monotonic() - (t1 or t0))
+    train.corpus.close()
+    return rate
 
 
 def main() -> int:
@@ -206,7 +247,10 @@ def main() -> int:
     ap.add_argument("--small", type=int, default=8, help="MB of text of the small corpus")
     ap.add_argument("--large", type=int, default=128, help="MB of text of the large corpus")
     ap.add_argument("--no-s3", action="store_true", help="skip the loader figure from SeaweedFS")
+    ap.add_argument("--loader-only", action="store_true", help="only the loader figures (see above)")
     args = ap.parse_args()
+    if args.loader_only:
+        return loader_only(args.large, not args.no_s3)
     res: dict[str, Any] = {"benchmark": "data path at scale (issue 20)", "runs": {}}
     with tempfile.TemporaryDirectory(prefix="tauon-bench-data-") as t:
         tmp = Path(t)
@@ -225,7 +269,7 @@ def main() -> int:
                 print(f"[bench-data] {mb} MB cold, 1 rank: {r1}", flush=True)
                 res["loaderTokensPerSecondLocal"] = round(loader_tokens_per_second(job(corpus, out, cache)))
                 if not args.no_s3:
-                    res["loaderTokensPerSecondS3"] = round(_s3_loader(tmp, corpus, cache))
+                    res.update(_s3_loader(tmp, corpus, cache))
         runs = res["runs"]
         small, large = args.small, args.large
 
@@ -255,9 +299,30 @@ def main() -> int:
     return 0
 
 
-def _s3_loader(tmp: Path, corpus: Path, cache: Path) -> float:
+def loader_only(mb: int, s3: bool) -> int:
+    """The loader figures alone: the LARGE corpus tokenized here (one process), then read back."""
+    path = RESULTS / "data.json"
+    res: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    with tempfile.TemporaryDirectory(prefix="tauon-bench-data-") as t:
+        tmp = Path(t)
+        corpus, cache = make_corpus(tmp, mb), tmp / f"cache-{mb}"
+        cfg = job(corpus, tmp / "out", cache)
+        res["loaderTokensPerSecondLocal"] = round(loader_tokens_per_second(cfg))
+        if s3:
+            res.update(_s3_loader(tmp, corpus, cache))
+    res["loaderMachine"] = {"cpus": os.cpu_count(), "loadavg": os.getloadavg(), "corpusMB": mb}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in res.items() if k.startswith("loader") or k == "s3Reader"}, indent=1))
+    return 0
+
+
+def _s3_loader(tmp: Path, corpus: Path, cache: Path) -> dict[str, Any]:
     """Upload the cached entry to SeaweedFS and read the same items through ranged reads (the key is the
-    local corpus's, so the entry is found under the bucket prefix as it is on disk)."""
+    local corpus's, so the entry is found under the bucket prefix as it is on disk): with the reader's
+    earlier settings, its current ones, and micro-batches with the next one prefetched."""
+    from tauon_train import tokcache
+
     sys.path.insert(0, str(REPO / "hack" / "s3"))
     import store
 
@@ -270,10 +335,56 @@ def _s3_loader(tmp: Path, corpus: Path, cache: Path) -> float:
                 client.upload_file(str(f), "bench", f"cache/{f.relative_to(cache)}")
         cfg = job(corpus, tmp / "out-s3", cache)
         cfg["dataset"]["cache"] = {"storage": "s3://bench/cache", "path": "s3://bench/cache"}
-        try:
-            return loader_tokens_per_second(cfg)
+        try:  # alternated, so that a change in the machine's load falls on both
+            before, after, prefetch, cold_before, cold_after = [], [], [], [], []
+            scan_before, scan = [], []
+            for _ in range(2):
+                scan_before.append(loader_tokens_per_second(cfg, settings=BEFORE, shuffled=False))
+                scan.append(loader_tokens_per_second(cfg, shuffled=False))
+                cold_before.append(loader_tokens_per_second(cfg, settings=BEFORE))
+                cold_after.append(loader_tokens_per_second(cfg))
+                before.append(loader_tokens_per_second(cfg, 5.0, settings=BEFORE, warmup=S3_WARMUP))
+                after.append(loader_tokens_per_second(cfg, 5.0, warmup=S3_WARMUP))
+                prefetch.append(loader_tokens_per_second(cfg, 5.0, batch=4, warmup=S3_WARMUP))
         finally:
             shutil.rmtree(tmp / "out-s3", ignore_errors=True)
+    mean = lambda xs: round(sum(xs) / len(xs))  # noqa: E731
+    return {
+        "loaderTokensPerSecondS3Before": mean(before),
+        "loaderTokensPerSecondS3": mean(after),
+        "loaderTokensPerSecondS3Prefetch": mean(prefetch),
+        "loaderTokensPerSecondS3ColdBefore": mean(cold_before),
+        "loaderTokensPerSecondS3Cold": mean(cold_after),
+        "loaderTokensPerSecondS3ScanBefore": mean(scan_before),
+        "loaderTokensPerSecondS3Scan": mean(scan),
+        "s3Loader": {
+            "method": f"one rank, shuffled items; steady state: 5 s after {S3_WARMUP:.0f} s of reading "
+            "(the block cache filled); cold: the first 3 s; scan: the items in order, the first 3 s (an "
+            "evaluation pass's pattern); each the mean of 2 alternated runs",
+            "runs": {
+                k: [round(x) for x in v]
+                for k, v in [
+                    ("before", before),
+                    ("now", after),
+                    ("prefetch", prefetch),
+                    ("coldBefore", cold_before),
+                    ("cold", cold_after),
+                    ("scanBefore", scan_before),
+                    ("scan", scan),
+                ]
+            },
+        },
+        "s3Reader": {
+            "before": {"blockKiB": BEFORE["_BLOCK"] >> 10, "blocksKept": BEFORE["_BLOCKS"], "aheadBlocks": 0},
+            "now": {
+                "blockKiB": tokcache._BLOCK >> 10,
+                "blocksKept": tokcache._BLOCKS,
+                "aheadBlocks": tokcache._AHEAD,
+                "threads": tokcache._WORKERS,
+                "blocksInFlight": tokcache._PENDING,
+            },
+        },
+    }
 
 
 if __name__ == "__main__":

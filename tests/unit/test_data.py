@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -321,6 +322,24 @@ def test_epoch_order_depends_on_seed_and_epoch_only() -> None:
         ]
         dropped = 50 % (2 * w) if 50 % (2 * w) < w else 0
         assert flat == a[: 50 - dropped]
+
+
+def test_epoch_order_is_an_int64_array_with_the_same_permutation_and_json_batches() -> None:
+    for n, seed, epoch in [(0, 1, 0), (1, 1, 0), (1000, 7, 3), (70_001, 11, 2)]:
+        g = torch.Generator()
+        g.manual_seed(seed + epoch)
+        expected = torch.randperm(n, generator=g).tolist()  # the order as it was drawn before
+        order = epoch_order(n, seed, epoch)
+        assert order.array.dtype == np.int64 and order.array.nbytes == 8 * n
+        assert order == expected and list(order) == expected and len(order) == n
+        if n:
+            assert order[n // 2] == expected[n // 2] and type(order[0]) is int
+            assert order[3:9] == expected[3:9]
+        batches = rank_slice(order, n // 3, 3, 1, 4)
+        assert batches == rank_slice(expected, n // 3, 3, 1, 4)
+        assert all(type(i) is int for b in batches for i in b)
+        assert json.loads(json.dumps(batches)) == batches  # what the sample trace writes
+    assert epoch_order(10, 1, 0) != epoch_order(10, 1, 1) and epoch_order(10, 1, 0) != list(range(10))
 
 
 @pytest.mark.parametrize("new_world", [1, 2, 3])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -80,3 +81,92 @@ def test_csv_shards_and_missing_or_empty_directory(tmp_path: Path) -> None:
     with pytest.raises(PermanentError) as e:
         data.load_rows(_cfg(tmp_path / "absent"), ["text"])
     assert e.value.reason == DATASET_NOT_FOUND
+
+
+# --- parquet ---------------------------------------------------------------------------------------
+
+
+def write_parquet(path: Path, rows: list[dict[str, object]], row_group: int = 1000) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=row_group)
+    return path
+
+
+def test_parquet_rows_read_by_record_batch_across_row_groups(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pyarrow.parquet as pq
+
+    d = tmp_path / "pq"
+    d.mkdir()
+    write_parquet(d / "a.parquet", [{"text": f"row {i}", "n": i} for i in range(23)], row_group=5)
+    write_parquet(d / "b.parquet", [{"text": f"row {i}", "n": i} for i in range(23, 30)], row_group=3)
+    (d / "c.jsonl").write_bytes(_rows(2))  # another format's shard: skipped
+    assert pq.ParquetFile(d / "a.parquet").num_row_groups == 5
+    batches: list[int] = []
+    real = pq.ParquetFile.iter_batches
+
+    def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
+        for b in real(self, *args, **kwargs):
+            batches.append(b.num_rows)
+            yield b
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
+    monkeypatch.setattr(shards, "PARQUET_BATCH_ROWS", 4)
+    found = shards.list_shards(str(d), "parquet")
+    assert [Path(s.uri).name for s in found] == ["a.parquet", "b.parquet"]
+    got = list(shards.iter_parquet(found[0], ["text"], batch_rows=4))
+    assert got == [(i + 1, {"text": f"row {i}"}) for i in range(23)]  # only the columns asked for
+    assert batches and max(batches) <= 4 and sum(batches) == 23
+    rows = data.load_rows(_cfg(d, "parquet"), ["text"])
+    assert [r.fields["text"] for r in rows] == [f"row {i}" for i in range(30)]
+    # identity: rows counted across the shards (a.parquet has 23 rows)
+    assert [r.line for r in rows] == list(range(1, 31))
+    assert rows[23].where == f"{d / 'b.parquet'}: row 1"
+    assert shards.format_of("s3://b/x.PARQUET") == "parquet" and shards.format_of("x.parquet.gz") == "parquet"
+
+
+def test_parquet_bad_row_is_named_by_shard_and_row_number(tmp_path: Path) -> None:
+    rows: list[dict[str, object]] = [{"text": f"row {i}"} for i in range(40)]
+    rows[16] = {"text": None}
+    f = write_parquet(tmp_path / "p.parquet", rows, row_group=10)
+    with pytest.raises(PermanentError) as e:
+        data.load_rows(_cfg(f, "parquet"), ["text"])
+    assert e.value.reason == "MissingColumn" and e.value.message == f"{f}: row 17: field 'text' missing"
+    g = write_parquet(tmp_path / "q.parquet", [{"text": "fine"}, {"text": "  "}])
+    with pytest.raises(PermanentError) as e:
+        data.load_records(_cfg(g, "parquet"), None)
+    assert e.value.reason == INVALID_DATASET and e.value.message == f"{g}: row 2: field 'text' is empty"
+    h = write_parquet(tmp_path / "r.parquet", [{"body": "x"}])
+    with pytest.raises(PermanentError) as e:
+        data.load_rows(_cfg(h, "parquet"), ["text"])
+    assert (
+        e.value.reason == "MissingColumn"
+        and "column 'text' not in the parquet schema (columns: body)" in (e.value.message)
+    )
+
+
+def test_corrupt_or_gzipped_parquet_is_a_permanent_error_naming_the_shard(tmp_path: Path) -> None:
+    good = write_parquet(tmp_path / "good.parquet", [{"text": "x" * 50 + str(i)} for i in range(500)], 100)
+    raw = good.read_bytes()
+    (tmp_path / "notparquet.parquet").write_bytes(b'{"text": "jsonl in disguise"}\n')
+    (tmp_path / "cut.parquet").write_bytes(raw[: len(raw) // 2])
+    broken = bytearray(raw)
+    broken[8:400] = b"\xff" * 392  # the first row group's pages
+    (tmp_path / "pages.parquet").write_bytes(bytes(broken))
+    for name in ("notparquet.parquet", "cut.parquet", "pages.parquet"):
+        f = tmp_path / name
+        with pytest.raises(PermanentError) as e:
+            data.load_rows(_cfg(f, "parquet"), ["text"])
+        assert e.value.reason == INVALID_DATASET, (name, e.value)
+        assert e.value.message.startswith(f"{f}:"), e.value.message
+    (tmp_path / "z").mkdir()
+    gz = tmp_path / "z" / "rows.parquet.gz"
+    gz.write_bytes(gzip.compress(raw))
+    for path in (gz, gz.parent):
+        with pytest.raises(PermanentError) as e:
+            shards.list_shards(str(path), "parquet")
+        assert e.value.reason == INVALID_DATASET
+        assert e.value.message.startswith(f"{gz}: a parquet shard cannot be gzipped")

@@ -541,3 +541,193 @@ def test_dataset_cache_storage_is_parsed(tmp_path: Path) -> None:
         with pytest.raises(PermanentError) as e:
             cache(bad)
         assert e.value.reason == INVALID_CONFIG and "dataset.cache" in e.value.message
+
+
+def _parquet(cfg: JobConfig) -> JobConfig:
+    from dataclasses import replace
+
+    return replace(cfg, dataset=replace(cfg.dataset, format="parquet"))
+
+
+@pytest.mark.parametrize("kind", ["text", "chat", "prompt-completion"])
+def test_parquet_shards_tokenize_as_the_same_rows_in_jsonl(
+    tmp_path: Path, tok: Any, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same rows as jsonl shards and as parquet shards (several row groups, record batches smaller
+    than a row group): the same documents, token for token, target for target; and the parquet entry
+    gives the in-memory path's items."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = random.Random(5)
+    rows = [_row(kind, rng, i) for i in range(40)]
+    jd, pd = tmp_path / "jsonl", tmp_path / "parquet"
+    jd.mkdir()
+    pd.mkdir()
+    for k, (a, b, group) in enumerate([(0, 25, 4), (25, 40, 6)]):
+        (jd / f"part-{k}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[a:b]))
+        pq.write_table(pa.Table.from_pylist(rows[a:b]), pd / f"part-{k}.parquet", row_group_size=group)
+    assert pq.ParquetFile(pd / "part-0.parquet").num_row_groups == 7
+    monkeypatch.setattr(shards, "PARQUET_BATCH_ROWS", 3)
+    jcfg = job_cfg(jd, tmp_path / "out-j", kind, validationSplit=0.0)
+    pcfg = _parquet(job_cfg(pd, tmp_path / "out-p", kind, validationSplit=0.2))
+    jtrain, _ = data.build_datasets(jcfg, tok)
+    ptrain, pval = data.build_datasets(pcfg, tok)
+    assert isinstance(jtrain, data.CorpusDataset) and isinstance(ptrain, data.CorpusDataset)
+
+    def docs(c: tokcache.TokenizedCorpus) -> list[tuple[list[int], list[int] | None]]:
+        return [(i.tolist(), None if t is None else t.tolist()) for i, t, _ in tokcache.iter_documents(c)]
+
+    assert ptrain.corpus.documents == 40 and docs(ptrain.corpus) == docs(jtrain.corpus)
+    assert [ptrain.corpus.line(d) for d in range(40)] == list(range(1, 41))  # rows counted across shards
+    mem_train, mem_val = data.build_datasets(pcfg, tok, use_cache=False)
+    assert_same(ptrain, mem_train)
+    assert_same(pval, mem_val)
+
+
+def _readahead_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("tauon-readahead")]
+
+
+@pytest.fixture
+def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks small enough that documents straddle them and a scan crosses many."""
+    monkeypatch.setattr(tokcache, "_BLOCK", 64)
+    monkeypatch.setattr(tokcache, "_BLOCKS", 8)
+    monkeypatch.setattr(tokcache, "_AHEAD", 3)
+    monkeypatch.setattr(tokcache, "_PENDING", 6)
+
+
+def test_read_ahead_gives_the_bytes_of_direct_reads_and_close_joins_its_threads(
+    tmp_path: Path, tok: Any, small_blocks: None
+) -> None:
+    """The ranged-read reader (s3 entries) on a local entry: sequential runs (read ahead), random jumps,
+    multi-block reads and explicit prefetches, all compared with positioned reads of the same files."""
+    src = make_shards(tmp_path, "chat")
+    train, _ = data.build_datasets(job_cfg(src, tmp_path / "out", "chat"), tok)
+    assert isinstance(train, data.CorpusDataset)
+    corpus, local = train.corpus, train.corpus.arrays
+    remote = tokcache._RemoteArrays(corpus.entry, corpus.limits)
+    background = []
+    fetch = remote._fetch_run
+
+    def counted(name: str, first: int, last: int) -> dict[tuple[str, int], bytes]:
+        if threading.current_thread().name.startswith("tauon-readahead"):
+            background.append((name, first, last))
+        return fetch(name, first, last)
+
+    remote._fetch_run = counted  # type: ignore[method-assign]
+    try:
+        _random_and_sequential_reads(corpus, local, remote, random.Random(1))
+        assert _readahead_threads()
+    finally:
+        remote.close()
+    assert any(last > first for _, first, last in background), "nothing was read ahead in runs"
+    assert all(first * 64 < corpus.limits[name] for name, first, _ in background)  # never past the end
+    assert not _readahead_threads()
+    s, a, b = corpus._locate(corpus.documents - 1)
+    assert (
+        remote.slice(f"shard-{s:06d}.ids", "ids", a, b).tolist() == corpus.ids(corpus.documents - 1).tolist()
+    )
+    assert not _readahead_threads()  # reads after close work, without threads
+
+
+def _random_and_sequential_reads(
+    corpus: tokcache.TokenizedCorpus, local: Any, remote: tokcache._RemoteArrays, rng: random.Random
+) -> None:
+    for _ in range(60):
+        d = rng.randrange(corpus.documents)
+        for doc in range(d, min(d + rng.randint(1, 12), corpus.documents)):  # a run, then a jump
+            s, a, b = corpus._locate(doc)
+            if rng.random() < 0.2:
+                remote.prefetch(f"shard-{s:06d}.ids", "ids", a, b)
+            for kind in ("ids", "targets"):
+                name = f"shard-{s:06d}.{kind}"
+                assert remote.slice(name, kind, a, b).tolist() == local.slice(name, kind, a, b).tolist()
+        s = rng.randrange(corpus.num_shards)
+        n = corpus.limits[f"shard-{s:06d}.ids"] // 4
+        a = rng.randrange(n)
+        b = rng.randint(a, n)
+        name = f"shard-{s:06d}.ids"
+        assert remote.slice(name, "ids", a, b).tolist() == local.slice(name, "ids", a, b).tolist()
+        assert len(remote.blocks) <= 8 and len(remote.pending) <= 6
+
+
+def test_a_failed_read_ahead_raises_on_the_read_that_needs_its_block(
+    tmp_path: Path, tok: Any, small_blocks: None
+) -> None:
+    from tauon_core import storage
+
+    src = make_shards(tmp_path, "text")
+    train, _ = data.build_datasets(job_cfg(src, tmp_path / "out"), tok)
+    assert isinstance(train, data.CorpusDataset)
+    corpus = train.corpus
+    ids = "shard-000000.ids"
+    assert corpus.limits[ids] >= 64 * 8
+    entry = tokcache.Entry(corpus.entry.root, corpus.entry.key)
+    read = entry.read
+
+    def failing(name: str, start: int | None = None, end: int | None = None) -> bytes | None:
+        background = threading.current_thread().name.startswith("tauon-readahead")
+        if background and name == ids and (start or 0) <= 3 * 64 < (end or 0):  # a read of block 3
+            raise storage.StorageUnreachable(entry.path(name), "ConnectionResetError")
+        return read(name, start, end)
+
+    def same(a: int, b: int) -> bool:
+        return bool(remote.slice(ids, "ids", a, b).tolist() == corpus.arrays.slice(ids, "ids", a, b).tolist())
+
+    entry.read = failing  # type: ignore[method-assign]
+    remote = tokcache._RemoteArrays(entry, corpus.limits)
+    try:
+        assert same(0, 16) and same(16, 32)  # blocks 0, 1 in order: 1 continues 0, so 2..4 are read ahead
+        assert {(ids, 2), (ids, 3), (ids, 4)} <= set(remote.pending) | set(remote.blocks)
+        with pytest.raises(RetryableError) as e:
+            remote.slice(ids, "ids", 48, 50)  # block 3 (a jump: nothing new is read ahead): its fetch failed
+        assert e.value.reason == storage.STORAGE_UNREACHABLE and entry.path(ids) in e.value.message
+        # raised once: the next reads of the failed run's blocks ask the store again (and get them)
+        assert same(48, 50) and same(32, 34) and same(64, 66)
+    finally:
+        remote.close()
+    assert not _readahead_threads()
+
+
+def test_prefetched_items_are_the_items(tmp_path: Path, tok: Any, small_blocks: None) -> None:
+    """``CorpusDataset.__getitems__`` (prefetch, then read) on an s3-style reader: the same items."""
+    src = make_shards(tmp_path, "prompt-completion")
+    train, _ = data.build_datasets(job_cfg(src, tmp_path / "out", "prompt-completion", True), tok)
+    assert isinstance(train, data.CorpusDataset) and train.blocks is not None
+    expected = [train[i] for i in range(len(train))]
+    train.corpus.arrays = tokcache._RemoteArrays(train.corpus.entry, train.corpus.limits)
+    order = list(range(len(train)))
+    random.Random(2).shuffle(order)
+    for k in range(0, len(order), 3):
+        train.prefetch(order[k + 3 : k + 6])  # the next micro-batch, as a loader would
+        got = train.__getitems__(order[k : k + 3])
+        for i, item in zip(order[k : k + 3], got, strict=True):
+            assert item.keys() == expected[i].keys()
+            assert all(torch.equal(item[key], expected[i][key]) for key in item)
+    train.corpus.close()
+    assert not _readahead_threads()
+
+
+def test_a_forked_child_never_waits_for_its_parents_read_ahead(
+    tmp_path: Path, tok: Any, small_blocks: None
+) -> None:
+    """A DataLoader worker forked while blocks were in flight: those fetches run in the parent only."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    src = make_shards(tmp_path, "text")
+    train, _ = data.build_datasets(job_cfg(src, tmp_path / "out"), tok)
+    assert isinstance(train, data.CorpusDataset)
+    corpus = train.corpus
+    remote = tokcache._RemoteArrays(corpus.entry, corpus.limits)
+    ids = "shard-000000.ids"
+    never: Future[bytes] = Future()  # the parent's fetch: never completes in the child
+    parent = ThreadPoolExecutor(1)
+    remote.pool, remote.pool_pid, remote.pending = parent, -1, {(ids, 0): never}
+    try:
+        assert remote.slice(ids, "ids", 0, 5).tolist() == corpus.arrays.slice(ids, "ids", 0, 5).tolist()
+        assert remote.pending == {} and remote.pool is None
+    finally:
+        parent.shutdown()
+        remote.close()

@@ -147,3 +147,54 @@ def test_shard_deleted_after_listing_is_object_not_found(
     with pytest.raises(PermanentError) as e:
         shards.read_text(listed[1])
     assert e.value.reason == "ObjectNotFound" and "s3://vanish/d/part-1.jsonl" in e.value.message
+
+
+def test_parquet_shard_in_the_store_reads_as_its_jsonl_twins(
+    tmp_path: Path, store: S3Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One prefix holding jsonl shards and a parquet shard of the same rows (several row groups): each
+    format reads only its own shards, and the parquet one, streamed from the store by ranged reads and
+    tokenized into a cache in the store, gives the jsonl shards' documents token for token. A corrupt
+    parquet object is InvalidDataset naming it."""
+    from dataclasses import replace
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from tauon_train import tokcache
+    from tauon_train.config import parse_config
+    from tests.workload.helpers import TINY_TOKENIZER
+
+    for k, v in store.env().items():
+        monkeypatch.setenv(k, v)
+    s3 = store.client()
+    s3.create_bucket(Bucket="mixed")
+    lines = [x for x in CORPUS.read_text().splitlines(keepends=True) if x.strip()][:120]
+    s3.put_object(Bucket="mixed", Key="c/part-0.jsonl", Body="".join(lines[:60]).encode())
+    s3.put_object(Bucket="mixed", Key="c/part-1.jsonl.gz", Body=gzip.compress("".join(lines[60:]).encode()))
+    local = tmp_path / "part-2.parquet"
+    pq.write_table(pa.Table.from_pylist([json.loads(x) for x in lines]), local, row_group_size=16)
+    s3.upload_file(str(local), "mixed", "c/part-2.parquet")
+    tok = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER))
+
+    def corpus(fmt: str) -> tokcache.TokenizedCorpus:
+        ds = {"source": "s3://mixed/c/", "path": "s3://mixed/c/", "cache": {"storage": "s3://mixed/cache/"}}
+        cfg = parse_config(llama_job(tmp_path / "out", dataset=ds))
+        cfg = replace(cfg, dataset=replace(cfg.dataset, format=fmt))
+        rows = data.load_rows(cfg.dataset, ["text"])
+        assert [r.fields["text"] for r in rows] == [json.loads(x)["text"] for x in lines]
+        built, report = data.tokenized_corpus(cfg, tok, 64, "s3://mixed/cache/")
+        assert report.shards == (1 if fmt == "parquet" else 2) and not report.cache_hit
+        return built
+
+    docs = lambda c: [d.tolist() for d, _, _ in tokcache.iter_documents(c)]  # noqa: E731
+    from_parquet, from_jsonl = corpus("parquet"), corpus("jsonl")
+    assert from_parquet.entry.remote and from_parquet.documents == 120
+    assert docs(from_parquet) == docs(from_jsonl)
+    s3.put_object(Bucket="mixed", Key="bad/part-0.parquet", Body=local.read_bytes()[:-40])
+    bad = replace(_cfg("s3://mixed/bad/"), format="parquet")
+    with pytest.raises(PermanentError) as e:
+        data.load_rows(bad, ["text"])
+    assert e.value.reason == INVALID_DATASET
+    assert e.value.message.startswith("s3://mixed/bad/part-0.parquet: not a readable parquet file")

@@ -3,7 +3,9 @@
 Reading (``load_rows``, ``load_records``)
     Every shard of the dataset (one file or object, or a directory or ``s3://`` prefix of shards: see
     ``shards``), in URI order: jsonl (one JSON object per line, blank lines skipped) or csv (header row),
-    ``.gz`` allowed. Text is strict UTF-8 (a leading BOM is ignored); undecodable bytes, lone surrogates
+    ``.gz`` allowed, or parquet (one row per row, read by record batch: ``shards.iter_parquet``; a row is
+    numbered within its shard and messages say ``SHARD: row N``; every row counts, none is skipped; a
+    chat column may be a list of ``{role, content}`` structs or JSON text). Text is strict UTF-8 (a leading BOM is ignored); undecodable bytes, lone surrogates
     (``"\\ud800"`` in JSON), duplicate csv column names, labels that are not ASCII-decimal integers in
     range, and oversized numbers all raise ``PermanentError`` naming the shard, line and field: bad data
     is never retried. A row's identity (``Row.line``) counts lines across the shards in order.
@@ -55,13 +57,14 @@ Packing (``dataset.packing``)
     ``model.config.use_cache = False``, see ``disable_kv_cache``) or examples attend to each other.
 
 Sample order (``epoch_order``, ``rank_slice``, ``batches_of``, ``position_after``)
-    The global order of an epoch depends only on seed and epoch. Each global batch is ``world_size x
-    batch_per_rank`` consecutive samples of the order; rank r takes its contiguous share. The last,
-    ragged global batch (T < world_size x batch_per_rank samples) is split into world_size contiguous
-    shares whose sizes differ by at most one; when T < world_size those T samples are dropped for this
-    epoch (so every rank has the same number of non-empty batches and no sample is ever seen twice).
-    ``batches_of`` groups a rank's micro-batches into optimizer steps (gradient accumulation);
-    ``position_after`` is the global sample position a checkpoint records after some of them.
+    The global order of an epoch depends only on seed and epoch (an ``EpochOrder``: one int64 array,
+    8 bytes per sample; only a rank's own micro-batches become lists of ints). Each global batch is
+    ``world_size x batch_per_rank`` consecutive samples of the order; rank r takes its contiguous
+    share. The last, ragged global batch (T < world_size x batch_per_rank samples) is split into
+    world_size contiguous shares whose sizes differ by at most one; when T < world_size those T samples
+    are dropped for this epoch (so every rank has the same number of non-empty batches and no sample is
+    ever seen twice). ``batches_of`` groups a rank's micro-batches into optimizer steps (gradient
+    accumulation); ``position_after`` is the global sample position a checkpoint records after some of them.
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ import re
 import time
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 import torch
@@ -91,7 +94,7 @@ from tauon_core.errors import (
 
 from . import tokcache
 from .config import DatasetConfig
-from .shards import Shard, iter_lines, list_shards, read_text
+from .shards import Shard, iter_lines, iter_parquet, list_shards, read_text
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -273,22 +276,43 @@ def _csv_lines(lines: Iterable[str]) -> Iterator[str]:
         yield from (m.group() for m in _CSV_LINE.finditer(line))
 
 
+def row_where(uri: str, fmt: str, n: int) -> str:
+    """Where a row is, for messages: ``SHARD:LINE`` (jsonl, csv) or ``SHARD: row N`` (parquet)."""
+    return f"{uri}: row {n}" if fmt == "parquet" else f"{uri}:{n}"
+
+
+def _parquet_rows(
+    shard: Shard, needed: Sequence[str], seen: list[int]
+) -> Iterator[tuple[int, dict[str, object]]]:
+    """A parquet shard's rows; ``seen[0]`` counts them (the shard's "lines" for row identity)."""
+    for n, fields in iter_parquet(shard, needed):
+        seen[0] = n
+        yield n, fields
+
+
 def load_rows(cfg: DatasetConfig, needed: Sequence[str]) -> list[Row]:
-    """Rows of every shard (jsonl or csv, see ``shards``); ``needed`` fields must be present and not null."""
+    """Rows of every shard (jsonl, csv or parquet, see ``shards``); ``needed`` fields must be present and
+    not null."""
     rows: list[Row] = []
     offset = 0
     for shard in list_shards(cfg.path, cfg.format, cfg.source):
-        text = read_text(shard)
         uri = shard.uri
-        parsed = (
-            _rows_jsonl(uri, text.split("\n"))
-            if cfg.format == "jsonl"
-            else _rows_csv(uri, io.StringIO(text, newline=""), needed)
-        )
+        seen = [0]  # the shard's lines (parquet: rows), for the identity of the next shard's rows
+        if cfg.format == "parquet":
+            parsed: Iterator[tuple[int, dict[str, object]]] = _parquet_rows(shard, needed, seen)
+        else:
+            text = read_text(shard)
+            seen[0] = text.count("\n") + 1
+            parsed = (
+                _rows_jsonl(uri, text.split("\n"))
+                if cfg.format == "jsonl"
+                else _rows_csv(uri, io.StringIO(text, newline=""), needed)
+            )
         for lineno, fields in parsed:
-            _needed_present(fields, needed, f"{uri}:{lineno}")
-            rows.append(Row(offset + lineno, f"{uri}:{lineno}", fields))
-        offset += text.count("\n") + 1
+            where = row_where(uri, cfg.format, lineno)
+            _needed_present(fields, needed, where)
+            rows.append(Row(offset + lineno, where, fields))
+        offset += seen[0]
     if not rows:
         raise PermanentError(EMPTY_DATASET, f"{cfg.path}: no rows")
     return rows
@@ -650,14 +674,17 @@ def shard_encoder(
 
     def encode(shard: Shard) -> Generator[tokcache.Document, None, int]:
         uri = shard.uri
-        lines = _CountedLines(iter_lines(shard))
+        seen = [0]
+        lines = _CountedLines(iter_lines(shard) if ds.format != "parquet" else iter(()))
         parsed = (
-            _rows_jsonl(uri, (x.removesuffix("\n") for x in lines))
+            _parquet_rows(shard, needed, seen)
+            if ds.format == "parquet"
+            else _rows_jsonl(uri, (x.removesuffix("\n") for x in lines))
             if ds.format == "jsonl"
             else _rows_csv(uri, _csv_lines(lines), needed)
         )
         for lineno, fields in parsed:
-            where = f"{uri}:{lineno}"
+            where = row_where(uri, ds.format, lineno)
             _needed_present(fields, needed, where)
             ex = _encode_row(ds, tokenizer, max_len, fields, lineno, where)
             if ex is None:
@@ -665,7 +692,7 @@ def shard_encoder(
             else:
                 targets = [0 if t == IGNORE else 1 for t in ex.labels] if masked else None
                 yield tokcache.Document(ex.input_ids, targets, lineno)
-        return lines.count
+        return seen[0] if ds.format == "parquet" else lines.count
 
     return encode
 
@@ -779,12 +806,28 @@ class CorpusDataset(SequenceDataset):
         if self.blocks is None:
             ids, labels = self._doc(int(self.docs[i]))
             return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels)}
-        parts = [self._doc(int(d)) for d in self.docs[self.blocks[i] : self.blocks[i + 1]]]
+        parts = [self._doc(int(d)) for d in self._docs_of(i)]
         return {
             "input_ids": torch.from_numpy(np.concatenate([p[0] for p in parts])),
             "labels": torch.from_numpy(np.concatenate([p[1] for p in parts])),
             "position_ids": torch.from_numpy(np.concatenate([np.arange(len(p[0])) for p in parts])),
         }
+
+    def _docs_of(self, i: int) -> np.ndarray[Any, Any]:
+        if self.blocks is None:
+            return self.docs[i : i + 1]
+        return self.docs[self.blocks[i] : self.blocks[i + 1]]
+
+    def prefetch(self, items: Iterable[int]) -> None:
+        """Start reading these items' documents in the background (an ``s3://`` cache; see
+        ``tokcache``, Read-ahead): call it with the next micro-batches before reading the current one."""
+        n = len(self)
+        self.corpus.prefetch(int(d) for i in items if 0 <= i < n for d in self._docs_of(int(i)))
+
+    def __getitems__(self, items: list[int]) -> list[dict[str, Any]]:
+        """A batch of items, their documents read concurrently (torch's DataLoader calls this)."""
+        self.prefetch(items)
+        return [self[int(i)] for i in items]
 
     @property
     def lines(self) -> list[int]:
@@ -996,14 +1039,49 @@ class Collator:
 # --- sample order -----------------------------------------------------------------------------------
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+class EpochOrder(Sequence[int]):
+    """An epoch's sample order held as one int64 array (8 bytes per sample; a list of Python ints costs
+    ~36, and the slices taken from it as much again). Reads as a sequence of Python ints: indexing gives
+    an ``int``, a slice a ``list[int]``, and it equals any sequence of the same ints in the same order."""
+
+    def __init__(self, array: np.ndarray[Any, Any]) -> None:
+        self.array = np.ascontiguousarray(array, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    @overload
+    def __getitem__(self, i: int) -> int: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[int]: ...
+    def __getitem__(self, i: int | slice) -> int | list[int]:
+        if isinstance(i, slice):
+            return list(self.array[i].tolist())
+        return int(self.array[i])
+
+    def __iter__(self) -> Iterator[int]:
+        for k in range(0, len(self.array), _PACK_CHUNK):
+            yield from self.array[k : k + _PACK_CHUNK].tolist()
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, EpochOrder):
+            return bool(np.array_equal(self.array, other.array))
+        if isinstance(other, Sequence) and not isinstance(other, str | bytes):
+            return len(other) == len(self) and bool(np.array_equal(self.array, np.asarray(other)))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"EpochOrder({self.array!r})"
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> EpochOrder:
     """The global sample order of an epoch: a permutation of range(n) from seed and epoch only
-    (the same permutation torch's DistributedSampler draws before sharding)."""
+    (the same permutation torch's DistributedSampler draws before sharding), as an int64 array."""
     g = torch.Generator()
     g.manual_seed(seed + epoch)
-    # tolist(), not iteration: iterating makes one 0-d tensor per sample and left ~560 bytes per sample
-    # in the rank's RSS (428 MB at 761k samples); tolist() is the same permutation at ~36 bytes each
-    return list(torch.randperm(n, generator=g).tolist())
+    return EpochOrder(torch.randperm(n, generator=g).numpy())
 
 
 def _share(size: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -1014,7 +1092,7 @@ def _share(size: int, world_size: int, rank: int) -> tuple[int, int]:
 
 
 def rank_slice(
-    order: list[int], start: int, world_size: int, rank: int, batch_per_rank: int
+    order: Sequence[int] | np.ndarray[Any, Any], start: int, world_size: int, rank: int, batch_per_rank: int
 ) -> list[list[int]]:
     """This rank's remaining batches of the epoch from global sample position ``start``.
 
@@ -1022,12 +1100,14 @@ def rank_slice(
     takes ``[r*B, (r+1)*B)`` of each. A ragged last global batch of T samples is shared contiguously
     (sizes differ by at most one); when T < world_size it is dropped for this epoch. Every rank gets the
     same number of batches; together they cover the samples they take exactly once, whatever
-    world_size was used before ``start``."""
+    world_size was used before ``start``. The batches are lists of Python ints (only this rank's share
+    is ever turned into them; the order itself stays an array)."""
     if world_size < 1 or batch_per_rank < 1 or not 0 <= rank < world_size:
         raise ValueError(
             f"bad rank_slice arguments: world_size={world_size} rank={rank} batch={batch_per_rank}"
         )
-    rest = order[max(start, 0) :]
+    arr = order.array if isinstance(order, EpochOrder) else np.asarray(order, dtype=np.int64)
+    rest = arr[max(start, 0) :]
     g = world_size * batch_per_rank
     out: list[list[int]] = []
     for k in range(0, len(rest), g):
@@ -1039,7 +1119,7 @@ def rank_slice(
             if len(chunk) == g
             else _share(len(chunk), world_size, rank)
         )
-        out.append(chunk[a:b])
+        out.append(chunk[a:b].tolist())
     return out
 
 

@@ -2,9 +2,10 @@
 
 A dataset (``dataset.path`` in job.json) is one file or object, or a directory or ``s3://`` prefix of
 shards. Under a directory or prefix every object whose name ends in the format's suffixes is a shard
-(``.jsonl``/``.jsonl.gz`` or ``.csv``/``.csv.gz``, recursively), in URI order; anything else is skipped.
-The format comes from ``dataset.format``, else from the path's extension (``.csv``/``.csv.gz`` are csv,
-everything else jsonl).
+(``.jsonl``/``.jsonl.gz``, ``.csv``/``.csv.gz`` or ``.parquet``, recursively), in URI order; anything
+else is skipped, except a ``.parquet.gz`` in a parquet dataset, which is refused (``InvalidDataset``:
+parquet compresses its own pages). The format comes from ``dataset.format``, else from the path's
+extension (``.csv``/``.csv.gz`` are csv, ``.parquet`` parquet, everything else jsonl).
 
 Shards are listed and read through ``tauon_core.storage``: on ``s3://`` a failure is one of its named
 errors (``ObjectNotFound`` for a missing object, an empty prefix or a shard deleted after listing,
@@ -16,19 +17,41 @@ dropped); undecodable bytes name their shard, line and byte.
 
 ``read_text`` returns a shard whole (the in-memory path); ``iter_bytes`` and ``iter_lines`` stream it
 (the tokenized cache): memory holds one chunk and the longest line, never the shard.
+
+Parquet shards (``iter_parquet``, both paths) are read with pyarrow one record batch at a time (at most
+``PARQUET_BATCH_ROWS`` rows, only the columns asked for, column chunks streamed through a 1 MiB buffer),
+from the local file or the ``s3://`` object's file object (ranged reads): memory holds a batch and the
+row group's pages being decoded, never the shard as Python objects. Rows are numbered from 1 within the
+shard (parquet has no lines); a file that is not parquet or whose pages do not decode is
+``InvalidDataset`` naming the shard (and the row after which it broke); a column asked for that is not in
+the schema is ``MissingColumn``.
 """
 
 from __future__ import annotations
 
 import os
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, BinaryIO
 
 from tauon_core import storage
-from tauon_core.errors import DATASET_NOT_FOUND, INVALID_DATASET, PermanentError
+from tauon_core.errors import (
+    DATASET_NOT_FOUND,
+    INVALID_DATASET,
+    MISSING_COLUMN,
+    PermanentError,
+    RetryableError,
+)
 
-SUFFIXES: dict[str, tuple[str, ...]] = {"jsonl": (".jsonl", ".jsonl.gz"), "csv": (".csv", ".csv.gz")}
+SUFFIXES: dict[str, tuple[str, ...]] = {
+    "jsonl": (".jsonl", ".jsonl.gz"),
+    "csv": (".csv", ".csv.gz"),
+    "parquet": (".parquet",),
+}
+_REFUSED: dict[str, tuple[str, ...]] = {"parquet": (".parquet.gz",)}  # listed, then refused by name
+PARQUET_BATCH_ROWS = 1024
+_PARQUET_BUFFER = 1 << 20
 _CHUNK = 4 << 20
 _LINE_CHUNK = 1 << 20  # iter_lines: a chunk and its lines are what a shard costs in memory
 _BOM = b"\xef\xbb\xbf"
@@ -37,6 +60,8 @@ _BOM = b"\xef\xbb\xbf"
 def format_of(path: str) -> str:
     """The format a path implies when ``dataset.format`` is not set."""
     name = path.lower().removesuffix(".gz")
+    if name.endswith(".parquet"):
+        return "parquet"
     return "csv" if name.endswith(".csv") else "jsonl"
 
 
@@ -56,13 +81,30 @@ def _is_single(path: str) -> bool:
 
 
 def list_shards(path: str, fmt: str, source: str = "") -> list[Shard]:
-    """The shards of a dataset in URI order (one entry for a single file or object)."""
+    """The shards of a dataset in URI order (one entry for a single file or object). A shard the format
+    refuses (``.parquet.gz``) is ``InvalidDataset`` naming it, before anything is read."""
+    found = _list(path, fmt, source)
+    for s in found:
+        if s.uri.lower().endswith(_REFUSED.get(fmt, ())):
+            raise _gzipped_parquet(s.uri)
+    return found
+
+
+def _gzipped_parquet(uri: str) -> PermanentError:
+    return PermanentError(
+        INVALID_DATASET,
+        f"{uri}: a parquet shard cannot be gzipped (parquet compresses its own pages); store it as .parquet",
+    )
+
+
+def _list(path: str, fmt: str, source: str) -> list[Shard]:
     shown = f" (dataset.source={source})" if source and source != path else ""
+    suffixes = SUFFIXES[fmt] + _REFUSED.get(fmt, ())
     if not storage.is_remote(path):
         if not os.path.exists(path):
             raise PermanentError(DATASET_NOT_FOUND, f"dataset file {path} not found{shown}")
         if os.path.isdir(path):
-            found = [p for p in _local_tree(path) if p.endswith(SUFFIXES[fmt])]
+            found = [p for p in _local_tree(path) if p.endswith(suffixes)]
             if not found:
                 raise PermanentError(
                     DATASET_NOT_FOUND,
@@ -75,7 +117,7 @@ def list_shards(path: str, fmt: str, source: str = "") -> list[Shard]:
     if _is_single(path):
         info = storage.stat(path)
         return [Shard(info.uri, info.size, info.etag)]
-    return [Shard(o.uri, o.size, o.etag) for o in storage.list_objects(path, SUFFIXES[fmt])]
+    return [Shard(o.uri, o.size, o.etag) for o in storage.list_objects(path, suffixes)]
 
 
 def _local_tree(root: str) -> list[str]:
@@ -84,6 +126,18 @@ def _local_tree(root: str) -> list[str]:
         dirs.sort()
         out.extend(os.path.join(d, f) for f in files)
     return sorted(out)
+
+
+def _open(uri: str) -> BinaryIO:
+    """The stored bytes of a shard as a binary file (local, or the object's streaming reader)."""
+    if storage.is_remote(uri):
+        return storage.open_read(uri)
+    try:
+        return open(uri, "rb")
+    except IsADirectoryError:
+        raise PermanentError(DATASET_NOT_FOUND, f"dataset path {uri} is not a file") from None
+    except OSError as e:
+        raise PermanentError(DATASET_NOT_FOUND, f"dataset file {uri} unreadable: {e.strerror}") from None
 
 
 def _raw_chunks(shard: Shard, size: int) -> Iterator[bytes]:
@@ -212,3 +266,57 @@ def read_text(shard: Shard) -> str:
         bom = len(_BOM) if data.startswith(_BOM) else 0
         line = data[: bom + e.start].count(b"\n") + 1
         raise _not_utf8(shard.uri, line, e, 0) from None
+
+
+# --- parquet ---------------------------------------------------------------------------------------
+
+
+def _arrow_detail(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]
+
+
+def iter_parquet(
+    shard: Shard, columns: Sequence[str], batch_rows: int | None = None
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The rows of a parquet shard: (row number from 1, ``columns`` as Python values; a null is None),
+    read one record batch of at most ``batch_rows`` rows at a time (see the module docstring). Storage
+    failures are the named storage errors; undecodable data is ``InvalidDataset`` naming the shard."""
+    import pyarrow.parquet as pq
+
+    uri = shard.uri
+    if uri.lower().endswith(".gz"):
+        raise _gzipped_parquet(uri)
+    with _open(uri) as f:
+        try:
+            pf = pq.ParquetFile(f, buffer_size=_PARQUET_BUFFER)
+            names = list(pf.schema_arrow.names)
+        except (PermanentError, RetryableError):
+            raise
+        except Exception as e:  # ArrowInvalid (no magic bytes, bad footer), OSError (thrift), ...
+            raise PermanentError(
+                INVALID_DATASET, f"{uri}: not a readable parquet file ({_arrow_detail(e)})"
+            ) from None
+        for col in columns:
+            if col not in names:
+                raise PermanentError(
+                    MISSING_COLUMN,
+                    f"{uri}: column '{col}' not in the parquet schema (columns: {', '.join(names)})",
+                )
+        size = batch_rows or PARQUET_BATCH_ROWS
+        batches = pf.iter_batches(batch_size=size, columns=list(columns), use_threads=False)
+        row = 0
+        while True:
+            try:
+                batch = next(batches, None)
+                values = [] if batch is None else batch.to_pylist()
+            except (PermanentError, RetryableError):
+                raise
+            except Exception as e:  # a corrupt page, bad compression, invalid UTF-8 in a string column
+                raise PermanentError(
+                    INVALID_DATASET, f"{uri}: row {row + 1}: corrupt parquet data ({_arrow_detail(e)})"
+                ) from None
+            if batch is None:
+                return
+            for fields in values:
+                row += 1
+                yield row, fields

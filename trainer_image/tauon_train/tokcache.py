@@ -57,10 +57,27 @@ Building (``build``; every rank, before any process group)
 Reading (``TokenizedCorpus``)
     Document i's ids, targets and line are slices of the arrays: positioned reads (``os.pread``, at most
     ``_FILES`` files open) for local entries, ranged reads through one LRU block cache for ``s3://``
-    entries (1 MiB blocks, 64 MiB in all). Local reads go through the page cache rather than memory maps:
+    entries (64 KiB blocks, 64 MiB in all; a random read costs one small GET). Local reads go through the
+    page cache rather than memory maps:
     a map would count every page an epoch touches, i.e. the whole corpus, in the rank's RSS. Memory holds
     one int64 token offset per document (the global offsets), never the tokens: it does not grow with the
     corpus' text, only with its number of documents. Opening reads every shard's ``.offsets`` once.
+
+Read-ahead (``s3://`` entries)
+    A read that continues the previous read of the same file into a new block (a sequential scan: the
+    rows of an evaluation pass, ``iter_documents``, the lines of a split) keeps the next ``_AHEAD`` (16)
+    blocks of that file cached or in flight: once fewer than half of them are, the missing ones are
+    fetched in the background in one ranged read (so a scan makes a few large reads, not many small ones);
+    the rest of a read spanning several blocks is fetched in the background, in one ranged read, while
+    its first block is read; ``TokenizedCorpus.prefetch(docs)`` (``CorpusDataset.prefetch`` and
+    ``__getitems__``) starts the blocks of documents the caller will read next (the next micro-batches
+    of the shuffled order). Training's own order is a random permutation, so sample to sample there is nothing
+    sequential to detect: what a single item costs there is one 64 KiB ranged GET on a miss. The
+    background work is bounded (4 threads, 32 blocks in flight, never past a file's end as its marker
+    gives it); a fetch that failed raises its named storage error once, on the first read that needs one
+    of its blocks (the others are fetched again when needed; never a hang: a read waits only for a fetch
+    under way, which the storage timeouts bound); ``close`` cancels what has not started and joins the
+    threads.
 """
 
 from __future__ import annotations
@@ -77,7 +94,8 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,8 +116,11 @@ _POLL_S = 5.0  # the longest pause between two looks at the markers
 _FILES = 64  # open array files at most (local entries)
 _TYPECODES = {"ids": "I", "targets": "B", "offsets": "q", "lines": "q"}  # uint32, uint8, int64, int64
 assert array.array("I").itemsize == 4 and array.array("q").itemsize == 8
-_BLOCK = 1 << 20  # ranged-read block (s3 entries)
-_BLOCKS = 64  # blocks kept (s3 entries)
+_BLOCK = 64 << 10  # ranged-read block (s3 entries): a random read costs about as much as 4 KiB would
+_BLOCKS = 1024  # blocks kept (s3 entries): 64 MiB
+_AHEAD = 16  # blocks read ahead of a sequential scan, in reads of at least half that (s3 entries)
+_WORKERS = 4  # read-ahead threads (s3 entries)
+_PENDING = 32  # blocks in flight at most (s3 entries)
 _RUN_ERRORS = frozenset(
     {
         DATASET_NOT_FOUND,
@@ -726,43 +747,172 @@ class _LocalArrays:
 
 
 class _RemoteArrays:
-    """Slices of remote array files through ranged reads and one LRU cache of ``_BLOCK``-byte blocks."""
+    """Slices of remote array files through ranged reads, one LRU cache of ``_BLOCK``-byte blocks and a
+    small read-ahead (see the module docstring, Reading). ``limits``: each file's size in bytes (from the
+    markers), so a read-ahead never asks past a file's end; a file without one is never read ahead.
 
-    def __init__(self, entry: Entry) -> None:
+    Background fetches run on at most ``_WORKERS`` threads, at most ``_PENDING`` blocks in flight (memory:
+    ``_BLOCKS + _PENDING`` blocks at most), consecutive blocks in one ranged read. A fetch that fails stays
+    pending until the first read that needs one of its blocks raises its error (the same named storage
+    error a direct read would raise); one nobody needs is never raised. ``close`` cancels what has not started and joins the threads; reads still work after it,
+    without read-ahead."""
+
+    def __init__(self, entry: Entry, limits: Mapping[str, int] | None = None) -> None:
         self.entry = entry
+        self.limits = dict(limits or {})
+        self.size, self.keep, self.ahead, self.in_flight = _BLOCK, _BLOCKS, _AHEAD, _PENDING
         self.blocks: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self.pending: dict[tuple[str, int], Future[dict[tuple[str, int], bytes]]] = {}
+        self.last: dict[str, int] = {}  # per file: the last block the previous read touched
         self.lock = threading.Lock()
+        self.pool: ThreadPoolExecutor | None = None
+        self.pool_pid = 0
+        self.closed = False
 
-    def _block(self, name: str, k: int) -> bytes:
-        with self.lock:
-            data = self.blocks.get((name, k))
-            if data is not None:
-                self.blocks.move_to_end((name, k))
-                return data
-        data = self.entry.read(name, k * _BLOCK, (k + 1) * _BLOCK)
+    def _fetch(self, name: str, k: int) -> bytes:
+        data = self.entry.read(name, k * self.size, (k + 1) * self.size)
         if data is None:
             raise storage.StoragePermanentError(
                 storage.OBJECT_NOT_FOUND, self.entry.path(name), "no such object"
             )
-        with self.lock:
-            self.blocks[(name, k)] = data
-            if len(self.blocks) > _BLOCKS:
-                self.blocks.popitem(last=False)
         return data
+
+    def _keep(self, key: tuple[str, int], data: bytes) -> None:
+        """Caller holds the lock."""
+        self.blocks[key] = data
+        self.blocks.move_to_end(key)
+        while len(self.blocks) > self.keep:
+            self.blocks.popitem(last=False)
+
+    def _fetch_run(self, name: str, first: int, last: int) -> dict[tuple[str, int], bytes]:
+        """Blocks ``first..last`` of a file in one ranged read (fewer blocks at the file's end)."""
+        data = self.entry.read(name, first * self.size, (last + 1) * self.size)
+        if data is None:
+            raise storage.StoragePermanentError(
+                storage.OBJECT_NOT_FOUND, self.entry.path(name), "no such object"
+            )
+        n = self.size
+        return {(name, k): data[(k - first) * n : (k - first + 1) * n] for k in range(first, last + 1)}
+
+    def _background(self, name: str, first: int, last: int) -> dict[tuple[str, int], bytes]:
+        blocks = self._fetch_run(name, first, last)  # an error stays in the future, for a read to raise
+        with self.lock:
+            for key, data in blocks.items():
+                if data:
+                    self._keep(key, data)
+                self.pending.pop(key, None)
+        return blocks
+
+    def _schedule(self, name: str, ks: Iterable[int], run: int = 1) -> None:
+        """Fetch these blocks of ``name`` in the background (those not cached, not in flight, within the
+        file), runs of up to ``run`` consecutive blocks in one ranged read each."""
+        with self.lock:
+            if self.closed:
+                return
+            self._forget_parent()
+            if self.pool is None:
+                self.pool = ThreadPoolExecutor(_WORKERS, thread_name_prefix="tauon-readahead")
+                self.pool_pid = os.getpid()
+            limit = self.limits.get(name, 0)
+            todo = sorted(
+                k
+                for k in set(ks)
+                if (name, k) not in self.blocks and (name, k) not in self.pending and k * self.size < limit
+            )
+            runs: list[list[int]] = []
+            for k in todo:
+                if runs and runs[-1][-1] == k - 1 and len(runs[-1]) < run:
+                    runs[-1].append(k)
+                else:
+                    runs.append([k])
+            for r in runs:
+                if len(self.pending) + len(r) > self.in_flight:
+                    break
+                fut = self.pool.submit(self._background, name, r[0], r[-1])
+                self.pending.update({(name, k): fut for k in r})
+
+    def _forget_parent(self) -> None:
+        """In a forked child (a DataLoader worker): the parent's threads and fetches are not here, so
+        nothing may wait for them. Caller holds the lock."""
+        if self.pool is not None and self.pool_pid != os.getpid():
+            self.pool, self.pending = None, {}
+
+    def _block(self, name: str, k: int) -> bytes:
+        key = (name, k)
+        with self.lock:
+            self._forget_parent()
+            data = self.blocks.get(key)
+            if data is not None:
+                self.blocks.move_to_end(key)
+                return data
+            fut = self.pending.get(key)
+        data = None
+        if fut is not None:
+            try:
+                data = fut.result().get(key)
+            except CancelledError:  # closed meanwhile: read it here
+                pass
+            except BaseException:
+                with self.lock:  # raised once: the run's other blocks are read again when needed
+                    for other in [x for x, f in self.pending.items() if f is fut]:
+                        del self.pending[other]
+                raise
+        if not data:
+            data = self._fetch(name, k)
+        with self.lock:
+            self._keep(key, data)
+        return data
+
+    def _read_ahead(self, name: str, first: int, last: int) -> None:
+        # a scan: once fewer than half the ``ahead`` blocks after ``last`` are cached or in flight, the
+        # missing ones up to ``last + ahead`` go in one ranged read (a few large reads, not many small)
+        """Blocks a read of ``[first, last]`` will need next: the rest of a multi-block read, and the
+        next ``ahead`` blocks when it continues the file's previous read into a new block (a sequential
+        scan; random reads, and reads that stay within the previous one's block, schedule nothing)."""
+        with self.lock:
+            prev = self.last.get(name)
+            self.last[name] = last
+        if last > first:
+            self._schedule(name, range(first + 1, last + 1), run=last - first)
+        if self.ahead and prev is not None and first in (prev, prev + 1) and last > prev:
+            with self.lock:
+                ready = sum(
+                    (name, k) in self.blocks or (name, k) in self.pending
+                    for k in range(last + 1, last + 1 + self.ahead)
+                )
+            if ready < (self.ahead + 1) // 2:
+                self._schedule(name, range(last + 1, last + 1 + self.ahead), run=self.ahead)
+
+    def prefetch(self, name: str, kind: str, a: int, b: int) -> None:
+        """Start fetching the blocks a later ``slice(name, kind, a, b)`` needs."""
+        if b > a:
+            n = _DTYPES[kind].itemsize
+            first, last = a * n // self.size, (b * n - 1) // self.size
+            self._schedule(name, range(first, last + 1), run=last - first + 1)
 
     def slice(self, name: str, kind: str, a: int, b: int) -> np.ndarray[Any, Any]:
         dtype = _DTYPES[kind]
         if b <= a:
             return np.empty(0, dtype)
         lo, hi = a * dtype.itemsize, b * dtype.itemsize
+        first, last = lo // self.size, (hi - 1) // self.size
+        self._read_ahead(name, first, last)
         parts = []
-        for k in range(lo // _BLOCK, (hi - 1) // _BLOCK + 1):
+        for k in range(first, last + 1):
             block = self._block(name, k)
-            parts.append(block[max(lo - k * _BLOCK, 0) : hi - k * _BLOCK])
+            parts.append(block[max(lo - k * self.size, 0) : hi - k * self.size])
         data = b"".join(parts)
         if len(data) != hi - lo:
             raise RetryableError(DATA_CACHE_TIMEOUT, f"{self.entry.path(name)}: shorter than its marker says")
         return np.frombuffer(data, dtype).copy()
+
+    def close(self) -> None:
+        """Stop the read-ahead: cancel what has not started, wait for what has, join the threads."""
+        with self.lock:
+            self.closed = True
+            pool, self.pool = self.pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 class TokenizedCorpus:
@@ -779,8 +929,14 @@ class TokenizedCorpus:
         self.tok_start = np.concatenate([[0], np.cumsum([s["tokens"] for s in shards])]).astype(np.int64)
         self.documents = int(self.doc_start[-1])
         self.tokens = int(self.tok_start[-1])
+        limits: dict[str, int] = {}
+        for i, sh in enumerate(shards):
+            limits[_name(i, ".ids")] = 4 * sh["tokens"]
+            limits[_name(i, ".targets")] = sh["tokens"] if self.masked else 0
+            limits[_name(i, ".lines")] = 8 * sh["documents"]
+        self.limits = limits  # each array file's size in bytes, as the markers give it
         self.arrays: _LocalArrays | _RemoteArrays = (
-            _RemoteArrays(entry) if entry.remote else _LocalArrays(entry)
+            _RemoteArrays(entry, limits) if entry.remote else _LocalArrays(entry)
         )
         self.starts = np.zeros(self.documents + 1, dtype=np.int64)  # global token offset of each document
         for i, s in enumerate(shards):
@@ -804,6 +960,23 @@ class TokenizedCorpus:
         s = int(np.searchsorted(self.doc_start, doc, side="right")) - 1
         base = int(self.tok_start[s])
         return s, int(self.starts[doc]) - base, int(self.starts[doc + 1]) - base
+
+    def prefetch(self, docs: Iterable[int]) -> None:
+        """Start reading these documents' ids (and targets) in the background (``s3://`` entries; at most
+        ``_PENDING`` blocks in flight, the rest is read when asked for); nothing for local entries."""
+        arrays = self.arrays
+        if not isinstance(arrays, _RemoteArrays):
+            return
+        for doc in docs:
+            s, a, b = self._locate(int(doc))
+            arrays.prefetch(_name(s, ".ids"), "ids", a, b)
+            if self.masked:
+                arrays.prefetch(_name(s, ".targets"), "targets", a, b)
+
+    def close(self) -> None:
+        """Stop the read-ahead threads (reads still work, without read-ahead)."""
+        if isinstance(self.arrays, _RemoteArrays):
+            self.arrays.close()
 
     def ids(self, doc: int) -> np.ndarray[Any, Any]:
         s, a, b = self._locate(doc)
