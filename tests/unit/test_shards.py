@@ -170,3 +170,34 @@ def test_corrupt_or_gzipped_parquet_is_a_permanent_error_naming_the_shard(tmp_pa
             shards.list_shards(str(path), "parquet")
         assert e.value.reason == INVALID_DATASET
         assert e.value.message.startswith(f"{gz}: a parquet shard cannot be gzipped")
+
+
+@pytest.mark.parametrize(
+    ("path", "given", "expected"),
+    [
+        ("/d/corpus.parquet", None, "parquet"),
+        ("/d/corpus.csv.gz", None, "csv"),
+        ("/d/shards/", None, "jsonl"),
+        ("/d/shards/", "parquet", "parquet"),
+    ],
+)
+def test_job_config_takes_parquet_from_the_suffix_or_the_field(
+    path: str, given: str | None, expected: str
+) -> None:
+    from tauon_train.config import parse_config
+
+    ds: dict[str, str] = {"path": path, **({"format": given} if given else {})}
+    cfg = parse_config(
+        {
+            "model": {"source": "file:///m", "path": "/m", "task": "causal-lm"},
+            "dataset": ds,
+            "output": {"path": "/out"},
+        }
+    )
+    assert cfg.dataset.format == expected
+
+
+def test_the_api_accepts_parquet_datasets() -> None:
+    from tauon.api.finetunejob import DatasetSpec
+
+    assert DatasetSpec.model_validate({"source": "s3://corpora/web/", "format": "parquet"}).format == "parquet"

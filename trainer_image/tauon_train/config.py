@@ -16,11 +16,22 @@ from tauon_core.errors import INVALID_CONFIG, PermanentError
 
 TASKS = ("sequence-classification", "causal-lm")
 METHODS = ("full", "lora")
-FORMATS = ("jsonl", "csv")
+FORMATS = ("jsonl", "csv", "parquet")
+
+
+def format_of(path: str) -> str:
+    """The format a path implies when ``dataset.format`` is not set."""
+    name = path.lower().removesuffix(".gz")
+    if name.endswith(".parquet"):
+        return "parquet"
+    return "csv" if name.endswith(".csv") else "jsonl"
+
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 INITS = ("pretrained", "scratch")
 DATASET_TYPES = ("text", "chat", "prompt-completion")
 STRATEGIES = ("auto", "ddp", "fsdp")
+COMPILE_MODES = ("auto", "true", "false")  # parallelism.compile: "auto", true or false
 
 Json = dict[str, object]  # a JSON object as json.loads returns it
 
@@ -94,6 +105,7 @@ class OutputConfig:
 class ParallelismConfig:
     strategy: str = "auto"  # auto | ddp | fsdp
     activation_checkpointing: bool = False
+    compile: str = "auto"  # auto | true | false (torch.compile per transformer block; auto: on CUDA)
 
 
 @dataclass(frozen=True)
@@ -310,7 +322,7 @@ def _dataset(ds_d: Json, task: str) -> DatasetConfig:
         raise PermanentError(
             INVALID_CONFIG, f"dataset.path must be a local file or directory or s3://, got {ds_path}"
         )
-    default_format = "csv" if ds_path.lower().removesuffix(".gz").endswith(".csv") else "jsonl"
+    default_format = format_of(ds_path)
     label_field = _str(ds_d, "labelField", "dataset.", default="label")
     dataset = DatasetConfig(
         source=ds_source or "",
@@ -413,7 +425,20 @@ def _parallelism(par_d: Json) -> ParallelismConfig:
     return ParallelismConfig(
         strategy=_enum(par_d, "strategy", "parallelism.", STRATEGIES, "auto"),
         activation_checkpointing=_bool(par_d, "activationCheckpointing", "parallelism.", False),
+        compile=_compile(par_d),
     )
+
+
+def _compile(par_d: Json) -> str:
+    """``parallelism.compile``: true, false or "auto" (the strings "true" and "false" are accepted too)."""
+    v = par_d.get("compile")
+    if v is None:
+        return "auto"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v not in COMPILE_MODES:
+        raise _fail("parallelism.compile", "must be true, false or auto", v)
+    return str(v)
 
 
 def load_config(path: str) -> JobConfig:

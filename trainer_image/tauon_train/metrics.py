@@ -76,6 +76,16 @@ def progress_record(
     }
 
 
+def compile_extra_seconds(step_seconds: list[float], compiled: list[int]) -> float:
+    """The time torch.compile added to a run: for each step in ``compiled`` (indices into
+    ``step_seconds``: the steps during which new graphs were built) its time beyond the median of the
+    other steps (0 when every step compiled, so the whole of those steps counts)."""
+    marked = set(compiled)
+    rest = sorted(t for i, t in enumerate(step_seconds) if i not in marked)
+    base = rest[len(rest) // 2] if rest else 0.0
+    return sum(max(0.0, step_seconds[i] - base) for i in marked if 0 <= i < len(step_seconds))
+
+
 class TrainerMetrics:
     """Prometheus collectors in a private registry (no global state; tests can create many)."""
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -170,6 +170,55 @@ def _config_limit(hf_config: PretrainedConfig, tokenizer: PreTrainedTokenizerBas
     return min(limits) if limits else None
 
 
+BUCKET = 64  # with compile on, batches are padded to a multiple of this many tokens (up to max_len)
+
+
+def bucket_length(width: int, max_len: int, multiple: int = BUCKET) -> int:
+    """The padded length of a batch ``width`` tokens wide: the next multiple of ``multiple``, at most
+    ``max_len`` (never shorter than ``width``)."""
+    return max(width, min(max_len, -(-width // multiple) * multiple))
+
+
+class BucketedCollator(data.Collator):
+    """``data.Collator``, then padded on the right to ``bucket_length`` (compiled blocks see a few fixed
+    lengths, not one per batch): input_ids with the pad id, labels -100, attention_mask 0; packed
+    position_ids continue each row's padding segment (or start one at 0), as the collator pads."""
+
+    def __init__(self, pad_id: int | None, task: str, packed: bool, max_len: int) -> None:
+        super().__init__(pad_id, task, packed)
+        self.max_len = max_len
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = super().__call__(items)
+        width = batch["input_ids"].shape[1]
+        target = bucket_length(width, self.max_len)
+        if target == width:
+            return batch
+        fill = {"input_ids": self.pad, "labels": data.IGNORE, "attention_mask": 0}
+        out = {
+            k: torch.nn.functional.pad(v, (0, target - width), value=fill[k])
+            if k in fill and v.dim() == 2
+            else v
+            for k, v in batch.items()
+        }
+        if "position_ids" in batch:
+            lengths = torch.tensor([len(it["input_ids"]) for it in items])
+            cols = torch.arange(width, target)
+            tail = cols[None, :] - lengths[:, None]
+            out["position_ids"] = torch.cat([batch["position_ids"], tail], dim=1)
+        return out
+
+
+def make_collator(prep: Prepared, compiled: bool) -> data.Collator:
+    """The batches of training and evaluation: padded to the longest item, or to ``bucket_length``
+    when the blocks are compiled."""
+    cfg = prep.cfg
+    pad, task, packed = prep.tokenizer.pad_token_id, cfg.model.task, cfg.dataset.packing
+    if compiled:
+        return BucketedCollator(pad, task, packed, prep.max_len)
+    return data.Collator(pad, task, packed)
+
+
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW; biases and norm weights (1-D parameters) get no weight decay."""
     decay: list[nn.Parameter] = []
@@ -201,6 +250,10 @@ def setup_model(prep: Prepared, d: dist.DistEnv) -> Setup:
     plan = make_plan(model, cfg.parallelism, prec, device, d)
     log(d, plan.describe())
     par = parallelize(model, plan.mesh(), plan, weights)
+    if par.compiled_blocks:
+        log(d, f"compile: {par.compiled_blocks} blocks under torch.compile; batches padded to {BUCKET}s")
+    elif plan.compile:
+        log(d, "warning: compile: no transformer blocks found in this model; it runs eagerly")
     if par.activation_checkpointing:
         log(d, "activation checkpointing: on (each block's activations are recomputed in backward)")
     elif par.activation_checkpointing is False:

@@ -44,6 +44,8 @@ from tauon_core.errors import (
     RetryableError,
 )
 
+from .config import format_of  # noqa: F401  (re-exported: the suffix rule lives with the config)
+
 SUFFIXES: dict[str, tuple[str, ...]] = {
     "jsonl": (".jsonl", ".jsonl.gz"),
     "csv": (".csv", ".csv.gz"),
@@ -55,14 +57,6 @@ _PARQUET_BUFFER = 1 << 20
 _CHUNK = 4 << 20
 _LINE_CHUNK = 1 << 20  # iter_lines: a chunk and its lines are what a shard costs in memory
 _BOM = b"\xef\xbb\xbf"
-
-
-def format_of(path: str) -> str:
-    """The format a path implies when ``dataset.format`` is not set."""
-    name = path.lower().removesuffix(".gz")
-    if name.endswith(".parquet"):
-        return "parquet"
-    return "csv" if name.endswith(".csv") else "jsonl"
 
 
 @dataclass(frozen=True)

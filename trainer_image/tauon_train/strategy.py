@@ -11,6 +11,8 @@
 ``parallelize(model, mesh, plan, weights)`` is the one step that applies it to the model skeleton built
 on the meta device: activation checkpointing, sharding (fsdp), materializing this rank's part on the
 device with global rank 0's weights (``RankZeroWeights``, received by broadcast), and the DDP wrapper.
+With ``parallelism.compile`` resolved on (``resolve_compile``: ``auto`` is on for CUDA), each block is
+``torch.compile``d between activation checkpointing and sharding (``compile_blocks``).
 It returns a ``Parallelized`` whose ``gradient_sync`` and ``precision`` are all the training loop needs
 to know, so the loop never branches on the strategy.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -151,6 +154,7 @@ class Plan:
     device: torch.device
     dist: DistEnv
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each transformer block (resolve_compile)
 
     def mesh(self) -> DeviceMesh | None:
         """The device mesh the model is sharded over (fsdp); None when it is replicated."""
@@ -160,7 +164,8 @@ class Plan:
         est = self.estimate
         return (
             f"strategy={self.strategy} ({self.why}); params={est.params} trainable={est.trainable} "
-            f"replicated={gib(est.replicated_bytes)} sharded={gib(est.sharded_bytes)}"
+            f"replicated={gib(est.replicated_bytes)} sharded={gib(est.sharded_bytes)} "
+            f"compile={'on' if self.compile else 'off'}"
         )
 
 
@@ -181,7 +186,16 @@ def make_plan(
     if strategy == "fsdp" and precision.name == "fp16":
         precision = BF16 if torch.cuda.is_bf16_supported() else FP32
         log(d, f"warning: fp16 is not supported with fsdp; using {precision.name}")
-    return Plan(strategy, why, est, precision, device, d, par.activation_checkpointing)
+    compiled = resolve_compile(par.compile, device)
+    return Plan(strategy, why, est, precision, device, d, par.activation_checkpointing, compiled)
+
+
+def resolve_compile(requested: str, device: torch.device) -> bool:
+    """``parallelism.compile``: ``auto`` compiles on CUDA GPUs only (on CPU the compile time, tens of
+    seconds per block class, is rarely won back); ``true`` and ``false`` are followed as given."""
+    if requested == "auto":
+        return device.type == "cuda"
+    return requested == "true"
 
 
 # --- applying it ---------------------------------------------------------------------------------
@@ -218,6 +232,33 @@ def enable_activation_checkpointing(model: nn.Module) -> bool:
         return False
     fn(gradient_checkpointing_kwargs={"use_reentrant": False})
     return True
+
+
+COMPILE_RECOMPILE_LIMIT = 16  # graphs per block code: train/eval x static/dynamic shapes x mask kinds
+
+
+def compile_blocks(model: nn.Module) -> int:
+    """``torch.compile`` every transformer block in place (``Module.compile``: state_dict names keep no
+    ``_orig_mod.`` prefix), torchtitan-style: after activation checkpointing (whose per-layer wrapper
+    stays outside the compiled region), before ``fully_shard`` or DDP. Blocks of one class share their
+    compiled graphs. The backend is inductor (``$TAUON_COMPILE_BACKEND`` overrides it, e.g. aot_eager
+    for debugging). Returns the number of blocks compiled."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, COMPILE_RECOMPILE_LIMIT)
+    backend = os.environ.get("TAUON_COMPILE_BACKEND", "").strip() or "inductor"
+    blocks = transformer_blocks(model)
+    for block in blocks:
+        block.compile(backend=backend)
+    return len(blocks)
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process so far (a step that adds some compiled); 0
+    without importing dynamo when nothing compiled."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    return int(utils.counters["stats"]["unique_graphs"]) if utils is not None else 0
 
 
 def device_mesh(device: torch.device, world_size: int) -> DeviceMesh:
@@ -309,6 +350,7 @@ class Parallelized:
     module: nn.Module
     precision: Precision  # autocast dtype None under fsdp: its mixed-precision policy casts
     activation_checkpointing: bool | None = None  # None: not requested; False: the model has none
+    compiled_blocks: int = 0  # transformer blocks under torch.compile (0: eager)
 
     def gradient_sync(self, sync: bool) -> AbstractContextManager[object]:
         """Around one micro-batch's forward and backward: reduce gradients only when ``sync`` (the last
@@ -335,11 +377,13 @@ def parallelize(
     model: nn.Module, mesh: DeviceMesh | None, plan: Plan, weights: RankZeroWeights
 ) -> Parallelized:
     """Apply ``plan`` to ``model``, a skeleton on the meta device: activation checkpointing (when asked
-    for), ``fully_shard`` over ``mesh`` (fsdp), then every rank materializes its part on the device and
-    receives rank 0's weights; a replicated model is wrapped in DDP when there is a process group."""
+    for), ``torch.compile`` per block (when resolved on), ``fully_shard`` over ``mesh`` (fsdp), then every
+    rank materializes its part on the device and receives rank 0's weights; a replicated model is wrapped
+    in DDP when there is a process group."""
     ac: bool | None = None
     if plan.activation_checkpointing:
         ac = enable_activation_checkpointing(model)
+    compiled = compile_blocks(model) if plan.compile else 0
     if plan.strategy == "fsdp":
         assert mesh is not None
         shard_fsdp(model, mesh, plan.precision.name == "bf16")
@@ -347,9 +391,9 @@ def parallelize(
     weights.load_into(model, plan.dist)
     model.train()
     if plan.strategy == "fsdp":
-        return Sharded("fsdp", model, model, Precision(plan.precision.name, None), ac)
+        return Sharded("fsdp", model, model, Precision(plan.precision.name, None), ac, compiled)
     wrapped = wrap_ddp(model, plan.device) if plan.dist.distributed else model
-    return Replicated("ddp", wrapped, model, plan.precision, ac)
+    return Replicated("ddp", wrapped, model, plan.precision, ac, compiled)
 
 
 # --- memory ------------------------------------------------------------------------------------

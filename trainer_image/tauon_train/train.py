@@ -30,7 +30,7 @@ import signal
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -54,11 +54,21 @@ from .evaluate import EvalResult, evaluate
 from .metrics import (
     ProgressReporter,
     TrainerMetrics,
+    compile_extra_seconds,
     metrics_port_from_env,
     progress_record,
     start_metrics_server,
 )
-from .prepare import Prepared, Setup, claim_output, describe, prepare, setup_model, start_state
+from .prepare import (
+    Prepared,
+    Setup,
+    claim_output,
+    describe,
+    make_collator,
+    prepare,
+    setup_model,
+    start_state,
+)
 from .runtime import StopFlag, StopRequested, tune_malloc
 
 MAX_GRAD_NORM = 1.0
@@ -84,6 +94,8 @@ class Trainer:
     times: final.RunTimes
     last_saved: int  # the step of the newest checkpoint this process knows of (-1: none)
     last_loss: float | None = None  # the global loss of the latest step
+    compiled_steps: list[int] = field(default_factory=list)  # indices of step_seconds that compiled graphs
+    initial_eval_seconds: float | None = None  # compile on: the initial evaluation compiles its graphs
 
     @property
     def cfg(self) -> JobConfig:
@@ -126,7 +138,7 @@ class Trainer:
             checkpointer=checkpointer,
             state=state,
             scheduler=sched,
-            collate=data.Collator(prep.tokenizer.pad_token_id, cfg.model.task, cfg.dataset.packing),
+            collate=make_collator(prep, s.parallel.compiled_blocks > 0),
             scaler=torch.amp.GradScaler("cuda") if s.precision.name == "fp16" else None,
             reporter=ProgressReporter(
                 prep.output if d.is_main else None, metrics, runtime.progress_interval()
@@ -145,7 +157,9 @@ class Trainer:
         """Train to ``total`` steps, then finish; the exit code."""
         st = self.state
         if st.step == 0 and "initialEvalLoss" not in st.extra:  # a resumed run carries it
+            t_eval = time.monotonic()
             ev0 = self.evaluate()
+            self.initial_eval_seconds = time.monotonic() - t_eval
             st.extra.update(
                 initialEvalLoss=ev0.loss,
                 initialEvalAccuracy=ev0.accuracy,
@@ -174,7 +188,7 @@ class Trainer:
         for group in data.batches_of(mbs, hp.gradient_accumulation_steps):
             if st.step >= self.total:
                 return
-            t_step = time.monotonic()
+            t_step, graphs = time.monotonic(), strategy.compiled_graphs()
             loss, n_samples, n_tokens = self.step(group)
             runtime.trace_samples(d, st.step + 1, st.epoch, group)
             if st.step == self.resumed_from:  # the first step of this process: optimizer state exists now
@@ -184,6 +198,8 @@ class Trainer:
             st.sample_pos = data.position_after(start, done_mb, n, d.world_size, B)
             self.scheduler.step()
             stopping = self._account(loss, n_samples, n_tokens, t_step)
+            if strategy.compiled_graphs() > graphs:
+                self.compiled_steps.append(len(self.times.step_seconds) - 1)
             if st.sample_pos >= n:
                 st.epoch, st.sample_pos = st.epoch + 1, 0
             self.report(force=st.step == self.total or stopping)
@@ -271,8 +287,26 @@ class Trainer:
         eta = (self.total - st.step) * (elapsed / done) if done > 0 else None
         epochs_started = st.epoch + (1 if st.sample_pos else 0)
         rec = progress_record(st.step, self.total, epochs_started, self.last_loss, sps, tps, eta)
-        rec["resolved"] = final.resolved(self.prep, self.setup)
+        rec["resolved"] = self.resolved()
         self.reporter.update(rec, force=force)
+
+    def resolved(self) -> dict[str, object]:
+        """final.resolved and whether the blocks are compiled (``compile``: ``auto`` resolved)."""
+        return {**final.resolved(self.prep, self.setup), "compile": self.setup.parallel.compiled_blocks > 0}
+
+    def compile_metrics(self, final_eval_seconds: float) -> dict[str, float | int | bool]:
+        """``compile`` (resolved), and when on: ``compileSeconds`` (the extra time of the training steps
+        that built graphs, plus the initial evaluation's over the final one's), ``compiledGraphs``."""
+        if not self.setup.parallel.compiled_blocks:
+            return {"compile": False}
+        steps = compile_extra_seconds(self.times.step_seconds, self.compiled_steps)
+        ev = max(0.0, (self.initial_eval_seconds or 0.0) - final_eval_seconds)
+        log(self.d, f"compile: {steps:.1f}s in {len(self.compiled_steps)} steps, {ev:.1f}s in evaluation")
+        return {
+            "compile": True,
+            "compileSeconds": round(steps + ev, 3),
+            "compiledGraphs": strategy.compiled_graphs(),
+        }
 
     def evaluate(self) -> EvalResult:
         s = self.setup
@@ -291,7 +325,9 @@ class Trainer:
         """Final evaluation; rank 0 writes the final model (if this attempt still owns the output),
         metrics.json and the termination message."""
         d, s = self.d, self.setup
+        t_eval = time.monotonic()
         ev = self.evaluate()
+        compile_m = self.compile_metrics(time.monotonic() - t_eval)
         log(d, f"final eval: {ev.describe()}")
         self.checkpointer.check_fence()  # the fence guards the final model too
         full = final.gather_full_state(
@@ -304,7 +340,9 @@ class Trainer:
             m = final.final_metrics(
                 self.prep, s, self.state, ev, self.times, self.resumed_from, self.total, d
             )
-            final.write_results(self.prep.output, m, final.resolved(self.prep, s))
+            m.update(compile_m)
+            m["resolved"] = self.resolved()
+            final.write_results(self.prep.output, m, self.resolved())
             log(d, f"done: {m}")
         dist.barrier(d, s.device)
         return EXIT_OK

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, StrictBool, WithJsonSchema
 
 from tauon.api.common import (
     DATASET_SOURCE_PATTERN,
@@ -159,13 +159,17 @@ class DatasetSpec(KubeModel):
         "Training data: one file or object, or a directory or prefix of shards (a trailing / is allowed "
         "for s3://): pvc://CLAIM/PATH, file:// or s3://BUCKET/KEY (credentials and endpoint from "
         "spec.storage.s3). Under a directory or prefix every object ending in the format's suffixes "
-        "(.jsonl/.jsonl.gz or .csv/.csv.gz) is a shard, in name order. No hf:// datasets in v1alpha1. "
+        "(.jsonl/.jsonl.gz, .csv/.csv.gz or .parquet) is a shard, in name order. No hf:// datasets in v1alpha1. "
         "Path segments may not be empty, `.` or `..`.",
         DATASET_SOURCE_PATTERN,
         "spec.dataset.source",
     )
-    format: Literal["jsonl", "csv"] = Field(
-        default="jsonl", description="File format: jsonl or csv; shards may be gzipped (.jsonl.gz, .csv.gz)."
+    format: Literal["jsonl", "csv", "parquet"] = Field(
+        default="jsonl",
+        description=(
+            "File format: jsonl, csv or parquet. jsonl and csv shards may be gzipped (.jsonl.gz, .csv.gz); "
+            "parquet is read one record batch at a time (its own compression, never .gz)."
+        ),
     )
     type: Literal["text", "chat", "prompt-completion"] = Field(default="text", description=DATASET_TYPES_DOC)
     text_field: str = Field(
@@ -323,6 +327,18 @@ class RunPolicy(KubeModel):
     )
 
 
+# true, false or "auto": a boolean-or-string node (structural: preserve-unknown-fields, checked by CEL)
+COMPILE_SCHEMA: dict[str, Any] = {
+    "x-kubernetes-preserve-unknown-fields": True,
+    "x-kubernetes-validations": [
+        {
+            "rule": "type(self) == bool || (type(self) == string && self == 'auto')",
+            "message": "spec.parallelism.compile must be true, false or auto",
+        }
+    ],
+}
+
+
 class ParallelismSpec(KubeModel):
     strategy: Literal["auto", "ddp", "fsdp"] = Field(
         default="auto",
@@ -335,6 +351,16 @@ class ParallelismSpec(KubeModel):
     activation_checkpointing: bool = Field(
         default=False,
         description="Recompute each transformer block's activations in the backward pass (less memory, more compute).",
+    )
+    compile: Annotated[Literal["auto"] | StrictBool, WithJsonSchema(COMPILE_SCHEMA)] = Field(
+        default="auto",
+        description=(
+            "torch.compile each transformer block (after activation checkpointing, before fsdp sharding or "
+            "the ddp wrapper): true, false or auto (on for CUDA GPUs, off on CPU). metrics.json reports the "
+            "choice (compile) and compileSeconds (the extra time of the steps that compiled). With it on, "
+            "batches are padded to a multiple of 64 tokens (at most maxSeqLength), so a few shapes compile "
+            "once each instead of one per batch length."
+        ),
     )
 
 
