@@ -327,16 +327,10 @@ class RunPolicy(KubeModel):
     )
 
 
-# true, false or "auto": a boolean-or-string node (structural: preserve-unknown-fields, checked by CEL)
-COMPILE_SCHEMA: dict[str, Any] = {
-    "x-kubernetes-preserve-unknown-fields": True,
-    "x-kubernetes-validations": [
-        {
-            "rule": "type(self) == bool || (type(self) == string && self == 'auto')",
-            "message": "spec.parallelism.compile must be true, false or auto",
-        }
-    ],
-}
+# true, false or "auto": a boolean-or-string node. Structural schemas have no bool-or-string type, so the
+# node is untyped (preserve-unknown-fields); the API server cannot compile a CEL rule on an untyped node
+# (it refuses the whole CRD), so other values are refused by the operator (InvalidSpec), not at admission.
+COMPILE_SCHEMA: dict[str, Any] = {"x-kubernetes-preserve-unknown-fields": True}
 
 
 class ParallelismSpec(KubeModel):
