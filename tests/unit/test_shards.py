@@ -200,4 +200,6 @@ def test_job_config_takes_parquet_from_the_suffix_or_the_field(
 def test_the_api_accepts_parquet_datasets() -> None:
     from tauon.api.finetunejob import DatasetSpec
 
-    assert DatasetSpec.model_validate({"source": "s3://corpora/web/", "format": "parquet"}).format == "parquet"
+    assert (
+        DatasetSpec.model_validate({"source": "s3://corpora/web/", "format": "parquet"}).format == "parquet"
+    )

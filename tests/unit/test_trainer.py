@@ -117,7 +117,7 @@ def test_config_local_paths_from_file_sources(tmp_path: Path, monkeypatch: pytes
         ({"hyperparameters": {"warmupRatio": 1.0}}, "hyperparameters.warmupRatio"),
         ({"hyperparameters": {"batchSizePerDevice": True}}, "hyperparameters.batchSizePerDevice"),
         ({"dataset": {"validationSplit": 1.0}}, "dataset.validationSplit"),
-        ({"dataset": {"format": "parquet"}}, "dataset.format"),
+        ({"dataset": {"format": "xml"}}, "dataset.format"),
         ({"model": {"task": "translation"}}, "model.task"),
         ({"model": {"numLabels": None}}, "model.numLabels"),
         ({"model": {"numLabels": 1}}, "model.numLabels"),
