@@ -19,7 +19,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 TAUON = str(Path(sys.executable).parent / "tauon")
-CRDS = ("finetunejobs.tauon.dev", "inferenceservices.tauon.dev")
+CRDS = ("finetunejobs.tauon.dev", "inferenceservices.tauon.dev", "finetunesweeps.tauon.dev")
 
 
 def load_cluster_module() -> Any:

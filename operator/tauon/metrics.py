@@ -1,6 +1,7 @@
 """Operator metrics. tauon's own are prefixed `tauon_`; the generic controller metrics use
 controller-runtime's exact names so existing dashboards carry over. Labels are bounded: namespace,
-phase, controller, result, kind - never a job or pod name."""
+phase, controller, result, kind - never a job or pod name. One exception: a sweep's best objective is per
+sweep (`name`), one series per live FineTuneSweep, removed with it."""
 
 from __future__ import annotations
 
@@ -13,6 +14,18 @@ FINETUNEJOBS = Gauge(
 )
 INFERENCESERVICES = Gauge(
     "tauon_inferenceservices", "InferenceServices by phase.", ["namespace", "phase"], registry=REGISTRY
+)
+FINETUNESWEEP_TRIALS = Gauge(
+    "tauon_finetunesweep_trials",
+    "Trials of the FineTuneSweeps, by trial phase (Pending, Running, Succeeded, Failed, Pruned).",
+    ["namespace", "phase"],
+    registry=REGISTRY,
+)
+FINETUNESWEEP_BEST_OBJECTIVE = Gauge(
+    "tauon_finetunesweep_best_objective",
+    "The objective metric of each FineTuneSweep's best trial so far.",
+    ["namespace", "name"],
+    registry=REGISTRY,
 )
 GANG_RESTARTS = Counter(
     "tauon_finetunejob_gang_restarts_total",
@@ -71,3 +84,12 @@ def set_phase_counts(gauge: Gauge, counts: dict[tuple[str, str], int]) -> None:
             gauge.remove(*labels)
     for (ns, phase), n in counts.items():
         gauge.labels(ns, phase).set(n)
+
+
+def set_values(gauge: Gauge, values: dict[tuple[str, ...], float]) -> None:
+    """Replace the gauge's series by exactly these (objects gone take their series with them)."""
+    for labels in list(gauge._metrics):
+        if labels not in values:
+            gauge.remove(*labels)
+    for labels, value in values.items():
+        gauge.labels(*labels).set(value)

@@ -390,12 +390,10 @@ def test_rbac_least_privilege(helm: Helm, scenario: str):
     resources = {(g, r) for g, r, _ in granted}
     # never secrets (tokens reach pods through secretKeyRef; the operator does not read them), never RBAC
     assert not any(r == "secrets" or g == "rbac.authorization.k8s.io" for g, r in resources)
-    # user objects: read + status only; no writes to spec (only the TTL delete)
-    assert {v for g, r, v in granted if r in ("finetunejobs", "inferenceservices")} == {
-        "list",
-        "watch",
-        "delete",
-    }
+    # user objects: read + status only; no writes to spec. FineTuneJobs: the TTL delete, and a sweep's
+    # trials (created, deleted when the sweep fails, read after a 409 on create)
+    assert {v for g, r, v in granted if r in ("inferenceservices", "finetunesweeps")} == {"list", "watch"}
+    assert {v for g, r, v in granted if r == "finetunejobs"} == {"list", "watch", "get", "create", "delete"}
     assert ("tauon.dev", "inferenceservices", "delete") not in granted
     assert {v for g, r, v in granted if r.endswith("/status")} == {"patch"}
     podgroups = {g for g, r in resources if r == "podgroups"}
@@ -440,7 +438,7 @@ def test_crds_installed_by_the_chart_are_kept_on_uninstall(cluster: Cluster, hel
     """crds.install=true over CRDs that already exist (as here: applied by the session fixture) needs Helm's
     adoption metadata; the release then owns them, and `helm uninstall` keeps them (resource-policy keep)."""
     release = f"c{namespace[-8:]}"
-    crds = ["finetunejobs.tauon.dev", "inferenceservices.tauon.dev"]
+    crds = ["finetunejobs.tauon.dev", "inferenceservices.tauon.dev", "finetunesweeps.tauon.dev"]
     r = helm("install", release, str(CHART), "--namespace", namespace, check=False)
     assert r.returncode != 0 and "exists and cannot be imported" in r.stderr  # no silent takeover
     for crd in crds:

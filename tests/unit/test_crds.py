@@ -57,6 +57,8 @@ def test_structural_and_documented(name: str):
             or node.get("x-kubernetes-int-or-string")
             or node.get("x-kubernetes-preserve-unknown-fields")
         ), f"{path} has no type"
+        if node.get("x-kubernetes-validations"):  # the API server cannot compile CEL on an untyped node
+            assert "type" in node or node.get("x-kubernetes-int-or-string"), f"{path}: CEL on an untyped node"
 
 
 def test_immutability_rules_cover_every_spec_field_but_run_policy():
@@ -170,7 +172,10 @@ def test_free_form_subtrees_are_not_pruned(name: str):
 
 def test_pod_template_keys_under_tauon_dev_are_refused():
     for name in all_crds():
-        tpl = schema_of(name)["properties"]["spec"]["properties"]["podTemplate"]["properties"]
+        spec = schema_of(name)["properties"]["spec"]
+        if name.startswith("finetunesweeps."):  # a sweep's podTemplate is its FineTuneJob template's
+            spec = spec["properties"]["template"]["properties"]["spec"]
+        tpl = spec["properties"]["podTemplate"]["properties"]
         for key in ("labels", "annotations"):
             (rule,) = tpl[key]["x-kubernetes-validations"]
             assert rule["rule"] == "self.all(k, !k.startsWith('tauon.dev/'))"

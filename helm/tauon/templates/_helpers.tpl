@@ -80,22 +80,24 @@ handlers/): Kopf lists and watches the watched kinds, and the operator writes on
 No wildcards; status only through /status.
 */}}
 {{- define "tauon.namespacedRules" -}}
-# FineTuneJob/InferenceService: Kopf watches them; the operator writes status through /status only and
-# deletes a FineTuneJob when ttlSecondsAfterFinished has passed.
+# FineTuneJob/InferenceService/FineTuneSweep: Kopf watches them; the operator writes status through
+# /status only and deletes a FineTuneJob when ttlSecondsAfterFinished has passed.
 - apiGroups: ["tauon.dev"]
-  resources: ["finetunejobs", "inferenceservices"]
+  resources: ["finetunejobs", "inferenceservices", "finetunesweeps"]
   verbs: ["list", "watch"]
+# FineTuneJobs: a sweep's trials (<sweep>-t<k>) are created by the operator, and deleted when the sweep
+# fails; get after a 409 on create checks the existing trial is the sweep's.
 - apiGroups: ["tauon.dev"]
   resources: ["finetunejobs"]
-  verbs: ["delete"]
+  verbs: ["get", "create", "delete"]
 - apiGroups: ["tauon.dev"]
-  resources: ["finetunejobs/status", "inferenceservices/status"]
+  resources: ["finetunejobs/status", "inferenceservices/status", "finetunesweeps/status"]
   verbs: ["patch"]
 # Children carry ownerReferences with blockOwnerDeletion: true. Clusters that enable the
 # OwnerReferencesPermissionEnforcement admission plugin (OpenShift does) require update on the owner's
 # finalizers subresource for that; the operator never adds finalizers to user objects.
 - apiGroups: ["tauon.dev"]
-  resources: ["finetunejobs/finalizers", "inferenceservices/finalizers"]
+  resources: ["finetunejobs/finalizers", "inferenceservices/finalizers", "finetunesweeps/finalizers"]
   verbs: ["update"]
 # Trainer pods: created per gang attempt, deleted on restarts, stopped (patch activeDeadlineSeconds) on
 # terminal failures; get after a 409 on create checks the existing pod is ours.

@@ -3,6 +3,7 @@ holds the names on the wire (group, version, kinds, labels, annotations, conditi
 
 from tauon.api.common import Condition, find_condition, is_true
 from tauon.api.finetunejob import FineTuneJob, FineTuneJobSpec, FineTuneJobStatus
+from tauon.api.finetunesweep import FineTuneSweep, FineTuneSweepSpec, FineTuneSweepStatus
 from tauon.api.inferenceservice import InferenceService, InferenceServiceSpec, InferenceServiceStatus
 from tauon.api.names import API_VERSION, GROUP, VERSION, Manifest
 
@@ -14,6 +15,9 @@ __all__ = [
     "FineTuneJob",
     "FineTuneJobSpec",
     "FineTuneJobStatus",
+    "FineTuneSweep",
+    "FineTuneSweepSpec",
+    "FineTuneSweepStatus",
     "InferenceService",
     "InferenceServiceSpec",
     "InferenceServiceStatus",

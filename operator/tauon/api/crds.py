@@ -16,11 +16,14 @@ from pydantic import BaseModel
 
 from tauon.api.common import NAME_MAX, NAME_PATTERN
 from tauon.api.finetunejob import FineTuneJobSpec, FineTuneJobStatus
+from tauon.api.finetunesweep import SWEEP_NAME_MAX, FineTuneSweepSpec, FineTuneSweepStatus
 from tauon.api.inferenceservice import InferenceServiceSpec, InferenceServiceStatus
 from tauon.api.names import (
     API_VERSION,
     FINETUNEJOB,
     FINETUNEJOBS,
+    FINETUNESWEEP,
+    FINETUNESWEEPS,
     GROUP,
     INFERENCESERVICE,
     INFERENCESERVICES,
@@ -264,11 +267,56 @@ def inferenceservice_crd() -> dict[str, Any]:
     return _crd(INFERENCESERVICE, INFERENCESERVICES, "tis", schema, columns, subresources)
 
 
+def finetunesweep_crd() -> dict[str, Any]:
+    schema = _root_schema(
+        FINETUNESWEEP,
+        FineTuneSweepSpec,
+        FineTuneSweepStatus,
+        "FineTuneSweep searches hyperparameters (Optuna: TPE, random or grid): each trial is a FineTuneJob "
+        "<sweep>-t<k> made from spec.template, and status.best names the best one.",
+    )
+    schema["x-kubernetes-validations"].append(
+        {
+            "rule": f"size(self.metadata.name) <= {SWEEP_NAME_MAX}",
+            "message": (
+                f"a FineTuneSweep's name is at most {SWEEP_NAME_MAX} characters: its trials are named "
+                "<sweep>-t<k>"
+            ),
+        }
+    )
+    columns = [
+        {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Derived phase."},
+        {
+            "name": "Trials",
+            "type": "integer",
+            "jsonPath": ".status.finishedTrials",
+            "description": "Trials finished.",
+        },
+        {"name": "Best", "type": "string", "jsonPath": ".status.best.trial", "description": "Best trial."},
+        {
+            "name": "Objective",
+            "type": "number",
+            "jsonPath": ".status.best.objective",
+            "description": "The best trial's objective metric.",
+        },
+        _age(),
+        {
+            "name": "Model",
+            "type": "string",
+            "jsonPath": ".status.best.model",
+            "priority": 1,
+            "description": "The best trial's model location.",
+        },
+    ]
+    return _crd(FINETUNESWEEP, FINETUNESWEEPS, "ftsweep", schema, columns, {"status": {}})
+
+
 def all_crds() -> dict[str, dict[str, Any]]:
     """File name -> CRD."""
     return {
         f"{FINETUNEJOBS}.{GROUP}.yaml": finetunejob_crd(),
         f"{INFERENCESERVICES}.{GROUP}.yaml": inferenceservice_crd(),
+        f"{FINETUNESWEEPS}.{GROUP}.yaml": finetunesweep_crd(),
     }
 
 

@@ -25,11 +25,18 @@ GROUP, VERSION = API_VERSION.split("/")
 
 FineTuneJobKind = Literal["FineTuneJob"]
 InferenceServiceKind = Literal["InferenceService"]
+FineTuneSweepKind = Literal["FineTuneSweep"]
 FINETUNEJOB: Final[FineTuneJobKind] = "FineTuneJob"
 INFERENCESERVICE: Final[InferenceServiceKind] = "InferenceService"
+FINETUNESWEEP: Final[FineTuneSweepKind] = "FineTuneSweep"
 FINETUNEJOBS: Final = "finetunejobs"  # plurals (REST paths, Kopf resources, CRD names)
 INFERENCESERVICES: Final = "inferenceservices"
-PLURALS: Final[dict[str, str]] = {FINETUNEJOB: FINETUNEJOBS, INFERENCESERVICE: INFERENCESERVICES}
+FINETUNESWEEPS: Final = "finetunesweeps"
+PLURALS: Final[dict[str, str]] = {
+    FINETUNEJOB: FINETUNEJOBS,
+    INFERENCESERVICE: INFERENCESERVICES,
+    FINETUNESWEEP: FINETUNESWEEPS,
+}
 
 # apiVersion of a PodGroup, per gang scheduler (rendered by tauon.render, created by tauon.kube)
 POD_GROUP_API_VERSIONS: Final[dict[str, str]] = {
@@ -63,6 +70,11 @@ ANN_MODEL_SOURCE: Final = f"{GROUP}/model-source"  # the model a Deployment serv
 ANN_FINE_TUNE_JOB: Final = f"{GROUP}/fine-tune-job"  # ... and the FineTuneJob it came from
 ANN_MODEL_TASK: Final = f"{GROUP}/model-task"  # ... and that model's task
 ANN_RUNTIME: Final = f"{GROUP}/runtime"  # tauon or vllm
+
+# FineTuneSweep children (trials: FineTuneJobs named <sweep>-t<k>)
+LABEL_SWEEP: Final = f"{GROUP}/sweep-name"  # the owning FineTuneSweep
+LABEL_TRIAL: Final = f"{GROUP}/trial-index"  # k of <sweep>-t<k>
+ANN_TRIAL_PARAMETERS: Final = f"{GROUP}/trial-parameters"  # JSON {parameter name: value}, set at creation
 
 # The process-backed dev node (`tauon node`): its Node's label, where a pod's ports really listen
 # (`<port name>-address`: the trainer's metrics port, the server's http port) and where its log is.
@@ -98,6 +110,10 @@ PREDICTOR_READY: Final = "PredictorReady"
 CANARY_READY: Final = "CanaryReady"
 READY: Final = "Ready"
 INFERENCESERVICE_CONDITIONS: Final = (MODEL_READY, PREDICTOR_READY, CANARY_READY, READY)
+
+# -- FineTuneSweep conditions: Running, Succeeded, Failed (the constants above) ------------------------
+
+FINETUNESWEEP_CONDITIONS: Final = (RUNNING, SUCCEEDED, FAILED)
 
 # -- reasons (conditions and events) -------------------------------------------------------------------
 
@@ -142,6 +158,13 @@ REASON_MINIMUM_REPLICAS_AVAILABLE: Final = "MinimumReplicasAvailable"
 REASON_SERVING: Final = "Serving"
 REASON_READY: Final = "Ready"  # the event when the service becomes Ready
 
+# FineTuneSweep: Running, Succeeded, Failed (and the events of trials)
+REASON_TRIALS_RUNNING: Final = "TrialsRunning"
+REASON_TRIAL_CREATED: Final = "TrialCreated"
+REASON_TRIAL_FINISHED: Final = "TrialFinished"
+REASON_ALL_TRIALS_FINISHED: Final = "AllTrialsFinished"
+REASON_TOO_MANY_FAILED_TRIALS: Final = "TooManyFailedTrials"
+REASON_NO_SUCCESSFUL_TRIAL: Final = "NoSuccessfulTrial"
 
 # -- tauon run --local -----------------------------------------------------------------------------------
 

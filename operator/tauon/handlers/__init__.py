@@ -10,7 +10,7 @@ import aiohttp
 import kopf
 
 from tauon.api.names import FINALIZER, GROUP
-from tauon.handlers import finetunejob, inferenceservice, leader, progress
+from tauon.handlers import finetunejob, finetunesweep, inferenceservice, leader, progress
 from tauon.handlers.runtime import RT
 from tauon.kube.client import Kube, load_config
 
@@ -52,6 +52,8 @@ def _trigger_all() -> None:
         RT.trigger(finetunejob.CONTROLLER, ns, name)
     for ns, name in inferenceservice.all_keys():
         RT.trigger(inferenceservice.CONTROLLER, ns, name)
+    for ns, name in finetunesweep.all_keys():
+        RT.trigger(finetunesweep.CONTROLLER, ns, name)
 
 
 @kopf.on.cleanup()
@@ -85,6 +87,9 @@ async def _periodic() -> None:
                 for ns, name in inferenceservice.all_keys():
                     RT.trigger(inferenceservice.CONTROLLER, ns, name)
                 inferenceservice.update_phase_gauge()
+                for ns, name in finetunesweep.all_keys():
+                    RT.trigger(finetunesweep.CONTROLLER, ns, name)
+                finetunesweep.update_gauges()
                 if RT.leading() and loop.time() - last_progress >= RT.progress_period_seconds:
                     last_progress = loop.time()
                     await finetunejob.fetch_progress(session)

@@ -26,7 +26,20 @@ ISVC: Final = "tauon_inferenceservices"
 ISVC_DEPLOYMENTS: Final = "tauon_inferenceservice_deployments"
 ISVC_SERVICES: Final = "tauon_inferenceservice_services"
 ISVC_HPAS: Final = "tauon_inferenceservice_hpas"
-ALL: Final = (FTJ, FTJ_PODS, FTJ_CONFIGMAPS, FTJ_SERVICES, ISVC, ISVC_DEPLOYMENTS, ISVC_SERVICES, ISVC_HPAS)
+FTS: Final = "tauon_finetunesweeps"
+FTS_TRIALS: Final = "tauon_finetunesweep_trials"  # FineTuneJobs by the sweep that owns them
+ALL: Final = (
+    FTJ,
+    FTJ_PODS,
+    FTJ_CONFIGMAPS,
+    FTJ_SERVICES,
+    ISVC,
+    ISVC_DEPLOYMENTS,
+    ISVC_SERVICES,
+    ISVC_HPAS,
+    FTS,
+    FTS_TRIALS,
+)
 
 
 # -- projections: what the planners read of each child, not whole bodies -----------------------------

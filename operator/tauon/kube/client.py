@@ -24,6 +24,8 @@ from tauon.api.names import (
     API_VERSION,
     FINETUNEJOB,
     FINETUNEJOBS,
+    FINETUNESWEEP,
+    FINETUNESWEEPS,
     INFERENCESERVICE,
     INFERENCESERVICES,
     POD_GROUP_API_VERSIONS,
@@ -47,6 +49,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "HorizontalPodAutoscaler": ("/apis/autoscaling/v2", "horizontalpodautoscalers"),
     FINETUNEJOB: (f"/apis/{API_VERSION}", FINETUNEJOBS),
     INFERENCESERVICE: (f"/apis/{API_VERSION}", INFERENCESERVICES),
+    FINETUNESWEEP: (f"/apis/{API_VERSION}", FINETUNESWEEPS),
     "Lease": ("/apis/coordination.k8s.io/v1", "leases"),
 }
 # PodGroup apiVersion -> api prefix (the plural is podgroups for every gang scheduler)

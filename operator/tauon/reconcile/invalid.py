@@ -1,5 +1,5 @@
 """A spec that does not parse (admission should have caught it, e.g. CRDs older than the operator) fails
-clearly and once, for both kinds. Pure: raw body + errors -> Plan (status and one Warning event)."""
+clearly and once, for every kind. Pure: raw body + errors -> Plan (status and one Warning event)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from tauon.api.names import (
     FAILED,
     FINETUNEJOB,
+    FINETUNESWEEP,
     INFERENCESERVICE,
     MODEL_READY,
     READY,
@@ -22,6 +23,7 @@ from tauon.reconcile.plan import Event, Plan
 # kind -> (condition type, status it takes) written for an unparseable spec
 CONDITIONS: dict[str, tuple[tuple[str, str], ...]] = {
     FINETUNEJOB: ((FAILED, "True"),),
+    FINETUNESWEEP: ((FAILED, "True"),),
     INFERENCESERVICE: ((MODEL_READY, "False"), (READY, "False")),
 }
 

@@ -1,0 +1,117 @@
+"""FineTuneSweep controller against a real control plane, the operator as a subprocess, and kwok pods.
+
+kwok pods run no trainer: each trial's pod exits 0 after a short while with the termination message the
+trainer would write (`{"metrics": {...}}`), set through the template's podTemplate annotations
+(`kwok.tauon.dev/termination-message`, see hack/cluster/kwok-stages.yaml). The FineTuneJob controller
+copies it into the trial's status.output.metrics, exactly as it does for a real trainer, and the sweep
+reads its objective from there: no test-only path in the product. Every trial reports the same evalLoss,
+so the best trial is the lowest index (ties go to it)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tests.kube import Cluster, condition, wait_until
+from tests.manifests import API_VERSION, MINILM_CLASSIFIER
+
+pytestmark = pytest.mark.cluster
+T = 120  # seconds: every wait is bounded
+LOSS = 0.42
+
+
+def sweep(name: str) -> dict:
+    message = json.dumps({"metrics": {"evalLoss": LOSS, "trainLoss": 0.5}})
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "FineTuneSweep",
+        "metadata": {"name": name},
+        "spec": {
+            "template": {
+                "spec": {
+                    "model": MINILM_CLASSIFIER,
+                    "dataset": {"source": "file:///tmp/tauon-test-data/train.jsonl"},
+                    "method": {"type": "lora"},
+                    "output": {"storage": f"file:///tmp/tauon-test-out/{name}"},
+                    "numNodes": 1,
+                    "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}},
+                    "podTemplate": {
+                        "annotations": {
+                            "kwok.tauon.dev/exit-code": "0",
+                            "kwok.tauon.dev/exit-after-ms": "2s",
+                            "kwok.tauon.dev/termination-message": message,
+                        }
+                    },
+                }
+            },
+            "parameters": [
+                {"name": "learningRate", "type": "float", "min": 1e-5, "max": 1e-3, "log": True},
+                {"name": "method.lora.rank", "type": "int", "values": [4, 8, 16]},
+            ],
+            "objective": {"metric": "evalLoss", "goal": "minimize"},
+            "algorithm": {"type": "tpe", "seed": 3},
+            "maxTrials": 3,
+            "parallelTrials": 2,
+        },
+    }
+
+
+def test_sweep_runs_three_trials_two_at_a_time_to_succeeded(cluster: Cluster, operator, namespace: str):
+    wait_until(
+        lambda: cluster.kubectl("get", "ftsweep", "-A", check=False).returncode == 0, 30, "sweep CRD served"
+    )
+    name = "sw"
+    cluster.apply(sweep(name), "-n", namespace)
+    most_unfinished = 0
+
+    def done() -> dict | None:
+        nonlocal most_unfinished
+        trials = cluster.list("ftj", namespace, f"tauon.dev/sweep-name={name}")
+        unfinished = [
+            t for t in trials if (t.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+        ]
+        most_unfinished = max(most_unfinished, len(unfinished))
+        obj = cluster.get("ftsweep", name, namespace) or {}
+        return obj if (obj.get("status") or {}).get("phase") in ("Succeeded", "Failed") else None
+
+    t0 = time.monotonic()
+    obj = wait_until(done, T, f"sweep {name} finished\n{operator.tail()}", interval=0.5)
+    st = obj["status"]
+    assert st["phase"] == "Succeeded", (st, operator.tail())
+    assert 1 <= most_unfinished <= 2  # parallelTrials (sampled: an upper bound is what can fail)
+    succeeded = condition(obj, "Succeeded")
+    assert succeeded is not None and succeeded["reason"] == "AllTrialsFinished"
+    assert st["observedGeneration"] == obj["metadata"]["generation"]
+
+    trials = {
+        t["metadata"]["name"]: t for t in cluster.list("ftj", namespace, f"tauon.dev/sweep-name={name}")
+    }
+    assert sorted(trials) == [f"{name}-t0", f"{name}-t1", f"{name}-t2"]
+    params = []
+    for tname, t in trials.items():
+        (ref,) = t["metadata"]["ownerReferences"]
+        assert (ref["kind"], ref["name"], ref["uid"]) == ("FineTuneSweep", name, obj["metadata"]["uid"])
+        p = json.loads(t["metadata"]["annotations"]["tauon.dev/trial-parameters"])
+        assert t["spec"]["hyperparameters"]["learningRate"] == p["learningRate"]
+        assert t["spec"]["method"]["lora"]["r"] == p["method.lora.rank"]
+        assert t["spec"]["output"]["storage"] == f"file:///tmp/tauon-test-out/{name}/{tname}"
+        assert t["status"]["output"]["metrics"]["evalLoss"] == LOSS
+        params.append(p)
+    assert len({json.dumps(p, sort_keys=True) for p in params}) == 3
+    assert [(t["name"], t["phase"], t["objective"]) for t in st["trials"]] == [
+        (f"{name}-t{k}", "Succeeded", LOSS) for k in range(3)
+    ]
+    best = st["best"]
+    assert (best["trial"], best["objective"]) == (f"{name}-t0", LOSS)
+    assert best["parameters"] == json.loads(
+        trials[f"{name}-t0"]["metadata"]["annotations"]["tauon.dev/trial-parameters"]
+    )
+    assert best["model"] == f"file:///tmp/tauon-test-out/{name}/{name}-t0/model"
+    assert time.monotonic() - t0 < T
+
+    # converged: the sweep's resourceVersion stays put (no status writes) over a few periodic passes
+    rv = obj["metadata"]["resourceVersion"]
+    time.sleep(3)
+    assert (cluster.get("ftsweep", name, namespace) or {})["metadata"]["resourceVersion"] == rv
