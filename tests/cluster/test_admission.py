@@ -97,7 +97,7 @@ INVALID: list[tuple[str, dict, str]] = [
     ),
     ("numlabels-min", with_(ftj(), "spec.model.numLabels", 1), "spec.model.numLabels"),
     ("dataset-hf-scheme", with_(ftj(), "spec.dataset.source", "hf://org/data"), "spec.dataset.source"),
-    ("dataset-format-enum", with_(ftj(), "spec.dataset.format", "parquet"), 'Unsupported value: "parquet"'),
+    ("dataset-format-enum", with_(ftj(), "spec.dataset.format", "xml"), 'Unsupported value: "xml"'),
     (
         "labelfield-forbidden-causal",
         with_(with_(ftj(), "spec.model", CAUSAL), "spec.dataset.labelField", "label"),

@@ -155,7 +155,7 @@ def test_default_render_validates_on_the_server(cluster: Cluster, helm: Helm, na
     assert kinds == sorted(
         ["ServiceAccount", "Deployment", "Service", "ClusterRoleBinding"]
         + ["ClusterRole"] * 3  # the operator's, and the aggregated -edit/-view for users
-        + ["CustomResourceDefinition"] * 2
+        + ["CustomResourceDefinition"] * 3  # FineTuneJob, InferenceService, FineTuneSweep
         + ["Role", "RoleBinding"]  # leader election: the Lease in the release namespace
     )
     (lease_role,) = by_kind(docs, "Role")
