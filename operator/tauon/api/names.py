@@ -75,6 +75,7 @@ ANN_RUNTIME: Final = f"{GROUP}/runtime"  # tauon or vllm
 LABEL_SWEEP: Final = f"{GROUP}/sweep-name"  # the owning FineTuneSweep
 LABEL_TRIAL: Final = f"{GROUP}/trial-index"  # k of <sweep>-t<k>
 ANN_TRIAL_PARAMETERS: Final = f"{GROUP}/trial-parameters"  # JSON {parameter name: value}, set at creation
+ANN_PRUNE: Final = f"{GROUP}/prune"  # set by the sweep on a trial to stop it: the rule's message
 
 # The process-backed dev node (`tauon node`): its Node's label, where a pod's ports really listen
 # (`<port name>-address`: the trainer's metrics port, the server's http port) and where its log is.
@@ -144,6 +145,7 @@ REASON_PERMANENT_ERROR: Final = "PermanentError"
 REASON_BACKOFF_LIMIT_EXCEEDED: Final = "BackoffLimitExceeded"
 REASON_DEADLINE_EXCEEDED: Final = "DeadlineExceeded"
 REASON_STARTUP_TIMEOUT: Final = "StartupTimeout"
+REASON_PRUNED: Final = "Pruned"  # a FineTuneSweep stopped this trial early (ANN_PRUNE)
 
 # InferenceService: ModelReady and CanaryReady
 REASON_MODEL_RESOLVED: Final = "ModelResolved"
@@ -165,6 +167,10 @@ REASON_TRIAL_FINISHED: Final = "TrialFinished"
 REASON_ALL_TRIALS_FINISHED: Final = "AllTrialsFinished"
 REASON_TOO_MANY_FAILED_TRIALS: Final = "TooManyFailedTrials"
 REASON_NO_SUCCESSFUL_TRIAL: Final = "NoSuccessfulTrial"
+REASON_TRIAL_PRUNED: Final = "TrialPruned"  # the event when the early-stopping rule stops a trial
+# InferenceService: ModelReady while a fineTuneSweepRef's sweep has not succeeded yet
+REASON_WAITING_FOR_FINE_TUNE_SWEEP: Final = "WaitingForFineTuneSweep"
+REASON_FINE_TUNE_SWEEP_FAILED: Final = "FineTuneSweepFailed"
 
 # -- tauon run --local -----------------------------------------------------------------------------------
 
