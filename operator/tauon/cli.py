@@ -147,7 +147,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_node(args: argparse.Namespace) -> int:
     from tauon.local.node import main as node_main
 
-    return node_main(args.name, args.root, args.cpus, args.memory_gi)
+    return node_main(
+        args.name,
+        args.root,
+        args.cpus,
+        args.memory_gi,
+        network=args.network,
+        pod_cidr=args.pod_cidr,
+        dns=args.dns,
+    )
 
 
 def cmd_operator(args: argparse.Namespace) -> int:
@@ -351,6 +359,23 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--root", default="/tmp/tauon-node", help="where pod files and logs go")
     n.add_argument("--cpus", type=int, default=None)
     n.add_argument("--memory-gi", type=int, default=16)
+    n.add_argument(
+        "--network",
+        choices=("shared", "netns"),
+        default="shared",
+        help="shared: pods use the host's network (addresses and ports rewritten); netns: each pod gets its "
+        "own network namespace and IP on a bridge shared by every node of this machine (needs CAP_NET_ADMIN)",
+    )
+    n.add_argument(
+        "--pod-cidr",
+        default=None,
+        help="netns: this node's pod CIDR (a /24 inside the bridge's network; default derived from --name)",
+    )
+    n.add_argument(
+        "--dns",
+        default=None,
+        help="netns: the cluster DNS server's IP written into every pod's /etc/resolv.conf",
+    )
     n.set_defaults(func=cmd_node)
 
     o = sub.add_parser("operator", help="run the operator (all namespaces unless --namespace)")
