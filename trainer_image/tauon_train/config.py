@@ -32,6 +32,7 @@ INITS = ("pretrained", "scratch")
 DATASET_TYPES = ("text", "chat", "prompt-completion")
 STRATEGIES = ("auto", "ddp", "fsdp")
 COMPILE_MODES = ("auto", "true", "false")  # parallelism.compile: "auto", true or false
+MAX_EVAL_EVERY_STEPS = 2**31 - 1  # hyperparameters.evalEverySteps, as the API bounds it
 
 Json = dict[str, object]  # a JSON object as json.loads returns it
 
@@ -92,6 +93,7 @@ class Hyperparameters:
     max_seq_length: int = 128
     precision: str = "auto"
     seed: int = 42
+    eval_every_steps: int | None = None  # evaluate every N optimizer steps (None: only initial and final)
 
 
 @dataclass(frozen=True)
@@ -404,6 +406,7 @@ def _hyperparameters(hp_d: Json) -> Hyperparameters:
         max_seq_length=_int(hp_d, "maxSeqLength", w, 128, lo=8, hi=32768) or 128,
         precision=_enum(hp_d, "precision", w, PRECISIONS, "auto"),
         seed=_int(hp_d, "seed", w, 42, lo=0, hi=2**32 - 1) or 0,
+        eval_every_steps=_int(hp_d, "evalEverySteps", w, None, lo=1, hi=MAX_EVAL_EVERY_STEPS, nullable=True),
     )
 
 

@@ -9,7 +9,8 @@
   marker written last (``output.publish_model``: S3 has no rename), then removed.
 - ``final_metrics``: the metrics.json object; ``write_results`` writes it and the termination message
   (the operator reads final metrics from rank 0's termination message: no access to the output volume
-  needed; Kubernetes keeps at most 4096 bytes of it, hence ``TERMINATION_METRICS``).
+  needed; Kubernetes keeps at most 4096 bytes of it, hence ``TERMINATION_METRICS`` and
+  ``termination_payload``'s size cap).
 - ``RunTimes``: the loop's accounting (wall times, step times, samples and tokens) both report.
 """
 
@@ -60,7 +61,11 @@ TERMINATION_METRICS = (
     "runtimeSeconds",
     "resumedFromStep",
     "strategy",
+    "compileSeconds",
+    "checkpointStallSeconds",
 )
+# Kubernetes keeps at most this many bytes of a container's termination message
+TERMINATION_MESSAGE_LIMIT = 4096
 
 Metric = float | int | str | dict[str, int | str] | dict[str, float | str] | dict[str, object] | None
 
@@ -213,12 +218,30 @@ def write_results(output: str, m: dict[str, Metric], resolved: dict[str, object]
         storage.write_bytes(storage.join(output, "metrics.json"), body.encode())
     else:
         atomic_write_json(os.path.join(output, "metrics.json"), m)
-    write_termination_log(
-        {
-            "metrics": {k: v for k, v in m.items() if k in TERMINATION_METRICS and v is not None},
-            "resolved": resolved,
-        }
-    )
+    write_termination_log(termination_payload(m, resolved))
+
+
+def termination_payload(
+    m: dict[str, Metric], resolved: dict[str, object], limit: int = TERMINATION_MESSAGE_LIMIT
+) -> dict[str, object]:
+    """The termination message: the metrics of ``TERMINATION_METRICS`` that ``m`` has (not None) and
+    ``resolved``, within ``limit`` bytes of JSON (what Kubernetes keeps; a longer message is cut and no
+    longer parses). Over it, metrics go last-listed first, then ``resolved.dataset``, then ``resolved``."""
+    metrics = {k: m[k] for k in TERMINATION_METRICS if m.get(k) is not None}
+    payload: dict[str, object] = {"metrics": metrics, "resolved": dict(resolved)}
+
+    def size() -> int:
+        return len(json.dumps(payload, ensure_ascii=False).encode())
+
+    for key in reversed(TERMINATION_METRICS):
+        if size() <= limit:
+            return payload
+        metrics.pop(key, None)
+    if size() > limit:
+        payload["resolved"] = {k: v for k, v in resolved.items() if k != "dataset"}
+    if size() > limit:
+        payload["resolved"] = {}
+    return payload
 
 
 def _r(x: float | None, nd: int = 6) -> float | None:

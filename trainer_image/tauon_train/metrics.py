@@ -9,7 +9,9 @@ Global rank 0 also writes ``<output>/progress.json`` atomically and prints one l
 
     tauon-progress {"step": 3, "totalSteps": 39, "percent": 7.69, ...}
 
-i.e. the literal prefix ``tauon-progress`` and a space, then the same JSON object as progress.json.
+i.e. the literal prefix ``tauon-progress`` and a space, then the same JSON object as progress.json, except
+that the periodic evaluations' history (``evaluations``) is reduced to its newest point
+(``lastEvaluation``).
 """
 
 from __future__ import annotations
@@ -62,8 +64,11 @@ def progress_record(
     samples_per_second: float | None,
     tokens_per_second: float | None,
     eta_seconds: float | None,
+    evaluations: list[dict[str, float | int | None]] | None = None,
 ) -> dict[str, Any]:
-    return {
+    """The progress JSON (``/progress``, progress.json, the log line). ``evaluations``: the periodic
+    evaluations (evaluate.PeriodicEvaluations.records()), included when given."""
+    rec: dict[str, Any] = {
         "step": step,
         "totalSteps": total,
         "percent": round(100.0 * step / total, 2) if total > 0 else 0.0,
@@ -74,6 +79,9 @@ def progress_record(
         "etaSeconds": None if eta_seconds is None else max(0, int(round(eta_seconds))),
         "updatedAt": rfc3339_now(),
     }
+    if evaluations is not None:
+        rec["evaluations"] = [dict(e) for e in evaluations]
+    return rec
 
 
 def compile_extra_seconds(step_seconds: list[float], compiled: list[int]) -> float:
@@ -248,4 +256,15 @@ class ProgressReporter:
         except (OSError, PermanentError, RetryableError) as e:
             why = e.strerror if isinstance(e, OSError) else str(e)
             print(f"tauon-trainer: warning: cannot write {self.path}: {why}", file=sys.stderr, flush=True)
-        print(LOG_PREFIX + json.dumps(rec, sort_keys=True), flush=True)
+        print(LOG_PREFIX + json.dumps(log_record(rec), sort_keys=True), flush=True)
+
+
+def log_record(rec: dict[str, Any]) -> dict[str, Any]:
+    """The log line's object: the progress record, with the evaluation history (up to 100 points, in every
+    line) reduced to its newest point, ``lastEvaluation``."""
+    if "evaluations" not in rec:
+        return rec
+    out = {k: v for k, v in rec.items() if k != "evaluations"}
+    if rec["evaluations"]:
+        out["lastEvaluation"] = rec["evaluations"][-1]
+    return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, StrictBool, WithJsonSchema
+from pydantic import ConfigDict, Field, StrictBool, WithJsonSchema, model_validator
 
 from tauon.api.common import (
     DATASET_SOURCE_PATTERN,
@@ -33,6 +33,8 @@ RESERVED_ENV_NAMES = ["WORLD_SIZE", "RANK", "LOCAL_RANK", "NNODES", "NODE_RANK",
 
 
 SCRATCH = "(has(self.init) && self.init == 'scratch')"
+MAX_EVAL_EVERY_STEPS = 2**31 - 1
+MAX_EVALUATIONS = 100  # status.progress.evaluations keeps at most this many points
 
 
 def is_reserved_env(name: str) -> bool:
@@ -275,6 +277,19 @@ class Hyperparameters(KubeModel):
         description="auto: bf16 on GPUs that support it, else fp32. fp32, bf16 or fp16 force a precision.",
     )
     seed: int = Field(default=42, ge=0, description="Seed for data order, splits and initialisation.")
+    eval_every_steps: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_EVAL_EVERY_STEPS,
+        description=(
+            "Evaluate on the validation split every N optimizer steps (besides the initial and final "
+            "evaluations); the history goes to status.progress.evaluations (at most 100 points, older "
+            "ones thinned). Unset: no periodic evaluation. Needs dataset.validationSplit > 0."
+        ),
+    )
+
+
+EVAL_NEEDS_VALIDATION = "spec.hyperparameters.evalEverySteps needs spec.dataset.validationSplit > 0"
 
 
 class OutputSpec(KubeModel):
@@ -418,6 +433,13 @@ class FineTuneJobSpec(KubeModel):
                     "message": "spec.method.type lora is not allowed when spec.model.init is scratch "
                     "(there are no pretrained weights to adapt)",
                 },
+                {
+                    "rule": (
+                        "!has(self.hyperparameters) || !has(self.hyperparameters.evalEverySteps) || "
+                        "!has(self.dataset.validationSplit) || self.dataset.validationSplit > 0.0"
+                    ),
+                    "message": EVAL_NEEDS_VALIDATION,
+                },
                 *immutable_rules(IMMUTABLE_SPEC_FIELDS, "spec"),
             ]
         }
@@ -474,6 +496,13 @@ class FineTuneJobSpec(KubeModel):
         description="Restart, deadline, TTL, suspend and grace period policy (mutable).",
     )
 
+    @model_validator(mode="after")
+    def _periodic_eval_needs_validation(self) -> FineTuneJobSpec:
+        # the CEL rule above, for what admission does not see (local runs, the SDK, old CRDs)
+        if self.hyperparameters.eval_every_steps is not None and self.dataset.validation_split <= 0:
+            raise ValueError(EVAL_NEEDS_VALIDATION)
+        return self
+
 
 class PodCounts(StatusModel):
     active: int = Field(default=0, description="Pods of the current attempt not finished.")
@@ -528,6 +557,22 @@ class Resolved(StatusModel):
     dataset: ResolvedDataset | None = Field(
         default=None, description="What the dataset turned out to be, as rank 0 reported it (written once)."
     )
+    compile: bool | None = Field(
+        default=None,
+        description=(
+            "Whether the trainer compiled the transformer blocks (parallelism.compile resolved), as rank 0 "
+            "reported it; kept for the job's life."
+        ),
+    )
+
+
+class Evaluation(StatusModel):
+    step: int = Field(description="Optimizer step after which the validation split was evaluated.")
+    train_loss: float | None = Field(default=None, description="Training loss of that step.")
+    eval_loss: float | None = Field(default=None, description="Validation loss.")
+    eval_accuracy: float | None = Field(
+        default=None, description="Validation accuracy (sequence-classification)."
+    )
 
 
 class Progress(StatusModel):
@@ -539,6 +584,13 @@ class Progress(StatusModel):
     samples_per_second: float | None = Field(default=None, description="Training throughput.")
     eta_seconds: int | None = Field(default=None, description="Estimated seconds to finish.")
     updated_at: datetime | None = Field(default=None, description="When the trainer reported this.")
+    evaluations: list[Evaluation] | None = Field(
+        default=None,
+        description=(
+            "Periodic evaluations (hyperparameters.evalEverySteps), ascending by step, at most 100 (older "
+            "points thinned); kept across restarts, a later report wins for the same step."
+        ),
+    )
 
 
 class Output(StatusModel):

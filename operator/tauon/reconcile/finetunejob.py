@@ -21,6 +21,8 @@ from typing import Any
 
 from tauon.api.common import is_true
 from tauon.api.finetunejob import (
+    MAX_EVALUATIONS,
+    Evaluation,
     FineTuneJob,
     FineTuneJobStatus,
     LastFailure,
@@ -30,6 +32,7 @@ from tauon.api.finetunejob import (
     StrategyEstimate,
 )
 from tauon.api.names import (
+    ANN_PRUNE,
     CREATED,
     FAILED,
     LABEL_ATTEMPT,
@@ -46,6 +49,7 @@ from tauon.api.names import (
     REASON_POD_DISRUPTED,
     REASON_POD_FAILED,
     REASON_PODS_CREATED,
+    REASON_PRUNED,
     REASON_QUOTA_EXCEEDED,
     REASON_RESOURCE_CONFLICT,
     REASON_RESTARTING,
@@ -192,22 +196,93 @@ def _pvc_problem(job: FineTuneJob, pvcs: dict[str, list[str]]) -> str | None:
     return None
 
 
+def _bounded_number(v: Any) -> bool:
+    """False for an int or float out of bounds (NaN, infinite, huge); True for anything else."""
+    if isinstance(v, bool):
+        return True
+    if isinstance(v, int) and abs(v) > MAX_PROGRESS_INT:
+        return False
+    if isinstance(v, float) and (not math.isfinite(v) or abs(v) > MAX_PROGRESS_FLOAT):
+        return False
+    return True
+
+
 def bounded_progress(report: dict[str, Any]) -> Progress | None:
-    """A Progress from rank 0's report, or None when any field is unusable (NaN, infinite, huge)."""
+    """A Progress from rank 0's report, or None when any field is unusable (NaN, infinite, huge).
+    `evaluations` is bounded entry by entry (bounded_evaluations): a bad entry is dropped, not the report."""
     # percent is ours to compute (an integer for the printer column); the trainer may send a float;
     # "resolved" is read by take_resolved
-    fields = {k: v for k, v in report.items() if k not in ("percent", "resolved")}
-    for v in fields.values():
-        if isinstance(v, bool):
-            continue
-        if isinstance(v, int) and abs(v) > MAX_PROGRESS_INT:
-            return None
-        if isinstance(v, float) and (not math.isfinite(v) or abs(v) > MAX_PROGRESS_FLOAT):
-            return None
+    fields = {k: v for k, v in report.items() if k not in ("percent", "resolved", "evaluations")}
+    if not all(_bounded_number(v) for v in fields.values()):
+        return None
     try:
-        return Progress.model_validate(fields)
+        progress = Progress.model_validate(fields)
     except (ValueError, OverflowError):
         return None
+    progress.evaluations = bounded_evaluations(report.get("evaluations"))
+    return progress
+
+
+def thin_evaluations(points: list[Evaluation], limit: int = MAX_EVALUATIONS) -> list[Evaluation]:
+    """At most `limit` points of an ascending history: while longer, every other point of the oldest half
+    is dropped (the first point and the newest half stay), so the curve keeps its shape with recent steps
+    dense and old ones sparse. The same rule as the trainer's (tauon_train.evaluate.thin)."""
+    if limit < 2:
+        raise ValueError(f"limit must be >= 2, got {limit}")
+    out = list(points)
+    while len(out) > limit:
+        half = max(2, len(out) // 2)
+        out = out[:half:2] + out[half:]
+    return out
+
+
+def bounded_evaluations(report: Any) -> list[Evaluation] | None:
+    """rank 0's `evaluations` ([{step, trainLoss, evalLoss, evalAccuracy}]) as a bounded, ascending
+    history: entries that are not objects, lack an integer step in [0, 2**53) or carry a non-finite or
+    huge value are dropped; the last entry wins for a repeated step; thinned to MAX_EVALUATIONS. None
+    when the report has no usable list."""
+    if not isinstance(report, list):
+        return None
+    by_step: dict[int, Evaluation] = {}
+    for item in report[: 4 * MAX_EVALUATIONS]:  # a report longer than this is not the trainer's
+        point = _evaluation(item)
+        if point is not None:
+            by_step[point.step] = point
+    return thin_evaluations([by_step[k] for k in sorted(by_step)])
+
+
+def _evaluation(item: Any) -> Evaluation | None:
+    if not isinstance(item, dict):
+        return None
+    step = item.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_PROGRESS_INT:
+        return None
+    values: dict[str, float | None] = {}
+    for key in ("trainLoss", "evalLoss", "evalAccuracy"):
+        v = item.get(key)
+        if v is None:
+            values[key] = None
+        elif isinstance(v, bool) or not isinstance(v, int | float) or not _bounded_number(v):
+            return None
+        else:
+            values[key] = float(v)
+    return Evaluation(
+        step=step,
+        train_loss=values["trainLoss"],
+        eval_loss=values["evalLoss"],
+        eval_accuracy=values["evalAccuracy"],
+    )
+
+
+def merge_evaluations(old: list[Evaluation] | None, new: list[Evaluation] | None) -> list[Evaluation] | None:
+    """status' history merged with a report's by step: older steps are kept (a restarted attempt reports
+    only its own evaluations), the report wins for a step both have; ascending, thinned to
+    MAX_EVALUATIONS. None when neither has any."""
+    if old is None and new is None:
+        return None
+    by_step = {e.step: e for e in old or []}
+    by_step.update({e.step: e for e in new or []})
+    return thin_evaluations([by_step[k] for k in sorted(by_step)])
 
 
 def _bounded_bytes(v: Any) -> int | None:
@@ -217,14 +292,17 @@ def _bounded_bytes(v: Any) -> int | None:
 
 
 def take_resolved(st: FineTuneJobStatus, report: Any) -> None:
-    """status.resolved.strategy (and its estimate) and status.resolved.dataset from what rank 0 reported
-    (`"resolved": {"strategy": "ddp" | "fsdp", "estimateBytes": N, "deviceMemoryBytes": N, "dataset":
-    {"shards", "documents", "tokens", "cacheKey", "cacheHit"}}` in /progress or the termination message).
+    """status.resolved.strategy (and its estimate), status.resolved.dataset and status.resolved.compile from
+    what rank 0 reported (`"resolved": {"strategy": "ddp" | "fsdp", "estimateBytes": N, "deviceMemoryBytes":
+    N, "dataset": {"shards", "documents", "tokens", "cacheKey", "cacheHit"}, "compile": bool}` in /progress
+    or the termination message).
     Each is written once and never overwritten: a later attempt's report (another world size, a cache hit
     on the entry the first attempt wrote) changes nothing. Anything else (unknown strategy, non-integers,
     huge values) is ignored."""
     if not isinstance(report, dict):
         return
+    if st.resolved.compile is None and isinstance(report.get("compile"), bool):
+        st.resolved.compile = report["compile"]
     if st.resolved.dataset is None:
         st.resolved.dataset = _resolved_dataset(report.get("dataset"))
     if st.resolved.strategy is not None:
@@ -303,6 +381,7 @@ def step_cleanup_and_progress(ctx: Ctx, p: Pass) -> bool:
         return NEXT
     if new.total_steps:
         new.percent = max(0, min(100, int(100 * new.step / new.total_steps)))
+    new.evaluations = merge_evaluations(old.evaluations, new.evaluations)
     ctx.st.progress = new
     return NEXT
 
@@ -341,6 +420,30 @@ def step_defaults(ctx: Ctx, p: Pass) -> bool:
     if st.start_time is None:
         st.start_time = ctx.obj.metadata.creation_timestamp or ctx.now
     return NEXT
+
+
+def prune_message(annotation: str) -> str:
+    """The Failed condition's message for a trial its sweep pruned (the annotation holds the rule's why)."""
+    why = annotation.strip()
+    return f"pruned by its FineTuneSweep: {why}" if why else "pruned by its FineTuneSweep"
+
+
+def step_prune(ctx: Ctx, p: Pass) -> bool:
+    """The sweep set tauon.dev/prune on an unfinished trial: end it (pods deleted, Failed/Pruned, one
+    event, no restart). Before suspend, so a suspended trial can be pruned too; a finished job never gets
+    here (step_finished)."""
+    annotation = ctx.obj.metadata.annotations.get(ANN_PRUNE)
+    if annotation is None:
+        return NEXT
+    message = prune_message(annotation)
+    ctx.transition(FAILED, True, REASON_PRUNED, message, ("Normal", REASON_PRUNED, message))
+    for ctype in (RUNNING, RESTARTING, SUSPENDED):
+        ctx.cond(ctype, False, REASON_PRUNED, "")
+    ctx.st.completion_time = ctx.st.completion_time or ctx.now
+    _delete_pods(ctx, p.cur)
+    ctx.plan.status_first = True
+    p.counted = []
+    return DONE
 
 
 def step_suspend(ctx: Ctx, p: Pass) -> bool:
@@ -664,6 +767,7 @@ STEPS: tuple[Step, ...] = (
     step_admission,
     step_conflicts,
     step_defaults,
+    step_prune,
     step_suspend,
     step_deadline,
     step_gang_failure,
