@@ -17,7 +17,8 @@ INFERENCESERVICES = Gauge(
 )
 FINETUNESWEEP_TRIALS = Gauge(
     "tauon_finetunesweep_trials",
-    "Trials of the FineTuneSweeps, by trial phase (Pending, Running, Succeeded, Failed, Pruned).",
+    "Trials of the FineTuneSweeps, by trial phase (Pending, Running, Succeeded, Failed, and Pruned: stopped "
+    "by spec.earlyStopping). A namespace with sweeps has a series for every phase.",
     ["namespace", "phase"],
     registry=REGISTRY,
 )

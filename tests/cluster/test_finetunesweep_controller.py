@@ -115,3 +115,58 @@ def test_sweep_runs_three_trials_two_at_a_time_to_succeeded(cluster: Cluster, op
     rv = obj["metadata"]["resourceVersion"]
     time.sleep(3)
     assert (cluster.get("ftsweep", name, namespace) or {})["metadata"]["resourceVersion"] == rv
+
+
+def patch_evaluations(cluster: Cluster, namespace: str, name: str, points: dict[int, float]) -> None:
+    """What the trainer's periodic evaluations become in the trial's status (kwok pods run no trainer)."""
+    evaluations = [
+        {"step": s, "trainLoss": v, "evalLoss": v, "evalAccuracy": None} for s, v in points.items()
+    ]
+    body = {"status": {"progress": {"step": max(points), "evaluations": evaluations}}}
+    cluster.kubectl(
+        "patch", "ftj", name, "-n", namespace, "--subresource=status", "--type=merge", "-p", json.dumps(body)
+    )
+
+
+def test_asha_annotates_the_worse_running_trial(cluster: Cluster, operator, namespace: str):
+    """Two running trials report their rung-0 evaluation one after the other: the sweep records the
+    first (promoted: it is alone there), then annotates the second, which is not in the best third."""
+    name = "asha"
+    body = sweep(name)
+    template = body["spec"]["template"]["spec"]
+    template["hyperparameters"] = {"evalEverySteps": 10}
+    template["podTemplate"]["annotations"]["kwok.tauon.dev/exit-after-ms"] = "600s"  # they keep running
+    body["spec"].update(
+        earlyStopping={"type": "asha", "minSteps": 10}, maxTrials=2, parallelTrials=2, maxFailedTrials=2
+    )
+    cluster.apply(body, "-n", namespace)
+
+    def trials_running() -> list[dict] | None:
+        trials = cluster.list("ftj", namespace, f"tauon.dev/sweep-name={name}")
+        phases = [(t.get("status") or {}).get("phase") for t in trials]
+        return trials if len(trials) == 2 and phases == ["Running", "Running"] else None
+
+    wait_until(trials_running, T, f"two running trials\n{operator.tail()}", interval=0.5)
+
+    def recorded(trial: str, step: int) -> dict | None:
+        st = (cluster.get("ftsweep", name, namespace) or {}).get("status") or {}
+        rec = next((t for t in st.get("trials") or [] if t["name"] == trial), {})
+        return rec if rec.get("intermediateStep") == step else None
+
+    patch_evaluations(cluster, namespace, f"{name}-t0", {10: 0.3})
+    t0 = wait_until(lambda: recorded(f"{name}-t0", 10), T, f"t0's evaluation in status\n{operator.tail()}")
+    assert (t0["phase"], t0["intermediate"]) == ("Running", 0.3)
+    patch_evaluations(cluster, namespace, f"{name}-t1", {10: 0.9})
+
+    def annotated() -> str | None:
+        job = cluster.get("ftj", f"{name}-t1", namespace) or {}
+        return (job["metadata"].get("annotations") or {}).get("tauon.dev/prune")
+
+    message = wait_until(annotated, T, f"t1 annotated\n{operator.tail()}", interval=0.5)
+    assert message.startswith("asha: evalLoss 0.9 at step 10 is not in the best 1 of 2 trials at rung 0")
+    job0 = cluster.get("ftj", f"{name}-t0", namespace) or {}
+    assert "tauon.dev/prune" not in (job0["metadata"].get("annotations") or {})
+    t1 = wait_until(lambda: recorded(f"{name}-t1", 10), T, "t1's evaluation in status")
+    assert t1["intermediate"] == 0.9 and t1["message"] == message
+    events = cluster.list("events", namespace)
+    assert any(e.get("reason") == "TrialPruned" and f"{name}-t1" in e.get("message", "") for e in events)

@@ -159,10 +159,33 @@ def test_grid_needs_finite_parameters():
     )
 
 
+EVAL_TEMPLATE = {**TEMPLATE, "hyperparameters": {"evalEverySteps": 10}}
+
+
 def test_early_stopping_is_validated():
-    ok(spec(earlyStopping={"type": "median", "minSteps": 20}))
-    refused(spec(earlyStopping={"type": "hyperband"}), "earlyStopping.type")
-    refused(spec(earlyStopping={"type": "asha", "minSteps": 0}), "greater than or equal to 1")
+    s = ok(spec(template=EVAL_TEMPLATE, earlyStopping={"type": "median", "minSteps": 20}))
+    assert (s.early_stopping.min_steps, s.early_stopping.min_trials) == (20, 3)
+    refused(spec(template=EVAL_TEMPLATE, earlyStopping={"type": "hyperband"}), "earlyStopping.type")
+    refused(
+        spec(template=EVAL_TEMPLATE, earlyStopping={"type": "asha", "minSteps": 0}),
+        "greater than or equal to 1",
+    )
+    refused(spec(template=EVAL_TEMPLATE, earlyStopping={"type": "median", "minTrials": 0}), "minTrials")
+
+
+@pytest.mark.parametrize("rule", ["median", "asha"])
+def test_early_stopping_needs_periodic_evaluations(rule: str):
+    refused(spec(earlyStopping={"type": rule}), "spec.template.spec.hyperparameters.evalEverySteps")
+    ok(spec(earlyStopping={"type": "none"}))
+    # a parameter that sets evalEverySteps does it too
+    ok(spec(LR, {"name": "evalEverySteps", "type": "int", "values": [5, 10]}, earlyStopping={"type": rule}))
+    ok(
+        spec(
+            LR,
+            {"name": "hyperparameters.evalEverySteps", "type": "int", "min": 5, "max": 9},
+            earlyStopping={"type": rule},
+        )
+    )
 
 
 # -- the CRD ---------------------------------------------------------------------------------------------
@@ -200,6 +223,9 @@ def test_crd_rules_mirror_the_pydantic_ones():
         "evalAccuracy",
         "validationSplit",
         "method.lora.",
+        "self.earlyStopping.type == 'none'",
+        "has(self.template.spec.hyperparameters.evalEverySteps)",
+        "p.name == 'hyperparameters.evalEverySteps'",
     ):
         assert needle in text
     assert "oldSelf.parameters" in text and "oldSelf.template" not in text  # template: the job's own rules

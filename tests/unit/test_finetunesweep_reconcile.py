@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from tauon.api.finetunesweep import FineTuneSweep
-from tauon.api.names import ANN_TRIAL_PARAMETERS, LABEL_SWEEP, LABEL_TRIAL
+from tauon.api.names import ANN_PRUNE, ANN_TRIAL_PARAMETERS, LABEL_SWEEP, LABEL_TRIAL
 from tauon.reconcile.finetunesweep import Observed, reconcile, sample
 from tauon.reconcile.plan import Plan
 
@@ -69,6 +69,9 @@ class Sim:
         for kind, name in plan.deletes:
             assert kind == "FineTuneJob"
             self.jobs.pop(name)
+        for kind, name, patch in plan.patches:
+            assert kind == "FineTuneJob" and set(patch) == {"metadata"}
+            self.jobs[name]["metadata"]["annotations"].update(patch["metadata"]["annotations"])
         if plan.status is not None:
             self.body["status"] = plan.status
         self.plans.append(plan)
@@ -411,3 +414,280 @@ def test_a_trial_from_outside_the_search_space_is_kept_but_not_told_to_the_sampl
     plan = sim.step()
     assert [c["metadata"]["name"] for c in plan.creates] == ["sw-t2"]
     assert sim.status["best"]["trial"] == "sw-t0"
+
+
+# -- early stopping ----------------------------------------------------------------------------------------
+
+EVAL_TEMPLATE = {**TEMPLATE, "hyperparameters": {"epochs": 1, "evalEverySteps": 10}}
+
+
+def pruning_sweep(rule: str, min_steps: int, trials: int = 5, **spec: Any) -> Sim:
+    """All `trials` trials created at once, so the tests drive each one's curve."""
+    fields: dict[str, Any] = {
+        "template": {"spec": copy.deepcopy(EVAL_TEMPLATE)},
+        "earlyStopping": {"type": rule, "minSteps": min_steps, "minTrials": 3},
+        "maxTrials": trials,
+        "parallelTrials": trials,
+    }
+    body = sweep_body(**{**fields, **spec})
+    sim = Sim(body)
+    assert len(sim.step().creates) == trials
+    return sim
+
+
+def evals(points: dict[int, float]) -> list[dict[str, Any]]:
+    return [
+        {"step": s, "trainLoss": v + 0.1, "evalLoss": v, "evalAccuracy": 1 - v} for s, v in points.items()
+    ]
+
+
+def report(sim: Sim, name: str, points: dict[int, float]) -> None:
+    """The trial runs and has reported these evaluations (status.progress.evaluations)."""
+    sim.jobs[name]["status"] = {
+        "phase": "Running",
+        "progress": {"step": max(points), "evaluations": evals(points)},
+    }
+
+
+def succeed(sim: Sim, name: str, points: dict[int, float]) -> None:
+    sim.finish(name, value=points[max(points)])
+    sim.jobs[name]["status"]["progress"] = {"step": max(points), "evaluations": evals(points)}
+
+
+def end_pruned(sim: Sim, name: str) -> None:
+    """What the FineTuneJob controller does with the annotation: Failed, reason Pruned."""
+    job = sim.jobs[name]
+    message = f"pruned by its FineTuneSweep: {job['metadata']['annotations'][ANN_PRUNE]}"
+    job["status"] = {
+        **job["status"],
+        "phase": "Failed",
+        "conditions": [{"type": "Failed", "status": "True", "reason": "Pruned", "message": message}],
+    }
+
+
+def pruned(plan: Plan) -> dict[str, str]:
+    return {n: p["metadata"]["annotations"][ANN_PRUNE] for _, n, p in plan.patches}
+
+
+def trial(sim: Sim, name: str) -> dict[str, Any]:
+    return next(t for t in sim.status["trials"] if t["name"] == name)
+
+
+# three succeeded curves: at step 40 the median of (0.6, 0.5, 0.55) is 0.55
+DONE = ({20: 0.8, 40: 0.6, 60: 0.5}, {20: 0.7, 40: 0.5, 60: 0.45}, {20: 0.9, 40: 0.55, 60: 0.5})
+
+
+def test_median_prunes_a_worse_trial_past_min_steps_and_not_before():
+    sim = pruning_sweep("median", min_steps=40)
+    for k, points in enumerate(DONE):
+        succeed(sim, f"sw-t{k}", points)
+    report(sim, "sw-t3", {20: 1.5})  # far worse, but before minSteps
+    report(sim, "sw-t4", {20: 0.6})
+    assert sim.step().patches == []
+    assert (trial(sim, "sw-t3")["intermediate"], trial(sim, "sw-t3")["intermediateStep"]) == (1.5, 20)
+
+    report(sim, "sw-t3", {20: 1.5, 40: 0.91})
+    report(sim, "sw-t4", {20: 0.6, 40: 0.5})  # better than the median: kept
+    plan = sim.step()
+    assert pruned(plan) == {
+        "sw-t3": "median: evalLoss 0.91 (its best by step 40) is worse than the median 0.55 of 3 "
+        "succeeded trials at step 40"
+    }
+    (event,) = plan.events
+    assert (event.type, event.reason) == ("Normal", "TrialPruned") and "sw-t3" in event.message
+    # annotated, not ended yet: Running, with the rule's message; not annotated twice
+    assert (trial(sim, "sw-t3")["phase"], trial(sim, "sw-t3")["message"]) == (
+        "Running",
+        pruned(plan)["sw-t3"],
+    )
+    assert sim.plan().is_empty()
+
+
+def test_median_waits_for_min_trials_succeeded_trials():
+    sim = pruning_sweep("median", min_steps=40)
+    succeed(sim, "sw-t0", DONE[0])
+    succeed(sim, "sw-t1", DONE[1])
+    report(sim, "sw-t2", {40: 5.0})
+    assert sim.step().patches == []  # 2 succeeded trials: minTrials is 3
+    succeed(sim, "sw-t3", DONE[2])
+    assert list(pruned(sim.step())) == ["sw-t2"]
+
+
+def test_median_with_maximize_prunes_the_lower_accuracy():
+    sim = pruning_sweep("median", min_steps=40, objective={"metric": "evalAccuracy", "goal": "maximize"})
+    for k, points in enumerate(DONE):
+        succeed(sim, f"sw-t{k}", points)
+    report(sim, "sw-t3", {40: 0.6})  # accuracy 0.4 < median 0.45
+    report(sim, "sw-t4", {40: 0.5})  # accuracy 0.5: kept
+    assert pruned(sim.step()) == {
+        "sw-t3": "median: evalAccuracy 0.4 (its best by step 40) is worse than the median 0.45 of 3 "
+        "succeeded trials at step 40"
+    }
+
+
+def test_none_never_prunes():
+    body = sweep_body(template={"spec": copy.deepcopy(EVAL_TEMPLATE)}, maxTrials=5, parallelTrials=5)
+    sim = Sim(body)
+    sim.step()
+    for k, points in enumerate(DONE):
+        succeed(sim, f"sw-t{k}", points)
+    report(sim, "sw-t3", {40: 99.0, 60: 99.0})
+    plan = sim.step()
+    assert plan.patches == [] and not [e for e in plan.events if e.reason == "TrialPruned"]
+    assert trial(sim, "sw-t3")["intermediate"] == 99.0
+
+
+def test_a_pruned_trial_is_finished_not_failed_and_its_place_is_taken():
+    sim = pruning_sweep("median", min_steps=40, trials=4, maxFailedTrials=1)
+    for k, points in enumerate(DONE):
+        succeed(sim, f"sw-t{k}", points)
+    report(sim, "sw-t3", {40: 2.0})
+    sim.step()
+    end_pruned(sim, "sw-t3")
+    sim.body["spec"]["maxTrials"] = 5
+    plan = sim.step()
+    t3 = trial(sim, "sw-t3")
+    assert t3["phase"] == "Pruned" and t3["message"].startswith("median: evalLoss 2 ")
+    assert (t3["intermediate"], t3["intermediateStep"]) == (2.0, 40)
+    # maxFailedTrials 1: a pruned trial is not a failure; it counts as finished toward maxTrials
+    assert sim.status["phase"] == "Running" and sim.status["finishedTrials"] == 4
+    assert [c["metadata"]["name"] for c in plan.creates] == ["sw-t4"]
+    succeed(sim, "sw-t4", {40: 0.4})
+    sim.step()
+    assert sim.status["phase"] == "Succeeded" and sim.status["best"]["trial"] == "sw-t4"
+
+
+def test_restart_with_a_pruned_trial_in_status_keeps_it_pruned():
+    sim = pruning_sweep("median", min_steps=40)
+    for k, points in enumerate(DONE):
+        succeed(sim, f"sw-t{k}", points)
+    report(sim, "sw-t3", {40: 2.0})
+    sim.step()
+    end_pruned(sim, "sw-t3")
+    sim.step()
+    before = copy.deepcopy(sim.status)
+    assert trial(sim, "sw-t3")["phase"] == "Pruned" and sim.status["phase"] == "Running"
+    # a restarted operator: same sweep, same trials, nothing to do
+    fresh = Sim(copy.deepcopy(sim.body))
+    fresh.jobs = copy.deepcopy(sim.jobs)
+    assert fresh.plan().is_empty()
+    # its FineTuneJob deleted: status.trials keeps it Pruned, with its last value for the sampler
+    sim.jobs.pop("sw-t3")
+    assert sim.plan().is_empty() and sim.status == before
+
+
+def test_a_trial_being_pruned_whose_job_is_gone_is_pruned_and_a_finished_one_keeps_its_result():
+    sim = pruning_sweep("median", min_steps=40)
+    for k, points in enumerate(DONE):
+        succeed(sim, f"sw-t{k}", points)
+    report(sim, "sw-t3", {40: 2.0})
+    report(sim, "sw-t4", {40: 3.0})
+    assert sorted(pruned(sim.step())) == ["sw-t3", "sw-t4"]
+    sim.jobs.pop("sw-t3")  # gone before it ended
+    succeed(sim, "sw-t4", {40: 3.0, 60: 0.3})  # finished before it saw the annotation
+    sim.step()
+    assert trial(sim, "sw-t3")["phase"] == "Pruned"
+    assert (trial(sim, "sw-t4")["phase"], trial(sim, "sw-t4")["objective"]) == ("Succeeded", 0.3)
+    assert sim.status["phase"] == "Succeeded" and sim.status["best"]["trial"] == "sw-t4"
+
+
+def test_asha_prunes_outside_the_best_third_of_a_rung():
+    # rungs at steps 10, 30, 90 (reduction factor 3)
+    sim = pruning_sweep("asha", min_steps=10, trials=5)
+    report(sim, "sw-t0", {5: 9.0})  # before the first rung: never judged
+    assert sim.step().patches == []
+    report(sim, "sw-t0", {10: 0.4})  # the first at rung 0 is promoted
+    assert sim.step().patches == []
+    report(sim, "sw-t1", {10: 0.5})
+    report(sim, "sw-t2", {10: 0.6})
+    report(sim, "sw-t3", {10: 0.7})
+    plan = sim.step()
+    # each judged against every other trial's rung-0 value: only the best 1 of 4 (0.4) goes on
+    assert sorted(pruned(plan)) == ["sw-t1", "sw-t2", "sw-t3"]
+    assert pruned(plan)["sw-t3"] == (
+        "asha: evalLoss 0.7 at step 10 is not in the best 1 of 4 trials at rung 0 (step 10; cutoff 0.4)"
+    )
+    # t0 passed rung 0 when it reached it: later and better trials there do not re-judge it
+    report(sim, "sw-t4", {10: 0.1})
+    report(sim, "sw-t0", {10: 0.4, 20: 0.4})
+    assert "sw-t0" not in pruned(sim.step())
+    # at rung 1 (step 30) it competes again
+    report(sim, "sw-t4", {10: 0.1, 30: 0.05})
+    sim.step()
+    report(sim, "sw-t0", {10: 0.4, 20: 0.4, 30: 0.3})
+    assert pruned(sim.step()) == {
+        "sw-t0": "asha: evalLoss 0.3 at step 30 is not in the best 1 of 2 trials at rung 1 (step 30; cutoff 0.05)"
+    }
+
+
+def test_asha_judges_every_rung_reached_since_the_last_pass():
+    sim = pruning_sweep("asha", min_steps=10, trials=3)
+    report(sim, "sw-t0", {10: 0.1, 30: 0.1})
+    report(sim, "sw-t1", {10: 0.2, 30: 0.9})
+    sim.step()
+    # t2's first seen report is already past rungs 0 and 1: rung 0 promotes it (0.15 among 0.1, 0.2),
+    # rung 1 does not (the best 1 of 3 at step 30 is 0.1)
+    report(sim, "sw-t2", {10: 0.15, 30: 0.15})
+    assert list(pruned(sim.step())) == ["sw-t2"]
+
+
+def test_pruning_is_deterministic_and_order_free():
+    def build() -> Sim:
+        sim = pruning_sweep("median", min_steps=40)
+        for k, points in enumerate(DONE):
+            succeed(sim, f"sw-t{k}", points)
+        report(sim, "sw-t3", {20: 1.0, 40: 0.7})
+        report(sim, "sw-t4", {20: 1.0, 40: 0.56})
+        return sim
+
+    a, b = build(), build()
+    b.jobs = dict(reversed(list(b.jobs.items())))
+    plan_a, plan_b = a.plan(), b.plan()
+    assert plan_a.patches == plan_b.patches and plan_a.status == plan_b.status
+    assert sorted(pruned(plan_a)) == ["sw-t3", "sw-t4"]
+    assert plan_a.patches == a.plan().patches
+
+
+def test_the_sampler_sees_a_pruned_trial_as_pruned_with_its_curve():
+    from optuna.trial import TrialState
+
+    from tauon.reconcile.finetunesweep import _frozen, collect, distribution
+
+    sim = pruning_sweep("median", min_steps=40, trials=4)
+    for k, points in enumerate(DONE):
+        succeed(sim, f"sw-t{k}", points)
+    report(sim, "sw-t3", {20: 3.0, 40: 2.0})
+    sim.step()
+    end_pruned(sim, "sw-t3")
+    sweep = FineTuneSweep.model_validate(sim.body)
+    p = collect(sweep, Observed(trials=list(sim.jobs.values())))
+    dists = {q.name: distribution(q) for q in sweep.spec.parameters}
+    frozen = {k: _frozen(t, dists) for k, t in p.trials.items()}
+    assert frozen[3] is not None and frozen[3].state == TrialState.PRUNED
+    assert frozen[3].intermediate_values == {20: 3.0, 40: 2.0}
+    assert frozen[0] is not None and frozen[0].state == TrialState.COMPLETE and frozen[0].value == 0.5
+
+
+def test_curve_reads_only_sound_evaluations():
+    from tauon.reconcile.finetunesweep import curve
+
+    body = {
+        "status": {
+            "progress": {
+                "evaluations": [
+                    {"step": 10, "evalLoss": 0.5},
+                    {"step": 20, "evalLoss": None},
+                    {"step": 30, "evalLoss": float("nan")},
+                    {"step": "40", "evalLoss": 0.4},
+                    {"step": True, "evalLoss": 0.4},
+                    {"step": -1, "evalLoss": 0.4},
+                    "junk",
+                    {"step": 50, "evalLoss": 0.3},
+                    {"step": 50, "evalLoss": 0.35},
+                ]
+            }
+        }
+    }
+    assert curve(body, "evalLoss") == {10: 0.5, 50: 0.35}
+    assert curve(body, "evalAccuracy") == {}
+    assert curve({"status": {"progress": {"evaluations": "x"}}}, "evalLoss") == {}

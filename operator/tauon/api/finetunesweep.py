@@ -223,15 +223,39 @@ class EarlyStopping(KubeModel):
     type: Literal["none", "median", "asha"] = Field(
         default="none",
         description=(
-            "none, median or asha: pruning of trials whose intermediate metric is worse than the rule allows. "
-            "Accepted and validated but NOT enforced yet: every trial runs to its end."
+            "none: every trial runs to its end. median: Optuna's MedianPruner, a running trial whose best "
+            "intermediate objective so far is worse than the median of the succeeded trials at the same "
+            "step is pruned. asha: Optuna's SuccessiveHalvingPruner (asynchronous successive halving, "
+            "reduction factor 3, rungs at minSteps, 3*minSteps, 9*minSteps, ...): a trial not in the best "
+            "third of the trials at a rung is pruned. The intermediate objective is the metric of the "
+            "trial's status.progress.evaluations, so the trials must evaluate periodically: the template "
+            "(or a parameter) must set hyperparameters.evalEverySteps."
         ),
     )
     min_steps: int = Field(
         default=1,
         ge=1,
-        description="Optimizer steps a trial runs before it may be pruned (not enforced yet).",
+        description=(
+            "Optimizer steps a trial runs before it may be pruned (median: the pruner's warmup steps; "
+            "asha: the first rung)."
+        ),
     )
+    min_trials: int = Field(
+        default=3,
+        ge=1,
+        le=MAX_TRIALS,
+        description=(
+            "median: succeeded trials (with an evaluation at the step judged) needed before the rule "
+            "prunes anything. asha ignores it."
+        ),
+    )
+
+
+EVAL_EVERY_STEPS = ("hyperparameters", "evalEverySteps")
+EARLY_STOPPING_NEEDS_EVAL = (
+    "spec.earlyStopping needs periodic evaluations: set spec.template.spec.hyperparameters.evalEverySteps "
+    "(or sweep it as a parameter)"
+)
 
 
 IMMUTABLE_SWEEP_FIELDS = ["parameters", "objective", "algorithm"]
@@ -277,6 +301,17 @@ class FineTuneSweepSpec(KubeModel):
                     ),
                     "message": "method.lora.* parameters need template method.type lora",
                 },
+                {
+                    "rule": (
+                        "!has(self.earlyStopping) || !has(self.earlyStopping.type) || "
+                        "self.earlyStopping.type == 'none' || "
+                        "(has(self.template.spec.hyperparameters) && "
+                        "has(self.template.spec.hyperparameters.evalEverySteps)) || "
+                        "self.parameters.exists(p, p.name == 'evalEverySteps' || "
+                        "p.name == 'hyperparameters.evalEverySteps')"
+                    ),
+                    "message": EARLY_STOPPING_NEEDS_EVAL,
+                },
                 *immutable_rules(IMMUTABLE_SWEEP_FIELDS, "spec"),
             ]
         }
@@ -296,10 +331,13 @@ class FineTuneSweepSpec(KubeModel):
     )
     early_stopping: EarlyStopping = Field(
         default_factory=EarlyStopping,
-        description="Pruning of unpromising trials: validated but not enforced yet (every trial runs to its end).",
+        description=(
+            "Pruning of unpromising trials by their intermediate objective (status.progress.evaluations); "
+            "needs hyperparameters.evalEverySteps."
+        ),
     )
     max_trials: int = Field(
-        default=10, ge=1, le=MAX_TRIALS, description="Trials to run in all (failed ones count)."
+        default=10, ge=1, le=MAX_TRIALS, description="Trials to run in all (failed and pruned ones count)."
     )
     parallel_trials: int = Field(
         default=1, ge=1, le=MAX_TRIALS, description="Trials running at once, at most maxTrials."
@@ -323,6 +361,8 @@ class FineTuneSweepSpec(KubeModel):
         paths = [check_parameter(self.template.spec, p) for p in self.parameters]
         if len(set(paths)) != len(paths):
             raise ValueError("two parameters set the same field")
+        if self.early_stopping.type != "none" and not evaluates_periodically(self):
+            raise ValueError(EARLY_STOPPING_NEEDS_EVAL)
         if self.algorithm.type == "grid":
             size = grid_size(self.parameters)
             if size is None:
@@ -330,6 +370,13 @@ class FineTuneSweepSpec(KubeModel):
             if size > MAX_GRID:
                 raise ValueError(f"the grid has {size} points, more than {MAX_GRID}")
         return self
+
+
+def evaluates_periodically(spec: FineTuneSweepSpec) -> bool:
+    """Whether every trial sets hyperparameters.evalEverySteps: the template does, or a parameter."""
+    if template_dict(spec.template.spec).get("hyperparameters", {}).get("evalEverySteps") is not None:
+        return True
+    return any(p.name in SWEEPABLE and SWEEPABLE[p.name][0] == EVAL_EVERY_STEPS for p in spec.parameters)
 
 
 def check_parameter(template: FineTuneJobSpec, p: SweepParameter) -> tuple[str, ...]:
@@ -402,11 +449,22 @@ class SweepTrial(StatusModel):
         json_schema_extra={"type": "object", "x-kubernetes-preserve-unknown-fields": True},
     )
     phase: Literal["Pending", "Running", "Succeeded", "Failed", "Pruned"] = Field(
-        default="Pending", description="Pending, Running, Succeeded, Failed or Pruned (not used yet)."
+        default="Pending",
+        description=(
+            "Pending, Running, Succeeded, Failed or Pruned (stopped by spec.earlyStopping; not a failure). "
+            "A trial the rule stopped shows Running until its FineTuneJob ended."
+        ),
     )
     objective: float | None = Field(default=None, description="The objective metric, once it succeeded.")
     step: int | None = Field(default=None, description="Optimizer steps the trial reported.")
-    message: str | None = Field(default=None, description="Why it failed, when it did.")
+    intermediate: float | None = Field(
+        default=None,
+        description="The objective metric of the trial's last periodic evaluation (status.progress.evaluations).",
+    )
+    intermediate_step: int | None = Field(default=None, description="The optimizer step of that evaluation.")
+    message: str | None = Field(
+        default=None, description="Why it failed, or why the early-stopping rule stopped it."
+    )
 
 
 class SweepBest(StatusModel):

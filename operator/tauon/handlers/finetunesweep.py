@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from typing import Any
+from typing import Any, get_args
 
 import kopf
 
 from tauon import metrics
-from tauon.api.finetunesweep import FineTuneSweep
+from tauon.api.finetunesweep import FineTuneSweep, SweepTrial
 from tauon.api.names import (
     FINETUNEJOB,
     FINETUNEJOBS,
@@ -32,6 +32,7 @@ from tauon.reconcile.plan import Plan
 log = logging.getLogger("tauon.finetunesweep")
 CONTROLLER = "finetunesweep"
 TRIAL = {LABEL_SWEEP: kopf.PRESENT}
+TRIAL_PHASES: tuple[str, ...] = get_args(SweepTrial.model_fields["phase"].annotation)
 
 # Signatures follow kopf's IndexingFn/WatchingFn protocols (see tauon.handlers.finetunejob).
 
@@ -86,22 +87,32 @@ register(CTL)
 
 
 def update_gauges() -> None:
-    """Trials by phase per namespace, and each sweep's best objective."""
+    """Trials by phase per namespace (every phase of a namespace with sweeps, 0 when none is in it, so
+    Pruned reads 0 rather than nothing), and each sweep's best objective."""
+    live = ((key, RT.indexes.live(ix.FTS, key)) for key in all_keys())
+    trials, best = sweep_gauges([(key, body) for key, body in live if body is not None])
+    metrics.set_phase_counts(metrics.FINETUNESWEEP_TRIALS, trials)
+    metrics.set_values(metrics.FINETUNESWEEP_BEST_OBJECTIVE, best)
+
+
+def sweep_gauges(
+    sweeps: list[tuple[tuple[str, str], dict[str, Any]]],
+) -> tuple[dict[tuple[str, str], int], dict[tuple[str, ...], float]]:
+    """(namespace, trial phase) -> trials, and (namespace, sweep) -> best objective, from the sweeps'
+    ((namespace, name), body)."""
     trials: dict[tuple[str, str], int] = {}
     best: dict[tuple[str, ...], float] = {}
-    for key in all_keys():
-        body = RT.indexes.live(ix.FTS, key)
-        if body is None:
-            continue
+    for (ns, name), body in sweeps:
+        for phase in TRIAL_PHASES:
+            trials.setdefault((ns, phase), 0)
         status = body.get("status") or {}
         for trial in status.get("trials") or []:
             phase = str(trial.get("phase") or "Pending")
-            trials[(key[0], phase)] = trials.get((key[0], phase), 0) + 1
+            trials[(ns, phase)] = trials.get((ns, phase), 0) + 1
         objective = (status.get("best") or {}).get("objective")
-        if isinstance(objective, int | float):
-            best[key] = float(objective)
-    metrics.set_phase_counts(metrics.FINETUNESWEEP_TRIALS, trials)
-    metrics.set_values(metrics.FINETUNESWEEP_BEST_OBJECTIVE, best)
+        if isinstance(objective, int | float) and not isinstance(objective, bool):
+            best[(ns, name)] = float(objective)
+    return trials, best
 
 
 def all_keys() -> list[tuple[str, str]]:

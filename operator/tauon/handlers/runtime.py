@@ -105,7 +105,7 @@ class Runtime:
             ("create", len(plan.creates)),
             ("apply", len(plan.applies)),
             ("delete", len(plan.deletes) + int(plan.delete_self)),
-            ("patch", len(plan.stops) + int(plan.status is not None)),
+            ("patch", len(plan.stops) + len(plan.patches) + int(plan.status is not None)),
         ):
             if n:
                 metrics.API_WRITES.labels(controller, verb).inc(n)

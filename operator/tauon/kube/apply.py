@@ -86,6 +86,8 @@ async def apply_plan(
         return result
     await asyncio.gather(*(kube.delete(k, ns, n) for k, n in plan.deletes))
     await asyncio.gather(*(kube.stop_pod(ns, n) for n in plan.stops))
+    # merge patches of children (a sweep's prune annotation); a child gone (404) is skipped
+    await asyncio.gather(*(kube.patch(k, ns, n, body) for k, n, body in plan.patches))
     # ConfigMap/Service before pods, so pods never start without their config (nor with another's).
     first = [c for c in plan.creates if c["kind"] != "Pod"]
     pods = [c for c in plan.creates if c["kind"] == "Pod"]

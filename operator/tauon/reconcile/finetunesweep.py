@@ -16,12 +16,23 @@ Policy, as named steps (`STEPS`, the first that decides ends the pass): a finish
 finished trials (or the whole grid) end it, Succeeded with status.best, or Failed (NoSuccessfulTrial)
 when no trial produced its objective; otherwise trials are created up to parallelTrials unfinished ones,
 never while an earlier create has not been observed yet. A converged sweep plans nothing (no writes).
+
+Early stopping (`step_prune`, before creates): each running trial's curve (the objective metric of its
+status.progress.evaluations) is judged by Optuna's own pruner (MedianPruner or SuccessiveHalvingPruner)
+against a fresh in-memory study of the other trials' curves (`judge`), so the same observed trials always
+give the same decision. A trial the rule stops gets the ANN_PRUNE annotation (a merge patch in
+`Plan.patches`, once: an annotated trial is not judged again) and shows Running until its FineTuneJob
+ends Failed with reason Pruned; then it is Pruned: finished (it counts toward maxTrials), not failed (it
+does not count toward maxFailedTrials), and PRUNED with its curve in the sampler's study. ASHA's rungs are
+stateless too: a rung a trial reached by the step the last status recorded (status.trials[].
+intermediateStep) was judged in an earlier pass, so only rungs reached since are judged now.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import statistics
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,10 +46,12 @@ from optuna.distributions import (
     FloatDistribution,
     IntDistribution,
 )
-from optuna.trial import TrialState, create_trial
+from optuna.pruners import BasePruner, MedianPruner, SuccessiveHalvingPruner
+from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from tauon.api.common import is_true
 from tauon.api.finetunesweep import (
+    EarlyStopping,
     FineTuneSweep,
     FineTuneSweepSpec,
     FineTuneSweepStatus,
@@ -51,6 +64,7 @@ from tauon.api.finetunesweep import (
     template_dict,
 )
 from tauon.api.names import (
+    ANN_PRUNE,
     ANN_TRIAL_PARAMETERS,
     API_VERSION,
     FAILED,
@@ -62,8 +76,10 @@ from tauon.api.names import (
     MANAGER,
     REASON_ALL_TRIALS_FINISHED,
     REASON_NO_SUCCESSFUL_TRIAL,
+    REASON_PRUNED,
     REASON_TOO_MANY_FAILED_TRIALS,
     REASON_TRIAL_CREATED,
+    REASON_TRIAL_PRUNED,
     REASON_TRIALS_RUNNING,
     RUNNING,
     SUCCEEDED,
@@ -78,6 +94,10 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 FINISHED = ("Succeeded", "Failed", "Pruned")
 STOPPED = "stopped: the sweep failed"
 GONE = "its FineTuneJob is gone (deleted before it finished, or its create was refused)"
+MAX_CURVE = 1000  # evaluations read from a trial (the FineTuneJob keeps at most 100)
+ASHA_REDUCTION = 3  # Optuna's default reduction factor: the best third of a rung is promoted
+ASHA_RUNG = "completed_rung_{}"  # the system attr SuccessiveHalvingPruner records a trial's rung value in
+MAX_MESSAGE = 1024
 
 Ctx = Context[FineTuneSweep, FineTuneSweepStatus]
 
@@ -97,10 +117,20 @@ class Trial:
     record: SweepTrial
     model: str | None = None
     exists: bool = True  # its FineTuneJob is (or is about to be) there
+    curve: dict[int, float] = field(default_factory=dict)  # step -> intermediate objective
+    pruning: str | None = None  # the ANN_PRUNE message set on it (it is being stopped)
+    judged_step: int | None = None  # the last intermediateStep status recorded (ASHA rungs judged)
+    _rungs: dict[str, float] | None = None  # its ASHA rung values (computed once per pass)
 
     @property
     def finished(self) -> bool:
         return self.record.phase in FINISHED
+
+    def rung_values(self, min_steps: int) -> dict[str, float]:
+        """Every ASHA rung its curve reached, with its value there."""
+        if self._rungs is None:
+            self._rungs = rungs(self.curve, min_steps, max(self.curve, default=None))
+        return self._rungs
 
 
 @dataclass
@@ -136,32 +166,66 @@ def _parameters(body: Manifest) -> dict[str, Any]:
     return got if isinstance(got, dict) else {}
 
 
+def _number(x: Any) -> float | None:
+    if isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x):
+        return float(x)
+    return None
+
+
+def curve(body: Manifest, metric: str) -> dict[int, float]:
+    """step -> the metric, from a FineTuneJob's status.progress.evaluations (entries without a finite
+    value, or with a bad step, are skipped; a later entry for a step wins)."""
+    evaluations = ((body.get("status") or {}).get("progress") or {}).get("evaluations")
+    out: dict[int, float] = {}
+    if not isinstance(evaluations, list):
+        return out
+    for e in evaluations[-MAX_CURVE:]:
+        if not isinstance(e, dict):
+            continue
+        step, value = e.get("step"), _number(e.get(metric))
+        if isinstance(step, int) and not isinstance(step, bool) and step >= 0 and value is not None:
+            out[step] = value
+    return dict(sorted(out.items()))
+
+
 def observe_trial(spec: FineTuneSweepSpec, body: Manifest, index: int) -> Trial:
-    """A trial's record from its FineTuneJob: phase, and the objective once it succeeded."""
+    """A trial's record from its FineTuneJob: phase, the objective once it succeeded, its curve."""
     st = body.get("status") or {}
     output = st.get("output") or {}
     rec = SweepTrial(name=body["metadata"]["name"], parameters=_parameters(body))
     rec.step = (st.get("progress") or {}).get("step") or None
     phase = st.get("phase") or "Pending"
     metric = spec.objective.metric
+    points = curve(body, metric)
+    if points:
+        rec.intermediate_step, rec.intermediate = next(reversed(points.items()))
+    pruning = ((body.get("metadata") or {}).get("annotations") or {}).get(ANN_PRUNE)
+    cond: dict[str, Any] = next((c for c in st.get("conditions") or [] if c.get("type") == FAILED), {})
     if phase == "Succeeded":
-        value = (output.get("metrics") or {}).get(metric)
-        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-            rec.phase, rec.objective = "Succeeded", float(value)
+        value = _number((output.get("metrics") or {}).get(metric))
+        if value is not None:
+            rec.phase, rec.objective = "Succeeded", value
         else:
             rec.phase, rec.message = "Failed", f"succeeded without {metric} in status.output.metrics"
+    elif phase == "Failed" and cond.get("reason") == REASON_PRUNED:
+        rec.phase = "Pruned"
+        rec.message = (pruning or cond.get("message") or REASON_PRUNED)[:MAX_MESSAGE]
     elif phase == "Failed":
-        cond: dict[str, Any] = next((c for c in st.get("conditions") or [] if c.get("type") == FAILED), {})
         rec.phase = "Failed"
-        rec.message = f"{cond.get('reason') or 'Failed'}: {cond.get('message') or ''}".rstrip(": ")[:1024]
+        rec.message = f"{cond.get('reason') or 'Failed'}: {cond.get('message') or ''}".rstrip(": ")[
+            :MAX_MESSAGE
+        ]
     else:
         rec.phase = "Pending" if phase == "Pending" else "Running"
-    return Trial(index, rec, model=output.get("model"))
+        if pruning:
+            rec.message = pruning[:MAX_MESSAGE]  # being stopped by the rule: Pruned once it ended
+    return Trial(index, rec, model=output.get("model"), curve=points, pruning=pruning or None)
 
 
 def collect(sweep: FineTuneSweep, observed: Observed) -> Pass:
     """Every trial known: the observed FineTuneJobs, then status.trials for those not observed."""
     trials: dict[int, Trial] = {}
+    recorded = {rec.name: rec for rec in sweep.status.trials}
     for body in observed.trials:
         if body["metadata"].get("deletionTimestamp"):
             continue  # being deleted: what status.trials says of it stands
@@ -173,9 +237,17 @@ def collect(sweep: FineTuneSweep, observed: Observed) -> Pass:
         if k is None or k in trials:
             continue
         t = Trial(k, rec.model_copy(deep=True), exists=rec.name in observed.creating)
+        if rec.intermediate_step is not None and rec.intermediate is not None:
+            t.curve = {rec.intermediate_step: rec.intermediate}  # only its last value is remembered
         if not t.exists and not t.finished:
-            t.record.phase, t.record.message = "Failed", GONE
+            if rec.phase == "Running" and rec.message:
+                t.record.phase = "Pruned"  # the rule was stopping it (a running trial's message says so)
+            else:
+                t.record.phase, t.record.message = "Failed", GONE
         trials[k] = t
+    for t in trials.values():
+        old = recorded.get(t.record.name)
+        t.judged_step = old.intermediate_step if old is not None else None
     return Pass(trials, creating=bool(observed.creating))
 
 
@@ -202,14 +274,26 @@ def _seed(seed: int, k: int) -> int:
     return (seed * 1_000_003 + k * 7919) % 2**32
 
 
-def _frozen(t: Trial, dists: dict[str, BaseDistribution]) -> optuna.trial.FrozenTrial | None:
-    """A known trial as Optuna's study holds it: COMPLETE with its objective, FAIL, or RUNNING."""
-    params = t.record.parameters
+def _state(t: Trial) -> TrialState:
+    if t.record.phase == "Succeeded" and t.record.objective is not None:
+        return TrialState.COMPLETE
+    if t.record.phase == "Pruned":
+        return TrialState.PRUNED
+    return TrialState.FAIL if t.finished else TrialState.RUNNING
+
+
+def _frozen(t: Trial, dists: dict[str, BaseDistribution]) -> FrozenTrial | None:
+    """A known trial as Optuna's study holds it: COMPLETE with its objective, PRUNED, FAIL or RUNNING,
+    with its curve as intermediate values (a pruned trial ranks by its last one)."""
+    state = _state(t)
     try:
-        if t.record.phase == "Succeeded" and t.record.objective is not None:
-            return create_trial(params=params, distributions=dists, value=t.record.objective)
-        state = TrialState.FAIL if t.finished else TrialState.RUNNING
-        return create_trial(params=params, distributions=dists, state=state)
+        return create_trial(
+            params=t.record.parameters,
+            distributions=dists,
+            state=state,
+            value=t.record.objective if state == TrialState.COMPLETE else None,
+            intermediate_values=dict(t.curve),
+        )
     except ValueError:
         return None  # not from this search space (admission keeps it immutable): the sampler skips it
 
@@ -233,6 +317,127 @@ def sample(spec: FineTuneSweepSpec, trials: list[Trial], k: int) -> dict[str, An
                 study.add_trial(frozen)
         params = study.ask(dists).params
     return {p.name: params[p.name] for p in spec.parameters}
+
+
+# -- early stopping --------------------------------------------------------------------------------------
+
+
+def pruner(rule: EarlyStopping) -> BasePruner | None:
+    """Optuna's pruner of the rule (None: type none)."""
+    if rule.type == "median":
+        return MedianPruner(
+            n_startup_trials=rule.min_trials,
+            n_warmup_steps=rule.min_steps,
+            interval_steps=1,
+            n_min_trials=rule.min_trials,
+        )
+    if rule.type == "asha":
+        return SuccessiveHalvingPruner(
+            min_resource=rule.min_steps,
+            reduction_factor=ASHA_REDUCTION,
+            min_early_stopping_rate=0,
+            bootstrap_count=0,
+        )
+    return None
+
+
+def rung_step(min_steps: int, rung: int) -> int:
+    return int(min_steps * ASHA_REDUCTION**rung)
+
+
+def rungs(points: dict[int, float], min_steps: int, upto: int | None) -> dict[str, float]:
+    """The ASHA rungs a curve reached by step `upto` (None: by none), as SuccessiveHalvingPruner records
+    them: rung r holds the value of the first evaluation at or past step min_steps * 3**r."""
+    out: dict[str, float] = {}
+    if upto is None:
+        return out
+    rung = 0
+    for s, v in sorted(points.items()):
+        if s > upto:
+            break
+        while s >= rung_step(min_steps, rung):
+            out[ASHA_RUNG.format(rung)] = v
+            rung += 1
+    return out
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def judge(spec: FineTuneSweepSpec, others: list[Trial], trial: Trial) -> str | None:
+    """Whether the early-stopping rule stops a running trial, given the other trials known: the message
+    naming the rule and the values, or None. Optuna's pruner decides, on a fresh in-memory study of the
+    others (as `_state`, with their curves; ASHA's rung values rebuilt from the curves) plus this trial as
+    RUNNING with its curve. Pure: the same trials give the same answer."""
+    rule = spec.early_stopping
+    judge_with = pruner(rule)
+    if judge_with is None or not trial.curve:
+        return None
+    asha = rule.type == "asha"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        study = optuna.create_study(
+            direction=spec.objective.goal, sampler=optuna.samplers.RandomSampler(seed=0)
+        )
+        step = max(trial.curve)
+        for o in sorted(others, key=lambda o: o.index):
+            state = _state(o)
+            # only what the pruner reads: MedianPruner the succeeded trials' values at this step (and how
+            # many succeeded), SuccessiveHalvingPruner every trial's rung values
+            if asha:
+                points: dict[int, float] = {}
+                attrs = o.rung_values(rule.min_steps)
+                if not attrs:
+                    continue
+            elif state == TrialState.COMPLETE:
+                points, attrs = ({step: o.curve[step]} if step in o.curve else {}), {}
+            else:
+                continue
+            study.add_trial(
+                create_trial(
+                    state=state,
+                    value=o.record.objective if state == TrialState.COMPLETE else None,
+                    intermediate_values=points,
+                    system_attrs=attrs,
+                )
+            )
+        # ASHA judges a rung once, when a trial first reports past it: rungs reached by the step the last
+        # status recorded were judged in an earlier pass
+        judged = rungs(trial.curve, rule.min_steps, trial.judged_step) if asha else None
+        study.add_trial(
+            create_trial(state=TrialState.RUNNING, intermediate_values=dict(trial.curve), system_attrs=judged)
+        )
+        frozen = study.get_trials(deepcopy=False)[-1]
+        if not judge_with.prune(study, frozen):
+            return None
+        after = study.get_trials(deepcopy=False)[-1]
+    metric = spec.objective.metric
+    if asha:
+        return _asha_message(spec, others, trial, after.system_attrs)
+    values = [o.curve[step] for o in others if _state(o) == TrialState.COMPLETE and step in o.curve]
+    median = float(statistics.median(values))
+    pick = min if spec.objective.goal == "minimize" else max
+    best = pick(trial.curve.values())
+    return (
+        f"median: {metric} {_fmt(best)} (its best by step {step}) is worse than the median "
+        f"{_fmt(median)} of {len(values)} succeeded trials at step {step}"
+    )
+
+
+def _asha_message(spec: FineTuneSweepSpec, others: list[Trial], trial: Trial, attrs: dict[str, Any]) -> str:
+    rule, metric, step = spec.early_stopping, spec.objective.metric, max(trial.curve)
+    rung = max((r for r in range(64) if ASHA_RUNG.format(r) in attrs), default=0)
+    key = ASHA_RUNG.format(rung)
+    competing = sorted(
+        [v for o in others if (v := o.rung_values(rule.min_steps).get(key)) is not None] + [trial.curve[step]]
+    )
+    keep = max(len(competing) // ASHA_REDUCTION, 1)
+    cutoff = competing[keep - 1] if spec.objective.goal == "minimize" else competing[-keep]
+    return (
+        f"asha: {metric} {_fmt(trial.curve[step])} at step {step} is not in the best {keep} of "
+        f"{len(competing)} trials at rung {rung} (step {rung_step(rule.min_steps, rung)}; cutoff {_fmt(cutoff)})"
+    )
 
 
 def trial_manifest(sweep: FineTuneSweep, k: int, parameters: dict[str, Any]) -> Manifest:
@@ -338,6 +543,24 @@ def step_create_trials(ctx: Ctx, p: Pass) -> bool:
     return False
 
 
+def step_prune(ctx: Ctx, p: Pass) -> bool:
+    """The early-stopping rule on each running trial not being stopped yet: annotate the ones it stops."""
+    if ctx.obj.spec.early_stopping.type == "none":
+        return False
+    for t in p.unfinished():
+        if t.record.phase != "Running" or not t.exists or t.pruning or not t.curve:
+            continue
+        others = [o for o in p.trials.values() if o.index != t.index]
+        msg = judge(ctx.obj.spec, others, t)
+        if msg is None:
+            continue
+        msg = msg[:MAX_MESSAGE]
+        ctx.plan.patches.append((FINETUNEJOB, t.record.name, {"metadata": {"annotations": {ANN_PRUNE: msg}}}))
+        t.pruning = t.record.message = msg
+        ctx.event("Normal", REASON_TRIAL_PRUNED, f"trial {t.record.name} pruned: {msg}")
+    return False
+
+
 def step_running(ctx: Ctx, p: Pass) -> bool:
     done = sum(1 for t in p.trials.values() if t.finished)
     msg = f"{len(p.unfinished())} trials running, {done} of {target_trials(ctx.obj.spec)} finished"
@@ -349,6 +572,7 @@ STEPS: tuple[Callable[[Ctx, Pass], bool], ...] = (
     step_finished,
     step_too_many_failures,
     step_all_finished,
+    step_prune,
     step_create_trials,
     step_running,
 )

@@ -22,6 +22,9 @@ class Plan:
     applies: list[Manifest] = field(default_factory=list)
     deletes: list[tuple[str, str]] = field(default_factory=list)  # (kind, name)
     stops: list[str] = field(default_factory=list)  # pods to stop (activeDeadlineSeconds: 1)
+    # JSON merge patches (RFC 7386) of children in the object's namespace: (kind, name, body), e.g.
+    # (FineTuneJob, "sw-t3", {"metadata": {"annotations": {ANN_PRUNE: "..."}}}); a child gone is skipped
+    patches: list[tuple[str, str, Manifest]] = field(default_factory=list)
     status: Manifest | None = None  # the whole new status when it changed
     status_first: bool = False  # write status before touching children (new attempts)
     events: list[Event] = field(default_factory=list)
@@ -35,6 +38,7 @@ class Plan:
             or self.applies
             or self.deletes
             or self.stops
+            or self.patches
             or self.status is not None
             or self.events
             or self.delete_self
