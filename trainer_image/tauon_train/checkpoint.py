@@ -2,7 +2,7 @@
 in a local directory or under an ``s3://`` prefix.
 
 ``Checkpointer`` owns the checkpoints of a run: ``save`` (the attempt fence, every rank's shards, rank 0's
-commit), ``resume`` (the newest checkpoint that validates, older ones as fallback, one whose data fails to load
+commit; in the background by default), ``wait``/``close`` (the save in flight), ``resume`` (the newest checkpoint that validates, older ones as fallback, one whose data fails to load
 moved aside unless it is the last) and ``check_fence``. The functions below it are the layout; each takes a local path
 or an ``s3://`` URI.
 
@@ -26,6 +26,17 @@ stored (S3 PUTs are read-after-write consistent), is what makes it one. Rank 0 r
 fence just before writing it. Re-saving a step deletes its ``complete`` first; retention deletes
 ``complete`` before the rest of the prefix; a prefix without ``complete`` is removed at the next start.
 
+Background saves (the trainer's default; ``TAUON_CHECKPOINT_SYNC=1`` forces the blocking path). ``save``
+waits for the previous save (raising its failure), checks the fence, gets the target from rank 0 and
+copies the state to host memory (``torch.distributed.checkpoint.async_save``'s staging), then returns:
+the training step resumes. In a background thread every rank writes its shards (DCP's collectives on a
+gloo process group of the checkpointer's own, never interleaved with training's) and its RNG state, all
+ranks agree, and rank 0 re-checks the fence and commits. The guarantees are those of the blocking path:
+the ``complete`` marker is written only after every rank's files are durable (fsync'd locally, PUT on S3)
+and the fence was re-checked; a failure on any rank is agreed in the background and raised on every rank
+by the next ``save`` or ``wait`` (the trainer's ``finish``, before the final model), with the same
+classification; a process killed mid-save leaves no marker, so the previous checkpoint stays the newest.
+
 Errors. Storage failures are the named errors of ``tauon_core.storage`` (with the URI): DCP's per-rank
 failures are converted where they happen, and every rank raises the same error (``StorageUnreachable``
 is retryable; the restart resumes). An unreachable store never makes a checkpoint look invalid: only a
@@ -40,8 +51,9 @@ it, so a bad newest checkpoint falls back to the previous one before any tensor 
 
 A checkpoint is untrusted input (anyone who can write the output directory could plant one):
 
-- ``complete`` records the sha256 of every other file of the checkpoint (``SUMS``), computed by rank 0 at
-  commit; ``validate`` checks ``.metadata`` against it before unpickling it, then every shard's size and
+- ``complete`` records the sha256 of every other file of the checkpoint (``SUMS``), computed by each rank
+  while it writes its files (``_HashingFileSystem`` around DCP's writer) and gathered to rank 0, so the
+  commit reads nothing back; ``validate`` checks ``.metadata`` against it before unpickling it, then every shard's size and
   every file's checksum. (A checkpoint of an older trainer has no checksums: sizes only.) They catch
   corruption and partial tampering; whoever can rewrite ``complete`` too is stopped by the next point.
 - DCP's ``.metadata`` is a pickle: it is read only through ``_MetadataUnpickler`` (DCP's metadata types,
@@ -63,6 +75,7 @@ keeps the checkpoint and fails retryably (``CheckpointUnreadable``).
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import io
 import json
@@ -72,9 +85,10 @@ import random
 import re
 import secrets
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
@@ -304,13 +318,121 @@ def _named(exc: BaseException, uri: str) -> BaseException:
     return first if isinstance(first, Exception) else exc  # not a BaseException that escapes main()
 
 
-def _writer(path: str) -> FileSystemWriter:
-    """The DCP writer for ``path``: ``FileSystemWriter`` (fsync) locally, ``FsspecWriter`` on S3."""
+class _HashingStream:
+    """A DCP output stream that computes the sha256 of the bytes as they are written (DCP writes each
+    file front to back: ``write``, ``tell``, ``flush``, ``fileno`` for the fsync, ``close``; it never
+    seeks), so the commit needs no second read of the checkpoint."""
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw
+        self._hash = hashlib.sha256()
+
+    def write(self, b: Any) -> int:
+        n: int | None = self._raw.write(b)
+        view = memoryview(b).cast("B")
+        self._hash.update(view if n is None or n >= view.nbytes else view[:n])
+        return view.nbytes if n is None else n
+
+    def tell(self) -> int:
+        return int(self._raw.tell())
+
+    def flush(self) -> None:
+        self._raw.flush()
+
+    def fileno(self) -> int:
+        return int(self._raw.fileno())  # fsspec's files raise here: DCP then relies on flush/close
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False  # a seek would invalidate the running hash
+
+    def close(self) -> None:
+        self._raw.close()
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+def _file_name(path: Any) -> str:
+    return str(path).replace(os.sep, "/").rsplit("/", 1)[-1]
+
+
+class _HashingFileSystem:
+    """Wraps a DCP writer's ``fs`` (``FileSystem`` locally, the fsspec one on S3): every file written
+    through it gets its sha256 recorded by name once its stream closed without error; a rename (DCP
+    writes ``.metadata.tmp`` and renames it) moves the record. ``delay`` (a test hook, see
+    ``_test_write_delay``) sleeps once, after the first file was created, before writing to it."""
+
+    def __init__(self, inner: Any, delay: float = 0.0) -> None:
+        self._inner = inner
+        self._lock = threading.Lock()
+        self._delay = delay
+        self.sums: dict[str, str] = {}  # file name in dcp/ -> sha256
+
+    def __getattr__(self, name: str) -> Any:  # concat_path, init_path, mkdir, exists, rm_file, ...
+        return getattr(self._inner, name)
+
+    @contextlib.contextmanager
+    def create_stream(self, path: Any, mode: str) -> Iterator[Any]:
+        if "w" not in mode:
+            with self._inner.create_stream(path, mode) as raw:
+                yield raw
+            return
+        with self._inner.create_stream(path, mode) as raw:
+            if self._delay > 0:
+                delay, self._delay = self._delay, 0.0
+                time.sleep(delay)
+            stream = _HashingStream(raw)
+            yield stream
+        with self._lock:
+            self.sums[_file_name(path)] = stream.hexdigest()
+
+    def rename(self, path: Any, new_path: Any) -> None:
+        self._inner.rename(path, new_path)
+        with self._lock:
+            digest = self.sums.pop(_file_name(path), None)
+            if digest is not None:
+                self.sums[_file_name(new_path)] = digest
+
+
+def _written(writer: FileSystemWriter) -> dict[str, str]:
+    """The sha256 of each file ``writer`` wrote, relative to the checkpoint (``dcp/<name>``)."""
+    fs = writer.fs
+    sums = fs.sums if isinstance(fs, _HashingFileSystem) else {}
+    return {f"{DCP_DIR}/{name}": digest for name, digest in sums.items()}
+
+
+TEST_WRITE_DELAY_ENV = "TAUON_TEST_CHECKPOINT_WRITE_DELAY"
+
+
+def _test_write_delay(step: int) -> float:
+    """Test hook (never set by the operator): ``TAUON_TEST_CHECKPOINT_WRITE_DELAY=<from step>:<seconds>``
+    makes every rank's DCP write of each checkpoint at or after that step sleep that long after creating
+    its first shard file, so a test can kill a run while a (background) save is in progress."""
+    raw = os.environ.get(TEST_WRITE_DELAY_ENV, "").strip()
+    if not raw:
+        return 0.0
+    first, _, seconds = raw.partition(":")
+    try:
+        return float(seconds) if step >= int(first) else 0.0
+    except ValueError:
+        raise ValueError(
+            f"{TEST_WRITE_DELAY_ENV}={raw!r}: expected <from step>:<seconds>, e.g. 4:30"
+        ) from None
+
+
+def _writer(path: str, delay: float = 0.0) -> FileSystemWriter:
+    """The DCP writer for ``path``: ``FileSystemWriter`` (fsync) locally, ``FsspecWriter`` on S3; either
+    computes the sha256 of each file as it writes it (``_written``)."""
     from torch.distributed.checkpoint.filesystem import FileSystemWriter
     from torch.distributed.checkpoint.fsspec_filesystem import FsspecWriter
 
     if not _remote(path):
-        return FileSystemWriter(path, sync_files=True)
+        local = FileSystemWriter(path, sync_files=True)
+        local.fs = _HashingFileSystem(local.fs, delay)  # type: ignore[assignment]
+        return local
 
     class _Writer(FsspecWriter):
         """Failures become named storage errors on the rank they happen on (they then reach every rank
@@ -328,7 +450,9 @@ def _writer(path: str) -> FileSystemWriter:
             with storage.storage_failures(path):
                 super().finish(metadata, results)
 
-    return _share_filesystem(_Writer(path, sync_files=False, **storage.fsspec_options(path)), path)
+    remote = _share_filesystem(_Writer(path, sync_files=False, **storage.fsspec_options(path)), path)
+    remote.fs = _HashingFileSystem(remote.fs, delay)  # type: ignore[assignment]
+    return remote
 
 
 def load_metadata(f: BinaryIO, where: str) -> Any:
@@ -469,19 +593,33 @@ def begin(ckdir: str, step: int) -> str:
     return target
 
 
-def write_shards(tmp: str, app_state: dict[str, Any], rank: int, rng: dict[str, Any]) -> None:
-    """Every rank (collective): its DCP shards of ``app_state`` and its RNG state."""
+def write_shards(tmp: str, app_state: dict[str, Any], rank: int, rng: dict[str, Any]) -> dict[str, str]:
+    """Every rank (collective): its DCP shards of ``app_state`` and its RNG state. Returns the sha256 of
+    each file this rank wrote (relative to the checkpoint), computed while writing."""
     from torch.distributed.checkpoint import state_dict_saver
 
-    state_dict_saver.save(app_state, storage_writer=_writer(storage.join(tmp, DCP_DIR)))
-    rng_path = storage.join(tmp, RNG_DIR, f"rank-{rank}.pt")
-    if _remote(tmp):
-        buf = io.BytesIO()
-        torch.save(rng, buf)
-        storage.write_bytes(rng_path, buf.getvalue())
+    writer = _writer(storage.join(tmp, DCP_DIR))
+    state_dict_saver.save(app_state, storage_writer=writer)
+    return {**_written(writer), **write_rng(tmp, rank, rng)}
+
+
+def write_rng(tmp: str, rank: int, rng: dict[str, Any]) -> dict[str, str]:
+    """This rank's RNG state (fsync'd locally); returns its sha256 by relative name."""
+    rel = f"{RNG_DIR}/rank-{rank}.pt"
+    buf = io.BytesIO()
+    torch.save(rng, buf)
+    data = buf.getvalue()
+    _write_bytes(storage.join(tmp, rel), data)
+    return {rel: hashlib.sha256(data).hexdigest()}
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    """One file: a PUT on S3; locally written and fsync'd."""
+    if _remote(path):
+        storage.write_bytes(path, data)
         return
-    with open(rng_path, "wb") as f:
-        torch.save(rng, f)
+    with open(path, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
 
@@ -519,9 +657,9 @@ def checksums(path: str, rels: list[str]) -> dict[str, str]:
         return dict(zip(rels, pool.map(lambda rel: _sha256(storage.join(path, rel)), rels), strict=True))
 
 
-def _marker(path: str, state: TrainState) -> dict[str, Any]:
+def _marker(state: TrainState, sums: dict[str, str]) -> dict[str, Any]:
     """The ``complete`` marker: the step, and the sha256 of every other file of the checkpoint."""
-    return {"step": state.step, "time": time.time(), SUMS: checksums(path, checkpoint_files(path))}
+    return {"step": state.step, "time": time.time(), SUMS: dict(sorted(sums.items()))}
 
 
 def recorded_checksums(path: str) -> dict[str, str] | None:
@@ -559,19 +697,29 @@ def verify_checksums(path: str, rels: list[str], sums: dict[str, str]) -> str | 
     return None
 
 
-def commit(tmp: str, ckdir: str, state: TrainState, keep: int = KEEP) -> str:
-    """Rank 0, once every rank's shards are written: state.json, the ``complete`` marker (locally: fsync,
-    rename into place), prune. Returns the checkpoint's path."""
+def commit(
+    tmp: str, ckdir: str, state: TrainState, keep: int = KEEP, *, sums: dict[str, str] | None = None
+) -> str:
+    """Rank 0, once every rank's shards are written and durable: state.json, the ``complete`` marker
+    (locally: fsync, rename into place), prune. Returns the checkpoint's path.
+
+    ``sums``: the sha256 of every file the ranks wrote (computed while writing them, gathered to rank 0);
+    the checkpoint is not read again. Without them (a caller that wrote the files itself) every file is
+    hashed by reading it back."""
+    body = _json_bytes(asdict(state))
+    if sums is None:
+        sums = checksums(tmp, [rel for rel in checkpoint_files(tmp) if rel != STATE])
+    sums = {**sums, STATE: hashlib.sha256(body).hexdigest()}
     if _remote(tmp):
-        _write_json(storage.join(tmp, STATE), asdict(state))
-        _write_json(storage.join(tmp, COMPLETE), _marker(tmp, state))
+        _write_bytes(storage.join(tmp, STATE), body)
+        _write_json(storage.join(tmp, COMPLETE), _marker(state, sums))
         prune(ckdir, keep)
         return tmp
     name = step_dir_name(state.step)
     try:
-        _write_json(os.path.join(tmp, STATE), asdict(state))
-        _write_json(os.path.join(tmp, COMPLETE), _marker(tmp, state))
-        fsync_tree(tmp)
+        _write_bytes(os.path.join(tmp, STATE), body)
+        _write_json(os.path.join(tmp, COMPLETE), _marker(state, sums))
+        fsync_tree(tmp)  # directory entries (every rank fsync'd its own files already)
         final = os.path.join(ckdir, name)
         if os.path.exists(final):  # re-saving the same step (e.g. after a resume): swap it out
             old = os.path.join(ckdir, f".old-{name}-{secrets.token_hex(4)}")
@@ -764,7 +912,29 @@ def _unpack(p: Packed) -> Exception:
     return RuntimeError(f"another rank failed: {reason}: {message}")
 
 
-def _on_main(d: dist.DistEnv, fn: Callable[[], T]) -> T:
+def _broadcast(d: dist.DistEnv, obj: T, group: Any = None) -> T:
+    """Rank 0's ``obj`` on every rank, over ``group`` (None: the default process group)."""
+    if group is None or not d.distributed:
+        return dist.broadcast_object(d, obj)
+    import torch.distributed as tdist
+
+    box: list[T] = [obj]
+    tdist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
+def _gather(d: dist.DistEnv, obj: T, group: Any = None) -> list[T]:
+    """Every rank's ``obj`` on every rank, over ``group`` (None: the default process group)."""
+    if group is None or not d.distributed:
+        return dist.all_gather_object(d, obj)
+    import torch.distributed as tdist
+
+    out: list[Any] = [None] * d.world_size
+    tdist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def _on_main(d: dist.DistEnv, fn: Callable[[], T], group: Any = None) -> T:
     """``fn()`` on global rank 0, its result on every rank; if it fails, every rank raises (rank 0 its
     own exception, the others the same reason and message), so no rank waits forever for rank 0."""
     out: tuple[bool, Any] | None = None
@@ -774,7 +944,7 @@ def _on_main(d: dist.DistEnv, fn: Callable[[], T]) -> T:
             out = (True, fn())
         except Exception as e:
             err, out = e, (False, _pack(e))
-    out = dist.broadcast_object(d, out)
+    out = _broadcast(d, out, group)
     assert out is not None
     if err is not None:
         raise err
@@ -783,10 +953,10 @@ def _on_main(d: dist.DistEnv, fn: Callable[[], T]) -> T:
     return out[1]  # type: ignore[no-any-return]
 
 
-def _agree(d: dist.DistEnv, failure: BaseException | None) -> None:
+def _agree(d: dist.DistEnv, failure: BaseException | None, group: Any = None) -> None:
     """Collective: when any rank failed, every rank raises (the failing rank its own error, the others
     the lowest failing rank's reason and message)."""
-    packed = dist.all_gather_object(d, _pack(failure) if failure is not None else None)
+    packed = _gather(d, _pack(failure) if failure is not None else None, group)
     bad = [p for p in packed if p is not None]
     if failure is not None:
         raise failure
@@ -797,10 +967,35 @@ def _agree(d: dist.DistEnv, failure: BaseException | None) -> None:
 # --- the checkpointer -------------------------------------------------------------------------
 
 
+SYNC_ENV = "TAUON_CHECKPOINT_SYNC"
+
+
+def async_enabled(env: dict[str, str] | None = None) -> bool:
+    """Checkpoints are saved in the background unless ``TAUON_CHECKPOINT_SYNC`` is 1/true/yes/on."""
+    e = os.environ if env is None else env
+    return (e.get(SYNC_ENV) or "").strip().lower() not in ("1", "true", "yes", "on")
+
+
+@dataclass
+class _Pending:
+    """A save in the background: its future resolves to the committed path (or raises, on every rank)."""
+
+    step: int
+    future: Future[str]
+
+
 class Checkpointer:
     """The checkpoints of one run under ``<output>/checkpoints``, for every rank (the methods are
     collective). ``module`` has the model's state_dict names (no wrapper); LoRA stores only the trainable
-    parameters. Writes are fenced: a newer attempt owning the output raises ``Superseded`` on every rank."""
+    parameters. Writes are fenced: a newer attempt owning the output raises ``Superseded`` on every rank.
+
+    With ``background`` (the trainer's default, off with ``TAUON_CHECKPOINT_SYNC=1``: ``async_enabled``),
+    saves are asynchronous: ``save`` blocks only
+    for the previous save (which must have committed or failed), the fence, the target and the copy of
+    the state to host memory (DCP's ``async_save`` staging); every rank's DCP write, the agreement and
+    rank 0's commit run in a background thread whose collectives use a process group of their own
+    (gloo), so they never interleave with training's. A background failure is raised on every rank by
+    the next ``save`` or ``wait`` (``finish``), the same error the synchronous path raises."""
 
     def __init__(
         self,
@@ -811,6 +1006,7 @@ class Checkpointer:
         optimizer: torch.optim.Optimizer,
         device: torch.device,
         lora: bool,
+        background: bool = False,
     ) -> None:
         self.output = output
         self.attempt = attempt
@@ -820,39 +1016,151 @@ class Checkpointer:
         self.device = device
         self.lora = lora
         self.dir = checkpoints_dir(output)
+        self.background = background  # the trainer passes ``async_enabled()``
+        self.background_seconds = 0.0  # time saves spent after ``save`` returned (write, agree, commit)
+        self.last_committed: str | None = None  # the path of the newest checkpoint this process committed
+        self._pending: _Pending | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._group: Any = None
+        if self.background and d.distributed:
+            import torch.distributed as tdist
+
+            if tdist.is_available() and tdist.is_initialized():  # collective: every rank, same order
+                self._group = tdist.new_group(backend="gloo")
 
     def check_fence(self) -> None:
         """Rank 0 reads the owner file; every rank stops (``Superseded``) if a newer attempt took over."""
         _on_main(self.d, lambda: check_fence(self.output, self.attempt))
 
+    @property
+    def pending(self) -> bool:
+        """Whether a save is still in flight (or finished but not yet collected by ``wait``)."""
+        return self._pending is not None
+
     def save(self, state: TrainState) -> None:
-        """Every rank writes its shards into rank 0's target; rank 0 commits once all succeeded."""
+        """Every rank writes its shards into rank 0's target; rank 0 commits once all succeeded. In the
+        background (the default) this returns once the state is copied to host memory; first it waits
+        for the previous save and raises its failure."""
+        self.wait()
+        if not self.background:
+            self._save_now(state)
+            return
         from torch.distributed.checkpoint.api import CheckpointException
+        from torch.distributed.checkpoint.state_dict_saver import async_save
 
         d = self.d
         self.check_fence()
         target = _on_main(d, lambda: begin(self.dir, state.step))
+        snapshot = copy.deepcopy(state)
+        rng = capture_rng(self.device)
+        t0 = time.monotonic()
+        writer = _writer(storage.join(target, DCP_DIR), _test_write_delay(state.step))
         failure: BaseException | None = None
-        try:
-            write_shards(target, self._app_state(), d.rank, capture_rng(self.device))
+        upload: Future[Any] | None = None
+        try:  # staging (the copy to host memory) happens here; the write in DCP's own thread
+            started = async_save(self._app_state(), storage_writer=writer, process_group=self._group)
+            upload = started if isinstance(started, Future) else started.upload_completion
         except (Exception, CheckpointException) as e:
             failure = _named(e, target)
         try:
             _agree(d, failure)
         except BaseException:
+            # a rank that staged already has a write in flight whose collectives wait for the rank
+            # that failed: it is abandoned (the run is failing), never waited for
             if d.is_main:
                 discard(target)
             raise
-        _on_main(d, lambda: self._commit(target, state))
+        assert upload is not None
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tauon-checkpoint")
+        done = upload
 
-    def _commit(self, target: str, state: TrainState) -> str:
+        def finish() -> str:
+            try:
+                return self._complete(target, snapshot, rng, writer, done.result, self._group)
+            finally:
+                self.background_seconds += time.monotonic() - t0
+
+        self._pending = _Pending(state.step, self._executor.submit(finish))
+
+    def _save_now(self, state: TrainState) -> None:
+        """The synchronous save: every rank's shards, the agreement and rank 0's commit, before returning."""
+        from torch.distributed.checkpoint import state_dict_saver
+
+        self.check_fence()
+        target = _on_main(self.d, lambda: begin(self.dir, state.step))
+        writer = _writer(storage.join(target, DCP_DIR), _test_write_delay(state.step))
+        app_state = self._app_state()
+        rng = capture_rng(self.device)
+        self._complete(
+            target, state, rng, writer, lambda: state_dict_saver.save(app_state, storage_writer=writer)
+        )
+
+    def _complete(
+        self,
+        target: str,
+        state: TrainState,
+        rng: dict[str, Any],
+        writer: FileSystemWriter,
+        write: Callable[[], Any],
+        group: Any = None,
+    ) -> str:
+        """Every rank: ``write()`` its DCP shards (or wait for them), its RNG state; then all agree
+        (gathering every rank's checksums to rank 0) and rank 0 commits; returns the checkpoint's path.
+        Any rank's failure is raised on every rank (rank 0 drops the target first)."""
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        d = self.d
+        failure: BaseException | None = None
+        sums: dict[str, str] = {}
+        try:
+            write()
+            sums = {**_written(writer), **write_rng(target, d.rank, rng)}
+        except (Exception, CheckpointException) as e:
+            failure = _named(e, target)
+        gathered = _gather(d, (_pack(failure) if failure is not None else None, sums), group)
+        bad = [p for p, _ in gathered if p is not None]
+        if failure is not None or bad:
+            if d.is_main:
+                discard(target)
+            if failure is not None:
+                raise failure
+            raise _unpack(bad[0])
+        merged = {rel: digest for _, rank_sums in gathered for rel, digest in rank_sums.items()}
+        path = _on_main(d, lambda: self._commit(target, state, merged), group)
+        self.last_committed = path
+        return path
+
+    def wait(self) -> str | None:
+        """Block until the save in flight (if any) committed; its path, or None when none was in flight.
+        Its failure is raised here, on every rank alike (the ranks agreed on it in the background)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        return pending.future.result()
+
+    def close(self) -> BaseException | None:
+        """At the end of the run, also after a failure: wait for the save in flight and stop the background
+        thread. Returns (does not raise) that save's failure; ``wait`` first to have it raised."""
+        failure: BaseException | None = None
+        try:
+            self.wait()
+        except Exception as e:
+            failure = e
+            dist.log(self.d, f"warning: the checkpoint in flight failed: {type(e).__name__}: {e}")
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        return failure
+
+    def _commit(self, target: str, state: TrainState, sums: dict[str, str] | None = None) -> str:
         """Rank 0: the fence once more (a newer attempt may have started while the shards were written),
         then the commit."""
         stale = fence_status(self.output, self.attempt)
         if stale is not None:
             discard(target)
             raise Superseded(stale)
-        return commit(target, self.dir, state)
+        return commit(target, self.dir, state, sums=sums)
 
     def resume(self) -> TrainState | None:
         """Load the newest complete checkpoint that validates (logging each one skipped); None when there

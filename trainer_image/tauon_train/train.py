@@ -50,7 +50,7 @@ from . import data, dist, final, runtime, schedule, strategy
 from . import output as out_mod
 from .config import Hyperparameters, JobConfig, load_config
 from .dist import log
-from .evaluate import EvalResult, evaluate
+from .evaluate import EvalResult, PeriodicEvaluations, evaluate
 from .metrics import (
     ProgressReporter,
     TrainerMetrics,
@@ -96,6 +96,8 @@ class Trainer:
     last_loss: float | None = None  # the global loss of the latest step
     compiled_steps: list[int] = field(default_factory=list)  # indices of step_seconds that compiled graphs
     initial_eval_seconds: float | None = None  # compile on: the initial evaluation compiles its graphs
+    evals: PeriodicEvaluations = field(default_factory=PeriodicEvaluations)  # hyperparameters.evalEverySteps
+    ckpt_own_seconds: float = 0.0  # the saves' own blocking part (not waiting for the previous one)
 
     @property
     def cfg(self) -> JobConfig:
@@ -121,7 +123,14 @@ class Trainer:
         claim_output(prep, d)
         log(d, describe(prep, s, d))
         checkpointer = ckpt.Checkpointer(
-            prep.output, prep.attempt, d, s.module, s.optimizer, s.device, cfg.method.type == "lora"
+            prep.output,
+            prep.attempt,
+            d,
+            s.module,
+            s.optimizer,
+            s.device,
+            cfg.method.type == "lora",
+            background=ckpt.async_enabled(),
         )
         state = checkpointer.resume() or ckpt.TrainState()
         resumed_from = state.step
@@ -149,6 +158,9 @@ class Trainer:
             resumed_from=resumed_from,
             times=final.RunTimes(process_start=t0),
             last_saved=resumed_from or -1,
+            evals=PeriodicEvaluations(
+                hp.eval_every_steps, len(prep.val_ds) if prep.val_ds is not None else 0
+            ),
         )
 
     # --- the loop ---------------------------------------------------------------------------------
@@ -166,6 +178,8 @@ class Trainer:
                 initialEvalPerplexity=ev0.perplexity,
             )
             log(self.d, f"initial eval: {ev0.describe()}")
+        if self.evals.note:
+            log(self.d, self.evals.note)
         self.times.start = time.monotonic()
         self.report(force=True)
         self.setup.model.train()
@@ -202,9 +216,12 @@ class Trainer:
                 self.compiled_steps.append(len(self.times.step_seconds) - 1)
             if st.sample_pos >= n:
                 st.epoch, st.sample_pos = st.epoch + 1, 0
-            self.report(force=st.step == self.total or stopping)
+            evaluated = not stopping and st.step < self.total and self.evals.due(st.step)
+            if evaluated:  # every rank: a collective; evaluate() puts the model back in train mode
+                self.evals.record(st.step, self.last_loss, self.evaluate())
+            self.report(force=st.step == self.total or stopping or evaluated)
             if st.step % self.cfg.output.checkpoint_every_steps == 0 or st.step == self.total or stopping:
-                self.save()
+                self.save(wait=stopping)
             if stopping:
                 log(d, f"SIGTERM: stopped at step {st.step}; checkpoint saved")
                 raise StopRequested()
@@ -286,7 +303,8 @@ class Trainer:
         done = st.step - self.resumed_from
         eta = (self.total - st.step) * (elapsed / done) if done > 0 else None
         epochs_started = st.epoch + (1 if st.sample_pos else 0)
-        rec = progress_record(st.step, self.total, epochs_started, self.last_loss, sps, tps, eta)
+        evals = self.evals.records() if self.evals.enabled else None
+        rec = progress_record(st.step, self.total, epochs_started, self.last_loss, sps, tps, eta, evals)
         rec["resolved"] = self.resolved()
         self.reporter.update(rec, force=force)
 
@@ -313,13 +331,39 @@ class Trainer:
         batch = max(self.hp.batch_size_per_device, 32)
         return evaluate(s.model, self.prep.val_ds, self.collate, batch, self.d, s.device, s.precision)
 
-    def save(self) -> None:
-        t = time.monotonic()
+    def save(self, wait: bool = False) -> None:
+        """Checkpoint the current step. With background saves (the default) this blocks only for the
+        previous save (whose failure it raises) and the copy of the state to host memory; ``wait``
+        (SIGTERM) blocks until this one is committed too. ``times.ckpt_seconds`` counts the time the
+        loop was blocked."""
+        t0 = time.monotonic()
+        self.checkpointer.wait()
+        t1 = time.monotonic()
         self.checkpointer.save(self.state)
+        self.ckpt_own_seconds += time.monotonic() - t1
         self.last_saved = self.state.step
         if self.metrics:
             self.metrics.checkpoints.inc()
+        if wait:
+            self.checkpointer.wait()
+        self.times.ckpt_seconds += time.monotonic() - t0
+
+    def wait_for_checkpoint(self) -> None:
+        """Block until the checkpoint in flight is committed (its failure raised), counted as a stall."""
+        t = time.monotonic()
+        self.checkpointer.wait()
         self.times.ckpt_seconds += time.monotonic() - t
+
+    def checkpoint_metrics(self) -> dict[str, float | bool]:
+        """metrics.json: ``checkpointStallSeconds`` (the time training was blocked by checkpoints: the copy
+        to host memory and waiting for the previous save; all of it when synchronous),
+        ``checkpointSeconds`` (the saves' whole time: their blocking part plus the background write,
+        agreement and commit) and ``checkpointAsync``."""
+        return {
+            "checkpointStallSeconds": round(self.times.ckpt_seconds, 3),
+            "checkpointSeconds": round(self.ckpt_own_seconds + self.checkpointer.background_seconds, 3),
+            "checkpointAsync": self.checkpointer.background,
+        }
 
     def finish(self) -> int:
         """Final evaluation; rank 0 writes the final model (if this attempt still owns the output),
@@ -329,6 +373,10 @@ class Trainer:
         ev = self.evaluate()
         compile_m = self.compile_metrics(time.monotonic() - t_eval)
         log(d, f"final eval: {ev.describe()}")
+        if self.evals.enabled:  # the curve ends with the final evaluation
+            self.evals.record(self.state.step, self.last_loss, ev)
+            self.report(force=True)
+        self.wait_for_checkpoint()  # the final model and metrics only after the last checkpoint committed
         self.checkpointer.check_fence()  # the fence guards the final model too
         full = final.gather_full_state(
             s.module, d, torch.bfloat16 if s.precision.name == "bf16" else torch.float32
@@ -341,6 +389,7 @@ class Trainer:
                 self.prep, s, self.state, ev, self.times, self.resumed_from, self.total, d
             )
             m.update(compile_m)
+            m.update(self.checkpoint_metrics())
             m["resolved"] = self.resolved()
             final.write_results(self.prep.output, m, self.resolved())
             log(d, f"done: {m}")
@@ -358,7 +407,11 @@ def run(config_path: str, d: dist.DistEnv, stop: StopFlag, t0: float) -> int:
     metrics = TrainerMetrics(d.node_rank, torch.cuda.is_available()) if d.is_local_main else None
     server = start_metrics_server(metrics, metrics_port_from_env()) if metrics else None
     try:
-        return Trainer.create(cfg, d, stop, metrics, t0).run()
+        trainer = Trainer.create(cfg, d, stop, metrics, t0)
+        try:
+            return trainer.run()
+        finally:  # however the run ends, a checkpoint still written in the background is waited for
+            trainer.checkpointer.close()
     finally:
         if server:
             server.close()
