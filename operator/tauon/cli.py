@@ -107,7 +107,13 @@ def cmd_render(args: argparse.Namespace) -> int:
             def loc(model: Any, label: str) -> ModelLocation:
                 if model.source:
                     return ModelLocation(model.source)
-                # without a cluster the job's output is unknown: show where it would be
+                # without a cluster the job's (or the sweep's best trial's) output is unknown: show where
+                # it would be
+                if model.fine_tune_sweep_ref:
+                    sweep = model.fine_tune_sweep_ref.name
+                    return ModelLocation(
+                        f"pvc://<model of the best trial of FineTuneSweep {sweep}>", fine_tune_sweep=sweep
+                    )
                 return ModelLocation(
                     f"pvc://<output of FineTuneJob {model.fine_tune_job_ref.name}>/model", label
                 )
@@ -126,12 +132,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.local:
         print("tauon run: only --local is supported (on a cluster, kubectl apply the file)", file=sys.stderr)
         return 2
-    from tauon.api.names import FINETUNEJOB
+    from tauon.api.names import FINETUNEJOB, FINETUNESWEEP
     from tauon.local.process import Unsupported
     from tauon.local.run import run_finetunejob, serve_inferenceservice
     from tauon.render.common import InvalidSpec
 
     doc = load_manifest(args.file)
+    if doc.get("kind") == FINETUNESWEEP:
+        return run_sweep_file(doc, args)
     resolve_relative_sources(doc, Path(args.file).resolve().parent)
     obj = parse_object(doc, args.file)
     try:
@@ -140,6 +148,28 @@ def cmd_run(args: argparse.Namespace) -> int:
             return run_finetunejob(obj, output, quiet=args.quiet)
         return serve_inferenceservice(obj, Path(args.output or "runs"), args.port)
     except (InvalidSpec, Unsupported) as e:
+        print(f"tauon: {args.file}: {e}", file=sys.stderr)
+        return 1
+
+
+def run_sweep_file(doc: dict[str, Any], args: argparse.Namespace) -> int:
+    """`tauon run --local` of a FineTuneSweep: its trials under --output (default ./runs/<name>)."""
+    from pydantic import ValidationError
+
+    from tauon.api import FineTuneSweep
+    from tauon.local.sweep import SweepMismatch, run_sweep
+
+    template = (doc.get("spec") or {}).get("template")
+    if isinstance(template, dict):  # the template's file://./ sources, relative to the manifest
+        resolve_relative_sources(template, Path(args.file).resolve().parent)
+    try:
+        sweep = FineTuneSweep.model_validate(doc)
+    except ValidationError as e:
+        lines = [f"  {'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()]
+        raise SystemExit(f"tauon: {args.file}: invalid FineTuneSweep:\n" + "\n".join(lines)) from e
+    try:
+        return run_sweep(sweep, Path(args.output or Path("runs") / sweep.metadata.name), quiet=args.quiet)
+    except SweepMismatch as e:
         print(f"tauon: {args.file}: {e}", file=sys.stderr)
         return 1
 
@@ -337,11 +367,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--gang-scheduler", choices=["volcano", "scheduler-plugins"], default=None)
     r.set_defaults(func=cmd_render)
 
-    run = sub.add_parser("run", help="run a FineTuneJob (trains) or InferenceService (serves) locally")
+    run = sub.add_parser(
+        "run",
+        help="run a FineTuneJob (trains), FineTuneSweep (searches) or InferenceService (serves) locally",
+    )
     run.add_argument("file")
     run.add_argument("--local", action="store_true", help="run as local processes (required)")
     run.add_argument(
-        "--output", help="FineTuneJob output dir (default ./runs/<name>); InferenceService runs dir"
+        "--output",
+        help="FineTuneJob or FineTuneSweep output dir (default ./runs/<name>); InferenceService runs dir",
     )
     run.add_argument(
         "--port", type=int, default=None, help="InferenceService: local port (default: a free one)"

@@ -224,12 +224,12 @@ INVALID: list[tuple[str, dict, str]] = [
     (
         "tis-both-models",
         with_(tis(), "spec.model", {"source": "pvc://m/x", "fineTuneJobRef": {"name": "a"}}),
-        "exactly one of model.fineTuneJobRef and model.source must be set",
+        "exactly one of model.fineTuneJobRef, model.fineTuneSweepRef and model.source must be set",
     ),
     (
         "tis-no-model",
         with_(tis(), "spec.model", {"task": "causal-lm"}),
-        "exactly one of model.fineTuneJobRef and model.source must be set",
+        "exactly one of model.fineTuneJobRef, model.fineTuneSweepRef and model.source must be set",
     ),
     ("tis-name", with_(tis(), "metadata.name", "Bad_Name"), "metadata.name"),
     ("tis-replicas-min", with_(tis(), "spec.replicas", -1), "spec.replicas"),
@@ -251,7 +251,7 @@ INVALID: list[tuple[str, dict, str]] = [
     (
         "tis-canary-model",
         with_(tis(), "spec.canary", {"model": {}, "trafficPercent": 10}),
-        "exactly one of model.fineTuneJobRef and model.source must be set",
+        "exactly one of model.fineTuneJobRef, model.fineTuneSweepRef and model.source must be set",
     ),
     ("tis-batch-min", with_(tis(), "spec.batching", {"maxBatchSize": 0}), "spec.batching.maxBatchSize"),
     (

@@ -157,7 +157,7 @@ def test_validation_errors_name_the_field(kwargs: dict[str, Any], field: str) ->
 def test_bad_names_and_ambiguous_models_are_refused() -> None:
     with pytest.raises(SpecError, match="metadata.name"):
         build.finetunejob("Bad_Name", model=MINILM, dataset="pvc://d/x", num_labels=2, output="pvc://o/x")
-    with pytest.raises(SpecError, match="exactly one of fine_tune_job= and source="):
+    with pytest.raises(SpecError, match="exactly one of fine_tune_job=, fine_tune_sweep= and source="):
         build.inferenceservice("s", fine_tune_job="a", source="hf://o/m")
     with pytest.raises(SpecError, match="spec.autoscaling.maxReplicas"):
         build.inferenceservice("s", source="hf://o/m", autoscaling={"min_replicas": 1})
@@ -651,3 +651,169 @@ def test_tauon_chat_with_url_reaches_a_vllm_server(
     assert out.out == "> Hello\n> "  # the prompt, the streamed answer, the next prompt (then EOF)
     assert f"at {vllm_stand_in}/v1" in out.err
     assert "POST /v1/chat/completions" in _VllmStandIn.paths
+
+
+# -- FineTuneSweep -----------------------------------------------------------------------------------------
+
+
+def _sweep_kwargs(**over: Any) -> dict[str, Any]:
+    return {
+        "model": MINILM,
+        "dataset": str(DATA),
+        "num_labels": 2,
+        "label_field": "label",
+        "validation_split": 0.15,
+        "method": "lora",
+        "max_steps": 20,
+        "eval_every_steps": 5,
+        "parameters": [
+            {"name": "learning_rate", "type": "float", "min": 1e-4, "max": 1e-2, "log": True},
+            {"name": "method.lora.rank", "type": "int", "values": [4, 8]},
+        ],
+        "objective": "eval_accuracy",
+        "goal": "maximize",
+        "algorithm": "random",
+        "seed": 3,
+        "early_stopping": {"type": "median", "min_steps": 5},
+        "max_trials": 4,
+        "parallel_trials": 2,
+        **over,
+    }
+
+
+def test_sweep_builds_the_hand_written_manifest(tmp_path: Path) -> None:
+    from tauon.api import FineTuneSweep
+
+    with Client(local=True, workdir=tmp_path) as client:
+        sweep = client.build_sweep("lr", **_sweep_kwargs())
+    got = build.manifest(sweep)
+    assert got == {
+        "apiVersion": "tauon.dev/v1alpha1",
+        "kind": "FineTuneSweep",
+        "metadata": {"name": "lr", "namespace": "default"},
+        "spec": {
+            "template": {
+                "spec": {
+                    "model": {"source": MINILM, "task": "sequence-classification", "numLabels": 2},
+                    "dataset": {"source": f"file://{DATA}", "labelField": "label", "validationSplit": 0.15},
+                    "method": {"type": "lora"},
+                    "hyperparameters": {"maxSteps": 20, "evalEverySteps": 5},
+                    "output": {"storage": f"file://{tmp_path / 'lr'}"},
+                }
+            },
+            "parameters": [
+                {"name": "learningRate", "type": "float", "min": 1e-4, "max": 1e-2, "log": True},
+                {"name": "method.lora.rank", "type": "int", "values": [4, 8]},
+            ],
+            "objective": {"metric": "evalAccuracy", "goal": "maximize"},
+            "algorithm": {"type": "random", "seed": 3},
+            "earlyStopping": {"type": "median", "minSteps": 5},
+            "maxTrials": 4,
+            "parallelTrials": 2,
+        },
+    }
+    assert build.manifest(FineTuneSweep.model_validate(got)) == got
+
+
+@pytest.mark.parametrize(
+    ("over", "field"),
+    [
+        ({"parallel_trials": 5}, "spec"),  # more than maxTrials
+        ({"parameters": [{"name": "nope", "type": "float", "min": 1, "max": 2}]}, "spec"),
+        (
+            {"parameters": [{"name": "learningRate", "type": "float", "min": 2, "max": 1}]},
+            "spec.parameters.0",
+        ),
+        ({"objective": "accuracy"}, "spec.objective.metric"),
+        ({"algorithm": "bayes"}, "spec.algorithm.type"),
+        ({"max_trials": 0}, "spec.maxTrials"),
+        ({"num_labels": None, "task": "sequence-classification"}, "spec.template.spec.model.numLabels"),
+        ({"max_steps": -1}, "spec.template.spec.hyperparameters.maxSteps"),
+    ],
+)
+def test_sweep_errors_name_the_field(tmp_path: Path, over: dict[str, Any], field: str) -> None:
+    with Client(local=True, workdir=tmp_path) as client, pytest.raises(SpecError) as e:
+        client.sweep("lr", **_sweep_kwargs(**over))
+    assert e.value.kind == "FineTuneSweep" and field in e.value.fields, e.value.fields
+    assert not (tmp_path / ".sdk").exists()  # nothing was started
+
+
+def test_sweep_name_leaves_room_for_trial_names(tmp_path: Path) -> None:
+    with Client(local=True, workdir=tmp_path) as client, pytest.raises(SpecError, match="<name>-t<k>"):
+        client.build_sweep("s" * 38, **_sweep_kwargs())
+
+
+SWEEP_DONE = {
+    "phase": "Succeeded",
+    "conditions": [{"type": "Succeeded", "status": "True", "reason": "AllTrialsFinished", "message": "2"}],
+    "finishedTrials": 2,
+    "trials": [
+        {"name": "lr-t0", "parameters": {"learningRate": 0.001}, "phase": "Succeeded", "objective": 0.8},
+        {
+            "name": "lr-t1",
+            "parameters": {"learningRate": 0.01},
+            "phase": "Failed",
+            "message": "PermanentError: x",
+        },
+    ],
+    "best": {"trial": "lr-t0", "parameters": {"learningRate": 0.001}, "objective": 0.8, "model": "file:///m"},
+}
+
+
+def test_local_sweep_handle_reads_status_json(tmp_path: Path) -> None:
+    from tauon.client import SweepFailed, SweepHandle
+
+    with Client(local=True, workdir=tmp_path, poll=0.01) as client:
+        _local_run(client, tmp_path, "FineTuneSweep", "lr", FakeProc())
+        handle = client.get_sweep("lr")
+        assert isinstance(handle, SweepHandle) and handle.phase == "Pending" and handle.best() is None
+        status_json = tmp_path / "lr" / "status.json"
+        status_json.parent.mkdir()
+        status_json.write_text(json.dumps(SWEEP_DONE))
+        status = handle.wait(timeout=5, progress=False)
+        best = handle.best()
+        assert status.phase == "Succeeded" and best is not None
+        assert (best.trial, best.objective, best.model) == ("lr-t0", 0.8, "file:///m")
+        assert [(t.name, t.phase) for t in handle.trials()] == [("lr-t0", "Succeeded"), ("lr-t1", "Failed")]
+
+        failed = {
+            "phase": "Failed",
+            "conditions": [
+                {"type": "Failed", "status": "True", "reason": "TooManyFailedTrials", "message": "3 failed"}
+            ],
+        }
+        status_json.write_text(json.dumps(failed))
+        with pytest.raises(SweepFailed, match="TooManyFailedTrials: 3 failed"):
+            handle.wait(timeout=5, progress=False)
+
+        _local_run(client, tmp_path, "FineTuneSweep", "crashed", FakeProc(1))
+        with pytest.raises(SweepFailed, match="LocalRunFailed: tauon run exited with code 1"):
+            client.get_sweep("crashed").wait(timeout=5, progress=False)
+
+
+def test_a_finished_local_sweep_is_found_again(tmp_path: Path) -> None:
+    (tmp_path / "lr").mkdir()
+    (tmp_path / "lr" / "status.json").write_text(json.dumps(SWEEP_DONE))
+    with Client(local=True, workdir=tmp_path) as client:
+        handle = client.get_sweep("lr")
+        best = handle.best()
+        assert best is not None and best.trial == "lr-t0"
+        handle.delete()
+        assert not (tmp_path / "lr").exists()
+        with pytest.raises(NotFound, match="FineTuneSweep 'lr' not found"):
+            client.get_sweep("lr")
+
+
+def test_serve_a_sweep_builds_its_ref_and_needs_it_succeeded(tmp_path: Path) -> None:
+    from tauon.client import NotReady
+
+    isvc = build.inferenceservice("best", fine_tune_sweep="lr")
+    assert build.manifest(isvc)["spec"] == {"model": {"fineTuneSweepRef": {"name": "lr"}}}
+    with pytest.raises(SpecError, match="exactly one of fine_tune_job=, fine_tune_sweep= and source="):
+        build.inferenceservice("best", fine_tune_sweep="lr", source="hf://x/y")
+    with Client(local=True, workdir=tmp_path) as client:
+        with pytest.raises(NotFound, match="FineTuneSweep 'lr' not found"):
+            client.serve("best", fine_tune_sweep="lr")
+        _local_run(client, tmp_path, "FineTuneSweep", "lr", FakeProc())
+        with pytest.raises(NotReady, match="cannot serve FineTuneSweep 'lr': it is Pending"):
+            client.serve("best", fine_tune_sweep=client.get_sweep("lr"))

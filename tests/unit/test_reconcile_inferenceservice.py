@@ -61,6 +61,7 @@ class World:
     def __init__(self, body: Manifest, jobs: list[Manifest] | None = None, auto_ready: bool = False):
         self.body = body
         self.jobs = {j["metadata"]["name"]: j for j in jobs or []}
+        self.sweeps: dict[str, Manifest] = {}  # FineTuneSweeps by name (tests/unit/test_isvc_sweep_ref.py)
         self.objects: dict[tuple[str, str], Manifest] = {}
         self.conflicts: list[str] = []
         self.refused: list[str] = []
@@ -108,6 +109,7 @@ class World:
     def observed(self) -> Observed:
         return Observed(
             fine_tune_jobs={k: copy.deepcopy(v) for k, v in self.jobs.items()},
+            fine_tune_sweeps={k: copy.deepcopy(v) for k, v in self.sweeps.items()},
             deployments={n: copy.deepcopy(o) for (k, n), o in self.objects.items() if k == "Deployment"},
             service=copy.deepcopy(self.objects.get(("Service", NAME))),
             hpa=copy.deepcopy(self.objects.get(("HorizontalPodAutoscaler", NAME))),

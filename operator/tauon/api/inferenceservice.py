@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, model_validator
 
 from tauon.api.common import (
     MAX_LIST,
@@ -29,13 +29,17 @@ from tauon.api.names import API_VERSION, INFERENCESERVICE, ApiVersion, Inference
 RESERVED_SERVER_ENV_PREFIXES = ["TAUON_"]
 
 
+MODEL_REFS = ("fineTuneJobRef", "fineTuneSweepRef", "source")
+EXACTLY_ONE_MODEL = "exactly one of model.fineTuneJobRef, model.fineTuneSweepRef and model.source must be set"
+
+
 class ServedModelSpec(KubeModel):
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
                 {
-                    "rule": "has(self.fineTuneJobRef) != has(self.source)",
-                    "message": "exactly one of model.fineTuneJobRef and model.source must be set",
+                    "rule": " + ".join(f"(has(self.{f}) ? 1 : 0)" for f in MODEL_REFS) + " == 1",
+                    "message": EXACTLY_ONE_MODEL,
                 }
             ]
         }
@@ -44,6 +48,13 @@ class ServedModelSpec(KubeModel):
     fine_tune_job_ref: LocalObjectReference | None = Field(
         default=None,
         description="A FineTuneJob in the same namespace; served once it Succeeded (its output model).",
+    )
+    fine_tune_sweep_ref: LocalObjectReference | None = Field(
+        default=None,
+        description=(
+            "A FineTuneSweep in the same namespace; served once it Succeeded: the model of its best trial "
+            "(status.best.model), with the task of its template (spec.template.spec.model.task)."
+        ),
     )
     source: str | None = source_field(
         "A Hugging Face model directory: pvc://CLAIM/PATH, hf://ORG/NAME (downloaded by the server into "
@@ -58,12 +69,20 @@ class ServedModelSpec(KubeModel):
         default=None,
         description=(
             "sequence-classification or causal-lm. When unset: the referenced FineTuneJob's "
-            "spec.model.task, else read from the model by the server (runtime auto then picks tauon)."
+            "spec.model.task (a FineTuneSweep's: its template's), else read from the model by the server "
+            "(runtime auto then picks tauon)."
         ),
     )
     token_secret_ref: SecretKeyRef | None = Field(
         default=None, description="Secret key with a Hugging Face token, for hf:// sources."
     )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ServedModelSpec:
+        chosen = [self.fine_tune_job_ref, self.fine_tune_sweep_ref, self.source]
+        if sum(x is not None for x in chosen) != 1:
+            raise ValueError(EXACTLY_ONE_MODEL)
+        return self
 
 
 class Autoscaling(KubeModel):
@@ -99,7 +118,9 @@ class Batching(KubeModel):
 
 
 class Canary(KubeModel):
-    model: ServedModelSpec = Field(description="The canary's model (fineTuneJobRef or source).")
+    model: ServedModelSpec = Field(
+        description="The canary's model (fineTuneJobRef, fineTuneSweepRef or source)."
+    )
     traffic_percent: int = Field(
         ge=0, le=100, description="Share of traffic for the canary, split by replica ratio (see docs)."
     )
@@ -197,7 +218,9 @@ class InferenceServiceSpec(KubeModel):
         }
     )
 
-    model: ServedModelSpec = Field(description="What to serve: exactly one of fineTuneJobRef or source.")
+    model: ServedModelSpec = Field(
+        description="What to serve: exactly one of fineTuneJobRef, fineTuneSweepRef or source."
+    )
     replicas: int = Field(
         default=1, ge=0, le=10000, description="Predictor replicas; with autoscaling the HPA owns them."
     )
@@ -257,9 +280,14 @@ class InferenceServiceSpec(KubeModel):
 
 class ResolvedModel(StatusModel):
     source: str | None = Field(default=None, description="Resolved model location (storage URI).")
-    fine_tune_job: str | None = Field(default=None, description="The FineTuneJob it came from, if any.")
+    fine_tune_job: str | None = Field(
+        default=None,
+        description="The FineTuneJob it came from, if any (with fineTuneSweepRef: the sweep's best trial).",
+    )
+    fine_tune_sweep: str | None = Field(default=None, description="The FineTuneSweep it came from, if any.")
     task: Task | None = Field(
-        default=None, description="The served task (spec.model.task or the FineTuneJob's), when known."
+        default=None,
+        description="The served task (spec.model.task, or the FineTuneJob's or FineTuneSweep's), when known.",
     )
 
 

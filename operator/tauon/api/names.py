@@ -68,6 +68,7 @@ LABEL_COMPONENT: Final = f"{GROUP}/component"  # predictor or canary
 ANN_SPEC_HASH: Final = f"{GROUP}/spec-hash"  # sha256 of the rendered child (skip applies when equal)
 ANN_MODEL_SOURCE: Final = f"{GROUP}/model-source"  # the model a Deployment serves
 ANN_FINE_TUNE_JOB: Final = f"{GROUP}/fine-tune-job"  # ... and the FineTuneJob it came from
+ANN_FINE_TUNE_SWEEP: Final = f"{GROUP}/fine-tune-sweep"  # ... and the FineTuneSweep whose best trial it is
 ANN_MODEL_TASK: Final = f"{GROUP}/model-task"  # ... and that model's task
 ANN_RUNTIME: Final = f"{GROUP}/runtime"  # tauon or vllm
 

@@ -11,6 +11,13 @@
     svc.wait_ready()
     svc.predict(["I loved it", "it broke after a day"])
 
+    sweep = client.sweep("lr", model=..., dataset=..., num_labels=2, max_steps=30,
+                         parameters=[{"name": "learning_rate", "type": "float", "min": 1e-4, "max": 3e-3,
+                                      "log": True}],
+                         objective="evalAccuracy", goal="maximize", max_trials=4, parallel_trials=2)
+    sweep.wait()
+    sweep.best()                           # trial, parameters, objective, model
+
 Objects are built through the API's pydantic models (the CRDs' source), so they cannot drift from them.
 This package imports no torch or transformers.
 """
@@ -26,9 +33,10 @@ from tauon.client.errors import (
     NotReady,
     ServiceFailed,
     SpecError,
+    SweepFailed,
     TauonError,
 )
-from tauon.client.handles import FineTuneJobHandle, InferenceServiceHandle
+from tauon.client.handles import FineTuneJobHandle, InferenceServiceHandle, SweepHandle
 
 __all__ = [
     "AlreadyExists",
@@ -43,5 +51,7 @@ __all__ = [
     "NotReady",
     "ServiceFailed",
     "SpecError",
+    "SweepFailed",
+    "SweepHandle",
     "TauonError",
 ]

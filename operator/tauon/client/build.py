@@ -1,4 +1,5 @@
-"""Build FineTuneJob and InferenceService objects from Python keywords, through the API models.
+"""Build FineTuneJob, FineTuneSweep and InferenceService objects from Python keywords, through the API
+models.
 
 The objects are validated by the same pydantic models the CRDs are generated from, so a field the API
 does not have is an error here, before anything is sent. What is sent (`manifest`) holds exactly the
@@ -16,13 +17,15 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from pydantic.alias_generators import to_camel
 
-from tauon.api import FineTuneJob, InferenceService
+from tauon.api import FineTuneJob, FineTuneSweep, InferenceService
 from tauon.api.common import NAME_MAX, NAME_PATTERN
 from tauon.api.finetunejob import Hyperparameters
+from tauon.api.finetunesweep import SWEEP_NAME_MAX, SWEEPABLE
 from tauon.api.names import (
     API_VERSION,
     CAUSAL_LM,
     FINETUNEJOB,
+    FINETUNESWEEP,
     INFERENCESERVICE,
     SEQUENCE_CLASSIFICATION,
     Manifest,
@@ -309,6 +312,7 @@ def inferenceservice(
     namespace: str = "default",
     task: str | None = None,
     replicas: int | None = None,
+    fine_tune_sweep: str | None = None,
     autoscaling: Mapping[str, Any] | None = None,
     batching: Mapping[str, Any] | None = None,
     runtime: str | None = None,
@@ -325,13 +329,17 @@ def inferenceservice(
     """A validated InferenceService serving a FineTuneJob's output (fine_tune_job=) or a model (source=)."""
     kind = INFERENCESERVICE
     _check_name(kind, name)
-    if (fine_tune_job is None) == (source is None):
-        raise SpecError(kind, name, {"spec.model": "give exactly one of fine_tune_job= and source="})
-    m: Manifest = (
-        {"fineTuneJobRef": {"name": fine_tune_job}}
-        if fine_tune_job is not None
-        else {"source": source_uri(str(source), base)}
-    )
+    if sum(x is not None for x in (fine_tune_job, fine_tune_sweep, source)) != 1:
+        raise SpecError(
+            kind, name, {"spec.model": "give exactly one of fine_tune_job=, fine_tune_sweep= and source="}
+        )
+    m: Manifest
+    if fine_tune_job is not None:
+        m = {"fineTuneJobRef": {"name": fine_tune_job}}
+    elif fine_tune_sweep is not None:
+        m = {"fineTuneSweepRef": {"name": fine_tune_sweep}}
+    else:
+        m = {"source": source_uri(str(source), base)}
     _put(m, "task", task)
     spec: Manifest = {"model": m}
     _put(spec, "replicas", replicas)
@@ -343,3 +351,75 @@ def inferenceservice(
     _pods(spec, resources, image, env, node_selector, pod_template)
     isvc: InferenceService = _validate(InferenceService, _document(kind, name, namespace, labels, spec))
     return isvc
+
+
+def _parameter(p: Any) -> Any:
+    """A sweep parameter: a SweepParameter, or a mapping with snake_case or camelCase keys; a hyperparameter
+    may be named by its snake_case keyword (learning_rate) as well as its CRD name (learningRate)."""
+    if isinstance(p, BaseModel):
+        return p.model_dump(by_alias=True, exclude_unset=True, exclude_none=True, mode="json")
+    if not isinstance(p, Mapping):
+        return p  # the model says what is wrong with it, with its path
+    out = _camel(dict(p))
+    name = out.get("name")
+    if isinstance(name, str) and name not in SWEEPABLE and to_camel(name) in SWEEPABLE:
+        out["name"] = to_camel(name)
+    return out
+
+
+def _setting(value: str | Mapping[str, Any] | None, key: str) -> Manifest | None:
+    """objective=, algorithm=, early_stopping=: a string (the metric or the type) or a mapping."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return {key: to_camel(value) if key == "metric" and "_" in value else value}
+    out: Manifest = _camel(dict(value))
+    return out
+
+
+def finetunesweep(
+    name: str,
+    *,
+    template: FineTuneJob,
+    parameters: list[Any],
+    objective: str | Mapping[str, Any] | None = None,
+    goal: str | None = None,
+    algorithm: str | Mapping[str, Any] | None = None,
+    seed: int | None = None,
+    early_stopping: str | Mapping[str, Any] | None = None,
+    max_trials: int | None = None,
+    parallel_trials: int | None = None,
+    max_failed_trials: int | None = None,
+    namespace: str = "default",
+    labels: Mapping[str, str] | None = None,
+) -> FineTuneSweep:
+    """A validated FineTuneSweep whose trials are made from `template` (a FineTuneJob built by
+    `finetunejob`: its spec, as set). objective: a metric (evalLoss, evalAccuracy, trainLoss) or
+    {metric, goal}; goal= minimize|maximize; algorithm: tpe|random|grid or {type, seed}; early_stopping:
+    none|median|asha or {type, min_steps}."""
+    kind = FINETUNESWEEP
+    _check_name(kind, name)
+    if len(name) > SWEEP_NAME_MAX:
+        raise SpecError(
+            kind,
+            name,
+            {"metadata.name": f"at most {SWEEP_NAME_MAX} characters (its trials are named <name>-t<k>)"},
+        )
+    spec: Manifest = {
+        "template": {"spec": manifest(template)["spec"]},
+        "parameters": [_parameter(p) for p in parameters] if isinstance(parameters, list) else parameters,
+    }
+    obj = _setting(objective, "metric")
+    if goal is not None:
+        obj = {**(obj or {}), "goal": goal}
+    _put(spec, "objective", obj)
+    alg = _setting(algorithm, "type")
+    if seed is not None:
+        alg = {**(alg or {}), "seed": seed}
+    _put(spec, "algorithm", alg)
+    _put(spec, "earlyStopping", _setting(early_stopping, "type"))
+    _put(spec, "maxTrials", max_trials)
+    _put(spec, "parallelTrials", parallel_trials)
+    _put(spec, "maxFailedTrials", max_failed_trials)
+    sweep: FineTuneSweep = _validate(FineTuneSweep, _document(kind, name, namespace, labels, spec))
+    return sweep

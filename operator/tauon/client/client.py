@@ -7,10 +7,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tauon.api.names import FINETUNEJOB
+from tauon.api.names import FINETUNEJOB, FINETUNESWEEP
 from tauon.client import build
 from tauon.client.errors import NotFound, NotReady, SpecError
-from tauon.client.handles import Backend, FineTuneJobHandle, InferenceServiceHandle
+from tauon.client.handles import Backend, FineTuneJobHandle, InferenceServiceHandle, SweepHandle
 
 
 class Client:
@@ -129,6 +129,95 @@ class Client:
             **kwargs,
         )
 
+    # -- hyperparameter sweeps --------------------------------------------------------------------------
+    def build_sweep(
+        self,
+        name: str,
+        *,
+        parameters: list[Any],
+        objective: str | Mapping[str, Any] | None = None,
+        goal: str | None = None,
+        max_trials: int | None = None,
+        parallel_trials: int | None = None,
+        max_failed_trials: int | None = None,
+        early_stopping: str | Mapping[str, Any] | None = None,
+        algorithm: str | Mapping[str, Any] | None = None,
+        seed: int | None = None,
+        labels: Mapping[str, str] | None = None,
+        **template: Any,
+    ) -> Any:
+        """The FineTuneSweep `sweep` would create (validated), without creating it."""
+        try:
+            job = self.build_fine_tune(name, **template)
+        except SpecError as e:  # the template's fields, by their path in the sweep
+            fields = {f"spec.template.{k}" if k.startswith("spec.") else k: v for k, v in e.fields.items()}
+            raise SpecError(FINETUNESWEEP, name, fields) from None
+        return build.finetunesweep(
+            name,
+            template=job,
+            parameters=parameters,
+            objective=objective,
+            goal=goal,
+            algorithm=algorithm,
+            seed=seed,
+            early_stopping=early_stopping,
+            max_trials=max_trials,
+            parallel_trials=parallel_trials,
+            max_failed_trials=max_failed_trials,
+            namespace=self.namespace,
+            labels=labels,
+        )
+
+    def sweep(
+        self,
+        name: str,
+        *,
+        parameters: list[Any],
+        objective: str | Mapping[str, Any] | None = None,
+        goal: str | None = None,
+        max_trials: int | None = None,
+        parallel_trials: int | None = None,
+        max_failed_trials: int | None = None,
+        early_stopping: str | Mapping[str, Any] | None = None,
+        algorithm: str | Mapping[str, Any] | None = None,
+        seed: int | None = None,
+        labels: Mapping[str, str] | None = None,
+        **template: Any,
+    ) -> SweepHandle:
+        """Create a FineTuneSweep (a hyperparameter search whose trials are FineTuneJobs) and return its
+        handle (does not wait: call `.wait()`, then `.best()`).
+
+        parameters: the search space, a list of {name, type, min, max, log} or {name, type, values}
+        (name: learningRate or learning_rate, method.lora.rank, ...). objective: a metric (evalLoss,
+        evalAccuracy, trainLoss) or {metric, goal}; goal=: minimize or maximize. algorithm: tpe, random or
+        grid (or {type, seed}); seed=. early_stopping: none, median or asha (or {type, min_steps}).
+        The template takes fine_tune's keywords (model=, dataset=, num_labels=, max_steps=, output=, ...).
+        Locally its trials run under <workdir>/<name>/<name>-t<k>/; on a cluster output= is required and
+        each trial writes to <output>/<trial>. Invalid input raises SpecError naming the field.
+        """
+        sweep = self.build_sweep(
+            name,
+            parameters=parameters,
+            objective=objective,
+            goal=goal,
+            max_trials=max_trials,
+            parallel_trials=parallel_trials,
+            max_failed_trials=max_failed_trials,
+            early_stopping=early_stopping,
+            algorithm=algorithm,
+            seed=seed,
+            labels=labels,
+            **template,
+        )
+        self._backend.create(build.manifest(sweep))
+        return SweepHandle(self._backend, name, self.poll)
+
+    def get_sweep(self, name: str) -> SweepHandle:
+        """A handle on an existing FineTuneSweep (NotFound if there is none)."""
+        handle = SweepHandle(self._backend, name, self.poll)
+        handle.get()
+        return handle
+
     def job(self, name: str) -> FineTuneJobHandle:
         """A handle on an existing FineTuneJob (NotFound if there is none)."""
         handle = FineTuneJobHandle(self._backend, name, self.poll)
@@ -142,20 +231,24 @@ class Client:
         *,
         fine_tune_job: str | FineTuneJobHandle | None = None,
         source: str | None = None,
+        fine_tune_sweep: str | SweepHandle | None = None,
         replicas: int | None = None,
         autoscaling: Mapping[str, Any] | None = None,
         runtime: str | None = None,
         **kwargs: Any,
     ) -> InferenceServiceHandle:
-        """Create an InferenceService for a succeeded FineTuneJob (fine_tune_job=) or a model (source=).
+        """Create an InferenceService for a succeeded FineTuneJob (fine_tune_job=), the best trial of a
+        succeeded FineTuneSweep (fine_tune_sweep=) or a model (source=).
 
         Other keywords: task=, batching=, generation=, canary=, resources=, image=, env=, node_selector=,
         pod_template=, labels=. Serving a job that has not succeeded raises NotReady (wait() for it first).
         """
         job_name = fine_tune_job.name if isinstance(fine_tune_job, FineTuneJobHandle) else fine_tune_job
+        sweep_name = fine_tune_sweep.name if isinstance(fine_tune_sweep, SweepHandle) else fine_tune_sweep
         isvc = build.inferenceservice(
             name,
             fine_tune_job=job_name,
+            fine_tune_sweep=sweep_name,
             source=source,
             namespace=self.namespace,
             replicas=replicas,
@@ -165,17 +258,19 @@ class Client:
         )
         if job_name is not None:
             self._require_succeeded(job_name)
+        if sweep_name is not None:
+            self._require_succeeded(sweep_name, FINETUNESWEEP)
         self._backend.create(build.manifest(isvc))
         return InferenceServiceHandle(self._backend, name, self.poll)
 
-    def _require_succeeded(self, job_name: str) -> None:
-        job = self._backend.get(FINETUNEJOB, job_name)
+    def _require_succeeded(self, job_name: str, kind: str = FINETUNEJOB) -> None:
+        job = self._backend.get(kind, job_name)
         if job is None:
-            raise NotFound(FINETUNEJOB, job_name, self._backend.where)
+            raise NotFound(kind, job_name, self._backend.where)
         phase = (job.get("status") or {}).get("phase", "Pending")
         if phase != "Succeeded":
             raise NotReady(
-                f"cannot serve FineTuneJob {job_name!r}: it is {phase}, not Succeeded"
+                f"cannot serve {kind} {job_name!r}: it is {phase}, not Succeeded"
                 + (" (it failed)" if phase == "Failed" else " (wait() for it first)")
             )
 

@@ -46,6 +46,16 @@ class JobFailed(TauonError):
         super().__init__(f"FineTuneJob {name!r} failed: {reason}: {message}")
 
 
+class SweepFailed(TauonError):
+    """The FineTuneSweep ended Failed; `reason` and `message` come from its Failed condition."""
+
+    def __init__(self, name: str, reason: str, message: str):
+        self.name = name
+        self.reason = reason
+        self.message = message
+        super().__init__(f"FineTuneSweep {name!r} failed: {reason}: {message}")
+
+
 class NotReady(TauonError):
     """The object is not in a state that allows the call (e.g. serving a job that has not succeeded)."""
 

@@ -1,4 +1,5 @@
-"""Handles on a created FineTuneJob or InferenceService: wait, status, logs, predict, chat, delete."""
+"""Handles on a created FineTuneJob, FineTuneSweep or InferenceService: wait, status, logs, best, predict,
+chat, delete."""
 
 from __future__ import annotations
 
@@ -11,9 +12,17 @@ import urllib.request
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
-from tauon.api import FineTuneJobStatus, InferenceServiceStatus, find_condition, is_true
-from tauon.api.names import FAILED, FINETUNEJOB, INFERENCESERVICE, READY, Manifest
-from tauon.client.errors import JobFailed, MissingDependency, NotFound, ServiceFailed, TauonError
+from tauon.api import FineTuneJobStatus, FineTuneSweepStatus, InferenceServiceStatus, find_condition, is_true
+from tauon.api.finetunesweep import SweepBest, SweepTrial
+from tauon.api.names import FAILED, FINETUNEJOB, FINETUNESWEEP, INFERENCESERVICE, READY, Manifest
+from tauon.client.errors import (
+    JobFailed,
+    MissingDependency,
+    NotFound,
+    ServiceFailed,
+    SweepFailed,
+    TauonError,
+)
 
 if TYPE_CHECKING:
     import openai
@@ -103,6 +112,83 @@ class FineTuneJobHandle:
 
     def delete(self) -> None:
         self._backend.delete(self.kind, self.name)
+
+
+class SweepHandle:
+    """A FineTuneSweep: `wait()` for it, then `best()` (the best trial: its parameters, objective and
+    model); `trials()`, `status()`, `delete()`. Its status is the cluster's (status.json locally)."""
+
+    kind = FINETUNESWEEP
+
+    def __init__(self, backend: Backend, name: str, poll: float = 1.0):
+        self._backend = backend
+        self.name = name
+        self.poll = poll
+
+    def __repr__(self) -> str:
+        return f"SweepHandle({self.name!r})"
+
+    def get(self) -> Manifest:
+        obj = self._backend.get(self.kind, self.name)
+        if obj is None:
+            raise NotFound(self.kind, self.name, self._backend.where)
+        return obj
+
+    def status(self) -> FineTuneSweepStatus:
+        return FineTuneSweepStatus.model_validate(self.get().get("status") or {})
+
+    @property
+    def phase(self) -> str:
+        return self.status().phase
+
+    def best(self) -> SweepBest | None:
+        """The best succeeded trial so far (status.best): trial, parameters, objective, model; None before
+        any trial succeeded."""
+        return self.status().best
+
+    def trials(self) -> list[SweepTrial]:
+        """Every trial created, by index: name, parameters, phase, step, objective, message."""
+        return list(self.status().trials)
+
+    def raise_if_failed(self, status: FineTuneSweepStatus | None = None) -> None:
+        status = status or self.status()
+        if status.phase == "Failed":
+            c = find_condition(status.conditions, FAILED) if is_true(status.conditions, FAILED) else None
+            raise SweepFailed(self.name, c.reason if c else "Failed", c.message if c else "")
+
+    def wait(self, timeout: float | None = None, progress: bool | None = None) -> FineTuneSweepStatus:
+        """Block until the sweep succeeds (returns its status; `.best` is set) or fails (raises
+        SweepFailed). With progress (default: when stderr is a terminal or in a notebook) one line per
+        change: phase, trials finished, the best so far. TimeoutError after `timeout` seconds."""
+        show = _interactive() if progress is None else progress
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last = ""
+        while True:
+            status = self.status()
+            line = sweep_line(self.name, status)
+            if show and line != last:
+                print(line, file=sys.stderr, flush=True)
+                last = line
+            if status.phase == "Succeeded":
+                return status
+            self.raise_if_failed(status)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"FineTuneSweep {self.name!r} not finished after {timeout}s ({line})")
+            time.sleep(self.poll)
+
+    def delete(self) -> None:
+        """Delete the sweep (on a cluster its trials go with it; locally its run directory is removed)."""
+        self._backend.delete(self.kind, self.name)
+
+
+def sweep_line(name: str, status: FineTuneSweepStatus) -> str:
+    """One line on a sweep: phase, trials finished and running, the best so far."""
+    running = sum(1 for t in status.trials if t.phase in ("Pending", "Running"))
+    line = f"{name}: {status.phase}, {status.finished_trials} trials finished, {running} running"
+    best = status.best
+    if best is not None and best.trial:
+        line += f"; best {best.trial} ({best.objective}, {json.dumps(best.parameters, sort_keys=True)})"
+    return line
 
 
 class InferenceServiceHandle:

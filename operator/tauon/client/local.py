@@ -4,6 +4,8 @@ processes), one `tauon run` process per object. No cluster, no kubelet.
 Layout under the work directory (default ./runs, the same as `tauon run --local`):
   <workdir>/<job>/               the FineTuneJob's output: model/, checkpoints/, metrics.json, progress.json,
                                  logs/ and status.json
+  <workdir>/<sweep>/              a FineTuneSweep's run directory: status.json, and each trial's output
+                                 <sweep>-t<k>/ (see tauon.local.sweep)
   <workdir>/<name>-server.status.json  an InferenceService's status
   <workdir>/.sdk/<name>.yaml     the manifest handed to `tauon run`
   <workdir>/.sdk/<name>.stderr   what `tauon run` printed
@@ -12,7 +14,8 @@ kept current, replaced atomically), parsed with the API's status models; the SDK
 Failed status when `tauon run` ended without a final one (it crashed or could not start).
 A run left in the work directory with status Succeeded is found again by a later Client; an unfinished
 one is resumed from its latest checkpoint by the next fine_tune of that name, as the operator resumes a
-restarted gang. delete() removes a job's run directory.
+restarted gang; an unfinished (e.g. interrupted) sweep is resumed by the next sweep of that name: its
+finished trials are read back, not run again. delete() removes a job's or a sweep's run directory.
 """
 
 from __future__ import annotations
@@ -32,12 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tauon.api import FineTuneJobStatus, InferenceServiceStatus
+from tauon.api import FineTuneJobStatus, FineTuneSweepStatus, InferenceServiceStatus
 from tauon.api.common import NAME_MAX, NAME_PATTERN
 from tauon.api.names import (
     API_VERSION,
     FAILED,
     FINETUNEJOB,
+    FINETUNESWEEP,
     INFERENCESERVICE,
     LOCAL_STATUS_FILE,
     READY,
@@ -50,6 +54,7 @@ from tauon.client.logs import merge_files
 
 # where `tauon run --local` keeps an object's status (tauon.local.run, which this package may not import)
 STATUS_FILE = LOCAL_STATUS_FILE
+RUN_DIRS = (FINETUNEJOB, FINETUNESWEEP)  # kinds whose local run is a directory <workdir>/<name>
 
 
 def free_port() -> int:
@@ -84,17 +89,23 @@ def ended(kind: str, code: int, stderr_text: str) -> Manifest:
     before the object was planned): Failed, with the end of what it printed."""
     tail = " | ".join(stderr_text.strip().splitlines()[-3:])
     message = f"tauon run exited with code {code}" + (f": {tail}" if tail else "")
-    ctype, status = (FAILED, "True") if kind == FINETUNEJOB else (READY, "False")
+    ctype, status = (FAILED, "True") if kind in RUN_DIRS else (READY, "False")
     condition = {"type": ctype, "status": status, "reason": "LocalRunFailed", "message": message}
     return {"phase": "Failed", "conditions": [condition]}
 
 
-def read_status(path: Path, kind: str) -> FineTuneJobStatus | InferenceServiceStatus | None:
+def read_status(
+    path: Path, kind: str
+) -> FineTuneJobStatus | FineTuneSweepStatus | InferenceServiceStatus | None:
     """status.json parsed with the API's status model; None when absent or unreadable."""
     data = _read_json(path)
     if data is None:
         return None
-    model = FineTuneJobStatus if kind == FINETUNEJOB else InferenceServiceStatus
+    models: dict[str, type[FineTuneJobStatus | FineTuneSweepStatus | InferenceServiceStatus]] = {
+        FINETUNEJOB: FineTuneJobStatus,
+        FINETUNESWEEP: FineTuneSweepStatus,
+    }
+    model = models.get(kind, InferenceServiceStatus)
     try:
         return model.model_validate(data)
     except ValueError:
@@ -144,7 +155,7 @@ class LocalBackend:
         stderr = sdk / f"{name}.{kind.lower()}.stderr"
         argv = [sys.executable, "-m", "tauon.cli", "run", str(path), "--local"]
         port = None
-        if kind == FINETUNEJOB:
+        if kind in RUN_DIRS:
             argv += ["--quiet", "--output", str(self.output_dir(name))]
         else:
             port = free_port()
@@ -165,7 +176,7 @@ class LocalBackend:
         return obj
 
     def _status_path(self, kind: str, name: str) -> Path:
-        if kind == FINETUNEJOB:
+        if kind in RUN_DIRS:
             return self.output_dir(name) / STATUS_FILE
         return service_status_path(self.workdir, name)
 
@@ -174,20 +185,21 @@ class LocalBackend:
         code = run.proc.poll() if run is not None else None  # first: an ended run wrote its last status
         status = read_status(self._status_path(kind, name), kind)
         if run is None:
-            if kind != FINETUNEJOB or status is None or status.phase != SUCCEEDED:
+            if kind not in RUN_DIRS or status is None or status.phase != SUCCEEDED:
                 return None
-            return {**self._finished_manifest(name), "status": status.dump()}
+            return {**self._finished_manifest(kind, name), "status": status.dump()}
         terminal = status is not None and status.phase in (SUCCEEDED, FAILED)
         if code is not None and not terminal:  # `tauon run` ended without a final status
             return {**run.manifest, "status": ended(kind, code, run.stderr.read_text(errors="replace"))}
         return {**run.manifest, "status": status.dump() if status is not None else {}}
 
-    def _finished_manifest(self, name: str) -> Manifest:
-        """A job finished by an earlier process: what it ran is in the manifest it handed to `tauon run`."""
-        saved = _read_json(self.workdir / ".sdk" / f"{name}.finetunejob.yaml") or {}
+    def _finished_manifest(self, kind: str, name: str) -> Manifest:
+        """A job or sweep finished by an earlier process: what it ran is in the manifest it handed to
+        `tauon run`."""
+        saved = _read_json(self.workdir / ".sdk" / f"{name}.{kind.lower()}.yaml") or {}
         return {
             "apiVersion": API_VERSION,
-            "kind": FINETUNEJOB,
+            "kind": kind,
             "metadata": {"name": name, "namespace": self.namespace},
             "spec": saved.get("spec", {}),
         }
@@ -199,7 +211,7 @@ class LocalBackend:
             raise NotFound(kind, name, self.where)
         if run is not None:
             _stop(run.proc)
-        if kind == FINETUNEJOB:  # a local job's only state is its run directory
+        if kind in RUN_DIRS:  # a local job's or sweep's only state is its run directory
             shutil.rmtree(target, ignore_errors=True)
 
     # -- logs and endpoints ------------------------------------------------------------------------------

@@ -18,6 +18,11 @@ Identity: a manifest has no uid, but the trainer's output ownership (`.tauon-own
 local FineTuneJob is identified by its namespace and name (`local_uid`, a name-based UUID): running the
 same job again resumes its checkpoints, as a restarted gang does; another job pointed at the same output
 fails `OutputInUse`, as a re-created job on a cluster does. A uid the manifest carries is kept.
+
+Pruning (a FineTuneSweep's early stopping, run locally by tauon.local.sweep): the file <output>/prune,
+holding the rule's message, is the local form of the `tauon.dev/prune` annotation. A run that finds it
+(before it starts, or while its ranks run) sets the annotation on the job it plans with, stops every rank
+and ends Failed with reason `Pruned` ("pruned by its FineTuneSweep: <message>"); exit status 3.
 """
 
 from __future__ import annotations
@@ -50,10 +55,12 @@ from tauon.api import (
     is_true,
 )
 from tauon.api.names import (
+    ANN_PRUNE,
     FAILED,
     LOCAL_STATUS_FILE,
     PREDICTOR_READY,
     READY,
+    REASON_PRUNED,
     RESTARTING,
     RUNNING,
     SUCCEEDED,
@@ -90,6 +97,19 @@ TERMINAL = (SUCCEEDED, FAILED)
 # last 80 lines (at most 2048 bytes) of a failed container's log as its termination message
 FALLBACK_LINES = 80
 FALLBACK_BYTES = 2048
+PRUNE_FILE = "prune"  # <output>/prune: the local form of the tauon.dev/prune annotation (module docstring)
+EXIT_PRUNED = 3  # the exit status of a pruned run (1: failed, 130: interrupted)
+EXIT_INTERRUPTED = 130
+PRUNED_PREFIX = "pruned by its FineTuneSweep: "
+
+
+def prune_message(output: Path) -> str | None:
+    """The message of <output>/prune when the run has been pruned, else None."""
+    try:
+        text = (output / PRUNE_FILE).read_text(errors="replace").strip()
+    except OSError:  # absent (or unreadable: not a prune the sweep could have written)
+        return None
+    return text or "pruned"
 
 
 def _now() -> datetime:
@@ -236,6 +256,13 @@ class JobStatus:
         ctx.st.phase = ftj.phase_of(ctx.st)  # type: ignore[assignment]
         self._set(ctx.st)
 
+    def prune(self, message: str, ranks: list[RankRun]) -> None:
+        """Pruned by its sweep: the job is planned with the prune annotation it would carry on a cluster;
+        unless that pass already ended it, it fails with reason Pruned (its ranks are stopped by the caller)."""
+        self.job.metadata.annotations = {**self.job.metadata.annotations, ANN_PRUNE: message}
+        if self.observe(ranks).phase not in TERMINAL:
+            self.fail(REASON_PRUNED, PRUNED_PREFIX + message)
+
     def _set(self, st: FineTuneJobStatus) -> None:
         self.job.status = st
         write_status(self.path, st.dump())
@@ -325,6 +352,10 @@ def _watch(ranks: list[RankRun], status: JobStatus, interrupt: _Interrupt, quiet
             )
             if st.phase in TERMINAL or interrupt.set or all(r.proc.poll() is not None for r in ranks):
                 return
+            pruned = prune_message(status.output)
+            if pruned is not None:
+                status.prune(pruned, ranks)
+                return
             time.sleep(0.5)
 
 
@@ -347,6 +378,10 @@ def run_finetunejob(job: FineTuneJob, output: Path, quiet: bool = False) -> int:
     failed = failed_condition(status.observe([]).conditions)  # admission, as the operator's first pass
     if failed is not None:
         raise InvalidSpec(failed.message)
+    pruned = prune_message(output)
+    if pruned is not None:  # pruned before it started (a resumed sweep): nothing runs
+        status.prune(pruned, [])
+        return _report(job, status.status, [], output, quiet)
     ranks = _start_ranks(job, cfg, output, status)
     if not quiet:
         console.print(
@@ -374,7 +409,11 @@ def _report(job: FineTuneJob, st: FineTuneJobStatus, ranks: list[RankRun], outpu
     failed = failed_condition(st.conditions)
     if failed is not None and failed.reason == "Interrupted":
         console.print("[yellow]interrupted: all ranks stopped[/]")
-        return 130
+        return EXIT_INTERRUPTED
+    if failed is not None and failed.reason == REASON_PRUNED:
+        if not quiet:
+            console.print(f"[yellow]FineTuneJob {job.metadata.name} {failed.message}[/]")
+        return EXIT_PRUNED
     lf = st.last_failure
     rank = next((r for r in ranks if lf is not None and lf.pod == r.pod["metadata"]["name"]), None)
     if rank is not None:
@@ -430,23 +469,42 @@ def _job_bodies(isvc: InferenceService, runs: Path) -> dict[str, Manifest]:
     }
 
 
+def _sweep_bodies(isvc: InferenceService, runs: Path) -> dict[str, Manifest]:
+    """The FineTuneSweep spec.model references (fineTuneSweepRef), as the planner reads it: its local run's
+    <runs>/<sweep>/status.json (best.model) and the sweep it ran (.sweep/sweep.json: the template's task)."""
+    ref = isvc.spec.model.fine_tune_sweep_ref
+    status = _read_json(runs / ref.name / STATUS_FILE) if ref is not None else None
+    if ref is None or status is None:
+        return {}
+    saved = _read_json(runs / ref.name / ".sweep" / "sweep.json") or {}
+    meta = {"name": ref.name, "namespace": isvc.metadata.namespace}
+    return {ref.name: {"metadata": meta, "spec": saved.get("spec") or {}, "status": status}}
+
+
 def _model_location(isvc: InferenceService, runs: Path) -> ModelLocation:
     """Where the predictor's model is for a local run: its source, or a FineTuneJob's local output
     (resolved by the operator's rule from that run's status.json)."""
     model = isvc.spec.model
     if model.source and model.source.startswith("pvc://"):
         raise lp.Unsupported("pvc:// sources cannot be served locally; use file:// or hf://")
-    res = isv.resolve_model(model, _job_bodies(isvc, runs), None)
+    res = isv.resolve_model(model, _job_bodies(isvc, runs), None, sweeps=_sweep_bodies(isvc, runs))
     if res.state == "failed":
         raise lp.Unsupported(res.message)
     job = model.fine_tune_job_ref.name if model.fine_tune_job_ref else None
+    sweep = model.fine_tune_sweep_ref.name if model.fine_tune_sweep_ref else None
+    if res.location is None and sweep is not None:
+        raise lp.Unsupported(
+            f"no succeeded local run of FineTuneSweep {sweep} in {runs}: run the FineTuneSweep {sweep} "
+            f"locally first (tauon run --local SWEEP.yaml --output {runs / sweep})"
+        )
     if res.location is None:
         raise lp.Unsupported(
             f"no finished local run of FineTuneJob {job} in {runs}: run the FineTuneJob {job} locally first"
         )
     path = res.location.source.removeprefix("file://")
-    if job is not None and res.location.source.startswith("file://") and not Path(path).is_dir():
-        raise lp.Unsupported(f"no model at {path}: run the FineTuneJob {job} locally first")
+    what = f"FineTuneJob {job}" if job is not None else f"FineTuneSweep {sweep}" if sweep else None
+    if what is not None and res.location.source.startswith("file://") and not Path(path).is_dir():
+        raise lp.Unsupported(f"no model at {path}: run the {what} locally first")
     return res.location
 
 
@@ -462,6 +520,7 @@ class ServiceStatus:
         self.isvc.metadata.generation = self.isvc.metadata.generation or 1
         self.cfg = OperatorConfig(allow_host_paths=True)
         self.jobs = _job_bodies(isvc, runs)
+        self.sweeps = _sweep_bodies(isvc, runs)
         self.path = service_status_path(runs, isvc.metadata.name)
         self.url: str | None = None  # where the local server listens
         self.written: Manifest | None = None
@@ -481,12 +540,14 @@ class ServiceStatus:
         self._set(ctx.st)
 
     def _plan(self, ready: bool | None) -> InferenceServiceStatus:
-        observed = isv.Observed(fine_tune_jobs=self.jobs, deployments=self._deployments(ready))
+        observed = isv.Observed(
+            fine_tune_jobs=self.jobs, fine_tune_sweeps=self.sweeps, deployments=self._deployments(ready)
+        )
         plan = isv.reconcile(self.isvc, observed, _now(), self.cfg)
         return InferenceServiceStatus.model_validate(plan.status) if plan.status else self.isvc.status
 
     def _deployments(self, ready: bool | None) -> dict[str, Manifest]:
-        res = isv.resolve_model(self.isvc.spec.model, self.jobs, None)
+        res = isv.resolve_model(self.isvc.spec.model, self.jobs, None, sweeps=self.sweeps)
         if ready is None or res.location is None:
             return {}
         name = predictor_name(self.isvc.metadata.name)

@@ -5,7 +5,10 @@ Conditions (docs/api.md): ModelReady, PredictorReady, CanaryReady (only while sp
 - ModelReady is about the MAIN model (spec.model): False/WaitingForFineTuneJob while the referenced job is
   missing or not Succeeded, False/FineTuneJobFailed once it Failed, False/InvalidSpec when the location
   cannot be mounted (file:// without --allow-host-paths), True/ModelResolved once resolved.
-  `status.model` records the resolved location and is kept when the job is later deleted.
+  With fineTuneSweepRef: False/WaitingForFineTuneSweep while the sweep is missing, not Succeeded or has
+  no best model, False/FineTuneSweepFailed once it Failed, True/ModelResolved with its best trial's model
+  (status.best.model; the task of the sweep's template) once it Succeeded.
+  `status.model` records the resolved location and is kept when the job (or sweep) is later deleted.
 - The canary's model is reported on CanaryReady (same reasons), so a failing canary job never takes the
   predictor down. The canary's resolved location is remembered on its Deployment (annotation
   `tauon.dev/model-source`); until it is known there is no canary Deployment and the predictor takes all
@@ -17,7 +20,7 @@ Conditions (docs/api.md): ModelReady, PredictorReady, CanaryReady (only while sp
   else False/Progressing (False/ProgressDeadlineExceeded when the Deployment says so).
 - Ready = ModelReady and PredictorReady (and CanaryReady). Conflicts -> Ready False/ResourceConflict and
   no writes to children.
-Phase: Failed when ModelReady's reason is FineTuneJobFailed or InvalidSpec; Ready when Ready; Pending while
+Phase: Failed when ModelReady's reason is FineTuneJobFailed, FineTuneSweepFailed or InvalidSpec; Ready when Ready; Pending while
 ModelReady is False; else NotReady.
 
 status.replicas / readyReplicas are the sums over the observed predictor and canary Deployments
@@ -27,6 +30,7 @@ status.replicas / readyReplicas are the sums over the observed predictor and can
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
@@ -47,6 +51,7 @@ from tauon.api.names import (
     PREDICTOR_READY,
     READY,
     REASON_FINE_TUNE_JOB_FAILED,
+    REASON_FINE_TUNE_SWEEP_FAILED,
     REASON_INVALID_SPEC,
     REASON_MINIMUM_REPLICAS_AVAILABLE,
     REASON_MODEL_NOT_FOUND,
@@ -57,9 +62,12 @@ from tauon.api.names import (
     REASON_RESOURCE_CONFLICT,
     REASON_SERVING,
     REASON_WAITING_FOR_FINE_TUNE_JOB,
+    REASON_WAITING_FOR_FINE_TUNE_SWEEP,
     REASON_WAITING_FOR_MODEL,
     SUCCEEDED,
+    TASKS,
     Manifest,
+    Task,
 )
 from tauon.reconcile.context import Context, EventSpec, summarise
 from tauon.reconcile.plan import Plan
@@ -84,7 +92,7 @@ from tauon.render.inferenceservice import (
     url,
 )
 
-FAILED_REASONS = (REASON_FINE_TUNE_JOB_FAILED, REASON_INVALID_SPEC)
+FAILED_REASONS = (REASON_FINE_TUNE_JOB_FAILED, REASON_FINE_TUNE_SWEEP_FAILED, REASON_INVALID_SPEC)
 
 
 @dataclass
@@ -93,6 +101,8 @@ class Observed:
 
     # name -> FineTuneJob body (same namespace), only the ones spec.model / spec.canary.model reference
     fine_tune_jobs: dict[str, Manifest] = field(default_factory=dict)
+    # name -> FineTuneSweep body (same namespace), only the ones spec.model / spec.canary.model reference
+    fine_tune_sweeps: dict[str, Manifest] = field(default_factory=dict)
     # name -> our Deployment (`<name>-predictor`, `<name>-canary`), with status
     deployments: dict[str, Manifest] = field(default_factory=dict)
     service: Manifest | None = None
@@ -112,7 +122,8 @@ class Resolution:
 
 
 def job_state(body: Manifest) -> tuple[str, str]:
-    """(Succeeded | Failed | <phase>, detail) of a FineTuneJob body, from its conditions then its phase."""
+    """(Succeeded | Failed | <phase>, detail) of a FineTuneJob (or FineTuneSweep: the same conditions)
+    body, from its conditions then its phase."""
     st = body.get("status") or {}
     for c in st.get("conditions") or []:
         if c.get("type") in (FAILED, SUCCEEDED) and c.get("status") == "True":
@@ -124,19 +135,26 @@ def job_state(body: Manifest) -> tuple[str, str]:
 
 def resolve_model(
     model: ServedModelSpec,
-    jobs: dict[str, Manifest],
+    jobs: Mapping[str, Manifest],
     remembered: ModelLocation | None,
     what: str = "model",
+    sweeps: Mapping[str, Manifest] | None = None,
 ) -> Resolution:
     """Where `model` lives now. `remembered` is the location resolved earlier (status.model for the
-    predictor, the canary Deployment's annotations for the canary): used when the job has been deleted."""
+    predictor, the canary Deployment's annotations for the canary): used when the job (or sweep) has been
+    deleted. `jobs` and `sweeps` are the referenced FineTuneJobs and FineTuneSweeps by name."""
     if model.source is not None:
         return Resolution(
             "ready", REASON_MODEL_RESOLVED, f"{what} {model.source}", ModelLocation(model.source)
         )
+    if model.fine_tune_sweep_ref is not None:
+        name = model.fine_tune_sweep_ref.name
+        return resolve_sweep(name, (sweeps or {}).get(name), remembered, what)
     if model.fine_tune_job_ref is None:  # admission forbids this
         return Resolution(
-            "failed", REASON_INVALID_SPEC, f"{what}: one of fineTuneJobRef and source must be set"
+            "failed",
+            REASON_INVALID_SPEC,
+            f"{what}: one of fineTuneJobRef, fineTuneSweepRef and source must be set",
         )
     job = model.fine_tune_job_ref.name
     body = jobs.get(job)
@@ -172,6 +190,84 @@ def resolve_model(
         return Resolution("waiting", REASON_MODEL_NOT_FOUND, str(e))
     loc = ModelLocation(loc.source, job, loc.task)
     return Resolution("ready", REASON_MODEL_RESOLVED, f"{what} {loc.source} from FineTuneJob {job}", loc)
+
+
+def _task_of(value: object) -> Task | None:
+    return next((t for t in TASKS if t == value), None)
+
+
+def sweep_best(body: Manifest) -> ModelLocation | None:
+    """The model of a FineTuneSweep's best trial (raw body): status.best.model, the trial (a FineTuneJob)
+    and the task of the sweep's template; None while the sweep reports no best model."""
+    best = (body.get("status") or {}).get("best") or {}
+    source, trial = best.get("model"), best.get("trial")
+    if not isinstance(source, str) or not source or not isinstance(trial, str) or not trial:
+        return None
+    spec = body.get("spec") or {}
+    task = (((spec.get("template") or {}).get("spec") or {}).get("model") or {}).get("task")
+    name = str((body.get("metadata") or {}).get("name") or "") or None
+    return ModelLocation(source, trial, _task_of(task), name)
+
+
+def _best_so_far(body: Manifest) -> str:
+    """ " (best so far <trial>, <metric> <objective>)" for a running sweep, "" without one."""
+    best = (body.get("status") or {}).get("best") or {}
+    if not best.get("trial"):
+        return ""
+    metric = (((body.get("spec") or {}).get("objective") or {}).get("metric")) or "objective"
+    objective = best.get("objective")
+    return f" (best so far {best['trial']}" + (f", {metric} {objective})" if objective is not None else ")")
+
+
+def resolve_sweep(
+    name: str, body: Manifest | None, remembered: ModelLocation | None, what: str = "model"
+) -> Resolution:
+    """A fineTuneSweepRef: the best trial's model once the sweep Succeeded; waiting while it is missing,
+    runs or reports no best model; failed once it Failed. `remembered` serves on when the sweep is gone."""
+    if body is None:
+        if remembered is not None and remembered.fine_tune_sweep == name:
+            return Resolution(
+                "ready",
+                REASON_MODEL_RESOLVED,
+                f"{what} {remembered.source} from FineTuneSweep {name} (best trial {remembered.fine_tune_job}; "
+                "the sweep no longer exists)",
+                remembered,
+            )
+        return Resolution(
+            "waiting",
+            REASON_WAITING_FOR_FINE_TUNE_SWEEP,
+            f"FineTuneSweep {name} does not exist yet; waiting for it",
+        )
+    state, detail = job_state(body)
+    if state == FAILED:
+        return Resolution(
+            "failed",
+            REASON_FINE_TUNE_SWEEP_FAILED,
+            f"FineTuneSweep {name} failed" + (f" ({detail})" if detail else ""),
+        )
+    if state != SUCCEEDED:
+        return Resolution(
+            "waiting",
+            REASON_WAITING_FOR_FINE_TUNE_SWEEP,
+            f"FineTuneSweep {name} is {state}{_best_so_far(body)}; waiting for it to succeed",
+        )
+    loc = sweep_best(body)
+    if loc is None:
+        return Resolution(
+            "waiting",
+            REASON_WAITING_FOR_FINE_TUNE_SWEEP,
+            f"FineTuneSweep {name} succeeded but reports no best model (status.best.model) yet",
+        )
+    loc = ModelLocation(loc.source, loc.fine_tune_job, loc.task, name)
+    best = (body.get("status") or {}).get("best") or {}
+    metric = (((body.get("spec") or {}).get("objective") or {}).get("metric")) or "objective"
+    score = f", {metric} {best['objective']}" if best.get("objective") is not None else ""
+    return Resolution(
+        "ready",
+        REASON_MODEL_RESOLVED,
+        f"{what} {loc.source} from FineTuneSweep {name} (best trial {loc.fine_tune_job}{score})",
+        loc,
+    )
 
 
 def _annotations(obj: Manifest | None) -> dict[str, str]:
@@ -253,11 +349,13 @@ def step_main_model(ctx: Ctx, p: Pass) -> None:
     """ModelReady for spec.model; status.model remembers the resolved location."""
     st = ctx.st
     stored = (
-        ModelLocation(st.model.source, st.model.fine_tune_job, st.model.task)
+        ModelLocation(st.model.source, st.model.fine_tune_job, st.model.task, st.model.fine_tune_sweep)
         if st.model.source is not None
         else None
     )
-    main = resolve_model(ctx.obj.spec.model, p.observed.fine_tune_jobs, stored)
+    main = resolve_model(
+        ctx.obj.spec.model, p.observed.fine_tune_jobs, stored, sweeps=p.observed.fine_tune_sweeps
+    )
     if p.observed.refused:  # the spec cannot work as written: Failed/InvalidSpec until it changes
         msg = "the API server refused a child: " + summarise(p.observed.refused, "more refused")
         main = Resolution("failed", REASON_INVALID_SPEC, msg)
@@ -267,10 +365,16 @@ def step_main_model(ctx: Ctx, p: Pass) -> None:
             main = Resolution("failed", REASON_INVALID_SPEC, err)
     if main.state == "ready" and main.location is not None:
         loc = main.location
-        changed = stored is None or (stored.source, stored.fine_tune_job) != (loc.source, loc.fine_tune_job)
-        # the served task when known: spec.model.task, else the job's (carried by the location)
+        changed = stored is None or (stored.source, stored.fine_tune_job, stored.fine_tune_sweep) != (
+            loc.source,
+            loc.fine_tune_job,
+            loc.fine_tune_sweep,
+        )
+        # the served task when known: spec.model.task, else the job's or sweep's (carried by the location)
         task = served_task(ctx.obj.spec.model, loc)
-        st.model = ResolvedModel(source=loc.source, fine_tune_job=loc.fine_tune_job, task=task)
+        st.model = ResolvedModel(
+            source=loc.source, fine_tune_job=loc.fine_tune_job, fine_tune_sweep=loc.fine_tune_sweep, task=task
+        )
         if ctx.cond(MODEL_READY, True, main.reason, main.message) or changed:
             ctx.event("Normal", REASON_MODEL_RESOLVED, f"serving {main.message}")
     else:
@@ -288,7 +392,11 @@ def step_canary_model(ctx: Ctx, p: Pass) -> None:
         return
     observed_canary = p.observed.deployments.get(canary_name(ctx.obj.metadata.name))
     res = resolve_model(
-        spec.canary.model, p.observed.fine_tune_jobs, _remembered_on(observed_canary), "canary model"
+        spec.canary.model,
+        p.observed.fine_tune_jobs,
+        _remembered_on(observed_canary),
+        "canary model",
+        p.observed.fine_tune_sweeps,
     )
     if res.state == "ready" and res.location is not None:
         err = _mount_error(ctx.obj, "canary", res.location, p.cfg)
@@ -485,4 +593,6 @@ __all__ = [
     "needs_apply",
     "reconcile",
     "resolve_model",
+    "resolve_sweep",
+    "sweep_best",
 ]

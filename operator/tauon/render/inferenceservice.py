@@ -21,8 +21,8 @@ HPA bounds are the user's bounds minus the canary's replicas (at least 1, since 
 Every child carries a controller ownerReference (`child_meta`) and the annotation `tauon.dev/spec-hash`
 (sha256 of the child's canonical JSON without that annotation) so the planner can skip children that are
 already up to date. Deployments also record the model they serve in `tauon.dev/model-source` (and
-`tauon.dev/fine-tune-job` when it came from a FineTuneJob), so a canary keeps its model when its job is
-deleted. These label and annotation keys are defined in tauon.api.names (LABEL_ISVC, ANN_SPEC_HASH, ...).
+`tauon.dev/fine-tune-job` when it came from a FineTuneJob, plus `tauon.dev/fine-tune-sweep` when that job
+is a FineTuneSweep's best trial), so a canary keeps its model when its job or sweep is deleted. These label and annotation keys are defined in tauon.api.names (LABEL_ISVC, ANN_SPEC_HASH, ...).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from tauon.api.finetunejob import FineTuneJob
 from tauon.api.inferenceservice import InferenceService, ServedModelSpec
 from tauon.api.names import (
     ANN_FINE_TUNE_JOB,
+    ANN_FINE_TUNE_SWEEP,
     ANN_MODEL_SOURCE,
     ANN_MODEL_TASK,
     ANN_RUNTIME,
@@ -161,7 +162,8 @@ def resolve_runtime(isvc: InferenceService, task: str | None, source: str | None
 
 
 def served_task(model_spec: ServedModelSpec, location: ModelLocation | None) -> Task | None:
-    """The task served: spec's model.task, else the referenced FineTuneJob's (carried by the location)."""
+    """The task served: spec's model.task, else the referenced FineTuneJob's or FineTuneSweep's (carried by
+    the location)."""
     if model_spec.task is not None:
         return model_spec.task
     return location.task if location is not None else None
@@ -235,11 +237,13 @@ def replica_plan(isvc: InferenceService, with_canary: bool) -> ReplicaPlan:
 @dataclass(frozen=True)
 class ModelLocation:
     """A resolved model: its storage URI (pvc://, hf:// or file://), the FineTuneJob it came from and
-    that job's spec.model.task (when it came from a job)."""
+    that job's spec.model.task (when it came from a job), and the FineTuneSweep whose best trial that job
+    is (when it came from a sweep; the task is then the sweep template's)."""
 
     source: str
     fine_tune_job: str | None = None
     task: Task | None = None
+    fine_tune_sweep: str | None = None
 
 
 @dataclass(frozen=True)
@@ -279,7 +283,10 @@ def location_from_annotations(annotations: dict[str, str]) -> ModelLocation | No
     if not src:
         return None
     return ModelLocation(
-        src, annotations.get(ANN_FINE_TUNE_JOB), _task_or_none(annotations.get(ANN_MODEL_TASK))
+        src,
+        annotations.get(ANN_FINE_TUNE_JOB),
+        _task_or_none(annotations.get(ANN_MODEL_TASK)),
+        annotations.get(ANN_FINE_TUNE_SWEEP),
     )
 
 
@@ -594,9 +601,18 @@ def _model_annotations(model: ModelLocation, task: Task | None, runtime: Runtime
     annotations = {ANN_MODEL_SOURCE: model.source, ANN_RUNTIME: runtime}
     if model.fine_tune_job is not None:
         annotations[ANN_FINE_TUNE_JOB] = model.fine_tune_job
+    if model.fine_tune_sweep is not None:
+        annotations[ANN_FINE_TUNE_SWEEP] = model.fine_tune_sweep
     if task is not None:
         annotations[ANN_MODEL_TASK] = task
     return annotations
+
+
+def _model_field(model_spec: ServedModelSpec) -> str:
+    """The field of a model spec that says where the model is (for messages)."""
+    if model_spec.source is not None:
+        return "source"
+    return "fineTuneSweepRef" if model_spec.fine_tune_sweep_ref is not None else "fineTuneJobRef"
 
 
 def render_deployment(
@@ -610,7 +626,7 @@ def render_deployment(
     spec = isvc.spec
     name = isvc.metadata.name
     model_spec, where = _component_model(isvc, component)
-    field = f"{where}.source" if model_spec.source is not None else f"{where}.fineTuneJobRef"
+    field = f"{where}.{_model_field(model_spec)}"
     check_reserved_keys(spec.pod_template, "spec.podTemplate")
     storage, path = _model_storage(model, field, cfg)
     gpus = gpu_count(spec.resources)
