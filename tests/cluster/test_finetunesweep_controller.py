@@ -170,3 +170,75 @@ def test_asha_annotates_the_worse_running_trial(cluster: Cluster, operator, name
     assert t1["intermediate"] == 0.9 and t1["message"] == message
     events = cluster.list("events", namespace)
     assert any(e.get("reason") == "TrialPruned" and f"{name}-t1" in e.get("message", "") for e in events)
+
+    # the FineTuneJob side: the annotated trial ends Failed/Pruned (pods gone), the sweep counts it Pruned
+    def pruned_job() -> dict | None:
+        job = cluster.get("ftj", f"{name}-t1", namespace) or {}
+        failed = condition(job, "Failed")
+        return job if failed is not None and failed["status"] == "True" else None
+
+    job1 = wait_until(pruned_job, T, f"t1 ended\n{operator.tail()}", interval=0.5)
+    failed = condition(job1, "Failed")
+    assert failed is not None and failed["reason"] == "Pruned", failed
+    assert failed["message"] == f"pruned by its FineTuneSweep: {message}"
+    wait_until(
+        lambda: not cluster.list("pods", namespace, f"tauon.dev/job-name={name}-t1"), T, "t1's pods deleted"
+    )
+    t1 = wait_until(
+        lambda: next(
+            (
+                t
+                for t in ((cluster.get("ftsweep", name, namespace) or {}).get("status") or {}).get("trials")
+                or []
+                if t["name"] == f"{name}-t1" and t["phase"] == "Pruned"
+            ),
+            None,
+        ),
+        T,
+        f"t1 Pruned in the sweep's status\n{operator.tail()}",
+    )
+    assert t1["intermediate"] == 0.9
+
+
+def test_operator_sigkilled_mid_sweep_creates_no_duplicate_and_trials_go_with_the_sweep(
+    cluster: Cluster, operator, namespace: str
+):
+    """The operator is SIGKILLed while two trials run and restarted: the sweep goes on from its trials
+    (the same two FineTuneJobs, by uid; the next ones t2, t3 created once each) to Succeeded; deleting the
+    sweep garbage-collects its trials (ownerReferences, the control plane's garbage collector)."""
+    name = "kill"
+    body = sweep(name)
+    body["spec"]["template"]["spec"]["podTemplate"]["annotations"]["kwok.tauon.dev/exit-after-ms"] = "6s"
+    body["spec"].update(maxTrials=4, parallelTrials=2)
+    cluster.apply(body, "-n", namespace)
+
+    def two_trials() -> list[dict] | None:
+        trials = cluster.list("ftj", namespace, f"tauon.dev/sweep-name={name}")
+        return trials if len(trials) == 2 else None
+
+    first = {t["metadata"]["name"]: t["metadata"]["uid"] for t in wait_until(two_trials, T, "two trials")}
+    assert sorted(first) == [f"{name}-t0", f"{name}-t1"]
+    operator.kill()
+    time.sleep(2)
+    operator.start()
+
+    def finished() -> dict | None:
+        obj = cluster.get("ftsweep", name, namespace) or {}
+        return obj if (obj.get("status") or {}).get("phase") in ("Succeeded", "Failed") else None
+
+    obj = wait_until(finished, 2 * T, f"sweep {name} finished\n{operator.tail()}", interval=0.5)
+    assert obj["status"]["phase"] == "Succeeded", (obj["status"], operator.tail())
+    trials = {
+        t["metadata"]["name"]: t for t in cluster.list("ftj", namespace, f"tauon.dev/sweep-name={name}")
+    }
+    assert sorted(trials) == [f"{name}-t{k}" for k in range(4)]
+    assert {n: trials[n]["metadata"]["uid"] for n in first} == first  # not recreated
+    assert [t["name"] for t in obj["status"]["trials"]] == [f"{name}-t{k}" for k in range(4)]
+
+    cluster.kubectl("delete", "ftsweep", name, "-n", namespace, "--wait=false")
+    wait_until(
+        lambda: not cluster.list("ftj", namespace, f"tauon.dev/sweep-name={name}"),
+        T,
+        f"trials garbage-collected\n{operator.tail()}",
+        interval=0.5,
+    )
