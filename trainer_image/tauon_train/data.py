@@ -983,7 +983,8 @@ class Collator:
 
     ``Collator(pad_id, task, packed)``: task is "causal-lm" or "sequence-classification" (a bool is
     accepted for the old ``Collator(pad_id, causal_lm)`` form). Padded batches: input_ids, labels
-    (-100 on padding; items without labels learn every token), attention_mask. Packed batches:
+    (-100 on padding; items without labels learn every token), attention_mask (left out when nothing is
+    padded: a causal LM then needs none, and attention keeps its causal fast path). Packed batches:
     input_ids, labels, position_ids and no attention_mask; padding continues as its own segment
     (positions from 0, labels -100) so it never joins an example. Classification: labels = the items'
     int labels."""
@@ -1027,6 +1028,8 @@ class Collator:
                 _as_list(it["labels"]) if "labels" in it else s, dtype=torch.long
             )
         if not self.packed:
+            if bool(mask.all()):  # no padding: no mask, so attention takes its causal fast path (SDPA
+                return {"input_ids": ids, "labels": labels}  # is_causal, flash) with the same result
             return {"input_ids": ids, "labels": labels, "attention_mask": mask}
         pos = torch.zeros((len(items), longest), dtype=torch.long)
         for i, (s, it) in enumerate(zip(seqs, items, strict=True)):

@@ -98,6 +98,7 @@ class Trainer:
     initial_eval_seconds: float | None = None  # compile on: the initial evaluation compiles its graphs
     evals: PeriodicEvaluations = field(default_factory=PeriodicEvaluations)  # hyperparameters.evalEverySteps
     ckpt_own_seconds: float = 0.0  # the saves' own blocking part (not waiting for the previous one)
+    ckpt_final_wait_seconds: float = 0.0  # the run's end waiting for the last save to commit
 
     @property
     def cfg(self) -> JobConfig:
@@ -349,18 +350,22 @@ class Trainer:
         self.times.ckpt_seconds += time.monotonic() - t0
 
     def wait_for_checkpoint(self) -> None:
-        """Block until the checkpoint in flight is committed (its failure raised), counted as a stall."""
+        """Block until the checkpoint in flight is committed (its failure raised). The run's end waits for
+        it anyway (the final model follows the last checkpoint), so it is counted apart from the stalls
+        of the training loop (``checkpointFinalWaitSeconds``)."""
         t = time.monotonic()
         self.checkpointer.wait()
-        self.times.ckpt_seconds += time.monotonic() - t
+        self.ckpt_final_wait_seconds += time.monotonic() - t
 
     def checkpoint_metrics(self) -> dict[str, float | bool]:
-        """metrics.json: ``checkpointStallSeconds`` (the time training was blocked by checkpoints: the copy
-        to host memory and waiting for the previous save; all of it when synchronous),
+        """metrics.json: ``checkpointStallSeconds`` (the time the training loop was blocked by checkpoints:
+        the copy to host memory and waiting for the previous save; all of it when synchronous),
+        ``checkpointFinalWaitSeconds`` (the end of the run waiting for the last save to commit),
         ``checkpointSeconds`` (the saves' whole time: their blocking part plus the background write,
         agreement and commit) and ``checkpointAsync``."""
         return {
             "checkpointStallSeconds": round(self.times.ckpt_seconds, 3),
+            "checkpointFinalWaitSeconds": round(self.ckpt_final_wait_seconds, 3),
             "checkpointSeconds": round(self.ckpt_own_seconds + self.checkpointer.background_seconds, 3),
             "checkpointAsync": self.checkpointer.background,
         }
