@@ -40,7 +40,7 @@ test: install lint
 	.venv/bin/pytest -q tests
 
 cluster-up: install
-	$(PY) hack/cluster/cluster.py up
+	$(PY) hack/cluster/cluster.py up --process-nodes $(or $(PROCESS_NODES),0)
 
 cluster-down:
 	python3 hack/cluster/cluster.py down

@@ -2,18 +2,26 @@
 """A real local Kubernetes control plane without Docker: etcd, kube-apiserver, kube-controller-manager,
 kube-scheduler and kwok (fake nodes), built from the Go module proxy by build.sh.
 
-    cluster.py up   [--dir .cluster]   build (first time), start, wait healthy, write DIR/kubeconfig
+    cluster.py up   [--dir .cluster] [--process-nodes N]   build (first time), start, wait healthy,
+                                                           write DIR/kubeconfig
     cluster.py down [--dir .cluster]   stop what `up` started (by PID) and remove DIR
     cluster.py env  [--dir .cluster]   print KUBECONFIG=... and PATH=... for a shell
 
 Everything listens on 127.0.0.1 on free ports, so several clusters (a developer's and the tests') can run
 side by side. Standard library only: the pytest fixture imports this module.
+
+--process-nodes N (make cluster-up PROCESS_NODES=N) also starts CoreDNS (hack/dns/build.sh; its
+kubernetes plugin watches this API server) on the pod network's bridge address and N process nodes
+`tauon node --network netns` (tauon-node-0..N-1): every pod gets a network namespace and an IP of its
+own on the bridge (pod network $TAUON_POD_NETWORK, default 10.213.0.0/16), so a gang spans nodes and
+rendezvous through cluster DNS. Needs CAP_NET_ADMIN and CAP_SYS_ADMIN (root).
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import json
 import os
 import shutil
@@ -33,6 +41,8 @@ REPO = HERE.parent.parent
 GPU_NODES = 4
 CPU_NODES = 2
 FAKE_ANNOTATION = "kwok.x-k8s.io/node"
+POD_NETWORK = os.environ.get("TAUON_POD_NETWORK") or "10.213.0.0/16"  # tauon.local.netns.DEFAULT_NETWORK
+VENV_BIN = REPO / ".venv" / "bin"
 
 
 def log(msg: str) -> None:
@@ -48,6 +58,87 @@ def free_port() -> int:
 def build() -> Path:
     out = subprocess.run(["bash", str(HERE / "build.sh")], check=True, stdout=subprocess.PIPE, text=True)
     return Path(out.stdout.strip().splitlines()[-1])
+
+
+def build_dns() -> Path:
+    """hack/dns/build.sh: CoreDNS at the pinned version, cached outside git. Returns its bin dir."""
+    out = subprocess.run(
+        ["bash", str(REPO / "hack" / "dns" / "build.sh")], check=True, stdout=subprocess.PIPE, text=True
+    )
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def tauon_python() -> str:
+    """The interpreter with tauon installed (the repo's venv; `make cluster-down` runs system python3)."""
+    return str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
+
+
+def netns(network: str, *args: str, check: bool = True) -> str:
+    """`python -m tauon.local.netns --network NETWORK ARGS` (bridge holders, cleanup)."""
+    r = subprocess.run(
+        [tauon_python(), "-m", "tauon.local.netns", "--network", network, *args],
+        capture_output=True,
+        text=True,
+    )
+    if check and r.returncode != 0:
+        raise RuntimeError(f"tauon.local.netns {' '.join(args)}: {r.stderr.strip() or r.stdout.strip()}")
+    return r.stdout.strip()
+
+
+def dns_holder(d: Path) -> str:
+    return "dns-" + hashlib.sha256(str(d.resolve()).encode()).hexdigest()[:8]
+
+
+def corefile(gateway: str, kubeconfig: Path, ready_port: int) -> str:
+    """CoreDNS serving cluster.local (Services, headless Services' pods, pod A records) from the API
+    server, on the bridge's address only; nothing is forwarded (pods have no way out anyway)."""
+    return (
+        ".:53 {\n"
+        f"    bind {gateway}\n"
+        "    errors\n"
+        f"    ready 127.0.0.1:{ready_port}\n"
+        "    kubernetes cluster.local in-addr.arpa {\n"
+        f"        kubeconfig {kubeconfig} tauon-local\n"
+        "        pods verified\n"
+        "        ttl 5\n"
+        "    }\n"
+        "}\n"
+    )
+
+
+def start_dns(d: Path, kubeconfig: Path, network: str = POD_NETWORK) -> tuple[int, str]:
+    """Start CoreDNS for this control plane on the pod network's bridge address (port 53), holding the
+    bridge while it runs. Returns (pid, the DNS address for pods). Stop it with stop_dns."""
+    d = d.resolve()
+    (d / "logs").mkdir(parents=True, exist_ok=True)
+    dns_bin = build_dns() / "coredns"
+    holder = dns_holder(d)
+    gateway = netns(network, "hold", "--holder", holder, "--pid", str(os.getpid()))
+    ready_port = free_port()
+    (d / "Corefile").write_text(corefile(gateway, kubeconfig, ready_port))
+    logf = open(d / "logs" / "coredns.log", "ab")
+    p = subprocess.Popen(
+        [str(dns_bin), "-conf", str(d / "Corefile"), "-dns.port", "53"],
+        stdout=logf,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        cwd=d,
+    )
+    netns(network, "hold", "--holder", holder, "--pid", str(p.pid))
+    wait_for(
+        "coredns",
+        lambda: urllib.request.urlopen(f"http://127.0.0.1:{ready_port}/ready", timeout=2).status == 200,
+        60,
+        d,
+        "coredns.log",
+    )
+    return p.pid, gateway
+
+
+def stop_dns(d: Path, pid: int, network: str = POD_NETWORK) -> None:
+    _stop_pids([pid], 10)
+    netns(network, "release", "--holder", dns_holder(d), check=False)
 
 
 def sh(*args: str, cwd: Path) -> None:
@@ -157,10 +248,10 @@ class State:
         self.file.write_text(json.dumps(data, indent=2))
 
 
-def start(name: str, cmd: list[str], d: Path, st: dict, state: State) -> None:
+def start(name: str, cmd: list[str], d: Path, st: dict, state: State, env: dict | None = None) -> None:
     logf = open(d / "logs" / f"{name}.log", "ab")
     p = subprocess.Popen(
-        cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env
     )
     st["pids"][name] = p.pid
     state.save(st)
@@ -217,7 +308,7 @@ def node_manifest(name: str, gpus: int) -> dict:
     }
 
 
-def up(d: Path) -> Path:
+def up(d: Path, process_nodes: int = 0, network: str = POD_NETWORK) -> Path:
     d = d.resolve()
     kubeconfig = d / "kubeconfig"
     state = State(d)
@@ -413,8 +504,62 @@ def up(d: Path) -> Path:
         return True
 
     wait_for("default ServiceAccount", default_sa, 60, d, "kube-controller-manager.log")
+    if process_nodes:
+        start_process_nodes(d, kubeconfig, bin_dir, process_nodes, network, st, state)
     log(f"control plane up in {time.time() - t0:.1f}s: export KUBECONFIG={kubeconfig}")
     return kubeconfig
+
+
+def start_process_nodes(
+    d: Path, kubeconfig: Path, bin_dir: Path, n: int, network: str, st: dict, state: State
+) -> None:
+    """CoreDNS and n `tauon node --network netns` (tauon-node-<i>), Ready on return."""
+    why = netns(network, "check", check=False)
+    if why != "ok":
+        raise SystemExit(f"--process-nodes needs network namespaces, which this machine refuses: {why}")
+    pid, gateway = start_dns(d, kubeconfig, network)
+    st["pids"]["coredns"] = pid
+    st["netns"] = {"network": network, "holder": dns_holder(d), "nodes": []}
+    state.save(st)
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "TAUON_POD_NETWORK": network}
+    tauon = str(VENV_BIN / "tauon") if (VENV_BIN / "tauon").exists() else "tauon"
+    for i in range(n):
+        name = f"tauon-node-{i}"
+        st["netns"]["nodes"].append(name)
+        cmd = [tauon, "node", "--network", "netns", "--name", name, "--root", str(d / "nodes" / name)]
+        start(name, [*cmd, "--dns", gateway], d, st, state, env=env)
+
+    def ready() -> bool:
+        out = json.loads(
+            kubectl(bin_dir, kubeconfig, "get", "nodes", "-l", "tauon.dev/node-agent=process", "-o", "json")
+        )
+        names = {
+            n["metadata"]["name"]
+            for n in out["items"]
+            for c in n.get("status", {}).get("conditions", [])
+            if c["type"] == "Ready" and c["status"] == "True"
+        }
+        return set(st["netns"]["nodes"]) <= names
+
+    wait_for(f"{n} process nodes", ready, 90, d, "tauon-node-0.log")
+    log(f"{n} process nodes on pod network {network}, cluster DNS at {gateway}")
+
+
+def _stop_pids(pids: list[int], grace: float) -> None:
+    for pid in pids:
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except OSError:
+            pass
+    deadline = time.time() + grace
+    while time.time() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.2)
+    for pid in pids:
+        if _alive(pid):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
 
 
 def _alive(pid: int) -> bool:
@@ -432,22 +577,19 @@ def down(d: Path) -> None:
     d = d.resolve()
     state = State(d)
     if state.file.exists():
-        pids = state.load()["pids"]
-        # reverse start order: clients first, etcd last
-        for name in reversed(list(pids)):
-            try:
-                os.killpg(pids[name], signal.SIGTERM)
-            except OSError:
-                pass
-        deadline = time.time() + 10
-        while time.time() < deadline and any(_alive(p) for p in pids.values()):
-            time.sleep(0.2)
-        for pid in pids.values():
-            if _alive(pid):
-                try:
-                    os.killpg(pid, signal.SIGKILL)
-                except OSError:
-                    pass
+        st = state.load()
+        pids = st["pids"]
+        # process nodes first, while the API server is up (they stop their pods and remove their
+        # namespaces), then the rest in reverse start order: clients first, etcd last
+        nodes = (st.get("netns") or {}).get("nodes") or []
+        _stop_pids([pids[n] for n in nodes if n in pids], 40)
+        _stop_pids([pids[n] for n in reversed(list(pids)) if n not in nodes], 10)
+        if st.get("netns"):  # what a node killed on the way left, and the bridge with the last holder
+            net = st["netns"]["network"]
+            for n in nodes:
+                netns(net, "cleanup", "--node", n, check=False)
+                netns(net, "release", "--holder", n, check=False)
+            netns(net, "release", "--holder", st["netns"]["holder"], check=False)
     shutil.rmtree(d, ignore_errors=True)
     log(f"stopped and removed {d}")
 
@@ -456,12 +598,18 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("action", choices=["up", "down", "env", "build"])
     p.add_argument("--dir", default=str(REPO / ".cluster"))
+    p.add_argument(
+        "--process-nodes",
+        type=int,
+        default=int(os.environ.get("PROCESS_NODES") or 0),
+        help="up: also CoreDNS and N `tauon node --network netns` (default $PROCESS_NODES or 0)",
+    )
     a = p.parse_args()
     d = Path(a.dir)
     if a.action == "build":
         print(build())
     elif a.action == "up":
-        print(up(d))
+        print(up(d, process_nodes=a.process_nodes))
     elif a.action == "down":
         down(d)
     else:

@@ -213,6 +213,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
         vllm_image=args.vllm_image,
     )
     RT.period_seconds = args.period
+    RT.progress_period_seconds = args.progress_period
     import tauon.handlers  # noqa: F401 - registers the handlers
 
     if args.metrics_port:
@@ -429,6 +430,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--cluster-domain", default="cluster.local")
     o.add_argument("--allow-host-paths", action="store_true", help="dev clusters: allow file:// as hostPath")
     o.add_argument("--period", type=float, default=5.0, help="seconds between time-based passes")
+    o.add_argument(
+        "--progress-period",
+        type=float,
+        default=10.0,
+        help="seconds between reads of each running job's /progress (status.progress, sweeps' curves)",
+    )
     o.add_argument("-v", "--verbose", action="store_true")
     o.set_defaults(func=cmd_operator)
     add_sdk_commands(sub)

@@ -6,14 +6,21 @@ it as a local process (see tauon.local.process), reporting status as a kubelet w
 Deleting a pod kills its processes, then the agent finishes the deletion. activeDeadlineSeconds is
 enforced. Where the pod's ports really listen is published in annotations tauon.dev/<port>-address.
 
-Limits (it is not a kubelet): no images, no isolation, no resource limits, no PVCs, no `kubectl logs`
-(logs are files under --root), no exec, pods of one gang must share this node (rendezvous ports are
-local), secrets in env are not injected. It polls the API server once a second.
+Networks: `--network shared` (default) runs pods in the host's network with addresses and ports rewritten
+(pods of one gang must share this node). `--network netns` gives each pod a network namespace and IP of
+its own on a bridge every process node of the machine shares (tauon.local.netns): env and ports stay as
+rendered, status.podIP is the real address (Services, EndpointSlices and cluster DNS work), and a gang
+can span nodes. What the namespaces create is removed when the node stops, and on its next start after
+a SIGKILL.
+
+Limits (it is not a kubelet): no images, no resource limits, no PVCs, no `kubectl logs` (logs are files
+under --root), no exec, secrets in env are not injected. It polls the API server once a second.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import logging
 import os
 import signal
@@ -29,6 +36,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from tauon.api.names import ANN_LOG_FILE, LABEL_NODE_AGENT, Manifest, address_annotation
+from tauon.local import netns as nn
 from tauon.local import process as lp
 
 log = logging.getLogger("tauon.node")
@@ -47,11 +55,35 @@ class Run:
     readiness: Manifest | None = None
     restarts: int = 0
     exited_at: float = 0.0
+    net: nn.PodNet | None = None
+
+    @property
+    def ip(self) -> str:
+        return self.net.ip if self.net else "127.0.0.1"
+
+
+@dataclass
+class NetnsConfig:
+    """`--network netns`: the machine's pod network, this node's pod subnet, the cluster DNS."""
+
+    host: nn.Host
+    pod_cidr: str | None  # None: one derived from the node's name
+    dns: str | None  # None: the bridge's address (where hack/cluster runs CoreDNS)
+    subnet: Any = None  # claimed at start
 
 
 class NodeAgent:
-    def __init__(self, name: str, root: Path, cpus: int, memory_gi: int, heartbeat: float = 10.0):
+    def __init__(
+        self,
+        name: str,
+        root: Path,
+        cpus: int,
+        memory_gi: int,
+        heartbeat: float = 10.0,
+        netns: NetnsConfig | None = None,
+    ):
         self.name = name
+        self.netns = netns
         self.root = root
         self.cpus = cpus
         self.memory_gi = memory_gi
@@ -116,7 +148,7 @@ class NodeAgent:
         status: Manifest = {
             "conditions": self._conditions(),
             "addresses": [
-                {"type": "InternalIP", "address": "127.0.0.1"},
+                {"type": "InternalIP", "address": self.host_ip},
                 {"type": "Hostname", "address": self.name},
             ],
             "nodeInfo": {
@@ -152,6 +184,43 @@ class NodeAgent:
                 raise
             self.coord.create_namespaced_lease("kube-node-lease", body)
 
+    @property
+    def host_ip(self) -> str:
+        return self.netns.host.gateway if self.netns else "127.0.0.1"
+
+    def setup_network(self) -> None:
+        """netns: remove what a SIGKILLed run of this node left, then hold the bridge and a pod subnet."""
+        if self.netns is None:
+            return
+        gone = self.netns.host.cleanup_node(self.name)
+        if gone:
+            log.info("removed %d network namespaces left by a previous run: %s", len(gone), " ".join(gone))
+        self.netns.subnet = self.netns.host.hold(self.name, os.getpid(), self.netns.pod_cidr or "auto")
+        log.info(
+            "pod network: bridge %s (%s), this node's pods in %s, DNS %s",
+            self.netns.host.bridge,
+            self.netns.host.network,
+            self.netns.subnet,
+            self.netns.dns or self.netns.host.gateway,
+        )
+
+    def teardown_network(self) -> None:
+        if self.netns is None:
+            return
+        self.netns.host.cleanup_node(self.name)
+        if self.netns.host.release(self.name):
+            log.info("removed bridge %s (no other holder)", self.netns.host.bridge)
+
+    def _drop(self, key: tuple[str, str], grace: float) -> Run | None:
+        """Stop a pod's processes and remove its network namespace."""
+        run = self.runs.pop(key, None)
+        if run is None:
+            return None
+        lp.stop(run.proc, grace=grace)
+        if run.net is not None and self.netns is not None:
+            self.netns.host.teardown_pod(run.net.names)
+        return run
+
     # -- pods ---------------------------------------------------------------------------------------
     def _pod_dir(self, ns: str, name: str, uid: str) -> Path:
         return self.root / ns / f"{name}-{uid[:8]}"
@@ -169,9 +238,10 @@ class NodeAgent:
         ready = "True" if run.ready else "False"
         return {
             "phase": "Running",
-            "podIP": "127.0.0.1",
-            "podIPs": [{"ip": "127.0.0.1"}],
-            "hostIP": "127.0.0.1",
+            "podIP": run.ip,
+            "podIPs": [{"ip": run.ip}],
+            "hostIP": self.host_ip,
+            "hostIPs": [{"ip": self.host_ip}],
             "startTime": pod.get("status", {}).get("startTime") or t,
             "conditions": [
                 {"type": "PodScheduled", "status": "True", "lastTransitionTime": t},
@@ -247,18 +317,26 @@ class NodeAgent:
         meta = pod["metadata"]
         ns, name = meta["namespace"], meta["name"]
         root = self._pod_dir(ns, name, meta["uid"])
+        net: nn.PodNet | None = None
         try:
-            prep = lp.prepare(pod, self._configmaps(pod), root, self.ports)
+            if self.netns is None:
+                prep = lp.prepare(pod, self._configmaps(pod), root, self.ports)
+            else:
+                prep = lp.prepare(pod, self._configmaps(pod), root, self.ports, network="netns")
+                net = self.netns.host.setup_pod(self.name, pod, self.netns.subnet, self.netns.dns)
+                prep.enter = nn.enter_argv(net.names.netns, nn.pod_hostname(pod), [])
             proc = lp.start(prep, root / "container.log")
-        except lp.Unsupported as e:
+        except (lp.Unsupported, nn.NetnsError) as e:
+            if net is not None and self.netns is not None:
+                self.netns.host.teardown_pod(net.names)
             log.warning("pod %s/%s cannot run here: %s", ns, name, e)
             self._patch_status(ns, name, self._finished_status(pod, 128, str(e), reason="Unsupported"))
             return
         c = pod["spec"]["containers"][0]
-        run = Run(prep, proc, time.monotonic(), readiness=c.get("readinessProbe"))
+        run = Run(prep, proc, time.monotonic(), readiness=c.get("readinessProbe"), net=net)
         run.ready = run.readiness is None
         self.runs[(ns, name)] = run
-        annotations = {address_annotation(p): f"127.0.0.1:{port}" for p, port in prep.ports.items()}
+        annotations = {address_annotation(p): f"{run.ip}:{port}" for p, port in prep.ports.items()}
         # There is no kubelet to serve pods/log: publish where the container's output goes (the SDK and
         # `tauon logs` read it from there for pods on this dev node).
         annotations[ANN_LOG_FILE] = str(root / "container.log")
@@ -269,7 +347,7 @@ class NodeAgent:
                 if e.status != 404:
                     raise
         self._patch_status(ns, name, self._running_status(pod, run))
-        log.info("started %s/%s (pid %d): %s", ns, name, proc.pid, " ".join(prep.argv))
+        log.info("started %s/%s (pid %d, IP %s): %s", ns, name, proc.pid, run.ip, " ".join(prep.argv))
 
     def _restart(self, pod: Manifest, run: Run, code: int) -> None:
         """restartPolicy Always/OnFailure: restart the container in place with a growing back-off."""
@@ -308,7 +386,7 @@ class NodeAgent:
         if local is None:
             return False
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{local}{http.get('path', '/')}", timeout=1) as r:
+            with urllib.request.urlopen(f"http://{run.ip}:{local}{http.get('path', '/')}", timeout=1) as r:
                 return bool(200 <= r.status < 400)
         except OSError:
             return False
@@ -326,8 +404,7 @@ class NodeAgent:
             phase = (pod.get("status") or {}).get("phase")
             if meta.get("deletionTimestamp"):
                 if run is not None:
-                    lp.stop(run.proc, grace=float(pod["spec"].get("terminationGracePeriodSeconds") or 10))
-                    self.runs.pop(key, None)
+                    self._drop(key, grace=float(pod["spec"].get("terminationGracePeriodSeconds") or 10))
                 try:
                     self.core.delete_namespaced_pod(meta["name"], meta["namespace"], grace_period_seconds=0)
                 except ApiException as e:
@@ -349,14 +426,13 @@ class NodeAgent:
             if rc is not None:
                 code = lp.exit_code(rc)
                 self._patch_status(*key, self._finished_status(pod, code, lp.termination_message(run.prep)))
-                self.runs.pop(key, None)
+                self._drop(key, grace=0)
                 log.info("pod %s/%s exited with %d", *key, code)
                 continue
             deadline = pod["spec"].get("activeDeadlineSeconds")
             if deadline and time.monotonic() - run.started >= deadline:
-                lp.stop(run.proc, grace=5)
+                self._drop(key, grace=5)
                 self._patch_status(*key, self._finished_status(pod, 137, "", reason="DeadlineExceeded"))
-                self.runs.pop(key, None)
                 continue
             ready = self._probe(run)
             if ready != run.ready or phase != "Running":
@@ -366,9 +442,10 @@ class NodeAgent:
                 self._patch_status(*key, status)
         for key in list(self.runs):
             if key not in seen:  # deleted with grace 0 by someone else
-                lp.stop(self.runs.pop(key).proc, grace=5)
+                self._drop(key, grace=5)
 
     def run(self) -> None:
+        self.setup_network()
         self.register()
         last_beat = time.monotonic()
         while not self.stopping.is_set():
@@ -383,22 +460,60 @@ class NodeAgent:
         self.shutdown()
 
     def shutdown(self) -> None:
-        for key, run in list(self.runs.items()):
-            lp.stop(run.proc, grace=5)
-            self.runs.pop(key, None)
+        for key in list(self.runs):
+            self._drop(key, grace=5)
         try:
             self.core.delete_node(self.name)
         except ApiException:
             pass
+        self.teardown_network()
 
 
-def main(name: str, root: str, cpus: int | None, memory_gi: int) -> int:
+def netns_config(pod_cidr: str | None, dns: str | None, env: dict[str, str]) -> NetnsConfig:
+    """Validate the netns options (a clear error naming the option) and check this machine can create
+    namespaces: where it cannot, say so and point at --network shared."""
+    network = nn.network_for(pod_cidr, env)
+    if pod_cidr:
+        nn.parse_pod_cidr(pod_cidr, network)
+    if dns:
+        try:
+            ipaddress.IPv4Address(dns)
+        except ValueError:
+            raise nn.NetnsError(f"--dns: {dns!r} is not an IPv4 address") from None
+    why = nn.check_support()
+    if why:
+        raise nn.NetnsError(f"--network netns is not available on this machine: {why}; use --network shared")
+    return NetnsConfig(nn.Host(network), pod_cidr, dns)
+
+
+def main(
+    name: str,
+    root: str,
+    cpus: int | None,
+    memory_gi: int,
+    network: str = "shared",
+    pod_cidr: str | None = None,
+    dns: str | None = None,
+) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if network not in lp.NETWORKS:
+        log.error("--network: %r is not one of %s", network, ", ".join(lp.NETWORKS))
+        return 2
+    if network == "shared" and (pod_cidr or dns):
+        log.error("--pod-cidr and --dns apply to --network netns only")
+        return 2
+    netns: NetnsConfig | None = None
+    if network == "netns":
+        try:
+            netns = netns_config(pod_cidr, dns, dict(os.environ))
+        except nn.NetnsError as e:
+            log.error("%s", e)
+            return 2
     try:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
-    agent = NodeAgent(name, Path(root), cpus or os.cpu_count() or 2, memory_gi)
+    agent = NodeAgent(name, Path(root), cpus or os.cpu_count() or 2, memory_gi, netns=netns)
 
     def on_signal(signum: int, _frame: Any) -> None:
         agent.stopping.set()

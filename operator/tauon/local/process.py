@@ -4,9 +4,13 @@ Shared by `tauon run --local` and the process-backed node (`tauon node`). What i
 - ConfigMap volumes are written to a directory; emptyDirs become temp dirs; hostPath mounts are used as-is
   (they are host paths already); PVCs are not supported (a clear error says so).
 - Any argument or environment value under a mount path is rewritten to where that volume really is.
-- Cluster DNS names do not resolve on the host: the rank-0 address variables become 127.0.0.1 and the
-  ports a pod listens on (rendezvous, metrics, HTTP) are remapped to free local ports, so two pods on
-  one machine never collide. The mapping is reported so callers can publish it.
+- network "shared" (the host's network; `tauon run --local`, `tauon node` by default): cluster DNS names
+  do not resolve on the host, so the rank-0 address variables become 127.0.0.1 and the ports a pod
+  listens on (rendezvous, metrics, HTTP) are remapped to free local ports, so two pods on one machine
+  never collide. The mapping is reported so callers can publish it.
+- network "netns" (`tauon node --network netns`, see tauon.local.netns): the pod has a network of its
+  own, so its env, arguments and ports are exactly what the renderer wrote; the caller sets `enter`,
+  the argv prefix that runs the process inside the pod's namespaces.
 - The container's termination message path becomes a file in the pod's directory.
 It is a development and test tool, not a kubelet: no isolation, no images, no resource limits.
 """
@@ -21,6 +25,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,7 +69,8 @@ class Prepared:
     env: dict[str, str]
     workdir: Path
     termination_log: Path
-    ports: dict[str, int]  # port name -> local port (dist, metrics, http)
+    ports: dict[str, int]  # port name -> local port (dist, metrics, http); the container's own in netns
+    enter: list[str] = field(default_factory=list)  # argv prefix entering the pod's namespaces (netns)
 
 
 def _container(pod: Manifest) -> Manifest:
@@ -110,8 +116,17 @@ def _materialise_volumes(pod: Manifest, configmaps: dict[str, Manifest], root: P
     return out
 
 
-def prepare(pod: Manifest, configmaps: dict[str, Manifest], root: Path, ports: PortMap) -> Prepared:
-    """Everything needed to start the pod's container as a process (pure apart from writing files under root)."""
+NETWORKS = ("shared", "netns")
+
+
+def prepare(
+    pod: Manifest, configmaps: dict[str, Manifest], root: Path, ports: PortMap, network: str = "shared"
+) -> Prepared:
+    """Everything needed to start the pod's container as a process (pure apart from writing files under root).
+
+    network "shared" rewrites addresses and ports for the host's network; "netns" keeps them as rendered."""
+    if network not in NETWORKS:
+        raise ValueError(f"network: {network!r} is not one of {', '.join(NETWORKS)}")
     c = _container(pod)
     meta = pod["metadata"]
     root.mkdir(parents=True, exist_ok=True)
@@ -138,6 +153,11 @@ def prepare(pod: Manifest, configmaps: dict[str, Manifest], root: Path, ports: P
             env[e["name"]] = rewrite(str(e["value"]))
         elif "valueFrom" in e:
             continue  # secrets are not available to local processes
+    if network == "netns":
+        own = {
+            str(p.get("name") or p["containerPort"]): int(p["containerPort"]) for p in c.get("ports") or []
+        }
+        return _finish(pod, c, env, root, rewrite, own, {})
     # Ports: one local port per (gang, name) for the rendezvous, per pod for the rest.
     gang = f"{meta.get('namespace', 'default')}/{env.get('PET_MASTER_ADDR', meta['name'])}"
     local_ports: dict[str, int] = {}
@@ -155,14 +175,30 @@ def prepare(pod: Manifest, configmaps: dict[str, Manifest], root: Path, ports: P
     for var in ADDRESS_VARS:
         if var in env:
             env[var] = "127.0.0.1"
+    flags = {
+        f: str(local_ports[p])
+        for f, p in (("--port", "http"), ("--health-port", "health"))
+        if p in local_ports
+    }
+    return _finish(pod, c, env, root, rewrite, local_ports, flags)
+
+
+def _finish(
+    pod: Manifest,
+    c: Manifest,
+    env: dict[str, str],
+    root: Path,
+    rewrite: Callable[[str], str],
+    local_ports: dict[str, int],
+    flags: dict[str, str],
+) -> Prepared:
+    meta = pod["metadata"]
     env.setdefault("OMP_NUM_THREADS", str(local_threads(pod, env)))
     term = root / "termination-log"
     env["TAUON_TERMINATION_LOG"] = str(term)
     args = [rewrite(str(a)) for a in (c.get("command") or []) + (c.get("args") or [])]
-    if "http" in local_ports:
-        args = _replace_flag(args, "--port", str(local_ports["http"]))
-    if "health" in local_ports:
-        args = _replace_flag(args, "--health-port", str(local_ports["health"]))
+    for flag, value in flags.items():
+        args = _replace_flag(args, flag, value)
     if not args:
         raise Unsupported(f"pod {meta['name']}: the container has no command (images are not run locally)")
     return Prepared(args, env, root, term, local_ports)
@@ -219,6 +255,7 @@ def start(prep: Prepared, log_path: Path) -> subprocess.Popen[bytes]:
     if exe is None:
         raise Unsupported(f"command {argv[0]!r} not found on PATH")
     argv[0] = exe
+    argv = [*prep.enter, *argv]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     prep.termination_log.unlink(missing_ok=True)
     env = {**base_env(), **prep.env}
