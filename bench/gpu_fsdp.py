@@ -617,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
         "--stall-source",
         choices=STALL_SOURCES,
         default="auto",
-        help="checkpointStallSeconds from metrics.json (auto: when present) or the step log",
+        help="checkpointStallSeconds from the step log (auto: when it has the save) or metrics.json",
     )
     ap.add_argument("--strategies", default="fsdp", help="tauon runs; the first is the one the figures use")
     ap.add_argument("--no-bare", dest="bare", action="store_false", help="skip the bare FSDP2 loop")
