@@ -272,7 +272,20 @@ def cmd_wait(args: argparse.Namespace) -> int:
             try:
                 svc = client.service(args.name)
             except NotFound:
-                raise NotFound("FineTuneJob or InferenceService", args.name, e.where) from None
+                try:
+                    sweep = client.get_sweep(args.name)
+                except NotFound:
+                    raise NotFound(
+                        "FineTuneJob, InferenceService or FineTuneSweep", args.name, e.where
+                    ) from None
+                best = sweep.wait(timeout=args.timeout, progress=None if not args.quiet else False).best
+                print(
+                    f"FineTuneSweep {args.name} Succeeded: best trial {best.trial} ({best.objective}), "
+                    f"{best.model}"
+                    if best is not None
+                    else f"FineTuneSweep {args.name} Succeeded"
+                )
+                return 0
             st = svc.wait_ready(timeout=args.timeout)
             print(f"InferenceService {args.name} Ready ({st.ready_replicas}/{st.replicas} replicas)")
             return 0
@@ -331,10 +344,14 @@ def add_sdk_commands(sub: Any) -> None:
     _cluster_args(lg)
     lg.set_defaults(func=cmd_logs)
 
-    w = sub.add_parser("wait", help="wait for a FineTuneJob to succeed or an InferenceService to be Ready")
+    w = sub.add_parser(
+        "wait", help="wait for a FineTuneJob or FineTuneSweep to succeed or an InferenceService to be Ready"
+    )
     w.add_argument("name")
     w.add_argument("--timeout", type=float, default=None, help="seconds (default: no limit)")
     w.add_argument("--quiet", action="store_true", help="no progress bar")
+    w.add_argument("--local", action="store_true", help="an object run with Client(local=True) / tauon run")
+    w.add_argument("--workdir", default="runs", help="local run directory (with --local)")
     _cluster_args(w)
     w.set_defaults(func=cmd_wait)
 

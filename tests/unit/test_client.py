@@ -792,9 +792,11 @@ def test_local_sweep_handle_reads_status_json(tmp_path: Path) -> None:
 
 
 def test_a_finished_local_sweep_is_found_again(tmp_path: Path) -> None:
-    (tmp_path / "lr").mkdir()
+    (tmp_path / "lr" / ".sweep").mkdir(parents=True)  # what tauon.local.sweep keeps beside status.json
     (tmp_path / "lr" / "status.json").write_text(json.dumps(SWEEP_DONE))
     with Client(local=True, workdir=tmp_path) as client:
+        with pytest.raises(NotFound):  # a sweep's run directory is not a job's
+            client.job("lr")
         handle = client.get_sweep("lr")
         best = handle.best()
         assert best is not None and best.trial == "lr-t0"
@@ -817,3 +819,15 @@ def test_serve_a_sweep_builds_its_ref_and_needs_it_succeeded(tmp_path: Path) -> 
         _local_run(client, tmp_path, "FineTuneSweep", "lr", FakeProc())
         with pytest.raises(NotReady, match="cannot serve FineTuneSweep 'lr': it is Pending"):
             client.serve("best", fine_tune_sweep=client.get_sweep("lr"))
+
+
+def test_tauon_wait_knows_a_local_sweep(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tauon.cli import main
+
+    (tmp_path / "lr" / ".sweep").mkdir(parents=True)
+    (tmp_path / "lr" / "status.json").write_text(json.dumps(SWEEP_DONE))
+    assert main(["wait", "lr", "--local", "--workdir", str(tmp_path), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("FineTuneSweep lr Succeeded: best trial lr-t0"), out
+    assert main(["wait", "none", "--local", "--workdir", str(tmp_path), "--quiet"]) == 1
+    assert "FineTuneJob, InferenceService or FineTuneSweep" in capsys.readouterr().err

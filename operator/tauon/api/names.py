@@ -178,6 +178,9 @@ REASON_FINE_TUNE_SWEEP_FAILED: Final = "FineTuneSweepFailed"
 # the object's status as the cluster would show it, kept current by `tauon run --local` and read by the
 # SDK's local mode: <output>/status.json for a FineTuneJob, <runs>/<name>-server.status.json for a service
 LOCAL_STATUS_FILE: Final = "status.json"
+# a local FineTuneSweep's own state beside its status.json (<output>/.sweep/): what tells its run
+# directory from a FineTuneJob's
+LOCAL_SWEEP_STATE_DIR: Final = ".sweep"
 
 
 def local_service_status_file(name: str) -> str:

@@ -44,6 +44,7 @@ from tauon.api.names import (
     FINETUNESWEEP,
     INFERENCESERVICE,
     LOCAL_STATUS_FILE,
+    LOCAL_SWEEP_STATE_DIR,
     READY,
     SUCCEEDED,
     Manifest,
@@ -187,11 +188,17 @@ class LocalBackend:
         if run is None:
             if kind not in RUN_DIRS or status is None or status.phase != SUCCEEDED:
                 return None
+            if self._dir_kind(name) != kind:  # a sweep's run directory is not a job's, nor the reverse
+                return None
             return {**self._finished_manifest(kind, name), "status": status.dump()}
         terminal = status is not None and status.phase in (SUCCEEDED, FAILED)
         if code is not None and not terminal:  # `tauon run` ended without a final status
             return {**run.manifest, "status": ended(kind, code, run.stderr.read_text(errors="replace"))}
         return {**run.manifest, "status": status.dump() if status is not None else {}}
+
+    def _dir_kind(self, name: str) -> str:
+        """The kind a run directory holds: a sweep's keeps its state in LOCAL_SWEEP_STATE_DIR."""
+        return FINETUNESWEEP if (self.output_dir(name) / LOCAL_SWEEP_STATE_DIR).is_dir() else FINETUNEJOB
 
     def _finished_manifest(self, kind: str, name: str) -> Manifest:
         """A job or sweep finished by an earlier process: what it ran is in the manifest it handed to

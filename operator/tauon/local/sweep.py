@@ -52,6 +52,7 @@ from tauon.api.names import (
     FINETUNEJOB,
     LABEL_SWEEP,
     LOCAL_STATUS_FILE,
+    LOCAL_SWEEP_STATE_DIR,
     RUNNING,
     SUCCEEDED,
     Manifest,
@@ -72,7 +73,7 @@ from tauon.reconcile.plan import Plan
 
 INTERRUPTED = "Interrupted"
 LOCAL_RUN_FAILED = "LocalRunFailed"
-STATE_DIR = ".sweep"
+STATE_DIR = LOCAL_SWEEP_STATE_DIR
 STOP_GRACE = 60.0  # seconds a trial's `tauon run` has to stop its ranks after SIGTERM
 TERMINAL = ("Succeeded", "Failed")
 
