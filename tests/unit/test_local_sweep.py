@@ -380,3 +380,39 @@ def test_fine_tune_sweep_ref_serves_the_best_trial_of_the_local_sweep(tmp_path: 
     write_status(runs / "lr" / "status.json", done)
     prep = prepare_server(svc, runs, None)
     assert prep.argv[prep.argv.index("--model") + 1] == str(model)
+
+
+def test_a_trial_stops_when_its_sweep_process_is_gone() -> None:
+    """A trial started by a local sweep carries the sweep's pid; once its parent is another process (the
+    sweep was SIGKILLed and the trial re-parented), it stops its ranks."""
+    from tauon.local.run import SWEEP_PID_ENV, orphaned
+
+    assert orphaned({}, 1) is None  # not a sweep's trial
+    assert orphaned({SWEEP_PID_ENV: "4242"}, 4242) is None  # its sweep is alive
+    gone = orphaned({SWEEP_PID_ENV: "4242"}, 1)
+    assert gone is not None and "pid 4242" in gone
+    assert orphaned({SWEEP_PID_ENV: "not-a-pid"}, 1) is None
+
+
+def test_launch_trial_passes_the_sweep_pid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tauon.local import sweep as sw
+
+    script = tmp_path / "env.py"
+    script.write_text("import os; print(os.environ['TAUON_SWEEP_PID'], os.getppid())")
+    real = subprocess.Popen
+    argv_seen: list[list[str]] = []
+
+    def popen(argv: list[str], **kw: object) -> object:  # the real launcher, the trial swapped for the script
+        argv_seen.append(argv)
+        return real([sys.executable, str(script)], **kw)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(sw.subprocess, "Popen", popen)
+    p = sw.launch_trial(tmp_path / "t.yaml", tmp_path / "out", tmp_path / "log.txt")
+    p.wait(timeout=30)
+    pid, ppid = (tmp_path / "log.txt").read_text().split()
+    assert pid == ppid == str(os.getpid())
+    assert argv_seen[0][1:4] == ["-m", "tauon.cli", "run"]

@@ -35,6 +35,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -336,8 +337,22 @@ def _progress_bar(quiet: bool) -> Progress:
     )
 
 
+# set by a local FineTuneSweep on each trial it starts: its own pid. A trial whose sweep process is gone
+# (SIGKILLed: it could not stop its trials) stops its ranks instead of training on unobserved.
+SWEEP_PID_ENV = "TAUON_SWEEP_PID"
+
+
+def orphaned(env: Mapping[str, str], ppid: int) -> str | None:
+    """Why this run's sweep is gone (our parent is no longer the pid it set), or None (no sweep, or alive)."""
+    want = env.get(SWEEP_PID_ENV, "")
+    if not want.isdigit() or int(want) == ppid:
+        return None
+    return f"its FineTuneSweep process (pid {want}) is gone: all ranks stopped"
+
+
 def _watch(ranks: list[RankRun], status: JobStatus, interrupt: _Interrupt, quiet: bool) -> None:
-    """Plan every half second until the job is Succeeded or Failed, all ranks ended, or a signal came."""
+    """Plan every half second until the job is Succeeded or Failed, all ranks ended, a signal came, or the
+    sweep that started it is gone."""
     with _progress_bar(quiet) as bar:
         task = bar.add_task("training", total=None, loss="-", sps="-")
         while True:
@@ -355,6 +370,10 @@ def _watch(ranks: list[RankRun], status: JobStatus, interrupt: _Interrupt, quiet
             pruned = prune_message(status.output)
             if pruned is not None:
                 status.prune(pruned, ranks)
+                return
+            gone = orphaned(os.environ, os.getppid())
+            if gone is not None:
+                status.fail("Interrupted", gone)
                 return
             time.sleep(0.5)
 

@@ -60,6 +60,7 @@ from tauon.api.names import (
 from tauon.local.run import (
     EXIT_INTERRUPTED,
     PRUNE_FILE,
+    SWEEP_PID_ENV,
     _Interrupt,
     _now,
     _read_json,
@@ -110,7 +111,7 @@ def launch_trial(manifest: Path, output: Path, log: Path) -> TrialProcess:
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", SWEEP_PID_ENV: str(os.getpid())},
             start_new_session=True,
         )
 
