@@ -113,5 +113,5 @@ def test_sdk_waiting_on_a_failed_job_raises_its_reason(
         assert r.returncode == 1
         assert (
             r.stderr
-            == f"tauon: FineTuneJob or InferenceService 'nope' not found in namespace '{namespace}'\n"
+            == f"tauon: FineTuneJob, InferenceService or FineTuneSweep 'nope' not found in namespace '{namespace}'\n"
         )
